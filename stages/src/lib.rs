@@ -1,0 +1,17 @@
+//! The model layer of rudder: the Llama-family decoder on Burn, Hugging Face model directories,
+//! tokenizers and chat templates, generation, and the choice of compute backend. Stage kinds (SFT,
+//! DPO, ...) build on these; the engine above knows nothing of Burn.
+
+pub mod backend;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+
+pub use backend::BackendKind;
+pub use error::StageError;
+pub use generate::{Completion, FinishReason, GenerateOptions, generate};
+
+/// The CPU backend that unit and integration tests run on.
+#[doc(hidden)]
+pub type TestBackend = backend::CpuBackend;

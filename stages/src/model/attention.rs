@@ -1,0 +1,176 @@
+//! Grouped-query self-attention with rotary positions and an optional KV cache. Query head `h`
+//! reads key/value head `h / n_rep`, as in transformers' `repeat_kv`. Masking rules live in
+//! `mask.rs`; this module only applies them.
+
+use burn::config::Config;
+use burn::module::{Initializer, Module};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Tensor, backend::Backend};
+
+use super::cache::LayerCache;
+use super::mask::AttentionMask;
+use super::rope::Rotary;
+
+/// Configuration of [`Attention`].
+#[derive(Config, Debug)]
+pub struct AttentionConfig {
+    /// Model (residual stream) width.
+    pub d_model: usize,
+    /// Number of query heads.
+    pub n_heads: usize,
+    /// Number of key/value heads; divides `n_heads`.
+    pub n_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Biases on q/k/v. Default false.
+    #[config(default = false)]
+    pub qkv_bias: bool,
+    /// Bias on the output projection. Default false.
+    #[config(default = false)]
+    pub o_bias: bool,
+    /// Std of the normal initialisation. Default 0.02.
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+/// Multi-head attention whose key/value heads may be shared by several query heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionConfig {
+    /// Initialises projections with N(0, init_std) weights and zero biases.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+        let linear = |d_in: usize, d_out: usize, bias: bool| {
+            let mut l = LinearConfig::new(d_in, d_out)
+                .with_bias(bias)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: self.init_std,
+                })
+                .init(device);
+            if let Some(b) = l.bias.take() {
+                l.bias = Some(b.map(|t| t.zeros_like()));
+            }
+            l
+        };
+        let q = self.n_heads * self.head_dim;
+        let kv = self.n_kv_heads * self.head_dim;
+        Attention {
+            q_proj: linear(self.d_model, q, self.qkv_bias),
+            k_proj: linear(self.d_model, kv, self.qkv_bias),
+            v_proj: linear(self.d_model, kv, self.qkv_bias),
+            o_proj: linear(q, self.d_model, self.o_bias),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends the new tokens `x` to themselves and to any cached keys.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq_q, d_model]`
+    /// - rotary tables for the `seq_q` new positions
+    /// - mask: causal, or explicit `[batch, 1, seq_q, seq_k]` with `seq_k` = cached + `seq_q`
+    /// - output: `[batch, seq_q, d_model]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rotary<B>,
+        mask: &AttentionMask<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq_q, _] = x.dims();
+        let heads =
+            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq_q, n, self.head_dim]).swap_dims(1, 2);
+        let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.n_heads));
+        let k = rope.apply(heads(self.k_proj.forward(x.clone()), self.n_kv_heads));
+        let v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v),
+            None => (k, v),
+        };
+        let k = self.repeat_kv(k);
+        let v = self.repeat_kv(v);
+        let seq_k = k.dims()[2];
+        let (mask, is_causal) = match mask {
+            AttentionMask::Causal => (None, true),
+            AttentionMask::Explicit(m) => (
+                Some(m.clone().expand([batch, self.n_heads, seq_q, seq_k])),
+                false,
+            ),
+        };
+        let options = AttentionModuleOptions {
+            scale: Some(1.0 / (self.head_dim as f64).sqrt()),
+            softcap: None,
+            is_causal,
+        };
+        let out = attention(q, k, v, mask, None, options);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, seq_q, self.n_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    /// Expands `[batch, n_kv_heads, seq, d]` to `[batch, n_heads, seq, d]`.
+    fn repeat_kv(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
+        let n_rep = self.n_heads / self.n_kv_heads;
+        if n_rep == 1 {
+            return t;
+        }
+        let [b, kv, l, d] = t.dims();
+        t.unsqueeze_dim::<5>(2)
+            .expand([b, kv, n_rep, l, d])
+            .reshape([b, kv * n_rep, l, d])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend;
+    use crate::model::rope::RotaryConfig;
+    use burn::tensor::{Int, Tolerance};
+
+    #[test]
+    fn padded_keys_do_not_change_real_outputs() {
+        let device = Default::default();
+        TestBackend::seed(&device, 3);
+        let attn = AttentionConfig::new(8, 4, 2, 2).init::<TestBackend>(&device);
+        let rope = RotaryConfig::new(2);
+        let x = Tensor::<TestBackend, 3>::random(
+            [1, 3, 8],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let pos =
+            |n: i64| Tensor::<TestBackend, 1, Int>::arange(0..n, &device).reshape([1, n as usize]);
+        let full = attn.forward(
+            x.clone(),
+            &rope.at_positions(pos(3)),
+            &AttentionMask::Causal,
+            None,
+        );
+        // Append a pad token on the right: the first 3 outputs must not change.
+        let pad = Tensor::<TestBackend, 3>::ones([1, 1, 8], &device) * 5.0;
+        let xp = Tensor::cat(vec![x, pad], 1);
+        let mask = AttentionMask::new(&[vec![1, 1, 1, 0]], 4, None, &device);
+        let padded = attn.forward(xp, &rope.at_positions(pos(4)), &mask, None);
+        padded
+            .slice([0..1, 0..3, 0..8])
+            .into_data()
+            .assert_approx_eq::<f32>(&full.into_data(), Tolerance::absolute(1e-6));
+    }
+}

@@ -1,0 +1,527 @@
+//! Hugging Face model directories: reading `config.json` and the weights (`model.safetensors` or
+//! an index of shards; f32, bf16 or f16, cast to f32) into the modules of `llama.rs`, and writing
+//! them back in the same layout (fp32, transformers' tensor names) so that `transformers` loads
+//! the result as is. PyTorch stores linear weights `[out, in]`, Burn `[in, out]`: the
+//! transposition happens here and nowhere else. Fresh models are built through the same path from
+//! a seeded generator, so their initialisation does not depend on the backend.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use super::attention::Attention;
+use super::config::{Architecture, ModelConfig};
+use super::llama::{CausalLm, DecoderLayer, Llama, RewardModel};
+use super::mlp::Mlp;
+use super::rms_norm::RmsNorm;
+use crate::error::StageError;
+
+/// File names inside a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where parameter values come from when a model is built.
+trait WeightSource {
+    /// The values of tensor `name` in PyTorch layout, checked against `shape`.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, StageError>;
+}
+
+/// Tensors of a directory's safetensors files, read whole into memory.
+struct SafetensorsSource {
+    dir: PathBuf,
+    /// Raw bytes of each file.
+    files: Vec<Vec<u8>>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsSource {
+    fn open(dir: &Path) -> Result<Self, StageError> {
+        let single = dir.join(WEIGHTS_FILE);
+        let index_path = dir.join(WEIGHTS_INDEX_FILE);
+        let shard_names: Vec<String> = if single.is_file() {
+            vec![WEIGHTS_FILE.to_string()]
+        } else if index_path.is_file() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| StageError::io(&index_path, e))?;
+            let value: Value = serde_json::from_str(&text).map_err(|source| StageError::Json {
+                path: index_path.clone(),
+                source,
+            })?;
+            let map = value
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| StageError::Safetensors {
+                    path: index_path.clone(),
+                    message: "missing `weight_map` object".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        } else {
+            return Err(StageError::MissingWeights {
+                dir: dir.to_path_buf(),
+            });
+        };
+
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (i, name) in shard_names.iter().enumerate() {
+            // Shard names come from a file: refuse anything that would leave the directory.
+            if Path::new(name).components().count() != 1 {
+                return Err(StageError::Safetensors {
+                    path: index_path.clone(),
+                    message: format!("shard `{name}` is not a file name"),
+                });
+            }
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| StageError::io(&path, e))?;
+            let parsed = SafeTensors::deserialize(&bytes).map_err(|e| StageError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            for tensor_name in parsed.names() {
+                index.insert(tensor_name.to_string(), i);
+            }
+            files.push(bytes);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, StageError> {
+        let missing = || StageError::MissingTensor {
+            dir: self.dir.clone(),
+            name: name.to_string(),
+        };
+        let file = *self.index.get(name).ok_or_else(missing)?;
+        let parsed =
+            SafeTensors::deserialize(&self.files[file]).map_err(|e| StageError::Safetensors {
+                path: self.dir.clone(),
+                message: e.to_string(),
+            })?;
+        let view = parsed.tensor(name).map_err(|_| missing())?;
+        if view.shape() != shape {
+            return Err(StageError::ShapeMismatch {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let bytes = view.data();
+        let values = match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(StageError::UnsupportedDtype {
+                    dir: self.dir.clone(),
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(values)
+    }
+}
+
+/// Seeded fresh weights: N(0, std) for matrices, ones for norms, zeros for biases, drawn from
+/// ChaCha8 in the (fixed) order the model is built.
+struct RandomSource {
+    rng: ChaCha8Rng,
+    std: f64,
+}
+
+impl RandomSource {
+    fn normal(&mut self) -> f64 {
+        // Box-Muller on two uniforms in (0, 1].
+        let u = |rng: &mut ChaCha8Rng| ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let (u1, u2) = (u(&mut self.rng), u(&mut self.rng));
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, StageError> {
+        let n: usize = shape.iter().product();
+        Ok(if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| (self.normal() * self.std) as f32).collect()
+        })
+    }
+}
+
+fn tensor<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn linear<B: Backend>(
+    src: &mut dyn WeightSource,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>, StageError> {
+    let w = src.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
+    // PyTorch [out, in] -> Burn [in, out].
+    let weight = tensor::<B, 2>(w, [d_out, d_in], device).transpose();
+    let bias = if bias {
+        let b = src.take(&format!("{prefix}.bias"), &[d_out])?;
+        Some(Param::from_tensor(tensor::<B, 1>(b, [d_out], device)))
+    } else {
+        None
+    };
+    Ok(Linear {
+        weight: Param::from_tensor(weight),
+        bias,
+    })
+}
+
+fn norm<B: Backend>(
+    src: &mut dyn WeightSource,
+    name: &str,
+    cfg: &ModelConfig,
+    device: &B::Device,
+) -> Result<RmsNorm<B>, StageError> {
+    let w = src.take(name, &[cfg.hidden_size])?;
+    Ok(RmsNorm {
+        weight: Param::from_tensor(tensor::<B, 1>(w, [cfg.hidden_size], device)),
+        eps: cfg.rms_norm_eps,
+    })
+}
+
+fn build_backbone<B: Backend>(
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+    device: &B::Device,
+) -> Result<Llama<B>, StageError> {
+    let h = cfg.hidden_size;
+    let emb = src.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let embed_tokens = Embedding {
+        weight: Param::from_tensor(tensor::<B, 2>(emb, [cfg.vocab_size, h], device)),
+    };
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let input_layernorm = norm(src, &format!("{p}.input_layernorm.weight"), cfg, device)?;
+        let a = format!("{p}.self_attn");
+        let self_attn = Attention {
+            q_proj: linear(src, &format!("{a}.q_proj"), h, q, cfg.qkv_bias, device)?,
+            k_proj: linear(src, &format!("{a}.k_proj"), h, kv, cfg.qkv_bias, device)?,
+            v_proj: linear(src, &format!("{a}.v_proj"), h, kv, cfg.qkv_bias, device)?,
+            o_proj: linear(src, &format!("{a}.o_proj"), q, h, cfg.o_bias, device)?,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        };
+        let post_attention_layernorm = norm(
+            src,
+            &format!("{p}.post_attention_layernorm.weight"),
+            cfg,
+            device,
+        )?;
+        let m = format!("{p}.mlp");
+        let ff = cfg.intermediate_size;
+        let mlp = Mlp {
+            gate_proj: linear(src, &format!("{m}.gate_proj"), h, ff, cfg.mlp_bias, device)?,
+            up_proj: linear(src, &format!("{m}.up_proj"), h, ff, cfg.mlp_bias, device)?,
+            down_proj: linear(src, &format!("{m}.down_proj"), ff, h, cfg.mlp_bias, device)?,
+        };
+        layers.push(DecoderLayer {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            mlp,
+        });
+    }
+    let norm = norm(src, "model.norm.weight", cfg, device)?;
+    Ok(Llama {
+        embed_tokens,
+        layers,
+        norm,
+        head_dim: cfg.head_dim,
+        rope_theta: cfg.rope_theta,
+        sliding_window: cfg.sliding_window.unwrap_or(0),
+    })
+}
+
+fn build_causal_lm<B: Backend>(
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+    device: &B::Device,
+) -> Result<CausalLm<B>, StageError> {
+    let model = build_backbone(cfg, src, device)?;
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        Some(linear(
+            src,
+            "lm_head",
+            cfg.hidden_size,
+            cfg.vocab_size,
+            false,
+            device,
+        )?)
+    };
+    Ok(CausalLm { model, lm_head })
+}
+
+fn build_reward_model<B: Backend>(
+    cfg: &ModelConfig,
+    src: &mut dyn WeightSource,
+    device: &B::Device,
+) -> Result<RewardModel<B>, StageError> {
+    let model = build_backbone(cfg, src, device)?;
+    let score = linear(src, "score", cfg.hidden_size, 1, false, device)?;
+    Ok(RewardModel { model, score })
+}
+
+/// Reads `DIR/config.json`.
+pub fn load_config(dir: &Path) -> Result<ModelConfig, StageError> {
+    ModelConfig::from_file(&dir.join(CONFIG_FILE))
+}
+
+/// Loads a causal language model from a Hugging Face directory.
+///
+/// A `LlamaForSequenceClassification` directory is refused: its backbone could be read but it has
+/// no LM head, and silently inventing one would produce nonsense.
+pub fn load_causal_lm<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(ModelConfig, CausalLm<B>), StageError> {
+    let cfg = load_config(dir)?;
+    if cfg.architecture.is_sequence_classifier() {
+        return Err(StageError::Config {
+            path: dir.join(CONFIG_FILE),
+            message: "this is a sequence classifier (reward model); a causal language model is needed here".into(),
+        });
+    }
+    let mut src = SafetensorsSource::open(dir)?;
+    let model = build_causal_lm(&cfg, &mut src, device)?;
+    Ok((cfg, model))
+}
+
+/// Loads a reward (or value) model. A causal LM directory is accepted too: its backbone is read
+/// and the `score` head must then be present, as transformers requires.
+pub fn load_reward_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(ModelConfig, RewardModel<B>), StageError> {
+    let mut cfg = load_config(dir)?;
+    let mut src = SafetensorsSource::open(dir)?;
+    let model = build_reward_model(&cfg, &mut src, device)?;
+    cfg.architecture = Architecture::LlamaForSequenceClassification;
+    Ok((cfg, model))
+}
+
+/// Builds a reward model from a causal LM directory's backbone with a fresh scalar head
+/// (N(0, initializer_range) from `seed`), as transformers does when it loads a causal checkpoint
+/// into `AutoModelForSequenceClassification`.
+pub fn reward_model_from_causal_lm<B: Backend>(
+    dir: &Path,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(ModelConfig, RewardModel<B>), StageError> {
+    let mut cfg = load_config(dir)?;
+    let mut src = SafetensorsSource::open(dir)?;
+    let model = build_backbone(&cfg, &mut src, device)?;
+    let mut random = RandomSource {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        std: cfg.initializer_range,
+    };
+    let score = if src.contains("score.weight") {
+        linear(&mut src, "score", cfg.hidden_size, 1, false, device)?
+    } else {
+        linear(&mut random, "score", cfg.hidden_size, 1, false, device)?
+    };
+    cfg.architecture = Architecture::LlamaForSequenceClassification;
+    Ok((cfg, RewardModel { model, score }))
+}
+
+/// A fresh causal LM with seeded weights: N(0, initializer_range) matrices, unit norms, zero
+/// biases. The same seed gives the same weights on every backend.
+pub fn random_causal_lm<B: Backend>(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &B::Device,
+) -> CausalLm<B> {
+    let mut src = RandomSource {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        std: cfg.initializer_range,
+    };
+    build_causal_lm(cfg, &mut src, device).expect("a random source never fails")
+}
+
+/// A fresh reward model with seeded weights (see [`random_causal_lm`]).
+pub fn random_reward_model<B: Backend>(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &B::Device,
+) -> RewardModel<B> {
+    let mut src = RandomSource {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        std: cfg.initializer_range,
+    };
+    build_reward_model(cfg, &mut src, device).expect("a random source never fails")
+}
+
+/// Named tensors in PyTorch layout, ready to be written.
+struct Collected {
+    tensors: Vec<(String, Vec<usize>, Vec<u8>)>,
+}
+
+impl Collected {
+    fn push<B: Backend, const D: usize>(&mut self, name: String, t: Tensor<B, D>) {
+        let shape = t.dims().to_vec();
+        let data = t.into_data().convert::<f32>();
+        let values: Vec<f32> = data.to_vec().expect("converted to f32");
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.push((name, shape, bytes));
+    }
+
+    fn linear<B: Backend>(&mut self, prefix: &str, l: &Linear<B>) {
+        self.push(format!("{prefix}.weight"), l.weight.val().transpose());
+        if let Some(b) = &l.bias {
+            self.push(format!("{prefix}.bias"), b.val());
+        }
+    }
+
+    fn backbone<B: Backend>(&mut self, m: &Llama<B>) {
+        self.push(
+            "model.embed_tokens.weight".into(),
+            m.embed_tokens.weight.val(),
+        );
+        for (i, layer) in m.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            self.push(
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.weight.val(),
+            );
+            self.push(
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight.val(),
+            );
+            let a = &layer.self_attn;
+            self.linear(&format!("{p}.self_attn.q_proj"), &a.q_proj);
+            self.linear(&format!("{p}.self_attn.k_proj"), &a.k_proj);
+            self.linear(&format!("{p}.self_attn.v_proj"), &a.v_proj);
+            self.linear(&format!("{p}.self_attn.o_proj"), &a.o_proj);
+            self.linear(&format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
+            self.linear(&format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
+            self.linear(&format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
+        }
+        self.push("model.norm.weight".into(), m.norm.weight.val());
+    }
+
+    fn write(self, dir: &Path, cfg: &ModelConfig) -> Result<(), StageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
+        let config_path = dir.join(CONFIG_FILE);
+        let text = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON values serialise");
+        std::fs::write(&config_path, text + "\n").map_err(|e| StageError::io(&config_path, e))?;
+
+        let path = dir.join(WEIGHTS_FILE);
+        let views = self
+            .tensors
+            .iter()
+            .map(|(name, shape, bytes)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StageError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        // transformers refuses safetensors files whose metadata does not name the format.
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| {
+            StageError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })
+    }
+}
+
+/// Writes a causal LM as a Hugging Face directory (config.json + fp32 model.safetensors).
+pub fn save_causal_lm<B: Backend>(
+    model: &CausalLm<B>,
+    cfg: &ModelConfig,
+    dir: &Path,
+) -> Result<(), StageError> {
+    let mut out = Collected {
+        tensors: Vec::new(),
+    };
+    out.backbone(&model.model);
+    let mut cfg = cfg.clone();
+    match &model.lm_head {
+        Some(head) => {
+            out.linear("lm_head", head);
+            cfg.tie_word_embeddings = false;
+        }
+        None => cfg.tie_word_embeddings = true,
+    }
+    if cfg.architecture.is_sequence_classifier() {
+        cfg.architecture = Architecture::LlamaForCausalLM;
+    }
+    out.write(dir, &cfg)
+}
+
+/// Writes a reward model as a `LlamaForSequenceClassification` directory.
+pub fn save_reward_model<B: Backend>(
+    model: &RewardModel<B>,
+    cfg: &ModelConfig,
+    dir: &Path,
+) -> Result<(), StageError> {
+    let mut out = Collected {
+        tensors: Vec::new(),
+    };
+    out.backbone(&model.model);
+    out.linear("score", &model.score);
+    let mut cfg = cfg.clone();
+    cfg.architecture = Architecture::LlamaForSequenceClassification;
+    cfg.tie_word_embeddings = false;
+    out.write(dir, &cfg)
+}

@@ -1,0 +1,63 @@
+//! The SwiGLU feed-forward block of Llama-family decoders: `down(silu(gate(x)) * up(x))`.
+
+use burn::config::Config;
+use burn::module::{Initializer, Module};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Tensor, activation::silu, backend::Backend};
+
+/// Configuration of [`Mlp`].
+#[derive(Config, Debug)]
+pub struct MlpConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Hidden width of the gated projection.
+    pub d_ff: usize,
+    /// Biases on the three projections (Llama's `mlp_bias`). Default false.
+    #[config(default = false)]
+    pub bias: bool,
+    /// Std of the normal initialisation. Default 0.02.
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+/// Gated feed-forward block.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl MlpConfig {
+    /// Initialises the projections with N(0, init_std) weights and zero biases.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
+        let linear = |d_in: usize, d_out: usize| {
+            let mut l = LinearConfig::new(d_in, d_out)
+                .with_bias(self.bias)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: self.init_std,
+                })
+                .init(device);
+            if let Some(b) = l.bias.take() {
+                l.bias = Some(b.map(|t| t.zeros_like()));
+            }
+            l
+        };
+        Mlp {
+            gate_proj: linear(self.d_model, self.d_ff),
+            up_proj: linear(self.d_model, self.d_ff),
+            down_proj: linear(self.d_ff, self.d_model),
+        }
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]`
+    /// - output: `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

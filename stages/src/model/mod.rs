@@ -1,0 +1,20 @@
+//! The Llama model family: configuration, layers, the decoder with its two heads, the KV cache,
+//! and Hugging Face directory I/O. Training losses and stage logic live elsewhere.
+
+pub mod attention;
+pub mod cache;
+pub mod config;
+pub mod hf;
+pub mod llama;
+pub mod mask;
+pub mod mlp;
+pub mod rms_norm;
+pub mod rope;
+
+pub use cache::KvCache;
+pub use config::{Architecture, ModelConfig};
+pub use hf::{
+    load_causal_lm, load_config, load_reward_model, random_causal_lm, random_reward_model,
+    reward_model_from_causal_lm, save_causal_lm, save_reward_model,
+};
+pub use llama::{CausalLm, DecoderLayer, Llama, RewardModel};

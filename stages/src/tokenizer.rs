@@ -1,0 +1,337 @@
+//! Tokenizers as rudder uses them: a `tokenizer.json` (the `tokenizers` crate) plus
+//! `tokenizer_config.json` (special tokens and the Jinja chat template). Owns the encoding
+//! conventions shared by every stage (DESIGN section 7): a prompt is encoded with the tokenizer's
+//! special tokens (BOS through the post-processor), a completion without them and then EOS, and
+//! the TRL split of `prompt + completion` into prompt and completion tokens.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::StageError;
+
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// A tokenizer with its special tokens and chat template.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub chat_template: Option<String>,
+}
+
+/// A prompt/completion pair split into tokens the way TRL splits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSplit {
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+    /// Whether the prompt's tokens were a prefix of the whole text's tokens. When false, BPE
+    /// merged across the boundary and the split is TRL's approximation (it warns and continues).
+    pub prefix_matched: bool,
+}
+
+/// One chat message for the chat template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A special token in tokenizer_config.json is either a string or an AddedToken object.
+fn special_token(config: &Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `DIR/tokenizer.json` and, if present, `DIR/tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, StageError> {
+        let config = dir.join(TOKENIZER_CONFIG_FILE);
+        Self::from_files(
+            &dir.join(TOKENIZER_FILE),
+            config.is_file().then_some(config.as_path()),
+        )
+    }
+
+    /// Loads a tokenizer.json and an optional tokenizer_config.json.
+    pub fn from_files(tokenizer_json: &Path, config: Option<&Path>) -> Result<Self, StageError> {
+        if !tokenizer_json.is_file() {
+            return Err(StageError::Tokenizer {
+                path: tokenizer_json.to_path_buf(),
+                message: "file not found".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
+            StageError::Tokenizer {
+                path: tokenizer_json.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
+        let mut tok = Self {
+            inner,
+            path: tokenizer_json.to_path_buf(),
+            bos_token: None,
+            eos_token: None,
+            pad_token: None,
+            chat_template: None,
+        };
+        if let Some(path) = config {
+            let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
+            let value: Value = serde_json::from_str(&text).map_err(|source| StageError::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            tok.bos_token = special_token(&value, "bos_token");
+            tok.eos_token = special_token(&value, "eos_token");
+            tok.pad_token = special_token(&value, "pad_token");
+            tok.chat_template = match value.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: use the default one.
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            };
+            for (name, token) in [
+                ("bos_token", &tok.bos_token),
+                ("eos_token", &tok.eos_token),
+                ("pad_token", &tok.pad_token),
+            ] {
+                if let Some(t) = token
+                    && tok.inner.token_to_id(t).is_none()
+                {
+                    return Err(StageError::Tokenizer {
+                        path: path.to_path_buf(),
+                        message: format!("{name} `{t}` is not in the vocabulary"),
+                    });
+                }
+            }
+        }
+        // transformers 5 also reads the chat template from a separate file.
+        if tok.chat_template.is_none()
+            && let Some(dir) = tokenizer_json.parent()
+        {
+            let jinja = dir.join("chat_template.jinja");
+            if jinja.is_file() {
+                tok.chat_template =
+                    Some(std::fs::read_to_string(&jinja).map_err(|e| StageError::io(&jinja, e))?);
+            }
+        }
+        Ok(tok)
+    }
+
+    fn err(&self, message: impl ToString) -> StageError {
+        StageError::Tokenizer {
+            path: self.path.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Id of a token string.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.token_id(t))
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_id(t))
+    }
+
+    /// The pad id; falls back to EOS, as TRL does when a tokenizer has no pad token.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_token
+            .as_deref()
+            .and_then(|t| self.token_id(t))
+            .or_else(|| self.eos_id())
+    }
+
+    /// Number of ids, including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes text, optionally with the post-processor's special tokens.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, StageError> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| self.err(e))
+    }
+
+    /// A prompt: encoded with special tokens (BOS for Llama-style tokenizers).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, StageError> {
+        self.encode(prompt, true)
+    }
+
+    /// A completion: encoded without special tokens, then EOS.
+    pub fn encode_completion(&self, completion: &str) -> Result<Vec<u32>, StageError> {
+        let eos = self
+            .eos_id()
+            .ok_or_else(|| self.err("no eos_token in tokenizer_config.json"))?;
+        let mut ids = self.encode(completion, false)?;
+        ids.push(eos);
+        Ok(ids)
+    }
+
+    /// Splits `prompt + completion` as TRL's DPO trainer does: append the EOS text to the
+    /// completion, encode the prompt and the whole text with special tokens, and take the
+    /// completion as the whole text's tokens after the prompt's length.
+    pub fn split_prompt_completion(
+        &self,
+        prompt: &str,
+        completion: &str,
+    ) -> Result<TokenSplit, StageError> {
+        let eos = self
+            .eos_token
+            .as_deref()
+            .ok_or_else(|| self.err("no eos_token in tokenizer_config.json"))?;
+        let prompt_ids = self.encode(prompt, true)?;
+        let full = self.encode(&format!("{prompt}{completion}{eos}"), true)?;
+        let prefix_matched = full.starts_with(&prompt_ids);
+        let completion_ids = full.get(prompt_ids.len()..).unwrap_or_default().to_vec();
+        Ok(TokenSplit {
+            prompt_ids,
+            completion_ids,
+            prefix_matched,
+        })
+    }
+
+    /// Decodes ids to text.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, StageError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Renders `messages` with the tokenizer's chat template, as transformers'
+    /// `apply_chat_template(..., tokenize=False)` does.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, StageError> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            StageError::ChatTemplate(format!(
+                "the tokenizer at {} has no chat_template",
+                self.path.display()
+            ))
+        })?;
+        render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
+    }
+}
+
+/// Renders a Hugging Face chat template with the variables transformers provides.
+pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, StageError> {
+    let mut env = Environment::new();
+    // transformers compiles templates with trim_blocks and lstrip_blocks.
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .expect("the default delimiters are valid"),
+    );
+    // Templates call Python string methods (`.strip()`, `.startswith()`...).
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, message))
+        },
+    );
+    let render_err = |e: JinjaError| {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        StageError::ChatTemplate(message)
+    };
+    env.add_template("chat", template).map_err(render_err)?;
+    let tmpl = env.get_template("chat").map_err(render_err)?;
+    tmpl.render(context! {
+        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(render_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'].strip() + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn chatml_with_python_methods() {
+        let out = render_chat_template(CHATML, &[msg("user", " hi ")], true, "", "").unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok";
+        let err = render_chat_template(t, &[msg("assistant", "x")], false, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("first must be user"), "{err}");
+        assert_eq!(
+            render_chat_template(t, &[msg("user", "x")], false, "", "").unwrap(),
+            "ok"
+        );
+    }
+
+    #[test]
+    fn block_whitespace_is_trimmed_and_tokens_are_passed() {
+        let t = "{{ bos_token }}\n{% for m in messages %}\n{{ m.content }}{{ eos_token }}\n{% endfor %}";
+        let out = render_chat_template(
+            t,
+            &[msg("user", "a"), msg("assistant", "b")],
+            false,
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        assert_eq!(out, "<s>\na</s>\nb</s>\n");
+    }
+}
