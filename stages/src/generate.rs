@@ -110,13 +110,25 @@ pub fn generate(
     opts: &GenerateOptions,
     backend: BackendKind,
 ) -> Result<Vec<Completion>, StageError> {
-    opts.validate()?;
     let tokenizer = Tokenizer::from_dir(model_dir)?;
+    generate_with_tokenizer(model_dir, &tokenizer, prompts, opts, backend)
+}
+
+/// Like [`generate`], with a tokenizer from elsewhere (a model directory without one, such as a
+/// fresh architecture trained with a separate tokenizer stage).
+pub fn generate_with_tokenizer(
+    model_dir: &Path,
+    tokenizer: &Tokenizer,
+    prompts: &[String],
+    opts: &GenerateOptions,
+    backend: BackendKind,
+) -> Result<Vec<Completion>, StageError> {
+    opts.validate()?;
     dispatch(
         backend,
         GenerateTask {
             model_dir,
-            tokenizer: &tokenizer,
+            tokenizer,
             prompts,
             opts,
         },

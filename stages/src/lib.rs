@@ -10,7 +10,8 @@ pub mod tokenizer;
 
 pub use backend::BackendKind;
 pub use error::StageError;
-pub use generate::{Completion, FinishReason, GenerateOptions, generate};
+pub use generate::{Completion, FinishReason, GenerateOptions, generate, generate_with_tokenizer};
+pub use tokenizer::Tokenizer;
 
 /// The CPU backend that unit and integration tests run on.
 #[doc(hidden)]

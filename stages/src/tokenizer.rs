@@ -24,6 +24,8 @@ pub struct Tokenizer {
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
     pub chat_template: Option<String>,
+    /// tokenizer_config.json as read, written back unchanged by [`Tokenizer::save`].
+    config: Option<Value>,
 }
 
 /// A prompt/completion pair split into tokens the way TRL splits it.
@@ -83,6 +85,7 @@ impl Tokenizer {
             eos_token: None,
             pad_token: None,
             chat_template: None,
+            config: None,
         };
         if let Some(path) = config {
             let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
@@ -118,6 +121,7 @@ impl Tokenizer {
                     });
                 }
             }
+            tok.config = Some(value);
         }
         // transformers 5 also reads the chat template from a separate file.
         if tok.chat_template.is_none()
@@ -209,6 +213,38 @@ impl Tokenizer {
             completion_ids,
             prefix_matched,
         })
+    }
+
+    /// Writes tokenizer.json and tokenizer_config.json into `dir` (a model directory).
+    pub fn save(&self, dir: &Path) -> Result<(), StageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
+        let path = dir.join(TOKENIZER_FILE);
+        self.inner.save(&path, false).map_err(|e| StageError::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let config = match &self.config {
+            Some(c) => c.clone(),
+            None => {
+                let mut obj = serde_json::Map::new();
+                for (key, token) in [
+                    ("bos_token", &self.bos_token),
+                    ("eos_token", &self.eos_token),
+                    ("pad_token", &self.pad_token),
+                ] {
+                    if let Some(t) = token {
+                        obj.insert(key.into(), Value::String(t.clone()));
+                    }
+                }
+                if let Some(t) = &self.chat_template {
+                    obj.insert("chat_template".into(), Value::String(t.clone()));
+                }
+                Value::Object(obj)
+            }
+        };
+        let path = dir.join(TOKENIZER_CONFIG_FILE);
+        let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
+        std::fs::write(&path, text + "\n").map_err(|e| StageError::io(&path, e))
     }
 
     /// Decodes ids to text.

@@ -238,6 +238,18 @@ fn ids_of(v: &Value) -> Vec<u32> {
 }
 
 #[test]
+fn tokenizer_saves_and_reloads() {
+    let tok = tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    tok.save(dir.path()).unwrap();
+    let again = Tokenizer::from_dir(dir.path()).unwrap();
+    let text = "Question: What color is the sky?<|eos|>";
+    assert_eq!(tok.encode_prompt(text).unwrap(), again.encode_prompt(text).unwrap());
+    assert_eq!(again.eos_token.as_deref(), Some("<|eos|>"));
+    assert_eq!(again.pad_id(), Some(0));
+}
+
+#[test]
 fn tokenisation_matches_trl() {
     let tok = tokenizer();
     assert_eq!(

@@ -27,6 +27,7 @@ use crate::error::StageError;
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 
 /// Where parameter values come from when a model is built.
 trait WeightSource {
@@ -461,6 +462,20 @@ impl Collected {
         let text = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON values serialise");
         std::fs::write(&config_path, text + "\n").map_err(|e| StageError::io(&config_path, e))?;
 
+        // generate() and transformers read the stop tokens from here.
+        if !cfg.eos_token_ids.is_empty() {
+            let gen_path = dir.join(GENERATION_CONFIG_FILE);
+            let mut gen = serde_json::Map::new();
+            let cfg_json = cfg.to_json();
+            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                if let Some(v) = cfg_json.get(key).filter(|v| !v.is_null()) {
+                    gen.insert(key.into(), v.clone());
+                }
+            }
+            let text = serde_json::to_string_pretty(&Value::Object(gen)).expect("JSON values serialise");
+            std::fs::write(&gen_path, text + "\n").map_err(|e| StageError::io(&gen_path, e))?;
+        }
+
         let path = dir.join(WEIGHTS_FILE);
         let views = self
             .tensors
@@ -524,4 +539,103 @@ pub fn save_reward_model<B: Backend>(
     cfg.architecture = Architecture::LlamaForSequenceClassification;
     cfg.tie_word_embeddings = false;
     out.write(dir, &cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend;
+
+    fn tiny() -> ModelConfig {
+        let mut cfg = ModelConfig::llama(32, 16, 24, 2, 4, 2);
+        cfg.eos_token_ids = vec![2];
+        cfg
+    }
+
+    fn values<const D: usize>(t: Tensor<TestBackend, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    #[test]
+    fn random_init_is_seeded_and_scaled() {
+        let device = Default::default();
+        let cfg = tiny();
+        let a = random_causal_lm::<TestBackend>(&cfg, 7, &device);
+        let b = random_causal_lm::<TestBackend>(&cfg, 7, &device);
+        let c = random_causal_lm::<TestBackend>(&cfg, 8, &device);
+        let emb = |m: &CausalLm<TestBackend>| values(m.model.embed_tokens.weight.val());
+        assert_eq!(emb(&a), emb(&b));
+        assert_ne!(emb(&a), emb(&c));
+        // 32 x 16 draws of N(0, 0.02^2): the sample std is within 10% of 0.02.
+        let e = emb(&a);
+        let std = (e.iter().map(|v| v * v).sum::<f32>() / e.len() as f32).sqrt();
+        assert!((std - 0.02).abs() < 0.002, "{std}");
+        assert!(values(a.model.norm.weight.val()).iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn fresh_model_round_trips_through_a_directory() {
+        let device = Default::default();
+        let mut cfg = tiny();
+        cfg.architecture = Architecture::Qwen2ForCausalLM;
+        cfg.qkv_bias = true;
+        let model = random_causal_lm::<TestBackend>(&cfg, 1, &device);
+        let dir = tempfile::tempdir().unwrap();
+        save_causal_lm(&model, &cfg, dir.path()).unwrap();
+        assert!(dir.path().join(GENERATION_CONFIG_FILE).is_file());
+        let (cfg2, again) = load_causal_lm::<TestBackend>(dir.path(), &device).unwrap();
+        assert_eq!(cfg2.architecture, Architecture::Qwen2ForCausalLM);
+        assert!(again.model.layers[0].self_attn.q_proj.bias.is_some());
+        assert!(again.model.layers[0].self_attn.o_proj.bias.is_none());
+        let ids = Tensor::<TestBackend, 2, burn::tensor::Int>::from_data(
+            TensorData::new(vec![1i64, 5, 9], [1, 3]),
+            &device,
+        );
+        assert_eq!(
+            values(model.forward(ids.clone(), None, None)),
+            values(again.forward(ids, None, None))
+        );
+    }
+
+    #[test]
+    fn sharded_bf16_weights_load_as_f32() {
+        let device = Default::default();
+        let cfg = tiny();
+        let model = random_causal_lm::<TestBackend>(&cfg, 3, &device);
+        let dir = tempfile::tempdir().unwrap();
+        save_causal_lm(&model, &cfg, dir.path()).unwrap();
+        // Rewrite the weights as two bf16 shards with an index.
+        let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut shards: [Vec<(String, Vec<usize>, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
+        let mut weight_map = serde_json::Map::new();
+        for (i, (name, view)) in st.tensors().into_iter().enumerate() {
+            let bf16: Vec<u8> = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .collect();
+            let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+            weight_map.insert(name.clone(), Value::String(file));
+            shards[i % 2].push((name, view.shape().to_vec(), bf16));
+        }
+        std::fs::remove_file(dir.path().join(WEIGHTS_FILE)).unwrap();
+        for (i, shard) in shards.iter().enumerate() {
+            let views: Vec<_> = shard
+                .iter()
+                .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::BF16, s.clone(), b).unwrap()))
+                .collect();
+            let path = dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1));
+            safetensors::serialize_to_file(views, None, &path).unwrap();
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.path().join(WEIGHTS_INDEX_FILE), index.to_string()).unwrap();
+
+        let (_, loaded) = load_causal_lm::<TestBackend>(dir.path(), &device).unwrap();
+        let original = values(model.model.embed_tokens.weight.val());
+        let rounded = values(loaded.model.embed_tokens.weight.val());
+        for (o, r) in original.iter().zip(&rounded) {
+            assert_eq!(*r, half::bf16::from_f32(*o).to_f32());
+        }
+    }
 }

@@ -1,0 +1,211 @@
+//! The `command` kind: a shell command with declared inputs, dependency files and outputs, for
+//! data preparation. Its `cmd` is a minijinja template over `inputs.NAME` and `out`.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Expect, FieldError, InputField, Kind, Produces, StageSpec, inputs_list, stage_common,
+};
+use crate::source::ValuePath;
+
+/// Run a shell command that writes declared files into `{{ out }}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct CommandParams {
+    /// Nodes the command reads; `{{ inputs.NAME }}` is a dataset's file, a model's directory, or
+    /// a stage's artifact directory (or the output file for `stage.output`).
+    pub inputs: Vec<String>,
+    /// Plain files or directories the command depends on, relative to the recipe; hashed by
+    /// content.
+    pub deps: Vec<String>,
+    /// The command, run by `sh -c` in the recipe's directory.
+    pub cmd: String,
+    /// Files the command must create in `{{ out }}`: `name = "relative/path"`; downstream
+    /// stages reference them as `STAGE.name`.
+    pub outputs: BTreeMap<String, String>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for CommandParams {
+    fn default() -> Self {
+        Self {
+            inputs: Vec::new(),
+            deps: Vec::new(),
+            cmd: String::new(),
+            outputs: BTreeMap::new(),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+impl Kind for CommandParams {
+    const REQUIRED: &'static [&'static str] = &["cmd", "outputs"];
+    const NAME: &'static str = "command";
+    const SUMMARY: &'static str = "run a shell command (data preparation)";
+}
+
+impl CommandParams {
+    /// Render `cmd` with each input's path and the output directory. Input names are what the
+    /// recipe wrote in `inputs`; a name the template uses but `inputs` lacks is an error.
+    pub fn render(&self, input_paths: &[String], out: &str) -> Result<String, String> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        let inputs: BTreeMap<String, String> = self
+            .inputs
+            .iter()
+            .cloned()
+            .zip(input_paths.iter().cloned())
+            .collect();
+        let template = env
+            .template_from_str(&self.cmd)
+            .map_err(|e| template_error(&e))?;
+        template
+            .render(minijinja::context! { inputs => inputs, out => out })
+            .map_err(|e| template_error(&e))
+    }
+
+    /// The command with placeholders for paths, as it enters the key: independent of where
+    /// the store and the recipe live, and of the input nodes' names.
+    pub fn key_command(&self) -> Result<String, String> {
+        let placeholders: Vec<String> = (0..self.inputs.len())
+            .map(|i| format!("<input {i}>"))
+            .collect();
+        self.render(&placeholders, "<out>")
+    }
+}
+
+fn template_error(err: &minijinja::Error) -> String {
+    let mut message = err.kind().to_string();
+    if let Some(detail) = err.detail() {
+        message = format!("{message}: {detail}");
+    }
+    message
+}
+
+impl StageSpec for CommandParams {
+    stage_common!();
+    fn inputs(&self) -> Vec<InputField> {
+        inputs_list("inputs", &self.inputs, Expect::Any)
+    }
+    fn produces(&self) -> Produces {
+        Produces::Files(
+            self.outputs
+                .iter()
+                .map(|(name, path)| (name.clone(), path.clone()))
+                .collect(),
+        )
+    }
+    fn key_params(&self) -> serde_json::Value {
+        let mut params = self.params();
+        // Invalid templates are reported by `check`; keep the raw text so keying never fails.
+        let cmd = self.key_command().unwrap_or_else(|_| self.cmd.clone());
+        params["cmd"] = serde_json::Value::String(cmd);
+        // Input names appear only through the template; the inputs' keys enter by position.
+        params
+            .as_object_mut()
+            .expect("struct serialises to an object")
+            .remove("inputs");
+        params
+    }
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let root = ValuePath::root();
+        if self.cmd.trim().is_empty() {
+            errors.push(FieldError::new(root.key("cmd"), "`cmd` is empty"));
+        } else if let Err(err) = self.key_command() {
+            errors.push(FieldError::new(
+                root.key("cmd"),
+                format!("invalid command template: {err} (the template sees `inputs.NAME` for each name in `inputs`, and `out`)"),
+            ));
+        }
+        if self.outputs.is_empty() {
+            errors.push(FieldError::new(
+                root.key("outputs"),
+                "declare at least one output file",
+            ));
+        }
+        for (name, path) in &self.outputs {
+            if !is_plain_relative(path) {
+                errors.push(FieldError::new(
+                    root.key("outputs").key(name),
+                    "an output must be a relative path inside `{{ out }}`",
+                ));
+            }
+            if !crate::recipe::is_valid_name(name) {
+                errors.push(FieldError::new(
+                    root.key("outputs").key(name),
+                    "output names use letters, digits, `_` and `-`",
+                ));
+            }
+        }
+        for (i, input) in self.inputs.iter().enumerate() {
+            if self.inputs[..i].contains(input) {
+                errors.push(FieldError::new(
+                    root.key("inputs").index(i),
+                    format!("`{input}` is listed twice"),
+                ));
+            }
+        }
+        errors
+    }
+}
+
+/// A relative path that stays inside its base directory.
+pub(crate) fn is_plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(cmd: &str, inputs: &[&str]) -> CommandParams {
+        CommandParams {
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            cmd: cmd.into(),
+            outputs: [("train".to_string(), "train.jsonl".to_string())].into(),
+            ..CommandParams::default()
+        }
+    }
+
+    #[test]
+    fn renders_inputs_and_out() {
+        let p = params("prep {{ inputs.raw }} {{ out }}/x", &["raw"]);
+        assert_eq!(
+            p.render(&["/data/raw.txt".into()], "/store/tmp").unwrap(),
+            "prep /data/raw.txt /store/tmp/x"
+        );
+    }
+
+    #[test]
+    fn key_command_ignores_input_names_and_paths() {
+        let a = params("prep {{ inputs.raw }} {{out}}/x", &["raw"]);
+        let b = params("prep {{ inputs.source }} {{ out }}/x", &["source"]);
+        assert_eq!(a.key_command().unwrap(), b.key_command().unwrap());
+        assert_eq!(a.key_params(), b.key_params());
+    }
+
+    #[test]
+    fn unknown_template_names_are_errors() {
+        let p = params("prep {{ inputs.missing }}", &["raw"]);
+        let errors = p.check();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("invalid command template"));
+    }
+
+    #[test]
+    fn outputs_stay_inside_out() {
+        assert!(is_plain_relative("a/b.jsonl"));
+        assert!(!is_plain_relative("../x"));
+        assert!(!is_plain_relative("/abs"));
+        assert!(!is_plain_relative(""));
+    }
+}

@@ -1,0 +1,210 @@
+//! Loading recipes: valid ones resolve; each kind of recipe error is reported with its location.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use rudder_schema::{NodeBody, Recipe, RecipeErrors, Target};
+
+fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("recipe.toml");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    (dir, path)
+}
+
+fn load(text: &str) -> Result<Recipe, RecipeErrors> {
+    let (_dir, path) = write(text);
+    Recipe::load(&path, &[])
+}
+
+fn errors_of(text: &str) -> Vec<String> {
+    match load(text) {
+        Ok(_) => panic!("recipe should not load:\n{text}"),
+        Err(errors) => errors.to_string().lines().map(str::to_owned).collect(),
+    }
+}
+
+const BASE: &str = r#"
+[recipe]
+name = "demo"
+seed = 7
+
+[datasets.prefs]
+path = "prefs.jsonl"
+
+[models.base]
+hf = "models/base"
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = "prefs"
+
+[stages.dpo]
+kind = "dpo"
+model = "sft"
+data = "prefs"
+beta = 0.1
+"#;
+
+#[test]
+fn a_valid_recipe_resolves_references() {
+    let recipe = load(BASE).unwrap();
+    assert_eq!(recipe.name, "demo");
+    let names: Vec<_> = recipe.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["prefs", "base", "sft", "dpo"]);
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    assert_eq!(dpo.seed, 7);
+    let roles: Vec<_> = dpo.inputs.iter().map(|i| i.field.role.as_str()).collect();
+    assert_eq!(roles, ["model", "reference", "data"]);
+    assert_eq!(
+        dpo.inputs[1].target,
+        Target::Node {
+            name: "sft".into(),
+            output: None
+        }
+    );
+    // Defaults are filled in.
+    assert_eq!(dpo.spec.params()["learning_rate"], 1e-6);
+    assert_eq!(dpo.spec.params()["loss_type"], "sigmoid");
+}
+
+#[test]
+fn unknown_key_points_at_it_with_a_hint() {
+    let text = BASE.replace("beta = 0.1", "bta = 0.1");
+    let errors = errors_of(&text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("recipe.toml:21:1: stage `dpo`: unknown key `bta`"),
+        "{errors:?}"
+    );
+    assert!(errors[0].contains("did you mean `beta`?"), "{errors:?}");
+}
+
+#[test]
+fn wrong_type_and_range() {
+    let errors = errors_of(&BASE.replace("beta = 0.1", "beta = \"high\"\nepochs = 0"));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("21:8: stage `dpo`: expected a number, found string \"high\""),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("22:10: stage `dpo`: must be at least 1"), "{errors:?}");
+}
+
+#[test]
+fn unknown_kind_suggests_the_nearest() {
+    let errors = errors_of(&BASE.replace("kind = \"dpo\"", "kind = \"dpoo\""));
+    assert!(errors[0].contains("unknown kind `dpoo`"), "{errors:?}");
+    assert!(errors[0].contains("did you mean `dpo`?"), "{errors:?}");
+}
+
+#[test]
+fn dangling_reference() {
+    let errors = errors_of(&BASE.replace("model = \"sft\"", "model = \"sfty\""));
+    assert!(errors[0].contains("19:9: reference to unknown node `sfty`"), "{errors:?}");
+    assert!(errors[0].contains("did you mean `sft`?"), "{errors:?}");
+}
+
+#[test]
+fn duplicate_names_across_sections() {
+    let errors = errors_of(&format!("{BASE}\n[stages.prefs]\nkind = \"sft\"\nmodel = \"base\"\ndata = \"prefs\"\n"));
+    assert!(errors[0].contains("duplicate node name `prefs`"), "{errors:?}");
+}
+
+#[test]
+fn reference_of_the_wrong_type() {
+    let errors = errors_of(&BASE.replace("model = \"sft\"", "model = \"prefs\""));
+    assert!(
+        errors[0].contains("`model` must be a model, but `prefs` produces datasets"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn syntax_error_has_a_position() {
+    let errors = errors_of("[stages.x]\nkind = \n");
+    assert!(errors[0].contains("recipe.toml:2:8: "), "{errors:?}");
+    assert!(errors[0].contains("invalid TOML"), "{errors:?}");
+}
+
+#[test]
+fn overrides_are_typed_and_located() {
+    let (_dir, path) = write(BASE);
+    let recipe = Recipe::load(&path, &["stages.dpo.beta=0.2".into()]).unwrap();
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    assert_eq!(dpo.spec.params()["beta"], 0.2);
+    let err = Recipe::load(&path, &["stages.dpo.beta=high".into()]).unwrap_err();
+    assert!(
+        err.to_string().starts_with("--set:1:17: stage `dpo`: expected a number"),
+        "{err}"
+    );
+}
+
+#[test]
+fn loss_type_accepts_a_list_and_checks_weights() {
+    let ok = BASE.replace(
+        "beta = 0.1",
+        "loss_type = [\"sigmoid\", \"sft\"]\nloss_weights = [1.0, 0.5]",
+    );
+    load(&ok).unwrap();
+    let errors = errors_of(&BASE.replace(
+        "beta = 0.1",
+        "loss_type = [\"sigmoid\", \"sft\"]\nloss_weights = [1.0]",
+    ));
+    assert!(errors[0].contains("loss_weights has 1 entries but loss_type has 2"), "{errors:?}");
+    let errors = errors_of(&BASE.replace("beta = 0.1", "loss_type = [\"sigmoid\", \"sigmod\"]"));
+    assert!(errors[0].contains("did you mean `sigmoid`?"), "{errors:?}");
+}
+
+#[test]
+fn command_stage_outputs_are_referenced_with_a_dot() {
+    let text = r#"
+[datasets.raw]
+path = "raw.txt"
+
+[stages.prep]
+kind = "command"
+inputs = ["raw"]
+cmd = "cp {{ inputs.raw }} {{ out }}/train.jsonl"
+outputs = { train = "train.jsonl" }
+
+[stages.count]
+kind = "command"
+inputs = ["prep.train"]
+cmd = "wc -l {{ inputs['prep.train'] }} > {{ out }}/n.txt"
+outputs = { n = "n.txt" }
+
+[stages.bad]
+kind = "command"
+inputs = ["prep.tarin"]
+cmd = "true"
+outputs = { n = "n.txt" }
+"#;
+    let errors = errors_of(text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("`prep` has no output `tarin`"), "{errors:?}");
+    assert!(errors[0].contains("did you mean `train`?"), "{errors:?}");
+}
+
+#[test]
+fn missing_kind_and_missing_required() {
+    let errors = errors_of("[stages.x]\nmodel = \"m\"\n");
+    assert!(errors[0].contains("stage `x`: missing `kind`"), "{errors:?}");
+    let errors = errors_of("[models.m]\nhf = \"m\"\n[stages.x]\nkind = \"sft\"\nmodel = \"m\"\n");
+    assert!(errors[0].contains("missing required key `data`"), "{errors:?}");
+}
+
+#[test]
+fn fresh_models_need_their_shape() {
+    let errors = errors_of("[models.m]\narch = \"llama\"\nhidden_size = 10\n");
+    assert!(errors.iter().any(|e| e.contains("needs `intermediate_size`")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("needs `tokenizer`")), "{errors:?}");
+}
