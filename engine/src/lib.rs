@@ -1,1 +1,23 @@
-//! placeholder
+//! The rudder engine: the pipeline graph, content keys, the artifact store, lockfiles, plans
+//! and the executor. It knows no machine learning: stage kinds plug in through
+//! [`executor::Runner`], and only the `command` kind is built in.
+
+pub mod command;
+pub mod dag;
+pub mod digest;
+pub mod error;
+pub mod executor;
+pub mod fsutil;
+pub mod graph;
+pub mod key;
+pub mod lockfile;
+pub mod plan;
+pub mod project;
+pub mod store;
+
+pub use error::EngineError;
+pub use executor::{Registry, Runner, StageContext, StageOutcome};
+pub use key::Key;
+pub use plan::{Plan, Selection};
+pub use project::Project;
+pub use store::Store;

@@ -77,12 +77,3 @@ fn object_parts(root: &Value, schema: &Value) -> (Map<String, Value>, Vec<Value>
     (properties, required)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dump() {
-        let s = super::recipe_schema();
-        println!("{}", serde_json::to_string_pretty(&s["properties"]["stages"]["additionalProperties"]["oneOf"][2]).unwrap());
-        println!("{}", serde_json::to_string_pretty(&super::schemas().kinds["sft"]).unwrap());
-    }
-}

@@ -133,6 +133,11 @@ impl SpanMap {
         self.entries.insert(path, spans);
     }
 
+    /// The spans of exactly this path, if it was written.
+    pub fn get(&self, path: &ValuePath) -> Option<&Spans> {
+        self.entries.get(path)
+    }
+
     /// The value's location, or the closest enclosing value's when the path itself was never
     /// written (a missing field points at its table).
     pub fn value(&self, path: &ValuePath) -> Option<Loc> {

@@ -208,3 +208,36 @@ fn fresh_models_need_their_shape() {
     assert!(errors.iter().any(|e| e.contains("needs `intermediate_size`")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("needs `tokenizer`")), "{errors:?}");
 }
+
+/// Every recipe in `recipes/` loads, and validates against the exported JSON Schema with a
+/// standard validator (what an editor would check).
+#[test]
+fn bundled_recipes_validate_against_the_exported_schema() {
+    let schema = rudder_schema::json_schema::recipe_schema();
+    let validator = jsonschema::draft7::new(&schema).expect("the exported schema is valid draft-07");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut spans = rudder_schema::source::SpanMap::default();
+            let value = rudder_schema::source::parse_toml(&text, 0, &rudder_schema::ValuePath::root(), &mut spans).unwrap();
+            let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+#[test]
+fn the_exported_schema_rejects_what_loading_rejects() {
+    let schema = rudder_schema::json_schema::recipe_schema();
+    let validator = jsonschema::draft7::new(&schema).unwrap();
+    let bad = serde_json::json!({"stages": {"d": {"kind": "dpo", "model": "m", "data": "p", "bta": 0.1}}});
+    assert!(!validator.is_valid(&bad));
+    let good = serde_json::json!({"stages": {"d": {"kind": "dpo", "model": "m", "data": "p", "beta": 0.1}}});
+    assert!(validator.is_valid(&good), "{:?}", validator.iter_errors(&good).map(|e| e.to_string()).collect::<Vec<_>>());
+}

@@ -100,6 +100,13 @@ impl StageSpec for CommandParams {
                 .collect(),
         )
     }
+    fn deps(&self) -> Vec<(ValuePath, String)> {
+        self.deps
+            .iter()
+            .enumerate()
+            .map(|(i, dep)| (ValuePath::root().key("deps").index(i), dep.clone()))
+            .collect()
+    }
     fn key_params(&self) -> serde_json::Value {
         let mut params = self.params();
         // Invalid templates are reported by `check`; keep the raw text so keying never fails.

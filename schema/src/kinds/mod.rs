@@ -178,6 +178,11 @@ pub trait StageSpec: fmt::Debug + Send + Sync + Any {
     fn expand(&self) -> Expansion {
         Expansion::default()
     }
+    /// Plain files the stage reads besides its inputs, relative to the recipe: their content
+    /// is part of the stage's key. `(field path, file path)` pairs.
+    fn deps(&self) -> Vec<(ValuePath, String)> {
+        Vec::new()
+    }
     /// Checks across fields that a schema cannot express.
     fn check(&self) -> Vec<FieldError> {
         Vec::new()

@@ -1,0 +1,55 @@
+//! Errors of the engine, typed so that the CLI can choose the exit code and the message.
+
+use std::path::PathBuf;
+
+use rudder_schema::RecipeErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Something in the recipe is wrong (located): exit code 2.
+    #[error("{0}")]
+    Recipe(#[from] RecipeErrors),
+
+    /// A usage error that is not located in the recipe (bad selection, unknown node): exit 2.
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+
+    #[error("lockfile {path}: {message}")]
+    Lockfile { path: PathBuf, message: String },
+
+    /// A stage failed; nothing of it was committed.
+    #[error("stage `{node}` ({kind}) failed: {message}")]
+    StageFailed {
+        node: String,
+        kind: String,
+        message: String,
+    },
+
+    /// The run was interrupted (Ctrl-C); completed stages stay committed.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl EngineError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Errors the user fixes by changing the recipe or the command line.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, EngineError::Recipe(_) | EngineError::Usage(_))
+    }
+}

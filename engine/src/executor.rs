@@ -1,0 +1,436 @@
+//! Running a plan: the interface stage implementations provide ([`Runner`]), what they receive
+//! ([`StageContext`]), and the loop that runs each stage into a pending artifact, commits it
+//! on success, discards it on failure, and records the lockfile after a successful run.
+//!
+//! The engine knows no stage kind but `command`; the machine-learning kinds register their
+//! runners from the `stages` crate.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use rudder_schema::kinds::{PartSpec, Produces, StageSpec};
+use rudder_schema::{Backend, DataFormat, ModelSpec, NodeBody, Precision, Recipe};
+use serde_json::json;
+
+use crate::error::EngineError;
+use crate::graph::{Graph, Source};
+use crate::key::Key;
+use crate::lockfile::{LOCKFILE_VERSION, LockEntry, Lockfile};
+use crate::plan::{Plan, PlanEntry, State};
+use crate::store::{LAYOUT_VERSION, Manifest, Store};
+
+/// Progress of one stage, shown as a bar on a terminal.
+pub trait Progress: Send + Sync {
+    fn set_length(&self, length: u64);
+    fn set_position(&self, position: u64);
+    fn set_message(&self, message: String);
+    /// A line of output that should not break the bar.
+    fn println(&self, line: &str);
+}
+
+/// Progress that goes nowhere (tests, `--quiet`).
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn set_length(&self, _: u64) {}
+    fn set_position(&self, _: u64) {}
+    fn set_message(&self, _: String) {}
+    fn println(&self, _: &str) {}
+}
+
+/// What an input is, beyond its path.
+#[derive(Debug, Clone)]
+pub enum InputKind {
+    /// A plain file named in the recipe.
+    File,
+    /// A data file, with the format and column renames to read it with.
+    Dataset {
+        format: DataFormat,
+        columns: BTreeMap<String, String>,
+    },
+    /// A Hugging Face model directory from `models.X.hf`.
+    Model,
+    /// A fresh architecture: there is no directory, only the configuration.
+    FreshModel(ModelSpec),
+    /// Another stage's artifact directory (or one of its output files).
+    Artifact { kind: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct StageInput {
+    pub role: String,
+    /// The node (or part) it comes from.
+    pub node: String,
+    pub key: Key,
+    /// The file or directory to read; `None` for a fresh model.
+    pub path: Option<PathBuf>,
+    pub kind: InputKind,
+}
+
+/// Everything a stage receives.
+pub struct StageContext<'a> {
+    /// The vertex name: `stage` or `stage/part`.
+    pub name: &'a str,
+    /// The kind being run: the stage's, or the part's (`dpo/ref_logps`).
+    pub kind: &'a str,
+    pub key: Key,
+    /// The stage's parameters (for parts too: a part belongs to its stage).
+    pub spec: &'a dyn StageSpec,
+    pub part: Option<&'a PartSpec>,
+    pub inputs: Vec<StageInput>,
+    /// Where the artifact's files go; it becomes the artifact when the stage succeeds.
+    pub out_dir: &'a Path,
+    /// Persistent across attempts: checkpoints to resume from.
+    pub work_dir: &'a Path,
+    pub recipe_dir: &'a Path,
+    pub seed: u64,
+    pub backend: Backend,
+    pub precision: Precision,
+    pub progress: &'a dyn Progress,
+    /// Set on Ctrl-C: checkpoint and return.
+    pub interrupted: &'a AtomicBool,
+}
+
+impl StageContext<'_> {
+    pub fn input(&self, role: &str) -> Option<&StageInput> {
+        self.inputs.iter().find(|i| i.role == role)
+    }
+
+    /// The stage's typed parameters.
+    pub fn params<T: 'static>(&self) -> Option<&T> {
+        self.spec.as_any().downcast_ref::<T>()
+    }
+
+    pub fn is_interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
+    }
+}
+
+/// What a successful stage reports: summary metrics for the manifest and `rudder metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct StageOutcome {
+    pub summary: BTreeMap<String, f64>,
+}
+
+pub type StageResult = Result<StageOutcome, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A stage kind's implementation.
+pub trait Runner: Send + Sync {
+    /// The kind it runs: a stage kind (`sft`) or a part kind (`dpo/ref_logps`).
+    fn kind(&self) -> &'static str;
+    /// Bumped whenever the implementation changes what it produces: part of every key.
+    fn version(&self) -> u32;
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult;
+}
+
+/// The runners of this build, by kind.
+#[derive(Default, Clone)]
+pub struct Registry {
+    runners: BTreeMap<&'static str, Arc<dyn Runner>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The engine's own kinds (`command`).
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::new();
+        registry.register(crate::command::CommandRunner);
+        registry
+    }
+
+    pub fn register(&mut self, runner: impl Runner + 'static) {
+        self.runners.insert(runner.kind(), Arc::new(runner));
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Runner>> {
+        self.runners.get(kind)
+    }
+
+    /// The implementation version of a kind; 0 when this build has no runner for it.
+    pub fn version(&self, kind: &str) -> u32 {
+        self.runners.get(kind).map_or(0, |r| r.version())
+    }
+}
+
+/// Callbacks for the user interface.
+pub trait Observer: Send + Sync {
+    fn waiting_for_lock(&self, holder: Option<u32>);
+    fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress>;
+    fn stage_finished(&self, entry: &PlanEntry, result: Result<&StageOutcome, &str>, seconds: f64);
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// `(vertex name, seconds)` of every stage that ran.
+    pub ran: Vec<(String, f64)>,
+    pub cached: usize,
+}
+
+pub struct Executor<'a> {
+    pub recipe: &'a Recipe,
+    pub graph: &'a Graph,
+    pub registry: &'a Registry,
+    pub store: &'a Store,
+    pub observer: &'a dyn Observer,
+    pub interrupted: &'a AtomicBool,
+}
+
+impl Executor<'_> {
+    /// Runs every `run` entry of the plan in order. The caller holds the store lock.
+    pub fn run(&self, plan: &Plan, lock: &Lockfile) -> Result<RunReport, EngineError> {
+        let started = SystemTime::now();
+        let mut report = RunReport::default();
+        let total = plan.to_run().count();
+        let mut outputs: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut failure = None;
+        for (position, entry) in plan.to_run().enumerate() {
+            if self.interrupted.load(Ordering::Relaxed) {
+                failure = Some(EngineError::Interrupted);
+                break;
+            }
+            let clock = Instant::now();
+            let progress = self.observer.stage_started(entry, position + 1, total);
+            let result = self.run_one(plan, entry, progress.as_ref());
+            let seconds = clock.elapsed().as_secs_f64();
+            match result {
+                Ok((outcome, files)) => {
+                    self.observer.stage_finished(entry, Ok(&outcome), seconds);
+                    report.ran.push((entry.name.clone(), seconds));
+                    outputs.insert(entry.name.clone(), files);
+                }
+                Err(err) => {
+                    self.observer.stage_finished(entry, Err(&err.to_string()), seconds);
+                    failure = Some(err);
+                    break;
+                }
+            }
+        }
+        report.cached = plan.entries.iter().filter(|e| e.state == State::Cached && !e.is_source).count();
+        self.record_run(plan, &report, started, failure.as_ref())?;
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        self.write_lockfile(plan, lock)?;
+        Ok(report)
+    }
+
+    fn run_one(
+        &self,
+        plan: &Plan,
+        entry: &PlanEntry,
+        progress: &dyn Progress,
+    ) -> Result<(StageOutcome, BTreeMap<String, String>), EngineError> {
+        let vertex = self.graph.vertex(entry.index);
+        let node = &self.recipe.nodes[vertex.node];
+        let NodeBody::Stage(stage) = &node.body else {
+            unreachable!("only stages run");
+        };
+        let fail = |message: String| EngineError::StageFailed {
+            node: entry.name.clone(),
+            kind: entry.kind.clone(),
+            message,
+        };
+        let runner = self.registry.get(&entry.kind).ok_or_else(|| {
+            fail(format!(
+                "stage kind `{}` is not implemented in this build of rudder (validate, plan and dag work; run does not)",
+                entry.kind
+            ))
+        })?;
+        let keyed = &plan.keyed[&entry.index];
+        let inputs = self.inputs(plan, entry)?;
+        let work_dir = self.store.work_dir(&entry.key);
+        std::fs::create_dir_all(&work_dir).map_err(|e| EngineError::io(format!("creating {}", work_dir.display()), e))?;
+        let pending = self.store.begin(&entry.key)?;
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let ctx = StageContext {
+            name: &entry.name,
+            kind: &entry.kind,
+            key: entry.key,
+            spec: stage.spec.as_ref(),
+            part: vertex.part.as_ref(),
+            inputs,
+            out_dir: &pending.dir,
+            work_dir: &work_dir,
+            recipe_dir: &self.recipe.dir,
+            seed: stage.seed,
+            backend: keyed.backend,
+            precision: stage.precision,
+            progress,
+            interrupted: self.interrupted,
+        };
+        let result = runner.run(&ctx);
+        let outcome = match result {
+            Ok(outcome) if !self.interrupted.load(Ordering::Relaxed) => outcome,
+            Ok(_) => {
+                self.store.abandon(pending);
+                return Err(EngineError::Interrupted);
+            }
+            Err(err) => {
+                self.store.abandon(pending);
+                if self.interrupted.load(Ordering::Relaxed) {
+                    return Err(EngineError::Interrupted);
+                }
+                return Err(fail(err.to_string()));
+            }
+        };
+        // Declared outputs must exist before anything is committed.
+        let declared = stage.spec.produces();
+        if vertex.part.is_none() {
+            let missing: Vec<&str> = declared
+                .outputs()
+                .iter()
+                .filter(|(_, file)| !pending.dir.join(file).is_file())
+                .map(|(_, file)| file.as_str())
+                .collect();
+            if !missing.is_empty() {
+                self.store.abandon(pending);
+                return Err(fail(format!("did not create its declared output(s): {}", missing.join(", "))));
+            }
+        }
+        let files = match self.store.describe_files(&pending) {
+            Ok(files) => files,
+            Err(e) => {
+                self.store.abandon(pending);
+                return Err(e);
+            }
+        };
+        let manifest = Manifest {
+            layout: LAYOUT_VERSION,
+            key: entry.key.to_hex(),
+            kind: entry.kind.clone(),
+            name: entry.name.clone(),
+            implementation_version: runner.version(),
+            params: keyed.entry.params.clone(),
+            inputs: keyed.entry.inputs.clone(),
+            seed: stage.seed,
+            backend: keyed.backend.as_str().into(),
+            precision: stage.precision.as_str().into(),
+            files: files.clone(),
+            summary: outcome.summary.clone(),
+            rudder_version: env!("CARGO_PKG_VERSION").into(),
+            started: humantime::format_rfc3339_seconds(started).to_string(),
+            seconds: clock.elapsed().as_secs_f64(),
+        };
+        self.store.commit(pending, &manifest)?;
+        let _ = std::fs::remove_dir_all(&work_dir);
+        let digests = files.into_iter().map(|f| (f.name, f.blake3)).collect();
+        Ok((outcome, digests))
+    }
+
+    /// Each input's path and description.
+    fn inputs(&self, plan: &Plan, entry: &PlanEntry) -> Result<Vec<StageInput>, EngineError> {
+        let vertex = self.graph.vertex(entry.index);
+        let mut inputs = Vec::new();
+        for input in &vertex.inputs {
+            let stage_input = match &input.source {
+                Source::File(path) => StageInput {
+                    role: input.role.clone(),
+                    node: path.display().to_string(),
+                    key: Key::from_hex(&crate::digest::hash_file(path).map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?)
+                        .expect("BLAKE3 hex is a key"),
+                    path: Some(path.clone()),
+                    kind: InputKind::File,
+                },
+                Source::Vertex { index, output } => {
+                    let from = self.graph.vertex(*index);
+                    let keyed = &plan.keyed[index];
+                    let node = &self.recipe.nodes[from.node];
+                    let (path, kind) = match (&node.body, &from.part) {
+                        (NodeBody::Dataset(spec), _) => (
+                            Some(self.recipe.dir.join(&spec.path)),
+                            InputKind::Dataset {
+                                format: spec.resolved_format().expect("validated when loading"),
+                                columns: spec.columns.clone(),
+                            },
+                        ),
+                        (NodeBody::Model(model), _) => match &model.spec.hf {
+                            Some(hf) => (Some(self.recipe.dir.join(hf)), InputKind::Model),
+                            None => (None, InputKind::FreshModel(model.spec.clone())),
+                        },
+                        (NodeBody::Stage(stage), part) => {
+                            let dir = self.store.object_dir(&keyed.key);
+                            let produces = if part.is_some() { Produces::Files(Vec::new()) } else { stage.spec.produces() };
+                            let chosen = match output {
+                                Some(o) => produces.outputs().iter().find(|(name, _)| name == o),
+                                None => produces.outputs().first().filter(|_| matches!(produces, Produces::Datasets(_))),
+                            };
+                            match chosen {
+                                Some((_, file)) => {
+                                    let format = DataFormat::from_path(file);
+                                    let kind = match format {
+                                        Some(format) => InputKind::Dataset { format, columns: BTreeMap::new() },
+                                        None => InputKind::Artifact { kind: keyed.entry.kind.clone() },
+                                    };
+                                    (Some(dir.join(file)), kind)
+                                }
+                                None => (Some(dir), InputKind::Artifact { kind: keyed.entry.kind.clone() }),
+                            }
+                        }
+                    };
+                    StageInput {
+                        role: input.role.clone(),
+                        node: from.name.clone(),
+                        key: keyed.key,
+                        path,
+                        kind,
+                    }
+                }
+            };
+            inputs.push(stage_input);
+        }
+        Ok(inputs)
+    }
+
+    /// The lockfile after a successful run: every vertex whose artifact is now in the store
+    /// (and every source); vertices outside the selection keep their previous entries.
+    fn write_lockfile(&self, plan: &Plan, previous: &Lockfile) -> Result<(), EngineError> {
+        let mut nodes: Vec<LockEntry> = Vec::new();
+        for &index in &self.graph.order {
+            let keyed = &plan.keyed[&index];
+            let mut entry = keyed.entry.clone();
+            if keyed.is_source {
+                nodes.push(entry);
+                continue;
+            }
+            match self.store.manifest(&keyed.key)? {
+                Some(manifest) => {
+                    entry.outputs = manifest.files.into_iter().map(|f| (f.name, f.blake3)).collect();
+                    nodes.push(entry);
+                }
+                None => {
+                    if let Some(old) = previous.entry(&entry.name) {
+                        nodes.push(old.clone());
+                    }
+                }
+            }
+        }
+        let lockfile = Lockfile {
+            version: LOCKFILE_VERSION,
+            recipe: self.recipe.name.clone(),
+            nodes,
+        };
+        lockfile.write(&self.recipe.lockfile_path())
+    }
+
+    fn record_run(&self, plan: &Plan, report: &RunReport, started: SystemTime, failure: Option<&EngineError>) -> Result<(), EngineError> {
+        let record = json!({
+            "recipe": std::path::absolute(&self.recipe.file).unwrap_or_else(|_| self.recipe.file.clone()).display().to_string(),
+            "lockfile": std::path::absolute(self.recipe.lockfile_path()).unwrap_or_else(|_| self.recipe.lockfile_path()).display().to_string(),
+            "started": humantime::format_rfc3339_seconds(started).to_string(),
+            "ran": report.ran.iter().map(|(name, seconds)| json!({"name": name, "key": plan.entries.iter().find(|e| &e.name == name).map(|e| e.key.to_hex()), "seconds": seconds})).collect::<Vec<_>>(),
+            "cached": report.cached,
+            "outcome": match failure { None => "success".to_owned(), Some(e) => e.to_string() },
+        });
+        let stamp = started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let path = self.store.runs_dir().join(format!("{stamp}-{}.json", std::process::id()));
+        crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&record).expect("record serialises").as_bytes())
+    }
+}

@@ -1,0 +1,55 @@
+//! A recipe opened for work: the loaded recipe, its graph, and the store it uses.
+
+use std::path::{Path, PathBuf};
+
+use rudder_schema::{Backend, Recipe};
+
+use crate::digest::DigestCache;
+use crate::error::EngineError;
+use crate::executor::Registry;
+use crate::graph::Graph;
+use crate::lockfile::Lockfile;
+use crate::plan::{Plan, Planner, Selection};
+use crate::store::Store;
+
+pub struct Project {
+    pub recipe: Recipe,
+    pub graph: Graph,
+    pub store: Store,
+}
+
+impl Project {
+    /// Loads the recipe (with `--set` overrides) and builds its graph. The store is `store`
+    /// when given, else `.rudder/` beside the recipe.
+    pub fn open(file: &Path, overrides: &[String], store: Option<PathBuf>) -> Result<Project, EngineError> {
+        let recipe = Recipe::load(file, overrides)?;
+        let graph = Graph::build(&recipe)?;
+        let store = Store::new(store.unwrap_or_else(|| recipe.dir.join(".rudder")));
+        Ok(Project { recipe, graph, store })
+    }
+
+    pub fn lockfile(&self) -> Result<Lockfile, EngineError> {
+        Lockfile::read(&self.recipe.lockfile_path())
+    }
+
+    /// Keys every vertex and plans the selection against the lockfile.
+    pub fn plan(&self, registry: &Registry, selection: &Selection, backend: Option<Backend>) -> Result<Plan, EngineError> {
+        let digests = if self.store.exists() {
+            self.store.digest_cache()
+        } else {
+            DigestCache::in_memory()
+        };
+        let planner = Planner {
+            recipe: &self.recipe,
+            graph: &self.graph,
+            registry,
+            store: &self.store,
+            digests: &digests,
+            backend,
+        };
+        let plan = planner.plan(selection, &self.lockfile()?)?;
+        // Only a cache: failing to save it loses nothing but time.
+        let _ = digests.save();
+        Ok(plan)
+    }
+}

@@ -1,0 +1,163 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "rudder", version, about = "Run LLM alignment pipelines declared in TOML recipes")]
+pub struct Cli {
+    /// Print only errors and machine-readable output.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a recipe and report every error.
+    Validate(RecipeArgs),
+    /// Say, for every node, whether it is cached or will run, and why.
+    Plan {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Compute keys as if running on this backend.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the stages that are not cached.
+    Run {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Run every stage on this backend (cpu, wgpu, cuda).
+        #[arg(long)]
+        backend: Option<String>,
+        /// Show the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the pipeline graph.
+    Dag {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[arg(long, default_value = "text", value_parser = ["text", "dot", "mermaid"])]
+        format: String,
+    },
+    /// Show a node: key, state, parameters, inputs, artifact and metrics.
+    Show {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        node: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print only the artifact's directory (exit 1 if it is not in the store).
+        #[arg(long)]
+        path: bool,
+    },
+    /// Summary metrics of every stage in the store.
+    Metrics {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate completions with a model node or a model artifact.
+    Generate(GenerateArgs),
+    /// Copy a stage's model to a directory.
+    Export {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        stage: String,
+        dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove artifacts that no given lockfile references.
+    Gc {
+        /// Lockfiles whose artifacts to keep; default: every lockfile that used this store.
+        lockfiles: Vec<PathBuf>,
+        #[arg(long, env = "RUDDER_STORE", default_value = ".rudder")]
+        store: PathBuf,
+        /// Say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the JSON Schema of the recipe format.
+    Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// The recipe file.
+    pub recipe: PathBuf,
+    /// Override a value: `--set stages.dpo.beta=0.2` (typed as TOML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The artifact store (default: `.rudder/` beside the recipe).
+    #[arg(long, env = "RUDDER_STORE")]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SelectionArgs {
+    /// Only this node (repeatable); its inputs must be in the store.
+    #[arg(long, value_name = "NODE")]
+    pub only: Vec<String>,
+    /// This node and everything it depends on.
+    #[arg(long, value_name = "NODE")]
+    pub until: Option<String>,
+    /// Re-run this node even if cached (repeatable).
+    #[arg(long, value_name = "NODE")]
+    pub force: Vec<String>,
+    /// Re-run every stage.
+    #[arg(long)]
+    pub force_all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// A model node (`models.X`) or a stage that produces a model.
+    pub node: String,
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    pub prompt: Vec<String>,
+    /// A JSONL file with a `prompt` field per line.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub backend: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,40 @@
+//! One module per subcommand; each resolves its arguments, calls the engine, prints.
+
+pub mod dag;
+pub mod export;
+pub mod gc;
+pub mod generate;
+pub mod metrics;
+pub mod plan;
+pub mod run;
+pub mod schema;
+pub mod show;
+pub mod validate;
+
+use rudder_engine::{Project, Registry, Selection};
+use rudder_schema::Backend;
+
+use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
+
+/// Every stage kind this build can run.
+pub fn registry() -> Registry {
+    Registry::with_builtins()
+}
+
+pub fn open(recipe: &RecipeArgs, store: Option<&StoreArgs>) -> anyhow::Result<Project> {
+    Ok(Project::open(&recipe.recipe, &recipe.set, store.and_then(|s| s.store.clone()))?)
+}
+
+pub fn selection(args: &SelectionArgs) -> Selection {
+    Selection {
+        only: args.only.clone(),
+        until: args.until.clone(),
+        force: args.force.clone(),
+        force_all: args.force_all,
+    }
+}
+
+pub fn backend(name: Option<&str>) -> anyhow::Result<Option<Backend>> {
+    name.map(|n| n.parse::<Backend>().map_err(|e| rudder_engine::EngineError::Usage(e).into()))
+        .transpose()
+}

@@ -1,0 +1,69 @@
+//! Progress bars on stderr (hidden when it is not a terminal) and per-stage status lines.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rudder_engine::executor::{Observer, Progress, StageOutcome};
+use rudder_engine::plan::PlanEntry;
+
+use crate::printer::Printer;
+
+pub struct TerminalObserver {
+    pub printer: Printer,
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn set_length(&self, length: u64) {
+        self.0.set_length(length);
+        self.0.set_style(
+            ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+    }
+    fn set_position(&self, position: u64) {
+        self.0.set_position(position);
+    }
+    fn set_message(&self, message: String) {
+        self.0.set_message(message);
+    }
+    fn println(&self, line: &str) {
+        self.0.println(line);
+    }
+}
+
+impl Observer for TerminalObserver {
+    fn waiting_for_lock(&self, holder: Option<u32>) {
+        let who = holder.map_or_else(|| "another rudder process".to_owned(), |pid| format!("rudder process {pid}"));
+        self.printer.status(format!("waiting for {who} to release the store lock..."));
+    }
+
+    fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress> {
+        self.printer.status(format!("[{position}/{total}] {} ({})", entry.name, entry.kind));
+        let target = if self.printer.is_quiet() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let bar = ProgressBar::with_draw_target(None, target);
+        bar.set_style(ProgressStyle::with_template("  {spinner} {elapsed} {msg}").expect("valid template"));
+        bar.set_prefix(entry.name.clone());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Box::new(Bar(bar))
+    }
+
+    fn stage_finished(&self, entry: &PlanEntry, result: Result<&StageOutcome, &str>, seconds: f64) {
+        match result {
+            Ok(outcome) => {
+                let metrics: Vec<String> = outcome.summary.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+                let metrics = if metrics.is_empty() { String::new() } else { format!("  {}", metrics.join(" ")) };
+                self.printer.status(format!("      done in {seconds:.1}s -> {}{metrics}", entry.key.short()));
+            }
+            Err(_) => self.printer.status(format!("      failed after {seconds:.1}s")),
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}

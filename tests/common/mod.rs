@@ -1,0 +1,94 @@
+//! Helpers for end-to-end tests that drive the real `rudder` binary in a scratch directory.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch { dir: tempfile::tempdir().expect("temporary directory") }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn write(&self, relative: &str, text: &str) {
+        let path = self.path(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(path, text).unwrap();
+    }
+
+    pub fn read(&self, relative: &str) -> String {
+        std::fs::read_to_string(self.path(relative)).unwrap()
+    }
+
+    pub fn rudder(&self, args: &[&str]) -> Output {
+        rudder_in(self.dir.path(), args)
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.rudder(args);
+        assert!(
+            out.status.success(),
+            "rudder {args:?} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `rudder plan --json` as (name, state, key, reasons).
+    pub fn plan(&self, recipe: &str) -> Vec<(String, String, String, Vec<String>)> {
+        let json: serde_json::Value = serde_json::from_str(&self.ok(&["plan", recipe, "--json"])).unwrap();
+        json["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().to_owned(),
+                    n["state"].as_str().unwrap().to_owned(),
+                    n["key"].as_str().unwrap().to_owned(),
+                    n["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Names of the stages `plan` says will run.
+    pub fn to_run(&self, recipe: &str) -> Vec<String> {
+        self.plan(recipe).into_iter().filter(|n| n.1 == "run").map(|n| n.0).collect()
+    }
+
+    pub fn key(&self, recipe: &str, node: &str) -> String {
+        self.plan(recipe).into_iter().find(|n| n.0 == node).unwrap_or_else(|| panic!("no node {node}")).2
+    }
+
+    /// Number of complete artifacts in the store.
+    pub fn objects(&self) -> usize {
+        std::fs::read_dir(self.path(".rudder/objects")).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+pub fn rudder_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rudder"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUDDER_STORE")
+        .output()
+        .expect("rudder runs")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
