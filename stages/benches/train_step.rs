@@ -27,7 +27,9 @@ fn config() -> ModelConfig {
 }
 
 fn random_ids(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<i64> {
-    (0..n).map(|_| (rng.next_u32() as usize % vocab) as i64).collect()
+    (0..n)
+        .map(|_| (rng.next_u32() as usize % vocab) as i64)
+        .collect()
 }
 
 /// Token-mean next-token cross-entropy.

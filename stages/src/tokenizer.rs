@@ -219,10 +219,12 @@ impl Tokenizer {
     pub fn save(&self, dir: &Path) -> Result<(), StageError> {
         std::fs::create_dir_all(dir).map_err(|e| StageError::io(dir, e))?;
         let path = dir.join(TOKENIZER_FILE);
-        self.inner.save(&path, false).map_err(|e| StageError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        self.inner
+            .save(&path, false)
+            .map_err(|e| StageError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         let config = match &self.config {
             Some(c) => c.clone(),
             None => {

@@ -244,7 +244,10 @@ fn tokenizer_saves_and_reloads() {
     tok.save(dir.path()).unwrap();
     let again = Tokenizer::from_dir(dir.path()).unwrap();
     let text = "Question: What color is the sky?<|eos|>";
-    assert_eq!(tok.encode_prompt(text).unwrap(), again.encode_prompt(text).unwrap());
+    assert_eq!(
+        tok.encode_prompt(text).unwrap(),
+        again.encode_prompt(text).unwrap()
+    );
     assert_eq!(again.eos_token.as_deref(), Some("<|eos|>"));
     assert_eq!(again.pad_id(), Some(0));
 }

@@ -376,6 +376,10 @@ impl ModelConfig {
             "initializer_range": self.initializer_range,
             "dtype": "float32",
         });
+        // The weights are written in fp32 whatever the source dtype was.
+        if obj.contains_key("torch_dtype") {
+            obj.insert("torch_dtype".into(), Value::String("float32".into()));
+        }
         for (k, v) in updates.as_object().expect("literal object") {
             obj.insert(k.clone(), v.clone());
         }

@@ -204,8 +204,15 @@ fn linear<B: Backend>(
     device: &B::Device,
 ) -> Result<Linear<B>, StageError> {
     let w = src.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
-    // PyTorch [out, in] -> Burn [in, out].
-    let weight = tensor::<B, 2>(w, [d_out, d_in], device).transpose();
+    // PyTorch [out, in] -> Burn [in, out], transposed on the host so that the parameter is a
+    // contiguous buffer rather than a strided view (matmuls on views are slower on CPU).
+    let mut t = vec![0f32; w.len()];
+    for o in 0..d_out {
+        for i in 0..d_in {
+            t[i * d_out + o] = w[o * d_in + i];
+        }
+    }
+    let weight = tensor::<B, 2>(t, [d_in, d_out], device);
     let bias = if bias {
         let b = src.take(&format!("{prefix}.bias"), &[d_out])?;
         Some(Param::from_tensor(tensor::<B, 1>(b, [d_out], device)))
@@ -465,14 +472,15 @@ impl Collected {
         // generate() and transformers read the stop tokens from here.
         if !cfg.eos_token_ids.is_empty() {
             let gen_path = dir.join(GENERATION_CONFIG_FILE);
-            let mut gen = serde_json::Map::new();
+            let mut generation = serde_json::Map::new();
             let cfg_json = cfg.to_json();
             for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
                 if let Some(v) = cfg_json.get(key).filter(|v| !v.is_null()) {
-                    gen.insert(key.into(), v.clone());
+                    generation.insert(key.into(), v.clone());
                 }
             }
-            let text = serde_json::to_string_pretty(&Value::Object(gen)).expect("JSON values serialise");
+            let text = serde_json::to_string_pretty(&Value::Object(generation))
+                .expect("JSON values serialise");
             std::fs::write(&gen_path, text + "\n").map_err(|e| StageError::io(&gen_path, e))?;
         }
 
@@ -613,7 +621,9 @@ mod tests {
             let bf16: Vec<u8> = view
                 .data()
                 .chunks_exact(4)
-                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .flat_map(|c| {
+                    half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+                })
                 .collect();
             let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
             weight_map.insert(name.clone(), Value::String(file));
@@ -623,9 +633,16 @@ mod tests {
         for (i, shard) in shards.iter().enumerate() {
             let views: Vec<_> = shard
                 .iter()
-                .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::BF16, s.clone(), b).unwrap()))
+                .map(|(n, s, b)| {
+                    (
+                        n.clone(),
+                        safetensors::tensor::TensorView::new(Dtype::BF16, s.clone(), b).unwrap(),
+                    )
+                })
                 .collect();
-            let path = dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1));
+            let path = dir
+                .path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1));
             safetensors::serialize_to_file(views, None, &path).unwrap();
         }
         let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
