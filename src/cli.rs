@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "rudder", version, about = "Run LLM alignment pipelines declared in TOML recipes")]
+#[command(
+    name = "rudder",
+    version,
+    about = "Run LLM alignment pipelines declared in TOML recipes"
+)]
 pub struct Cli {
     /// Print only errors and machine-readable output.
     #[arg(short, long, global = true)]

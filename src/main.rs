@@ -47,18 +47,58 @@ fn main() -> ExitCode {
     let printer = Printer::new(cli.quiet);
     let result = match cli.command {
         Command::Validate(args) => commands::validate::run(&args, &printer),
-        Command::Plan { recipe, selection, store, backend, json } => {
-            commands::plan::run(&recipe, &selection, &store, backend.as_deref(), json, &printer)
-        }
-        Command::Run { recipe, selection, store, backend, dry_run } => {
-            commands::run::run(&recipe, &selection, &store, backend.as_deref(), dry_run, &printer)
-        }
+        Command::Plan {
+            recipe,
+            selection,
+            store,
+            backend,
+            json,
+        } => commands::plan::run(
+            &recipe,
+            &selection,
+            &store,
+            backend.as_deref(),
+            json,
+            &printer,
+        ),
+        Command::Run {
+            recipe,
+            selection,
+            store,
+            backend,
+            dry_run,
+        } => commands::run::run(
+            &recipe,
+            &selection,
+            &store,
+            backend.as_deref(),
+            dry_run,
+            &printer,
+        ),
         Command::Dag { recipe, format } => commands::dag::run(&recipe, &format, &printer),
-        Command::Show { recipe, node, store, path } => commands::show::run(&recipe, &node, &store, path, &printer),
-        Command::Metrics { recipe, store, json } => commands::metrics::run(&recipe, &store, json, &printer),
+        Command::Show {
+            recipe,
+            node,
+            store,
+            path,
+        } => commands::show::run(&recipe, &node, &store, path, &printer),
+        Command::Metrics {
+            recipe,
+            store,
+            json,
+        } => commands::metrics::run(&recipe, &store, json, &printer),
         Command::Generate(args) => commands::generate::run(&args, &printer),
-        Command::Export { recipe, stage, dir, store } => commands::export::run(&recipe, &stage, &dir, &store, &printer),
-        Command::Gc { lockfiles, store, dry_run } => commands::gc::run(&lockfiles, &store, dry_run, &printer),
+        Command::Export {
+            recipe,
+            stage,
+            dir,
+            store,
+        } => commands::export::run(&recipe, &stage, &dir, &store, &printer),
+        Command::Gc {
+            lockfiles,
+            store,
+            dry_run,
+        } => commands::gc::run(&lockfiles, &store, dry_run, &printer),
         Command::Schema => commands::schema::run(&printer),
     };
     match result {
@@ -72,7 +112,10 @@ fn report(err: &anyhow::Error) -> ExitStatus {
     if let Some(engine) = err.downcast_ref::<EngineError>() {
         match engine {
             EngineError::Recipe(errors) => {
-                eprint!("{}", render::recipe_errors(errors, std::io::stderr().is_terminal()));
+                eprint!(
+                    "{}",
+                    render::recipe_errors(errors, std::io::stderr().is_terminal())
+                );
                 return ExitStatus::Usage;
             }
             EngineError::Usage(message) => {
@@ -83,7 +126,10 @@ fn report(err: &anyhow::Error) -> ExitStatus {
         }
     }
     if let Some(errors) = err.downcast_ref::<rudder_schema::RecipeErrors>() {
-        eprint!("{}", render::recipe_errors(errors, std::io::stderr().is_terminal()));
+        eprint!(
+            "{}",
+            render::recipe_errors(errors, std::io::stderr().is_terminal())
+        );
         return ExitStatus::Usage;
     }
     eprintln!("error: {err:#}");

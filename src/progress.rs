@@ -36,15 +36,28 @@ impl Progress for Bar {
 
 impl Observer for TerminalObserver {
     fn waiting_for_lock(&self, holder: Option<u32>) {
-        let who = holder.map_or_else(|| "another rudder process".to_owned(), |pid| format!("rudder process {pid}"));
-        self.printer.status(format!("waiting for {who} to release the store lock..."));
+        let who = holder.map_or_else(
+            || "another rudder process".to_owned(),
+            |pid| format!("rudder process {pid}"),
+        );
+        self.printer
+            .status(format!("waiting for {who} to release the store lock..."));
     }
 
     fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress> {
-        self.printer.status(format!("[{position}/{total}] {} ({})", entry.name, entry.kind));
-        let target = if self.printer.is_quiet() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        self.printer.status(format!(
+            "[{position}/{total}] {} ({})",
+            entry.name, entry.kind
+        ));
+        let target = if self.printer.is_quiet() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
         let bar = ProgressBar::with_draw_target(None, target);
-        bar.set_style(ProgressStyle::with_template("  {spinner} {elapsed} {msg}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("  {spinner} {elapsed} {msg}").expect("valid template"),
+        );
         bar.set_prefix(entry.name.clone());
         bar.enable_steady_tick(Duration::from_millis(200));
         Box::new(Bar(bar))
@@ -53,11 +66,24 @@ impl Observer for TerminalObserver {
     fn stage_finished(&self, entry: &PlanEntry, result: Result<&StageOutcome, &str>, seconds: f64) {
         match result {
             Ok(outcome) => {
-                let metrics: Vec<String> = outcome.summary.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
-                let metrics = if metrics.is_empty() { String::new() } else { format!("  {}", metrics.join(" ")) };
-                self.printer.status(format!("      done in {seconds:.1}s -> {}{metrics}", entry.key.short()));
+                let metrics: Vec<String> = outcome
+                    .summary
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:.4}"))
+                    .collect();
+                let metrics = if metrics.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", metrics.join(" "))
+                };
+                self.printer.status(format!(
+                    "      done in {seconds:.1}s -> {}{metrics}",
+                    entry.key.short()
+                ));
             }
-            Err(_) => self.printer.status(format!("      failed after {seconds:.1}s")),
+            Err(_) => self
+                .printer
+                .status(format!("      failed after {seconds:.1}s")),
         }
     }
 }

@@ -17,12 +17,18 @@ pub fn recipe_errors(errors: &RecipeErrors, color: bool) -> String {
         let mut group = Group::with_title(title);
         if let Some(primary) = diagnostic.labels.first() {
             let source = errors.sources.get(primary.loc.source);
-            let mut snippet = Snippet::source(&*source.text).path(source.name.as_str()).fold(true);
+            let mut snippet = Snippet::source(&*source.text)
+                .path(source.name.as_str())
+                .fold(true);
             for (i, label) in diagnostic.labels.iter().enumerate() {
                 if label.loc.source != primary.loc.source {
                     continue;
                 }
-                let kind = if i == 0 { AnnotationKind::Primary } else { AnnotationKind::Context };
+                let kind = if i == 0 {
+                    AnnotationKind::Primary
+                } else {
+                    AnnotationKind::Context
+                };
                 let span = clamp(&label.loc.span, source.text.len());
                 snippet = snippet.annotation(kind.span(span).label(label.text.as_str()));
             }
@@ -30,13 +36,18 @@ pub fn recipe_errors(errors: &RecipeErrors, color: bool) -> String {
         }
         let mut report = vec![group];
         if let Some(help) = &diagnostic.help {
-            report.push(Group::with_title(Level::HELP.secondary_title(help.as_str())));
+            report.push(Group::with_title(
+                Level::HELP.secondary_title(help.as_str()),
+            ));
         }
         out.push_str(&renderer.render(&report));
         out.push_str("\n\n");
     }
     let n = errors.errors.len();
-    out.push_str(&format!("error: the recipe has {n} error{}\n", if n == 1 { "" } else { "s" }));
+    out.push_str(&format!(
+        "error: the recipe has {n} error{}\n",
+        if n == 1 { "" } else { "s" }
+    ));
     out
 }
 

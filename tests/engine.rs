@@ -39,7 +39,10 @@ fn scratch() -> Scratch {
     let s = Scratch::new();
     s.write("recipe.toml", RECIPE);
     s.write("raw.txt", "alpha\nbeta\n");
-    s.write("scripts/upper.sh", "tr a-z A-Z < \"$1\" | sed \"s/\\$/$SUFFIX/\" > \"$2\"\n");
+    s.write(
+        "scripts/upper.sh",
+        "tr a-z A-Z < \"$1\" | sed \"s/\\$/$SUFFIX/\" > \"$2\"\n",
+    );
     s
 }
 
@@ -51,9 +54,18 @@ fn rerunning_an_unchanged_recipe_runs_nothing() {
     assert_eq!(s.objects(), 3);
     assert!(s.to_run("recipe.toml").is_empty());
     let out = s.rudder(&["run", "recipe.toml"]);
-    assert!(stderr(&out).contains("ran 0 stages, 3 cached"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ran 0 stages, 3 cached"),
+        "{}",
+        stderr(&out)
+    );
     let path = s.ok(&["show", "recipe.toml", "count", "--path"]);
-    assert_eq!(std::fs::read_to_string(format!("{}/count.txt", path.trim())).unwrap().trim(), "2");
+    assert_eq!(
+        std::fs::read_to_string(format!("{}/count.txt", path.trim()))
+            .unwrap()
+            .trim(),
+        "2"
+    );
     assert!(s.path("recipe.lock").is_file());
 }
 
@@ -61,7 +73,10 @@ fn rerunning_an_unchanged_recipe_runs_nothing() {
 fn a_parameter_change_reruns_that_stage_and_its_descendants() {
     let s = scratch();
     s.ok(&["run", "recipe.toml"]);
-    s.write("recipe.toml", &RECIPE.replace("SUFFIX = \"!\"", "SUFFIX = \"?\""));
+    s.write(
+        "recipe.toml",
+        &RECIPE.replace("SUFFIX = \"!\"", "SUFFIX = \"?\""),
+    );
     let plan = s.plan("recipe.toml");
     let upper = plan.iter().find(|n| n.0 == "upper").unwrap();
     assert_eq!(upper.1, "run");
@@ -72,7 +87,12 @@ fn a_parameter_change_reruns_that_stage_and_its_descendants() {
     assert_eq!(s.to_run("recipe.toml"), ["upper", "count"]);
     // `--set` is the same change without editing the file.
     s.write("recipe.toml", RECIPE);
-    let out = s.ok(&["plan", "recipe.toml", "--set", "stages.upper.env.SUFFIX=\"?\""]);
+    let out = s.ok(&[
+        "plan",
+        "recipe.toml",
+        "--set",
+        "stages.upper.env.SUFFIX=\"?\"",
+    ]);
     assert!(out.contains("env.SUFFIX: \"!\" -> \"?\""), "{out}");
 }
 
@@ -86,7 +106,9 @@ fn writing_a_default_or_renaming_a_node_changes_no_key() {
     );
     s.write("recipe.toml", &explicit);
     let after = s.plan("recipe.toml");
-    let keys = |plan: &[(String, String, String, Vec<String>)]| plan.iter().map(|n| n.2.clone()).collect::<Vec<_>>();
+    let keys = |plan: &[(String, String, String, Vec<String>)]| {
+        plan.iter().map(|n| n.2.clone()).collect::<Vec<_>>()
+    };
     assert_eq!(keys(&before), keys(&after));
     let renamed = RECIPE
         .replace("[datasets.raw]", "[datasets.source]")
@@ -106,14 +128,25 @@ fn editing_data_or_a_dependency_reruns_its_consumers_only() {
     s.ok(&["run", "recipe.toml"]);
     s.write("raw.txt", "alpha\nbeta\ngamma\n");
     let plan = s.plan("recipe.toml");
-    assert_eq!(plan.iter().find(|n| n.0 == "upper").unwrap().3, ["inputs[0] raw changed (content)"]);
+    assert_eq!(
+        plan.iter().find(|n| n.0 == "upper").unwrap().3,
+        ["inputs[0] raw changed (content)"]
+    );
     assert_eq!(s.to_run("recipe.toml"), ["upper", "count"]);
     s.ok(&["run", "recipe.toml"]);
     let path = s.ok(&["show", "recipe.toml", "count", "--path"]);
-    assert_eq!(std::fs::read_to_string(format!("{}/count.txt", path.trim())).unwrap().trim(), "3");
+    assert_eq!(
+        std::fs::read_to_string(format!("{}/count.txt", path.trim()))
+            .unwrap()
+            .trim(),
+        "3"
+    );
     s.write("scripts/upper.sh", "tr a-z A-Z < \"$1\" > \"$2\"\n");
     let plan = s.plan("recipe.toml");
-    assert_eq!(plan.iter().find(|n| n.0 == "upper").unwrap().3, ["dependency scripts/upper.sh changed (content)"]);
+    assert_eq!(
+        plan.iter().find(|n| n.0 == "upper").unwrap().3,
+        ["dependency scripts/upper.sh changed (content)"]
+    );
     assert_eq!(s.to_run("recipe.toml"), ["upper", "count"]);
 }
 
@@ -135,10 +168,17 @@ fn a_failing_command_commits_nothing_and_keeps_earlier_artifacts() {
     assert_eq!(s.read("recipe.lock"), lock_before);
     assert_eq!(s.to_run("recipe.toml"), ["other"]);
     // A missing declared output fails the same way.
-    s.write("recipe.toml", &RECIPE.replace("> {{ out }}/other.txt", "> {{ out }}/elsewhere.txt"));
+    s.write(
+        "recipe.toml",
+        &RECIPE.replace("> {{ out }}/other.txt", "> {{ out }}/elsewhere.txt"),
+    );
     let out = s.rudder(&["run", "recipe.toml"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("declared output(s): other.txt"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("declared output(s): other.txt"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(s.objects(), 3);
 }
 
@@ -159,7 +199,10 @@ fn sigkill_mid_stage_leaves_no_partial_artifact() {
         .unwrap();
     let start = Instant::now();
     while !s.path("started.flag").exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "the stage never started");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the stage never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
@@ -170,13 +213,21 @@ fn sigkill_mid_stage_leaves_no_partial_artifact() {
     s.write("recipe.toml", &slow.replace("; sleep 30", ""));
     s.ok(&["run", "recipe.toml"]);
     assert_eq!(s.objects(), 3);
-    assert!(std::fs::read_dir(s.path(".rudder/tmp")).unwrap().next().is_none());
+    assert!(
+        std::fs::read_dir(s.path(".rudder/tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
 }
 
 #[test]
 fn concurrent_runs_on_one_store_stay_consistent() {
     let s = scratch();
-    s.write("recipe.toml", &RECIPE.replace("echo independent", "sleep 1; echo independent"));
+    s.write(
+        "recipe.toml",
+        &RECIPE.replace("echo independent", "sleep 1; echo independent"),
+    );
     let spawn = || {
         Command::new(env!("CARGO_BIN_EXE_rudder"))
             .args(["run", "recipe.toml"])
@@ -191,8 +242,17 @@ fn concurrent_runs_on_one_store_stay_consistent() {
     assert!(a.status.success(), "{}", stderr(&a));
     assert!(b.status.success(), "{}", stderr(&b));
     // One built everything; the other waited for the lock and found it all cached.
-    let ran: Vec<bool> = [&a, &b].iter().map(|o| stderr(o).contains("ran 3 stages")).collect();
-    assert_eq!(ran.iter().filter(|r| **r).count(), 1, "{}\n---\n{}", stderr(&a), stderr(&b));
+    let ran: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|o| stderr(o).contains("ran 3 stages"))
+        .collect();
+    assert_eq!(
+        ran.iter().filter(|r| **r).count(),
+        1,
+        "{}\n---\n{}",
+        stderr(&a),
+        stderr(&b)
+    );
     assert_eq!(s.objects(), 3);
     assert!(s.to_run("recipe.toml").is_empty());
 }
@@ -219,7 +279,10 @@ fn selection_only_until_and_force() {
 fn gc_removes_what_no_lockfile_references() {
     let s = scratch();
     s.ok(&["run", "recipe.toml"]);
-    s.write("recipe.toml", &RECIPE.replace("SUFFIX = \"!\"", "SUFFIX = \"?\""));
+    s.write(
+        "recipe.toml",
+        &RECIPE.replace("SUFFIX = \"!\"", "SUFFIX = \"?\""),
+    );
     s.ok(&["run", "recipe.toml"]);
     assert_eq!(s.objects(), 5);
     let dry = s.ok(&["gc", "--store", ".rudder", "--dry-run", "recipe.lock"]);
@@ -234,7 +297,10 @@ fn gc_removes_what_no_lockfile_references() {
 fn dag_formats() {
     let s = scratch();
     let text = s.ok(&["dag", "recipe.toml"]);
-    assert!(text.contains("count (command) <- inputs[0]: upper.text"), "{text}");
+    assert!(
+        text.contains("count (command) <- inputs[0]: upper.text"),
+        "{text}"
+    );
     let dot = s.ok(&["dag", "recipe.toml", "--format", "dot"]);
     assert!(dot.contains("\"upper\" -> \"count\""), "{dot}");
     let mermaid = s.ok(&["dag", "recipe.toml", "--format", "mermaid"]);

@@ -37,7 +37,12 @@ impl Runner for CommandRunner {
                 i.path
                     .as_ref()
                     .map(|p| p.display().to_string())
-                    .ok_or_else(|| format!("input `{}` has no path (a fresh model has no files yet)", i.node))
+                    .ok_or_else(|| {
+                        format!(
+                            "input `{}` has no path (a fresh model has no files yet)",
+                            i.node
+                        )
+                    })
             })
             .collect::<Result<_, _>>()?;
         let out = ctx.out_dir.display().to_string();

@@ -55,7 +55,12 @@ pub fn render(recipe: &Recipe, graph: &Graph, format: DagFormat) -> String {
                         Source::File(path) => format!("{}: {}", input.role, path.display()),
                     })
                     .collect();
-                sources.extend(vertex.after.iter().map(|&i| format!("after: {}", graph.vertex(i).name)));
+                sources.extend(
+                    vertex
+                        .after
+                        .iter()
+                        .map(|&i| format!("after: {}", graph.vertex(i).name)),
+                );
                 if !sources.is_empty() {
                     let _ = write!(out, " <- {}", sources.join(", "));
                 }
@@ -86,7 +91,12 @@ pub fn render(recipe: &Recipe, graph: &Graph, format: DagFormat) -> String {
                     EdgeKind::Data => "",
                     EdgeKind::Order => " [style=dashed]",
                 };
-                let _ = writeln!(out, "  \"{}\" -> \"{}\"{style};", graph.vertex(from).name, graph.vertex(to).name);
+                let _ = writeln!(
+                    out,
+                    "  \"{}\" -> \"{}\"{style};",
+                    graph.vertex(from).name,
+                    graph.vertex(to).name
+                );
             }
             out.push_str("}\n");
         }

@@ -206,13 +206,18 @@ impl Executor<'_> {
                     outputs.insert(entry.name.clone(), files);
                 }
                 Err(err) => {
-                    self.observer.stage_finished(entry, Err(&err.to_string()), seconds);
+                    self.observer
+                        .stage_finished(entry, Err(&err.to_string()), seconds);
                     failure = Some(err);
                     break;
                 }
             }
         }
-        report.cached = plan.entries.iter().filter(|e| e.state == State::Cached && !e.is_source).count();
+        report.cached = plan
+            .entries
+            .iter()
+            .filter(|e| e.state == State::Cached && !e.is_source)
+            .count();
         self.record_run(plan, &report, started, failure.as_ref())?;
         if let Some(err) = failure {
             return Err(err);
@@ -246,7 +251,8 @@ impl Executor<'_> {
         let keyed = &plan.keyed[&entry.index];
         let inputs = self.inputs(plan, entry)?;
         let work_dir = self.store.work_dir(&entry.key);
-        std::fs::create_dir_all(&work_dir).map_err(|e| EngineError::io(format!("creating {}", work_dir.display()), e))?;
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| EngineError::io(format!("creating {}", work_dir.display()), e))?;
         let pending = self.store.begin(&entry.key)?;
         let started = SystemTime::now();
         let clock = Instant::now();
@@ -292,7 +298,10 @@ impl Executor<'_> {
                 .collect();
             if !missing.is_empty() {
                 self.store.abandon(pending);
-                return Err(fail(format!("did not create its declared output(s): {}", missing.join(", "))));
+                return Err(fail(format!(
+                    "did not create its declared output(s): {}",
+                    missing.join(", ")
+                )));
             }
         }
         let files = match self.store.describe_files(&pending) {
@@ -331,14 +340,18 @@ impl Executor<'_> {
         let mut inputs = Vec::new();
         for input in &vertex.inputs {
             let stage_input = match &input.source {
-                Source::File(path) => StageInput {
-                    role: input.role.clone(),
-                    node: path.display().to_string(),
-                    key: Key::from_hex(&crate::digest::hash_file(path).map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?)
+                Source::File(path) => {
+                    StageInput {
+                        role: input.role.clone(),
+                        node: path.display().to_string(),
+                        key: Key::from_hex(&crate::digest::hash_file(path).map_err(|e| {
+                            EngineError::io(format!("reading {}", path.display()), e)
+                        })?)
                         .expect("BLAKE3 hex is a key"),
-                    path: Some(path.clone()),
-                    kind: InputKind::File,
-                },
+                        path: Some(path.clone()),
+                        kind: InputKind::File,
+                    }
+                }
                 Source::Vertex { index, output } => {
                     let from = self.graph.vertex(*index);
                     let keyed = &plan.keyed[index];
@@ -357,21 +370,38 @@ impl Executor<'_> {
                         },
                         (NodeBody::Stage(stage), part) => {
                             let dir = self.store.object_dir(&keyed.key);
-                            let produces = if part.is_some() { Produces::Files(Vec::new()) } else { stage.spec.produces() };
+                            let produces = if part.is_some() {
+                                Produces::Files(Vec::new())
+                            } else {
+                                stage.spec.produces()
+                            };
                             let chosen = match output {
                                 Some(o) => produces.outputs().iter().find(|(name, _)| name == o),
-                                None => produces.outputs().first().filter(|_| matches!(produces, Produces::Datasets(_))),
+                                None => produces
+                                    .outputs()
+                                    .first()
+                                    .filter(|_| matches!(produces, Produces::Datasets(_))),
                             };
                             match chosen {
                                 Some((_, file)) => {
                                     let format = DataFormat::from_path(file);
                                     let kind = match format {
-                                        Some(format) => InputKind::Dataset { format, columns: BTreeMap::new() },
-                                        None => InputKind::Artifact { kind: keyed.entry.kind.clone() },
+                                        Some(format) => InputKind::Dataset {
+                                            format,
+                                            columns: BTreeMap::new(),
+                                        },
+                                        None => InputKind::Artifact {
+                                            kind: keyed.entry.kind.clone(),
+                                        },
                                     };
                                     (Some(dir.join(file)), kind)
                                 }
-                                None => (Some(dir), InputKind::Artifact { kind: keyed.entry.kind.clone() }),
+                                None => (
+                                    Some(dir),
+                                    InputKind::Artifact {
+                                        kind: keyed.entry.kind.clone(),
+                                    },
+                                ),
                             }
                         }
                     };
@@ -402,7 +432,11 @@ impl Executor<'_> {
             }
             match self.store.manifest(&keyed.key)? {
                 Some(manifest) => {
-                    entry.outputs = manifest.files.into_iter().map(|f| (f.name, f.blake3)).collect();
+                    entry.outputs = manifest
+                        .files
+                        .into_iter()
+                        .map(|f| (f.name, f.blake3))
+                        .collect();
                     nodes.push(entry);
                 }
                 None => {
@@ -420,7 +454,13 @@ impl Executor<'_> {
         lockfile.write(&self.recipe.lockfile_path())
     }
 
-    fn record_run(&self, plan: &Plan, report: &RunReport, started: SystemTime, failure: Option<&EngineError>) -> Result<(), EngineError> {
+    fn record_run(
+        &self,
+        plan: &Plan,
+        report: &RunReport,
+        started: SystemTime,
+        failure: Option<&EngineError>,
+    ) -> Result<(), EngineError> {
         let record = json!({
             "recipe": std::path::absolute(&self.recipe.file).unwrap_or_else(|_| self.recipe.file.clone()).display().to_string(),
             "lockfile": std::path::absolute(self.recipe.lockfile_path()).unwrap_or_else(|_| self.recipe.lockfile_path()).display().to_string(),
@@ -429,8 +469,19 @@ impl Executor<'_> {
             "cached": report.cached,
             "outcome": match failure { None => "success".to_owned(), Some(e) => e.to_string() },
         });
-        let stamp = started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-        let path = self.store.runs_dir().join(format!("{stamp}-{}.json", std::process::id()));
-        crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&record).expect("record serialises").as_bytes())
+        let stamp = started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let path = self
+            .store
+            .runs_dir()
+            .join(format!("{stamp}-{}.json", std::process::id()));
+        crate::fsutil::write_atomic(
+            &path,
+            serde_json::to_string_pretty(&record)
+                .expect("record serialises")
+                .as_bytes(),
+        )
     }
 }

@@ -9,8 +9,9 @@ use crate::error::EngineError;
 /// write a sibling temporary file, flush it to disk, rename it over the target.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|e| EngineError::io(format!("creating a temporary file in {}", dir.display()), e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+        EngineError::io(format!("creating a temporary file in {}", dir.display()), e)
+    })?;
     tmp.write_all(bytes)
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| EngineError::io(format!("writing {}", path.display()), e))?;

@@ -177,7 +177,8 @@ impl Graph {
             vertex.inputs = inputs;
             vertex.after = after;
         }
-        let order = topological_order(&graph).map_err(|cycle| cycle_error(recipe, &graph, &cycle))?;
+        let order =
+            topological_order(&graph).map_err(|cycle| cycle_error(recipe, &graph, &cycle))?;
         Ok(Graph {
             graph,
             order,
@@ -261,7 +262,11 @@ fn topological_order(graph: &DiGraph<Vertex, EdgeKind>) -> Result<Vec<NodeIndex>
 }
 
 /// A recipe error naming the nodes of one cycle and pointing at the references that close it.
-fn cycle_error(recipe: &Recipe, graph: &DiGraph<Vertex, EdgeKind>, left: &[NodeIndex]) -> RecipeErrors {
+fn cycle_error(
+    recipe: &Recipe,
+    graph: &DiGraph<Vertex, EdgeKind>,
+    left: &[NodeIndex],
+) -> RecipeErrors {
     let components = petgraph::algo::tarjan_scc(graph);
     let cycle: Vec<NodeIndex> = components
         .into_iter()
@@ -271,7 +276,14 @@ fn cycle_error(recipe: &Recipe, graph: &DiGraph<Vertex, EdgeKind>, left: &[NodeI
     let mut names: Vec<String> = cycle.iter().map(|&i| graph[i].name.clone()).collect();
     names.sort();
     names.dedup();
-    let mut diagnostic = Diagnostic::new(format!("dependency cycle between {}", names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")));
+    let mut diagnostic = Diagnostic::new(format!(
+        "dependency cycle between {}",
+        names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     for &index in &cycle {
         let vertex = &graph[index];
         for input in &vertex.inputs {
@@ -279,7 +291,10 @@ fn cycle_error(recipe: &Recipe, graph: &DiGraph<Vertex, EdgeKind>, left: &[NodeI
                 && cycle.contains(&from)
                 && let Some(loc) = input.path.as_ref().and_then(|p| recipe.loc(p))
             {
-                diagnostic = diagnostic.with_label(loc, format!("`{}` reads `{}`", vertex.name, graph[from].name));
+                diagnostic = diagnostic.with_label(
+                    loc,
+                    format!("`{}` reads `{}`", vertex.name, graph[from].name),
+                );
             }
         }
         if let NodeBody::Stage(stage) = &recipe.nodes[vertex.node].body {
@@ -287,10 +302,14 @@ fn cycle_error(recipe: &Recipe, graph: &DiGraph<Vertex, EdgeKind>, left: &[NodeI
                 if cycle.iter().any(|&i| graph[i].name == *name)
                     && let Some(loc) = recipe.loc(path)
                 {
-                    diagnostic = diagnostic.with_label(loc, format!("`{}` comes after `{name}`", vertex.name));
+                    diagnostic = diagnostic
+                        .with_label(loc, format!("`{}` comes after `{name}`", vertex.name));
                 }
             }
         }
     }
-    RecipeErrors::single(recipe.sources.clone(), diagnostic.with_help("a stage cannot depend on its own output, directly or through others"))
+    RecipeErrors::single(
+        recipe.sources.clone(),
+        diagnostic.with_help("a stage cannot depend on its own output, directly or through others"),
+    )
 }

@@ -198,7 +198,10 @@ mod tests {
 
     #[test]
     fn object_order_does_not_matter() {
-        assert_eq!(key_of(json!({"a": 1, "b": 2})), key_of(json!({"b": 2, "a": 1})));
+        assert_eq!(
+            key_of(json!({"a": 1, "b": 2})),
+            key_of(json!({"b": 2, "a": 1}))
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ use crate::key::{Key, KeyBuilder, canonical_params};
 use crate::lockfile::{LockEntry, Lockfile};
 use crate::store::Store;
 
+/// Input keys by role, with the output selected (`prep.train`).
+type InputKeys = BTreeMap<String, (Key, Option<String>)>;
+
 /// Which vertices a command acts on.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
@@ -74,13 +77,29 @@ pub enum Reason {
         what: &'static str,
     },
     /// An upstream stage runs in this plan.
-    InputRebuilt { role: String, node: String },
+    InputRebuilt {
+        role: String,
+        node: String,
+    },
     /// An upstream stage's key changed, but its artifact is already in the store.
-    InputSwitched { role: String, node: String },
-    InputAdded { role: String },
-    InputRemoved { role: String },
-    DepChanged { path: String },
-    ImplementationChanged { kind: String, old: u32, new: u32 },
+    InputSwitched {
+        role: String,
+        node: String,
+    },
+    InputAdded {
+        role: String,
+    },
+    InputRemoved {
+        role: String,
+    },
+    DepChanged {
+        path: String,
+    },
+    ImplementationChanged {
+        kind: String,
+        old: u32,
+        new: u32,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -90,7 +109,9 @@ impl fmt::Display for Reason {
             Reason::NotInStore => write!(f, "not in store"),
             Reason::Forced => write!(f, "forced"),
             Reason::Param { name, old, new } => write!(f, "{name}: {} -> {}", show(old), show(new)),
-            Reason::InputChanged { role, node, what } => write!(f, "{role} {node} changed ({what})"),
+            Reason::InputChanged { role, node, what } => {
+                write!(f, "{role} {node} changed ({what})")
+            }
             Reason::InputRebuilt { node, .. } => write!(f, "input {node} will be rebuilt"),
             Reason::InputSwitched { node, .. } => write!(f, "input {node} changed"),
             Reason::InputAdded { role } => write!(f, "input {role} added"),
@@ -189,39 +210,66 @@ impl Planner<'_> {
         Diagnostic::new(message).with_optional_label(self.recipe.loc(path), label)
     }
 
-    fn digest_of(&self, file: &Path, at: &ValuePath, what: &str) -> Result<String, Vec<Diagnostic>> {
+    fn digest_of(
+        &self,
+        file: &Path,
+        at: &ValuePath,
+        what: &str,
+    ) -> Result<String, Vec<Diagnostic>> {
         if !file.exists() {
-            return Err(vec![self.located(at, format!("{what} {} does not exist", file.display()), "this path")]);
+            return Err(vec![self.located(
+                at,
+                format!("{what} {} does not exist", file.display()),
+                "this path",
+            )]);
         }
-        self.digests.file(file).map_err(|e| vec![self.located(at, format!("{what}: {e}"), "this path")])
+        self.digests
+            .file(file)
+            .map_err(|e| vec![self.located(at, format!("{what}: {e}"), "this path")])
     }
 
     /// `Ok(None)` only for vertices whose inputs failed (their errors are already reported).
-    fn key_vertex(&self, index: NodeIndex, keyed: &BTreeMap<NodeIndex, Keyed>) -> Result<Option<Keyed>, Vec<Diagnostic>> {
+    fn key_vertex(
+        &self,
+        index: NodeIndex,
+        keyed: &BTreeMap<NodeIndex, Keyed>,
+    ) -> Result<Option<Keyed>, Vec<Diagnostic>> {
         let vertex = self.graph.vertex(index);
         let node = &self.recipe.nodes[vertex.node];
         let dir = &self.recipe.dir;
         match &node.body {
             NodeBody::Dataset(spec) => {
                 let file = dir.join(&spec.path);
-                let digest = self.digest_of(&file, &node.path.key("path"), &format!("dataset `{}`:", node.name))?;
+                let digest = self.digest_of(
+                    &file,
+                    &node.path.key("path"),
+                    &format!("dataset `{}`:", node.name),
+                )?;
                 if let Some(pin) = &spec.blake3
                     && *pin != digest
                 {
                     return Err(vec![self.located(
                         &node.path.key("blake3"),
-                        format!("dataset `{}`: {} has blake3 {digest}, not the pinned value", node.name, spec.path),
+                        format!(
+                            "dataset `{}`: {} has blake3 {digest}, not the pinned value",
+                            node.name, spec.path
+                        ),
                         "pinned here",
                     )]);
                 }
-                let format = spec.resolved_format().expect("validated when loading").as_str();
+                let format = spec
+                    .resolved_format()
+                    .expect("validated when loading")
+                    .as_str();
                 let columns = serde_json::to_value(&spec.columns).expect("map serialises");
                 let key = KeyBuilder::new("dataset")
                     .str(format)
                     .field("columns", &columns)
                     .str(&digest)
                     .finish();
-                let file_name = Path::new(&spec.path).file_name().map_or_else(|| spec.path.clone(), |n| n.to_string_lossy().into_owned());
+                let file_name = Path::new(&spec.path)
+                    .file_name()
+                    .map_or_else(|| spec.path.clone(), |n| n.to_string_lossy().into_owned());
                 Ok(Some(Keyed {
                     key,
                     is_source: true,
@@ -234,7 +282,10 @@ impl Planner<'_> {
                         seed: None,
                         backend: None,
                         precision: None,
-                        params: canonical_params(&json!({"path": spec.path, "format": format, "columns": columns}), &[]),
+                        params: canonical_params(
+                            &json!({"path": spec.path, "format": format, "columns": columns}),
+                            &[],
+                        ),
                         inputs: BTreeMap::new(),
                         deps: BTreeMap::new(),
                         outputs: [(file_name, digest)].into(),
@@ -244,7 +295,8 @@ impl Planner<'_> {
             NodeBody::Model(model) => {
                 let mut params = serde_json::to_value(&model.spec).expect("model spec serialises");
                 if let Some(hf) = &model.spec.hf {
-                    let files = self.model_files(&dir.join(hf), &node.path.key("hf"), &node.name)?;
+                    let files =
+                        self.model_files(&dir.join(hf), &node.path.key("hf"), &node.name)?;
                     let mut builder = KeyBuilder::new("model");
                     builder.str("hf");
                     for (name, digest) in &files {
@@ -279,7 +331,10 @@ impl Planner<'_> {
                 let mut builder = KeyBuilder::new("model");
                 builder.str("fresh").field("config", &config);
                 for (role, (key, output)) in &inputs {
-                    builder.str(role).key(key).str(output.as_deref().unwrap_or(""));
+                    builder
+                        .str(role)
+                        .key(key)
+                        .str(output.as_deref().unwrap_or(""));
                 }
                 let key = builder.finish();
                 Ok(Some(Keyed {
@@ -305,7 +360,12 @@ impl Planner<'_> {
                 let inputs = self.input_keys(vertex, keyed)?;
                 let backend = self.backend.unwrap_or(stage.backend);
                 let (kind, key_params, params, deps) = match &vertex.part {
-                    Some(part) => (part.kind.clone(), part.params.clone(), part.params.clone(), BTreeMap::new()),
+                    Some(part) => (
+                        part.kind.clone(),
+                        part.params.clone(),
+                        part.params.clone(),
+                        BTreeMap::new(),
+                    ),
                     None => {
                         let mut deps = BTreeMap::new();
                         let mut errors = Vec::new();
@@ -322,20 +382,34 @@ impl Planner<'_> {
                         if !errors.is_empty() {
                             return Err(errors);
                         }
-                        (stage.spec.key_kind().to_owned(), stage.spec.key_params(), stage.spec.params(), deps)
+                        (
+                            stage.spec.key_kind().to_owned(),
+                            stage.spec.key_params(),
+                            stage.spec.params(),
+                            deps,
+                        )
                     }
                 };
                 let version = self.registry.version(&kind);
                 let key_params = canonical_params(&key_params, NOT_IN_KEY);
                 let mut builder = KeyBuilder::new("stage");
-                builder.str(&kind).u64(u64::from(version)).field("params", &key_params);
+                builder
+                    .str(&kind)
+                    .u64(u64::from(version))
+                    .field("params", &key_params);
                 for (role, (key, output)) in &inputs {
-                    builder.str(role).key(key).str(output.as_deref().unwrap_or(""));
+                    builder
+                        .str(role)
+                        .key(key)
+                        .str(output.as_deref().unwrap_or(""));
                 }
                 for (path, digest) in &deps {
                     builder.str(path).str(digest);
                 }
-                builder.u64(stage.seed).str(backend.as_str()).str(stage.precision.as_str());
+                builder
+                    .u64(stage.seed)
+                    .str(backend.as_str())
+                    .str(stage.precision.as_str());
                 let key = builder.finish();
                 let entry_kind = match &vertex.part {
                     Some(part) => part.kind.clone(),
@@ -365,7 +439,10 @@ impl Planner<'_> {
 
     fn dep_digest(&self, path: &Path, at: &ValuePath) -> Result<String, Vec<Diagnostic>> {
         if path.is_dir() {
-            let files = self.digests.tree(path).map_err(|e| vec![self.located(at, e.to_string(), "this path")])?;
+            let files = self
+                .digests
+                .tree(path)
+                .map_err(|e| vec![self.located(at, e.to_string(), "this path")])?;
             let mut builder = KeyBuilder::new("tree");
             for (name, digest) in files {
                 builder.str(&name).str(&digest);
@@ -377,11 +454,19 @@ impl Planner<'_> {
     }
 
     /// Content digests of the files of a Hugging Face model directory that determine it.
-    fn model_files(&self, dir: &Path, at: &ValuePath, name: &str) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
+    fn model_files(
+        &self,
+        dir: &Path,
+        at: &ValuePath,
+        name: &str,
+    ) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
         if !dir.join("config.json").is_file() {
             return Err(vec![self.located(
                 at,
-                format!("model `{name}`: {} is not a Hugging Face model directory (no config.json)", dir.display()),
+                format!(
+                    "model `{name}`: {} is not a Hugging Face model directory (no config.json)",
+                    dir.display()
+                ),
                 "this path",
             )]);
         }
@@ -406,7 +491,7 @@ impl Planner<'_> {
         &self,
         vertex: &crate::graph::Vertex,
         keyed: &BTreeMap<NodeIndex, Keyed>,
-    ) -> Result<BTreeMap<String, (Key, Option<String>)>, Vec<Diagnostic>> {
+    ) -> Result<InputKeys, Vec<Diagnostic>> {
         let mut inputs = BTreeMap::new();
         let mut errors = Vec::new();
         for input in &vertex.inputs {
@@ -430,7 +515,11 @@ impl Planner<'_> {
                 }
             }
         }
-        if errors.is_empty() { Ok(inputs) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(inputs)
+        } else {
+            Err(errors)
+        }
     }
 
     /// The plan for a selection, with reasons compared to the lockfile.
@@ -438,7 +527,12 @@ impl Planner<'_> {
         let keyed = self.keys()?;
         let resolve = |name: &str| -> Result<NodeIndex, EngineError> {
             self.graph.index(name).ok_or_else(|| {
-                let names: Vec<&str> = self.graph.order.iter().map(|&i| self.graph.vertex(i).name.as_str()).collect();
+                let names: Vec<&str> = self
+                    .graph
+                    .order
+                    .iter()
+                    .map(|&i| self.graph.vertex(i).name.as_str())
+                    .collect();
                 let hint = rudder_schema::diagnostic::did_you_mean(name, names.iter().copied())
                     .map(|h| format!(" ({h})"))
                     .unwrap_or_default();
@@ -539,33 +633,70 @@ impl Planner<'_> {
         if let (Some(o), Some(n)) = (old.implementation, new.implementation)
             && o != n
         {
-            reasons.push(Reason::ImplementationChanged { kind: new.kind.clone(), old: o, new: n });
+            reasons.push(Reason::ImplementationChanged {
+                kind: new.kind.clone(),
+                old: o,
+                new: n,
+            });
         }
         diff_values("", &old.params, &new.params, &mut reasons);
-        let scalar = |name: &str, o: Option<String>, n: Option<String>, reasons: &mut Vec<Reason>| {
-            if o != n {
-                reasons.push(Reason::Param { name: name.into(), old: o, new: n });
-            }
-        };
-        scalar("seed", old.seed.map(|s| s.to_string()), new.seed.map(|s| s.to_string()), &mut reasons);
-        scalar("backend", old.backend.clone(), new.backend.clone(), &mut reasons);
-        scalar("precision", old.precision.clone(), new.precision.clone(), &mut reasons);
+        let scalar =
+            |name: &str, o: Option<String>, n: Option<String>, reasons: &mut Vec<Reason>| {
+                if o != n {
+                    reasons.push(Reason::Param {
+                        name: name.into(),
+                        old: o,
+                        new: n,
+                    });
+                }
+            };
+        scalar(
+            "seed",
+            old.seed.map(|s| s.to_string()),
+            new.seed.map(|s| s.to_string()),
+            &mut reasons,
+        );
+        scalar(
+            "backend",
+            old.backend.clone(),
+            new.backend.clone(),
+            &mut reasons,
+        );
+        scalar(
+            "precision",
+            old.precision.clone(),
+            new.precision.clone(),
+            &mut reasons,
+        );
         let vertex = self.graph.vertex(index);
         for input in &vertex.inputs {
-            let Some(new_key) = new.inputs.get(&input.role) else { continue };
+            let Some(new_key) = new.inputs.get(&input.role) else {
+                continue;
+            };
             let node_name = match &input.source {
                 Source::Vertex { index, .. } => self.graph.vertex(*index).name.clone(),
-                Source::File(path) => path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                Source::File(path) => path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             };
             match old.inputs.get(&input.role) {
-                None => reasons.push(Reason::InputAdded { role: input.role.clone() }),
+                None => reasons.push(Reason::InputAdded {
+                    role: input.role.clone(),
+                }),
                 Some(old_key) if old_key == new_key => {}
                 Some(old_key) => match &input.source {
                     Source::Vertex { index: from, .. } if !keyed[from].is_source => {
                         if states.get(from) == Some(&State::Run) {
-                            reasons.push(Reason::InputRebuilt { role: input.role.clone(), node: node_name });
+                            reasons.push(Reason::InputRebuilt {
+                                role: input.role.clone(),
+                                node: node_name,
+                            });
                         } else {
-                            reasons.push(Reason::InputSwitched { role: input.role.clone(), node: node_name });
+                            reasons.push(Reason::InputSwitched {
+                                role: input.role.clone(),
+                                node: node_name,
+                            });
                         }
                     }
                     Source::Vertex { index: from, .. } => {
@@ -574,9 +705,17 @@ impl Planner<'_> {
                             Some(b) if b.outputs == keyed[from].entry.outputs => "settings",
                             _ => "content",
                         };
-                        reasons.push(Reason::InputChanged { role: input.role.clone(), node: node_name, what });
+                        reasons.push(Reason::InputChanged {
+                            role: input.role.clone(),
+                            node: node_name,
+                            what,
+                        });
                     }
-                    Source::File(_) => reasons.push(Reason::InputChanged { role: input.role.clone(), node: node_name, what: "content" }),
+                    Source::File(_) => reasons.push(Reason::InputChanged {
+                        role: input.role.clone(),
+                        node: node_name,
+                        what: "content",
+                    }),
                 },
             }
         }
@@ -594,11 +733,18 @@ impl Planner<'_> {
             // Only settings outside the lockfile changed (e.g. the key scheme itself).
             reasons.push(Reason::NotInStore);
         }
-        reasons
+        // Two roles can read the same upstream node (`split.train`, `split.eval`): say it once.
+        let mut unique: Vec<Reason> = Vec::with_capacity(reasons.len());
+        for reason in reasons {
+            if !unique.iter().any(|r| r.to_string() == reason.to_string()) {
+                unique.push(reason);
+            }
+        }
+        unique
     }
 }
 
-fn render_inputs(inputs: &BTreeMap<String, (Key, Option<String>)>) -> BTreeMap<String, String> {
+fn render_inputs(inputs: &InputKeys) -> BTreeMap<String, String> {
     inputs
         .iter()
         .map(|(role, (key, output))| {
@@ -629,18 +775,32 @@ fn is_model_file(name: &str) -> bool {
 
 /// Parameter differences as `a.b: old -> new`, recursing into tables.
 fn diff_values(prefix: &str, old: &Value, new: &Value, reasons: &mut Vec<Reason>) {
-    let name = |key: &str| if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") };
+    let name = |key: &str| {
+        if prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{prefix}.{key}")
+        }
+    };
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {
             for (key, new_value) in n {
                 match o.get(key) {
                     Some(old_value) => diff_values(&name(key), old_value, new_value, reasons),
-                    None => reasons.push(Reason::Param { name: name(key), old: None, new: Some(render(new_value)) }),
+                    None => reasons.push(Reason::Param {
+                        name: name(key),
+                        old: None,
+                        new: Some(render(new_value)),
+                    }),
                 }
             }
             for (key, old_value) in o {
                 if !n.contains_key(key) {
-                    reasons.push(Reason::Param { name: name(key), old: Some(render(old_value)), new: None });
+                    reasons.push(Reason::Param {
+                        name: name(key),
+                        old: Some(render(old_value)),
+                        new: None,
+                    });
                 }
             }
         }
@@ -677,7 +837,12 @@ mod tests {
         let shown: Vec<String> = reasons.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
-            ["beta: 0.1 -> 0.2", "env.A: \"1\" -> \"2\"", "new: (default) -> true", "gone: 3 -> (default)"]
+            [
+                "beta: 0.1 -> 0.2",
+                "env.A: \"1\" -> \"2\"",
+                "new: (default) -> true",
+                "gone: 3 -> (default)"
+            ]
         );
     }
 }

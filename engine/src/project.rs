@@ -21,11 +21,19 @@ pub struct Project {
 impl Project {
     /// Loads the recipe (with `--set` overrides) and builds its graph. The store is `store`
     /// when given, else `.rudder/` beside the recipe.
-    pub fn open(file: &Path, overrides: &[String], store: Option<PathBuf>) -> Result<Project, EngineError> {
+    pub fn open(
+        file: &Path,
+        overrides: &[String],
+        store: Option<PathBuf>,
+    ) -> Result<Project, EngineError> {
         let recipe = Recipe::load(file, overrides)?;
         let graph = Graph::build(&recipe)?;
         let store = Store::new(store.unwrap_or_else(|| recipe.dir.join(".rudder")));
-        Ok(Project { recipe, graph, store })
+        Ok(Project {
+            recipe,
+            graph,
+            store,
+        })
     }
 
     pub fn lockfile(&self) -> Result<Lockfile, EngineError> {
@@ -33,7 +41,12 @@ impl Project {
     }
 
     /// Keys every vertex and plans the selection against the lockfile.
-    pub fn plan(&self, registry: &Registry, selection: &Selection, backend: Option<Backend>) -> Result<Plan, EngineError> {
+    pub fn plan(
+        &self,
+        registry: &Registry,
+        selection: &Selection,
+        backend: Option<Backend>,
+    ) -> Result<Plan, EngineError> {
         let digests = if self.store.exists() {
             self.store.digest_cache()
         } else {

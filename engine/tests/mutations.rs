@@ -69,7 +69,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 }
@@ -80,7 +83,12 @@ fn the_base_recipe_loads() {
     let file = dir.path().join("recipe.toml");
     std::fs::write(&file, RECIPE).unwrap();
     let project = Project::open(&file, &[], None).unwrap();
-    let names: Vec<&str> = project.graph.order.iter().map(|&i| project.graph.vertex(i).name.as_str()).collect();
+    let names: Vec<&str> = project
+        .graph
+        .order
+        .iter()
+        .map(|&i| project.graph.vertex(i).name.as_str())
+        .collect();
     assert!(names.contains(&"dpo/ref_logps"), "{names:?}");
     assert!(names.contains(&"idpo/round-2"), "{names:?}");
 }
@@ -122,20 +130,60 @@ fn random_corruptions_never_panic() {
 #[test]
 fn wrong_types_and_deep_nesting_never_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let values = ["1", "-1", "1.5", "nan", "inf", "true", "\"x\"", "[]", "[1, \"a\"]", "{}", "{ a = 1 }", "1979-05-27T07:32:00Z", "18446744073709551615"];
-    for key in ["seed", "beta", "epochs", "loss_type", "model", "data", "kind", "after", "rounds", "round", "judge", "inputs", "outputs", "columns", "hf"] {
+    let values = [
+        "1",
+        "-1",
+        "1.5",
+        "nan",
+        "inf",
+        "true",
+        "\"x\"",
+        "[]",
+        "[1, \"a\"]",
+        "{}",
+        "{ a = 1 }",
+        "1979-05-27T07:32:00Z",
+        "18446744073709551615",
+    ];
+    for key in [
+        "seed",
+        "beta",
+        "epochs",
+        "loss_type",
+        "model",
+        "data",
+        "kind",
+        "after",
+        "rounds",
+        "round",
+        "judge",
+        "inputs",
+        "outputs",
+        "columns",
+        "hf",
+    ] {
         for value in values {
-            let text = RECIPE.replace("name = \"m\"", "name = \"m\"")
-                + &format!("\n[stages.extra]\nkind = \"dpo\"\nmodel = \"sft\"\ndata = \"prefs\"\n{key} = {value}\n");
+            let text = RECIPE.to_owned()
+                + &format!(
+                    "\n[stages.extra]\nkind = \"dpo\"\nmodel = \"sft\"\ndata = \"prefs\"\n{key} = {value}\n"
+                );
             load(dir.path(), &text);
             let text = RECIPE.replacen("seed = 3", &format!("seed = {value}"), 1);
             load(dir.path(), &text);
         }
     }
     for depth in [10, 100, 1000, 10000] {
-        let nested = format!("[stages.x]\nkind = \"sft\"\nmodel = {}1{}\n", "[".repeat(depth), "]".repeat(depth));
+        let nested = format!(
+            "[stages.x]\nkind = \"sft\"\nmodel = {}1{}\n",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
         load(dir.path(), &nested);
-        let inline = format!("[stages.x]\nkind = \"sft\"\nmodel = {}1{}\n", "{a=".repeat(depth), "}".repeat(depth));
+        let inline = format!(
+            "[stages.x]\nkind = \"sft\"\nmodel = {}1{}\n",
+            "{a=".repeat(depth),
+            "}".repeat(depth)
+        );
         load(dir.path(), &inline);
     }
 }

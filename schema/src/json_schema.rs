@@ -76,4 +76,3 @@ fn object_parts(root: &Value, schema: &Value) -> (Map<String, Value>, Vec<Value>
     }
     (properties, required)
 }
-

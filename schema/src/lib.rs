@@ -14,7 +14,7 @@ pub mod validate;
 pub use diagnostic::{Diagnostic, Loc, RecipeErrors};
 pub use kinds::{KINDS, StageSpec};
 pub use recipe::{
-    Backend, DataFormat, DatasetSpec, Input, Model, ModelSpec, Node, NodeBody, Precision,
-    Recipe, Stage, Target,
+    Backend, DataFormat, DatasetSpec, Input, Model, ModelSpec, Node, NodeBody, Precision, Recipe,
+    Stage, Target,
 };
 pub use source::{Seg, ValuePath};

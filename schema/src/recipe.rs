@@ -13,10 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::diagnostic::{Diagnostic, Loc, RecipeErrors, did_you_mean};
-use crate::kinds::{
-    Expect, FieldError, InputField, KINDS, Produces, StageSpec, kind_info,
-};
-use crate::source::{SpanMap, Sources, Spans, ValuePath, parse_override_value, parse_toml};
+use crate::kinds::{Expect, FieldError, InputField, KINDS, Produces, StageSpec, kind_info};
+use crate::source::{Sources, SpanMap, Spans, ValuePath, parse_override_value, parse_toml};
 use crate::validate::{SchemaError, validate};
 
 /// The compute backend a stage runs on.
@@ -209,13 +207,23 @@ pub struct StageCommon {
     pub precision: Option<Precision>,
 }
 
-const COMMON_KEYS: &[&str] = &["kind", "after", "description", "seed", "backend", "precision"];
+const COMMON_KEYS: &[&str] = &[
+    "kind",
+    "after",
+    "description",
+    "seed",
+    "backend",
+    "precision",
+];
 
 /// What a reference resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A node, optionally one named output of it (`prep.train`).
-    Node { name: String, output: Option<String> },
+    Node {
+        name: String,
+        output: Option<String>,
+    },
     /// A plain file, for fields that accept one; absolute.
     Path(PathBuf),
 }
@@ -251,7 +259,7 @@ pub struct Model {
 #[derive(Debug)]
 pub enum NodeBody {
     Dataset(DatasetSpec),
-    Model(Model),
+    Model(Box<Model>),
     Stage(Stage),
 }
 
@@ -283,11 +291,8 @@ impl Node {
     pub fn inputs(&self) -> &[Input] {
         match &self.body {
             NodeBody::Stage(stage) => &stage.inputs,
-            NodeBody::Model(Model {
-                tokenizer: Some(tokenizer),
-                ..
-            }) => std::slice::from_ref(tokenizer),
-            _ => &[],
+            NodeBody::Model(model) => model.tokenizer.as_slice(),
+            NodeBody::Dataset(_) => &[],
         }
     }
 }
@@ -325,7 +330,12 @@ impl Recipe {
         self.spans.value(path)
     }
 
-    pub fn error_at(&self, path: &ValuePath, message: impl Into<String>, label: &str) -> RecipeErrors {
+    pub fn error_at(
+        &self,
+        path: &ValuePath,
+        message: impl Into<String>,
+        label: &str,
+    ) -> RecipeErrors {
         RecipeErrors::single(
             self.sources.clone(),
             Diagnostic::new(message).with_optional_label(self.loc(path), label),
@@ -363,7 +373,13 @@ impl Recipe {
         }
         let dir = file
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
             .unwrap_or(Path::new("."));
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let mut loader = Loader {
@@ -425,7 +441,9 @@ fn apply_override(
             .with_label(Loc::new(source, 0..key.len()), "here"));
     }
     let value = parse_override_value(value_text.trim());
-    let (last, parents) = segments.split_last().expect("split yields at least one segment");
+    let (last, parents) = segments
+        .split_last()
+        .expect("split yields at least one segment");
     let mut node = &mut *tree;
     for (i, segment) in parents.iter().enumerate() {
         let Value::Object(map) = node else {
@@ -454,8 +472,11 @@ fn apply_override(
 }
 
 fn not_a_table(key: &str, prefix: &[&str], source: usize) -> Diagnostic {
-    Diagnostic::new(format!("`--set {key}`: `{}` is not a table", prefix.join(".")))
-        .with_label(Loc::new(source, 0..key.len()), "here")
+    Diagnostic::new(format!(
+        "`--set {key}`: `{}` is not a table",
+        prefix.join(".")
+    ))
+    .with_label(Loc::new(source, 0..key.len()), "here")
 }
 
 /// Derived JSON Schemas of the node tables, computed once.
@@ -481,10 +502,8 @@ pub(crate) fn schemas() -> &'static Schemas {
             .iter()
             .map(|k| (k.name, (k.schema)(&mut generator).to_value()))
             .collect();
-        let mut definitions: serde_json::Map<String, Value> = generator
-            .take_definitions(true)
-            .into_iter()
-            .collect();
+        let mut definitions: serde_json::Map<String, Value> =
+            generator.take_definitions(true).into_iter().collect();
         for kind in KINDS {
             mark_required(&mut definitions, &kinds[kind.name], kind.required);
         }
@@ -500,7 +519,11 @@ pub(crate) fn schemas() -> &'static Schemas {
 }
 
 /// Mark a kind's required fields, and drop their placeholder defaults from its definition.
-fn mark_required(definitions: &mut serde_json::Map<String, Value>, reference: &Value, required: &[&str]) {
+fn mark_required(
+    definitions: &mut serde_json::Map<String, Value>,
+    reference: &Value,
+    required: &[&str],
+) {
     let Some(name) = reference
         .get("$ref")
         .and_then(Value::as_str)
@@ -589,7 +612,13 @@ impl Loader<'_> {
         }
     }
 
-    fn recipe(&mut self, tree: &Value, file: &Path, dir: PathBuf, overrides: Vec<Override>) -> Option<Recipe> {
+    fn recipe(
+        &mut self,
+        tree: &Value,
+        file: &Path,
+        dir: PathBuf,
+        overrides: Vec<Override>,
+    ) -> Option<Recipe> {
         let root = ValuePath::root();
         let Value::Object(top) = tree else {
             return None;
@@ -599,14 +628,25 @@ impl Loader<'_> {
                 self.key_error(
                     &root.key(key),
                     format!("unknown top-level table `{key}`"),
-                    did_you_mean(key, ["recipe", "datasets", "models", "stages"])
-                        .or_else(|| Some("a recipe has [recipe], [datasets.*], [models.*] and [stages.*]".into())),
+                    did_you_mean(key, ["recipe", "datasets", "models", "stages"]).or_else(|| {
+                        Some(
+                            "a recipe has [recipe], [datasets.*], [models.*] and [stages.*]".into(),
+                        )
+                    }),
                 );
             }
         }
-        let meta_value = top.get("recipe").cloned().unwrap_or_else(|| Value::Object(Default::default()));
+        let meta_value = top
+            .get("recipe")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Default::default()));
         let meta: RecipeMeta = self
-            .typed(&self.schemas.meta, &meta_value, &root.key("recipe"), "[recipe]")
+            .typed(
+                &self.schemas.meta,
+                &meta_value,
+                &root.key("recipe"),
+                "[recipe]",
+            )
             .unwrap_or_default();
         let name = meta.name.clone().unwrap_or_else(|| {
             file.file_stem()
@@ -617,10 +657,16 @@ impl Loader<'_> {
         let mut nodes = Vec::new();
         let mut first_seen: HashMap<String, ValuePath> = HashMap::new();
         for section in ["datasets", "models", "stages"] {
-            let Some(table) = top.get(section) else { continue };
+            let Some(table) = top.get(section) else {
+                continue;
+            };
             let section_path = root.key(section);
             let Value::Object(entries) = table else {
-                self.error(&section_path, format!("`{section}` must be a table of named nodes"), "here");
+                self.error(
+                    &section_path,
+                    format!("`{section}` must be a table of named nodes"),
+                    "here",
+                );
                 continue;
             };
             for (name, body) in entries {
@@ -641,14 +687,21 @@ impl Loader<'_> {
                     if let Some(first_loc) = first_loc {
                         diagnostic = diagnostic.with_label(first_loc, "first defined here");
                     }
-                    self.errors.push(diagnostic.with_help("node names are unique across datasets, models and stages"));
+                    self.errors.push(
+                        diagnostic
+                            .with_help("node names are unique across datasets, models and stages"),
+                    );
                     continue;
                 }
                 first_seen.insert(name.clone(), path.clone());
                 let node_body = match section {
                     "datasets" => self.dataset(body, &path, name).map(NodeBody::Dataset),
-                    "models" => self.model(body, &path, name).map(NodeBody::Model),
-                    _ => self.stage(body, &path, name, &meta, &dir).map(NodeBody::Stage),
+                    "models" => self
+                        .model(body, &path, name)
+                        .map(|m| NodeBody::Model(Box::new(m))),
+                    _ => self
+                        .stage(body, &path, name, &meta, &dir)
+                        .map(NodeBody::Stage),
                 };
                 if let Some(body) = node_body {
                     nodes.push(Node {
@@ -679,7 +732,10 @@ impl Loader<'_> {
         if spec.resolved_format().is_none() {
             self.error(
                 &path.key("path"),
-                format!("{context}: cannot tell the format of `{}` from its extension", spec.path),
+                format!(
+                    "{context}: cannot tell the format of `{}` from its extension",
+                    spec.path
+                ),
                 "here",
             );
             self.errors.last_mut().expect("just pushed").help =
@@ -764,7 +820,14 @@ impl Loader<'_> {
         Some(Model { spec, tokenizer })
     }
 
-    fn stage(&mut self, body: &Value, path: &ValuePath, name: &str, meta: &RecipeMeta, _dir: &Path) -> Option<Stage> {
+    fn stage(
+        &mut self,
+        body: &Value,
+        path: &ValuePath,
+        name: &str,
+        meta: &RecipeMeta,
+        _dir: &Path,
+    ) -> Option<Stage> {
         let context = format!("stage `{name}`");
         let Value::Object(table) = body else {
             self.error(path, format!("{context} must be a table"), "here");
@@ -778,7 +841,11 @@ impl Loader<'_> {
             return None;
         };
         let Some(kind_name) = kind_value.as_str() else {
-            self.error(&path.key("kind"), format!("{context}: `kind` must be a string"), "here");
+            self.error(
+                &path.key("kind"),
+                format!("{context}: `kind` must be a string"),
+                "here",
+            );
             return None;
         };
         let Some(kind) = kind_info(kind_name) else {
@@ -794,10 +861,19 @@ impl Loader<'_> {
             );
             return None;
         };
-        let (common_part, params_part): (serde_json::Map<String, Value>, serde_json::Map<String, Value>) =
-            table.clone().into_iter().partition(|(k, _)| COMMON_KEYS.contains(&k.as_str()));
-        let common: Option<StageCommon> =
-            self.typed(&self.schemas.common, &Value::Object(common_part), path, &context);
+        let (common_part, params_part): (
+            serde_json::Map<String, Value>,
+            serde_json::Map<String, Value>,
+        ) = table
+            .clone()
+            .into_iter()
+            .partition(|(k, _)| COMMON_KEYS.contains(&k.as_str()));
+        let common: Option<StageCommon> = self.typed(
+            &self.schemas.common,
+            &Value::Object(common_part),
+            path,
+            &context,
+        );
         let kind_schema = self.schemas.kinds[kind.name].clone();
         let params_value = Value::Object(params_part);
         // Unknown keys: checked here (the kind's own schema allows flattened groups, so it
@@ -807,7 +883,10 @@ impl Loader<'_> {
         for key in params_value.as_object().expect("object").keys() {
             if !known.iter().any(|k| k == key) {
                 unknown = true;
-                let candidates = known.iter().map(String::as_str).chain(COMMON_KEYS.iter().copied());
+                let candidates = known
+                    .iter()
+                    .map(String::as_str)
+                    .chain(COMMON_KEYS.iter().copied());
                 self.key_error(
                     &path.key(key),
                     format!("{context}: unknown key `{key}` for kind `{}`", kind.name),
@@ -890,7 +969,11 @@ impl Loader<'_> {
                     if !produces.contains_key(target) {
                         self.dangling(path, target, &names);
                     } else if *target == owner {
-                        self.error(path, format!("stage `{owner}` cannot come after itself"), "here");
+                        self.error(
+                            path,
+                            format!("stage `{owner}` cannot come after itself"),
+                            "here",
+                        );
                     }
                 }
             }
@@ -945,7 +1028,12 @@ impl Loader<'_> {
         if !produced.satisfies(field.expect) {
             self.error(
                 path,
-                format!("`{}` must be {}, but `{name}` produces {}", field.role, field.expect, produced.describe()),
+                format!(
+                    "`{}` must be {}, but `{name}` produces {}",
+                    field.role,
+                    field.expect,
+                    produced.describe()
+                ),
                 "here",
             );
             return None;

@@ -302,7 +302,10 @@ mod tests {
         assert_eq!(parse_override_value("0.2"), Value::from(0.2));
         assert_eq!(parse_override_value("3"), Value::from(3));
         assert_eq!(parse_override_value("\"x\""), Value::from("x"));
-        assert_eq!(parse_override_value("[\"a\", \"b\"]"), serde_json::json!(["a", "b"]));
+        assert_eq!(
+            parse_override_value("[\"a\", \"b\"]"),
+            serde_json::json!(["a", "b"])
+        );
         assert_eq!(parse_override_value("hello"), Value::from("hello"));
     }
 

@@ -34,7 +34,12 @@ impl SchemaError {
 }
 
 /// Validates `instance` (found at `path`) against `schema`, resolving `$ref`s in `root`.
-pub fn validate(root: &Value, schema: &Value, instance: &Value, path: &ValuePath) -> Vec<SchemaError> {
+pub fn validate(
+    root: &Value,
+    schema: &Value,
+    instance: &Value,
+    path: &ValuePath,
+) -> Vec<SchemaError> {
     let mut errors = Vec::new();
     Validator { root }.check(schema, instance, path, &mut errors);
     errors
@@ -63,7 +68,13 @@ impl<'a> Validator<'a> {
         schema
     }
 
-    fn check(&self, schema: &'a Value, instance: &Value, path: &ValuePath, errors: &mut Vec<SchemaError>) {
+    fn check(
+        &self,
+        schema: &'a Value,
+        instance: &Value,
+        path: &ValuePath,
+        errors: &mut Vec<SchemaError>,
+    ) {
         let schema = self.resolve(schema);
         let Some(obj) = schema.as_object() else {
             if schema == &Value::Bool(false) {
@@ -103,7 +114,10 @@ impl<'a> Validator<'a> {
         if let Some(constant) = obj.get("const")
             && constant != instance
         {
-            errors.push(SchemaError::new(path, format!("expected {constant}, found {instance}")));
+            errors.push(SchemaError::new(
+                path,
+                format!("expected {constant}, found {instance}"),
+            ));
             return;
         }
         if let Some(number) = instance.as_f64() {
@@ -142,7 +156,11 @@ impl<'a> Validator<'a> {
             let same_type = resolved
                 .get("type")
                 .is_some_and(|t| type_matches(t, instance));
-            if same_type && best.as_ref().is_none_or(|b| b.iter().any(|e| e.path == *path)) {
+            if same_type
+                && best
+                    .as_ref()
+                    .is_none_or(|b| b.iter().any(|e| e.path == *path))
+            {
                 best = Some(found);
             }
         }
@@ -180,7 +198,10 @@ impl<'a> Validator<'a> {
         if let Some(required) = schema.get("required").and_then(Value::as_array) {
             for name in required.iter().filter_map(Value::as_str) {
                 if !map.contains_key(name) {
-                    errors.push(SchemaError::new(path, format!("missing required key `{name}`")));
+                    errors.push(SchemaError::new(
+                        path,
+                        format!("missing required key `{name}`"),
+                    ));
                 }
             }
         }
@@ -204,14 +225,25 @@ impl<'a> Validator<'a> {
     }
 }
 
-fn check_bounds(schema: &Map<String, Value>, number: f64, path: &ValuePath, errors: &mut Vec<SchemaError>) {
+fn check_bounds(
+    schema: &Map<String, Value>,
+    number: f64,
+    path: &ValuePath,
+    errors: &mut Vec<SchemaError>,
+) {
     let bound = |key: &str| schema.get(key).and_then(Value::as_f64);
     let show = |key: &str| schema.get(key).map(Value::to_string).unwrap_or_default();
     if bound("minimum").is_some_and(|min| number < min) {
-        errors.push(SchemaError::new(path, format!("must be at least {}", show("minimum"))));
+        errors.push(SchemaError::new(
+            path,
+            format!("must be at least {}", show("minimum")),
+        ));
     }
     if bound("maximum").is_some_and(|max| number > max) {
-        errors.push(SchemaError::new(path, format!("must be at most {}", show("maximum"))));
+        errors.push(SchemaError::new(
+            path,
+            format!("must be at most {}", show("maximum")),
+        ));
     }
     if bound("exclusiveMinimum").is_some_and(|min| number <= min) {
         errors.push(SchemaError::new(
@@ -236,7 +268,11 @@ fn enum_error(path: &ValuePath, options: &[Value], instance: &Value) -> SchemaEr
         help,
         ..SchemaError::new(
             path,
-            format!("expected one of {}, found {}", names.join(", "), show_value(instance)),
+            format!(
+                "expected one of {}, found {}",
+                names.join(", "),
+                show_value(instance)
+            ),
         )
     }
 }
@@ -333,7 +369,10 @@ fn join_or(items: &[String]) -> String {
         [one] => (*one).clone(),
         [init @ .., last] => format!(
             "{} or {last}",
-            init.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            init.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -354,7 +393,10 @@ mod tests {
             json!({"beta": "high"}),
         );
         assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].message, "expected a number, found string \"high\"");
+        assert_eq!(
+            errors[0].message,
+            "expected a number, found string \"high\""
+        );
         assert_eq!(errors[0].path.to_string(), "beta");
     }
 
@@ -374,9 +416,15 @@ mod tests {
     fn bounds() {
         let schema = json!({"type": "number", "minimum": 0.0, "maximum": 1.0});
         assert!(run(schema.clone(), json!(0.5)).is_empty());
-        assert_eq!(run(schema.clone(), json!(1.5))[0].message, "must be at most 1.0");
+        assert_eq!(
+            run(schema.clone(), json!(1.5))[0].message,
+            "must be at most 1.0"
+        );
         let exclusive = json!({"type": "number", "exclusiveMinimum": 0.0});
-        assert_eq!(run(exclusive, json!(0))[0].message, "must be greater than 0.0");
+        assert_eq!(
+            run(exclusive, json!(0))[0].message,
+            "must be greater than 0.0"
+        );
     }
 
     #[test]
@@ -401,7 +449,13 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].path.to_string(), "[1]");
         let errors = run(schema, json!(3));
-        assert!(errors[0].message.starts_with("expected one of `a`, `b` or a list"), "{}", errors[0].message);
+        assert!(
+            errors[0]
+                .message
+                .starts_with("expected one of `a`, `b` or a list"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]

@@ -94,7 +94,10 @@ fn wrong_type_and_range() {
         errors[0].contains("21:8: stage `dpo`: expected a number, found string \"high\""),
         "{errors:?}"
     );
-    assert!(errors[1].contains("22:10: stage `dpo`: must be at least 1"), "{errors:?}");
+    assert!(
+        errors[1].contains("22:10: stage `dpo`: must be at least 1"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -107,14 +110,22 @@ fn unknown_kind_suggests_the_nearest() {
 #[test]
 fn dangling_reference() {
     let errors = errors_of(&BASE.replace("model = \"sft\"", "model = \"sfty\""));
-    assert!(errors[0].contains("19:9: reference to unknown node `sfty`"), "{errors:?}");
+    assert!(
+        errors[0].contains("19:9: reference to unknown node `sfty`"),
+        "{errors:?}"
+    );
     assert!(errors[0].contains("did you mean `sft`?"), "{errors:?}");
 }
 
 #[test]
 fn duplicate_names_across_sections() {
-    let errors = errors_of(&format!("{BASE}\n[stages.prefs]\nkind = \"sft\"\nmodel = \"base\"\ndata = \"prefs\"\n"));
-    assert!(errors[0].contains("duplicate node name `prefs`"), "{errors:?}");
+    let errors = errors_of(&format!(
+        "{BASE}\n[stages.prefs]\nkind = \"sft\"\nmodel = \"base\"\ndata = \"prefs\"\n"
+    ));
+    assert!(
+        errors[0].contains("duplicate node name `prefs`"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -143,7 +154,8 @@ fn overrides_are_typed_and_located() {
     assert_eq!(dpo.spec.params()["beta"], 0.2);
     let err = Recipe::load(&path, &["stages.dpo.beta=high".into()]).unwrap_err();
     assert!(
-        err.to_string().starts_with("--set:1:17: stage `dpo`: expected a number"),
+        err.to_string()
+            .starts_with("--set:1:17: stage `dpo`: expected a number"),
         "{err}"
     );
 }
@@ -159,7 +171,10 @@ fn loss_type_accepts_a_list_and_checks_weights() {
         "beta = 0.1",
         "loss_type = [\"sigmoid\", \"sft\"]\nloss_weights = [1.0]",
     ));
-    assert!(errors[0].contains("loss_weights has 1 entries but loss_type has 2"), "{errors:?}");
+    assert!(
+        errors[0].contains("loss_weights has 1 entries but loss_type has 2"),
+        "{errors:?}"
+    );
     let errors = errors_of(&BASE.replace("beta = 0.1", "loss_type = [\"sigmoid\", \"sigmod\"]"));
     assert!(errors[0].contains("did you mean `sigmoid`?"), "{errors:?}");
 }
@@ -190,23 +205,40 @@ outputs = { n = "n.txt" }
 "#;
     let errors = errors_of(text);
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].contains("`prep` has no output `tarin`"), "{errors:?}");
+    assert!(
+        errors[0].contains("`prep` has no output `tarin`"),
+        "{errors:?}"
+    );
     assert!(errors[0].contains("did you mean `train`?"), "{errors:?}");
 }
 
 #[test]
 fn missing_kind_and_missing_required() {
     let errors = errors_of("[stages.x]\nmodel = \"m\"\n");
-    assert!(errors[0].contains("stage `x`: missing `kind`"), "{errors:?}");
+    assert!(
+        errors[0].contains("stage `x`: missing `kind`"),
+        "{errors:?}"
+    );
     let errors = errors_of("[models.m]\nhf = \"m\"\n[stages.x]\nkind = \"sft\"\nmodel = \"m\"\n");
-    assert!(errors[0].contains("missing required key `data`"), "{errors:?}");
+    assert!(
+        errors[0].contains("missing required key `data`"),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn fresh_models_need_their_shape() {
     let errors = errors_of("[models.m]\narch = \"llama\"\nhidden_size = 10\n");
-    assert!(errors.iter().any(|e| e.contains("needs `intermediate_size`")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("needs `tokenizer`")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("needs `intermediate_size`")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("needs `tokenizer`")),
+        "{errors:?}"
+    );
 }
 
 /// Every recipe in `recipes/` loads, and validates against the exported JSON Schema with a
@@ -214,7 +246,8 @@ fn fresh_models_need_their_shape() {
 #[test]
 fn bundled_recipes_validate_against_the_exported_schema() {
     let schema = rudder_schema::json_schema::recipe_schema();
-    let validator = jsonschema::draft7::new(&schema).expect("the exported schema is valid draft-07");
+    let validator =
+        jsonschema::draft7::new(&schema).expect("the exported schema is valid draft-07");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -223,8 +256,17 @@ fn bundled_recipes_validate_against_the_exported_schema() {
             Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let text = std::fs::read_to_string(&path).unwrap();
             let mut spans = rudder_schema::source::SpanMap::default();
-            let value = rudder_schema::source::parse_toml(&text, 0, &rudder_schema::ValuePath::root(), &mut spans).unwrap();
-            let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
+            let value = rudder_schema::source::parse_toml(
+                &text,
+                0,
+                &rudder_schema::ValuePath::root(),
+                &mut spans,
+            )
+            .unwrap();
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| e.to_string())
+                .collect();
             assert!(errors.is_empty(), "{}: {errors:?}", path.display());
             checked += 1;
         }
@@ -239,5 +281,12 @@ fn the_exported_schema_rejects_what_loading_rejects() {
     let bad = serde_json::json!({"stages": {"d": {"kind": "dpo", "model": "m", "data": "p", "bta": 0.1}}});
     assert!(!validator.is_valid(&bad));
     let good = serde_json::json!({"stages": {"d": {"kind": "dpo", "model": "m", "data": "p", "beta": 0.1}}});
-    assert!(validator.is_valid(&good), "{:?}", validator.iter_errors(&good).map(|e| e.to_string()).collect::<Vec<_>>());
+    assert!(
+        validator.is_valid(&good),
+        "{:?}",
+        validator
+            .iter_errors(&good)
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+    );
 }

@@ -7,20 +7,40 @@ use rudder_engine::{Key, Store};
 use crate::ExitStatus;
 use crate::printer::Printer;
 
-pub fn run(lockfiles: &[PathBuf], store_dir: &Path, dry_run: bool, printer: &Printer) -> anyhow::Result<ExitStatus> {
+pub fn run(
+    lockfiles: &[PathBuf],
+    store_dir: &Path,
+    dry_run: bool,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
     let store = Store::new(store_dir);
     if !store.exists() {
-        return Err(rudder_engine::EngineError::Usage(format!("{} is not a rudder store", store_dir.display())).into());
+        return Err(rudder_engine::EngineError::Usage(format!(
+            "{} is not a rudder store",
+            store_dir.display()
+        ))
+        .into());
     }
-    let lockfiles = if lockfiles.is_empty() { recorded_lockfiles(&store) } else { lockfiles.to_vec() };
+    let lockfiles = if lockfiles.is_empty() {
+        recorded_lockfiles(&store)
+    } else {
+        lockfiles.to_vec()
+    };
     if lockfiles.is_empty() {
-        return Err(rudder_engine::EngineError::Usage("no lockfile given, and the store records none that still exists".into()).into());
+        return Err(rudder_engine::EngineError::Usage(
+            "no lockfile given, and the store records none that still exists".into(),
+        )
+        .into());
     }
     let _lock = store.lock(|_| printer.status("waiting for the store lock..."))?;
     let mut keep: BTreeSet<Key> = BTreeSet::new();
     for path in &lockfiles {
         if !path.exists() {
-            return Err(rudder_engine::EngineError::Usage(format!("lockfile {} does not exist", path.display())).into());
+            return Err(rudder_engine::EngineError::Usage(format!(
+                "lockfile {} does not exist",
+                path.display()
+            ))
+            .into());
         }
         let lock = Lockfile::read(path)?;
         keep.extend(lock.nodes.iter().filter_map(|n| Key::from_hex(&n.key)));
@@ -32,9 +52,22 @@ pub fn run(lockfiles: &[PathBuf], store_dir: &Path, dry_run: bool, printer: &Pri
         if keep.contains(&key) {
             continue;
         }
-        let size = store.manifest(&key).ok().flatten().map_or(0, |m| Store::size_of(&m));
-        let kind = store.manifest(&key).ok().flatten().map(|m| format!("{} {}", m.kind, m.name)).unwrap_or_default();
-        printer.out(format!("{} {} {kind}", if dry_run { "would remove" } else { "removed" }, key.short()));
+        let size = store
+            .manifest(&key)
+            .ok()
+            .flatten()
+            .map_or(0, |m| Store::size_of(&m));
+        let kind = store
+            .manifest(&key)
+            .ok()
+            .flatten()
+            .map(|m| format!("{} {}", m.kind, m.name))
+            .unwrap_or_default();
+        printer.out(format!(
+            "{} {} {kind}",
+            if dry_run { "would remove" } else { "removed" },
+            key.short()
+        ));
         if !dry_run {
             store.remove_object(&key)?;
         }
@@ -55,7 +88,9 @@ fn recorded_lockfiles(store: &Store) -> Vec<PathBuf> {
     let mut found = BTreeSet::new();
     if let Ok(entries) = std::fs::read_dir(store.runs_dir()) {
         for entry in entries.flatten() {
-            let record: Option<serde_json::Value> = std::fs::read(entry.path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let record: Option<serde_json::Value> = std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             if let Some(path) = record.as_ref().and_then(|r| r["lockfile"].as_str()) {
                 let path = PathBuf::from(path);
                 if path.exists() {

@@ -13,29 +13,56 @@ use crate::printer::Printer;
 pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     let project = super::open(&args.recipe, Some(&args.store))?;
     let Some(node) = project.recipe.node(&args.node) else {
-        return Err(rudder_engine::EngineError::Usage(format!("no node named `{}` in the recipe", args.node)).into());
+        return Err(rudder_engine::EngineError::Usage(format!(
+            "no node named `{}` in the recipe",
+            args.node
+        ))
+        .into());
     };
     let model_dir: PathBuf = match &node.body {
         NodeBody::Model(model) => match &model.spec.hf {
             Some(hf) => project.recipe.dir.join(hf),
-            None => anyhow::bail!("`{}` is a fresh architecture with no weights yet; generate with a stage that trained it", args.node),
+            None => anyhow::bail!(
+                "`{}` is a fresh architecture with no weights yet; generate with a stage that trained it",
+                args.node
+            ),
         },
-        NodeBody::Stage(stage) if stage.spec.produces().satisfies(rudder_schema::kinds::Expect::Model) => {
+        NodeBody::Stage(stage)
+            if stage
+                .spec
+                .produces()
+                .satisfies(rudder_schema::kinds::Expect::Model) =>
+        {
             let plan = project.plan(&super::registry(), &Selection::default(), None)?;
-            let entry = plan.entries.iter().find(|e| e.name == args.node).expect("every node is planned");
+            let entry = plan
+                .entries
+                .iter()
+                .find(|e| e.name == args.node)
+                .expect("every node is planned");
             if !project.store.contains(&entry.key) {
                 anyhow::bail!("`{}` is not in the store; run it first", args.node);
             }
             project.store.object_dir(&entry.key)
         }
-        _ => return Err(rudder_engine::EngineError::Usage(format!("`{}` is not a model", args.node)).into()),
+        _ => {
+            return Err(rudder_engine::EngineError::Usage(format!(
+                "`{}` is not a model",
+                args.node
+            ))
+            .into());
+        }
     };
     let prompts = match &args.data {
         Some(path) => read_prompts(path)?,
         None => args.prompt.clone(),
     };
-    let backend_name = args.backend.clone().unwrap_or_else(|| project.recipe.meta.backend.as_str().to_owned());
-    let backend: BackendKind = backend_name.parse().map_err(|e: rudder_stages::StageError| rudder_engine::EngineError::Usage(e.to_string()))?;
+    let backend_name = args
+        .backend
+        .clone()
+        .unwrap_or_else(|| project.recipe.meta.backend.as_str().to_owned());
+    let backend: BackendKind = backend_name
+        .parse()
+        .map_err(|e: rudder_stages::StageError| rudder_engine::EngineError::Usage(e.to_string()))?;
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -46,11 +73,19 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
     };
     let completions = generate(&model_dir, &prompts, &options, backend)?;
     if args.json {
-        printer.data(serde_json::to_string_pretty(&serde_json::json!({ "completions": completions }))?);
+        printer.data(serde_json::to_string_pretty(
+            &serde_json::json!({ "completions": completions }),
+        )?);
     } else {
         for c in &completions {
             printer.data(format!("{}{}", c.prompt, c.completion));
-            printer.out(format!("  [{} tokens, {}]", c.completion_ids.len(), serde_json::to_value(c.finish_reason)?.as_str().unwrap_or("")));
+            printer.out(format!(
+                "  [{} tokens, {}]",
+                c.completion_ids.len(),
+                serde_json::to_value(c.finish_reason)?
+                    .as_str()
+                    .unwrap_or("")
+            ));
         }
     }
     Ok(ExitStatus::Success)
@@ -58,16 +93,24 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
 
 /// Prompts from a JSONL file with a `prompt` field.
 fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let value: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
             value["prompt"]
                 .as_str()
                 .map(str::to_owned)
-                .with_context(|| format!("{}:{}: field `prompt` is missing or not a string", path.display(), i + 1))
+                .with_context(|| {
+                    format!(
+                        "{}:{}: field `prompt` is missing or not a string",
+                        path.display(),
+                        i + 1
+                    )
+                })
         })
         .collect()
 }

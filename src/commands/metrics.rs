@@ -5,7 +5,12 @@ use crate::ExitStatus;
 use crate::cli::{RecipeArgs, StoreArgs};
 use crate::printer::Printer;
 
-pub fn run(recipe: &RecipeArgs, store: &StoreArgs, json: bool, printer: &Printer) -> anyhow::Result<ExitStatus> {
+pub fn run(
+    recipe: &RecipeArgs,
+    store: &StoreArgs,
+    json: bool,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
     let project = super::open(recipe, Some(store))?;
     let plan = project.plan(&super::registry(), &Selection::default(), None)?;
     let mut rows = Vec::new();
@@ -27,7 +32,16 @@ pub fn run(recipe: &RecipeArgs, store: &StoreArgs, json: bool, printer: &Printer
     }
     for (entry, summary) in rows {
         let metrics: Vec<String> = summary.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
-        printer.out(format!("{:<20} {:<16} {}", entry.name, entry.kind, if metrics.is_empty() { "-".into() } else { metrics.join("  ") }));
+        printer.out(format!(
+            "{:<20} {:<16} {}",
+            entry.name,
+            entry.kind,
+            if metrics.is_empty() {
+                "-".into()
+            } else {
+                metrics.join("  ")
+            }
+        ));
     }
     Ok(ExitStatus::Success)
 }

@@ -22,7 +22,11 @@ pub fn registry() -> Registry {
 }
 
 pub fn open(recipe: &RecipeArgs, store: Option<&StoreArgs>) -> anyhow::Result<Project> {
-    Ok(Project::open(&recipe.recipe, &recipe.set, store.and_then(|s| s.store.clone()))?)
+    Ok(Project::open(
+        &recipe.recipe,
+        &recipe.set,
+        store.and_then(|s| s.store.clone()),
+    )?)
 }
 
 pub fn selection(args: &SelectionArgs) -> Selection {
@@ -35,6 +39,9 @@ pub fn selection(args: &SelectionArgs) -> Selection {
 }
 
 pub fn backend(name: Option<&str>) -> anyhow::Result<Option<Backend>> {
-    name.map(|n| n.parse::<Backend>().map_err(|e| rudder_engine::EngineError::Usage(e).into()))
-        .transpose()
+    name.map(|n| {
+        n.parse::<Backend>()
+            .map_err(|e| rudder_engine::EngineError::Usage(e).into())
+    })
+    .transpose()
 }

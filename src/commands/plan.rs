@@ -14,7 +14,11 @@ pub fn run(
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
     let project = super::open(recipe, Some(store))?;
-    let plan = project.plan(&super::registry(), &super::selection(selection), super::backend(backend)?)?;
+    let plan = project.plan(
+        &super::registry(),
+        &super::selection(selection),
+        super::backend(backend)?,
+    )?;
     if json {
         printer.data(serde_json::to_string_pretty(&plan.to_json())?);
     } else {
@@ -36,7 +40,15 @@ pub fn print(plan: &Plan, printer: &Printer) {
         let reasons = if entry.reasons.is_empty() {
             String::new()
         } else {
-            format!("  {}", entry.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+            format!(
+                "  {}",
+                entry
+                    .reasons
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
         };
         printer.out(format!(
             "{state:<6}  {:<width$}  {:<kind_width$}  {}{reasons}",
@@ -46,5 +58,11 @@ pub fn print(plan: &Plan, printer: &Printer) {
         ));
     }
     let runs = plan.to_run().count();
-    printer.out(format!("{runs} to run, {} cached", plan.entries.iter().filter(|e| !e.is_source && e.state == State::Cached).count()));
+    printer.out(format!(
+        "{runs} to run, {} cached",
+        plan.entries
+            .iter()
+            .filter(|e| !e.is_source && e.state == State::Cached)
+            .count()
+    ));
 }

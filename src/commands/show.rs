@@ -7,11 +7,20 @@ use crate::ExitStatus;
 use crate::cli::{RecipeArgs, StoreArgs};
 use crate::printer::Printer;
 
-pub fn run(recipe: &RecipeArgs, node: &str, store: &StoreArgs, path_only: bool, printer: &Printer) -> anyhow::Result<ExitStatus> {
+pub fn run(
+    recipe: &RecipeArgs,
+    node: &str,
+    store: &StoreArgs,
+    path_only: bool,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
     let project = super::open(recipe, Some(store))?;
     let plan = project.plan(&super::registry(), &Selection::default(), None)?;
     let Some(entry) = plan.entries.iter().find(|e| e.name == node) else {
-        return Err(rudder_engine::EngineError::Usage(format!("no node named `{node}` in the recipe")).into());
+        return Err(rudder_engine::EngineError::Usage(format!(
+            "no node named `{node}` in the recipe"
+        ))
+        .into());
     };
     let keyed = &plan.keyed[&entry.index];
     let in_store = !entry.is_source && project.store.contains(&entry.key);
@@ -28,11 +37,22 @@ pub fn run(recipe: &RecipeArgs, node: &str, store: &StoreArgs, path_only: bool, 
     let state = match (entry.is_source, entry.state) {
         (true, _) => "source".to_owned(),
         (false, State::Cached) => "cached".to_owned(),
-        (false, State::Run) => format!("not built ({})", entry.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
+        (false, State::Run) => format!(
+            "not built ({})",
+            entry
+                .reasons
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
     };
     printer.out(format!("  state     {state}"));
     if in_store {
-        printer.out(format!("  artifact  {}", std::path::absolute(&artifact)?.display()));
+        printer.out(format!(
+            "  artifact  {}",
+            std::path::absolute(&artifact)?.display()
+        ));
     }
     let vertex = project.graph.vertex(entry.index);
     let recipe_node = &project.recipe.nodes[vertex.node];
@@ -53,7 +73,12 @@ pub fn run(recipe: &RecipeArgs, node: &str, store: &StoreArgs, path_only: bool, 
         }
     }
     if let NodeBody::Stage(stage) = &recipe_node.body {
-        printer.out(format!("  seed {}, backend {}, precision {}", stage.seed, keyed.backend.as_str(), stage.precision.as_str()));
+        printer.out(format!(
+            "  seed {}, backend {}, precision {}",
+            stage.seed,
+            keyed.backend.as_str(),
+            stage.precision.as_str()
+        ));
     }
     if !vertex.inputs.is_empty() {
         printer.out("  inputs");
@@ -63,11 +88,16 @@ pub fn run(recipe: &RecipeArgs, node: &str, store: &StoreArgs, path_only: bool, 
                 .iter()
                 .find(|i| &i.role == role)
                 .map(|i| match &i.source {
-                    rudder_engine::graph::Source::Vertex { index, .. } => project.graph.vertex(*index).name.clone(),
+                    rudder_engine::graph::Source::Vertex { index, .. } => {
+                        project.graph.vertex(*index).name.clone()
+                    }
                     rudder_engine::graph::Source::File(p) => p.display().to_string(),
                 })
                 .unwrap_or_default();
-            printer.out(format!("    {role} = {from}  {}", &key[..12.min(key.len())]));
+            printer.out(format!(
+                "    {role} = {from}  {}",
+                &key[..12.min(key.len())]
+            ));
         }
     }
     if in_store && let Some(manifest) = project.store.manifest(&entry.key)? {
@@ -77,7 +107,12 @@ pub fn run(recipe: &RecipeArgs, node: &str, store: &StoreArgs, path_only: bool, 
                 printer.out(format!("    {name} = {value}"));
             }
         }
-        printer.out(format!("  built {} in {:.1}s, {} files", manifest.started, manifest.seconds, manifest.files.len()));
+        printer.out(format!(
+            "  built {} in {:.1}s, {} files",
+            manifest.started,
+            manifest.seconds,
+            manifest.files.len()
+        ));
     }
     Ok(ExitStatus::Success)
 }

@@ -11,7 +11,9 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Scratch {
-        Scratch { dir: tempfile::tempdir().expect("temporary directory") }
+        Scratch {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
@@ -49,7 +51,8 @@ impl Scratch {
 
     /// `rudder plan --json` as (name, state, key, reasons).
     pub fn plan(&self, recipe: &str) -> Vec<(String, String, String, Vec<String>)> {
-        let json: serde_json::Value = serde_json::from_str(&self.ok(&["plan", recipe, "--json"])).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&self.ok(&["plan", recipe, "--json"])).unwrap();
         json["nodes"]
             .as_array()
             .unwrap()
@@ -59,7 +62,12 @@ impl Scratch {
                     n["name"].as_str().unwrap().to_owned(),
                     n["state"].as_str().unwrap().to_owned(),
                     n["key"].as_str().unwrap().to_owned(),
-                    n["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect(),
+                    n["reasons"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.as_str().unwrap().to_owned())
+                        .collect(),
                 )
             })
             .collect()
@@ -67,16 +75,26 @@ impl Scratch {
 
     /// Names of the stages `plan` says will run.
     pub fn to_run(&self, recipe: &str) -> Vec<String> {
-        self.plan(recipe).into_iter().filter(|n| n.1 == "run").map(|n| n.0).collect()
+        self.plan(recipe)
+            .into_iter()
+            .filter(|n| n.1 == "run")
+            .map(|n| n.0)
+            .collect()
     }
 
     pub fn key(&self, recipe: &str, node: &str) -> String {
-        self.plan(recipe).into_iter().find(|n| n.0 == node).unwrap_or_else(|| panic!("no node {node}")).2
+        self.plan(recipe)
+            .into_iter()
+            .find(|n| n.0 == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+            .2
     }
 
     /// Number of complete artifacts in the store.
     pub fn objects(&self) -> usize {
-        std::fs::read_dir(self.path(".rudder/objects")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.path(".rudder/objects"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 

@@ -7,13 +7,11 @@ use std::path::{Component, Path};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Expect, FieldError, InputField, Kind, Produces, StageSpec, inputs_list, stage_common,
-};
+use super::{Expect, FieldError, InputField, Kind, Produces, StageSpec, inputs_list, stage_common};
 use crate::source::ValuePath;
 
 /// Run a shell command that writes declared files into `{{ out }}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct CommandParams {
     /// Nodes the command reads; `{{ inputs.NAME }}` is a dataset's file, a model's directory, or
@@ -29,18 +27,6 @@ pub struct CommandParams {
     pub outputs: BTreeMap<String, String>,
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
-}
-
-impl Default for CommandParams {
-    fn default() -> Self {
-        Self {
-            inputs: Vec::new(),
-            deps: Vec::new(),
-            cmd: String::new(),
-            outputs: BTreeMap::new(),
-            env: BTreeMap::new(),
-        }
-    }
 }
 
 impl Kind for CommandParams {

@@ -228,21 +228,12 @@ impl StageSpec for ConstitutionalParams {
 }
 
 /// Copy a model out of the store as a Hugging Face directory.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ExportParams {
     pub model: String,
     /// Destination directory, relative to the recipe.
     pub out: String,
-}
-
-impl Default for ExportParams {
-    fn default() -> Self {
-        Self {
-            model: String::new(),
-            out: String::new(),
-        }
-    }
 }
 
 impl Kind for ExportParams {

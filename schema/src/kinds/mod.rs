@@ -25,8 +25,7 @@ pub use command::CommandParams;
 pub use common::*;
 pub use generation::{ConstitutionalParams, EvaluateParams, ExportParams, GenerateParams};
 pub use preference::{
-    DpoLossType, DpoParams, FDivergenceType, IterativeDpoParams, KtoParams, OrpoParams,
-    SimpoParams,
+    DpoLossType, DpoParams, FDivergenceType, IterativeDpoParams, KtoParams, OrpoParams, SimpoParams,
 };
 pub use rl::{GrpoParams, PpoParams, RlooParams};
 pub use training::{PretrainParams, RewardParams, SftParams, TokenizerParams};
@@ -303,10 +302,9 @@ pub(crate) fn check_judge(judge: &Judge) -> Vec<FieldError> {
                 at("rule"),
                 "rule `exact_match` needs `column`, the dataset column holding the answer",
             )],
-            Rule::Regex if rule.pattern.is_none() => vec![FieldError::new(
-                at("rule"),
-                "rule `regex` needs `pattern`",
-            )],
+            Rule::Regex if rule.pattern.is_none() => {
+                vec![FieldError::new(at("rule"), "rule `regex` needs `pattern`")]
+            }
             Rule::Length if rule.target.is_none() => vec![FieldError::new(
                 at("rule"),
                 "rule `length` needs `target`, the best length in characters",
@@ -323,10 +321,12 @@ pub(crate) fn check_judge(judge: &Judge) -> Vec<FieldError> {
 }
 
 fn regex_syntax_error(pattern: &str) -> Option<String> {
-    regex_syntax::Parser::new()
-        .parse(pattern)
-        .err()
-        .map(|e| format!("invalid regex: {}", e.to_string().lines().last().unwrap_or("")))
+    regex_syntax::Parser::new().parse(pattern).err().map(|e| {
+        format!(
+            "invalid regex: {}",
+            e.to_string().lines().last().unwrap_or("")
+        )
+    })
 }
 
 /// `impl StageSpec` boilerplate shared by every kind: kind name, params, `as_any`.
@@ -375,6 +375,10 @@ mod tests {
             pattern: Some("(ab".into()),
             target: None,
         });
-        assert!(check_judge(&bad_regex)[0].message.starts_with("invalid regex"));
-}
+        assert!(
+            check_judge(&bad_regex)[0]
+                .message
+                .starts_with("invalid regex")
+        );
     }
+}

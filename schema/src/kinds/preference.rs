@@ -536,7 +536,9 @@ impl IterativeDpoParams {
     /// overriding a later one leaves earlier rounds' keys unchanged.
     pub fn round_params(&self, n: u32) -> serde_json::Value {
         let mut params = super::to_params(self);
-        let map = params.as_object_mut().expect("struct serialises to an object");
+        let map = params
+            .as_object_mut()
+            .expect("struct serialises to an object");
         map.remove("rounds");
         map.remove("round");
         if let Some(overrides) = self.round.get(&n.to_string()) {
@@ -575,7 +577,10 @@ impl StageSpec for IterativeDpoParams {
                 ("data".to_owned(), PartInput::Role("data".into())),
             ];
             if n > 1 {
-                inputs.push(("previous".into(), PartInput::Part(format!("round-{}", n - 1))));
+                inputs.push((
+                    "previous".into(),
+                    PartInput::Part(format!("round-{}", n - 1)),
+                ));
             }
             if let Some(role) = &judge_role {
                 inputs.push(("judge".into(), PartInput::Role(role.clone())));
@@ -616,7 +621,10 @@ impl StageSpec for IterativeDpoParams {
             if !valid {
                 errors.push(FieldError::new(
                     ValuePath::root().key("round").key(key),
-                    format!("round overrides are keyed by round number 1..={}", self.rounds),
+                    format!(
+                        "round overrides are keyed by round number 1..={}",
+                        self.rounds
+                    ),
                 ));
             }
         }

@@ -5,8 +5,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Expect, FieldError, InputField, Judge, Kind, Produces, StageSpec, TrainArgs,
-    check_judge, input, judge_input, stage_common,
+    Expect, FieldError, InputField, Judge, Kind, Produces, StageSpec, TrainArgs, check_judge,
+    input, judge_input, stage_common,
 };
 use crate::source::ValuePath;
 
@@ -134,12 +134,7 @@ impl Kind for PpoParams {
     const SUMMARY: &'static str = "PPO with a critic against a reward model or judge";
 }
 
-fn rl_inputs(
-    model: &str,
-    reference: Option<&str>,
-    reward: &Judge,
-    data: &str,
-) -> Vec<InputField> {
+fn rl_inputs(model: &str, reference: Option<&str>, reward: &Judge, data: &str) -> Vec<InputField> {
     let mut inputs = vec![input("model", model, Expect::Model)];
     if let Some(reference) = reference {
         inputs.push(input("reference", reference, Expect::Model));
