@@ -1,0 +1,407 @@
+//! The training loop shared by every training stage: ordering the examples into micro-batches
+//! (shuffled per epoch from the seed, or in file order), gradient accumulation, the global-norm
+//! gradient clipping of `clip_grad_norm_`, the Hugging Face learning-rate schedules, PyTorch's
+//! AdamW, NaN/inf detection, and `metrics.jsonl`. A stage supplies an [`Objective`]: how to turn
+//! examples into a summed loss and its metrics. The loop owns nothing stage-specific.
+//!
+//! Step `k` is measured with the parameters before its update, as TRL logs it:
+//!
+//! ```text
+//! for each update k:  micro-batches -> sum of losses / total weight -> backward (accumulate)
+//!                     -> grad_norm (pre-clip) -> clip -> lr(k-1) -> AdamW -> log step k
+//! ```
+
+pub mod adamw;
+pub mod metrics;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use metrics::{MetricValue, MetricsWriter, Reduce, StepRecord};
+pub use schedule::{Schedule, ScheduleKind};
+
+use crate::StageError;
+
+/// What can stop training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(
+        "step {step}: {quantity} is {value} (not finite); lower the learning rate or clip gradients"
+    )]
+    NonFinite {
+        step: u64,
+        quantity: &'static str,
+        value: f64,
+    },
+    #[error("no training examples{0}")]
+    NoData(String),
+    #[error("invalid training setting: {0}")]
+    Config(String),
+    #[error("training was interrupted at step {step}")]
+    Interrupted { step: u64 },
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Stage(#[from] StageError),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The loop's settings (the Hugging Face `TrainingArguments` that matter here).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    pub epochs: u64,
+    /// Overrides `epochs` when set.
+    pub max_steps: Option<u64>,
+    pub gradient_accumulation_steps: usize,
+    pub adamw: AdamWConfig,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: u64,
+    pub warmup_ratio: f64,
+    /// 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub shuffle: bool,
+    pub seed: u64,
+    pub logging_steps: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 1e-3,
+            batch_size: 8,
+            epochs: 1,
+            max_steps: None,
+            gradient_accumulation_steps: 1,
+            adamw: AdamWConfig::default(),
+            schedule: ScheduleKind::Constant,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            max_grad_norm: 0.0,
+            shuffle: false,
+            seed: 0,
+            logging_steps: 1,
+        }
+    }
+}
+
+/// One micro-batch's contribution: the sum of its per-item losses (divided by the window's total
+/// weight by the loop) and its metric sums.
+pub struct Forward<B: AutodiffBackend> {
+    /// A one-element tensor.
+    pub loss_sum: Tensor<B, 1>,
+    pub metrics: Vec<MetricValue>,
+}
+
+/// A training objective: how a stage turns examples into a loss.
+pub trait Objective<B: AutodiffBackend> {
+    type Model: AutodiffModule<B>;
+    type Example;
+
+    /// What the loss sum of these examples is divided by (completion tokens for SFT, pairs for
+    /// a reward model), known before the forward pass so that accumulated micro-batches give
+    /// exactly the loss of one large batch.
+    fn weight(&self, examples: &[&Self::Example]) -> f64;
+
+    /// Runs the model over a micro-batch.
+    fn forward(
+        &self,
+        model: &Self::Model,
+        examples: &[&Self::Example],
+        device: &B::Device,
+    ) -> Result<Forward<B>, TrainError>;
+}
+
+/// Observes the loop: progress display and interruption.
+pub trait Hooks {
+    /// Called after every update with that step's record.
+    fn on_step(&mut self, _record: &StepRecord, _total_steps: u64) {}
+    /// Checked before every update; `true` stops training with [`TrainError::Interrupted`].
+    fn interrupted(&self) -> bool {
+        false
+    }
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// What training did.
+#[derive(Debug, Clone, Default)]
+pub struct TrainReport {
+    pub steps: Vec<StepRecord>,
+}
+
+impl TrainReport {
+    /// Summary metrics for a manifest: the last step's loss, grad_norm and stage metrics, and the
+    /// number of steps.
+    pub fn summary(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        if let Some(last) = self.steps.last() {
+            out.insert("loss".into(), last.loss);
+            out.insert("grad_norm".into(), last.grad_norm);
+            out.insert("steps".into(), last.step as f64);
+            out.insert("epoch".into(), last.epoch);
+            for (k, v) in &last.metrics {
+                out.insert((*k).to_string(), *v);
+            }
+        }
+        out
+    }
+}
+
+/// The micro-batch plan: which examples each update uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Per update: its micro-batches (example indices) and the epoch position after it.
+    pub updates: Vec<(Vec<Vec<usize>>, f64)>,
+}
+
+impl Plan {
+    /// Orders `n` examples into updates. Each epoch is a permutation (from `seed` and the epoch
+    /// number when shuffling), cut into micro-batches of `batch_size` (the last may be smaller)
+    /// and windows of `gradient_accumulation_steps` micro-batches (the last window of an epoch
+    /// may be shorter), as the Hugging Face Trainer does.
+    pub fn new(n: usize, cfg: &TrainConfig) -> Result<Self, TrainError> {
+        if n == 0 {
+            return Err(TrainError::NoData(String::new()));
+        }
+        if cfg.batch_size == 0 || cfg.gradient_accumulation_steps == 0 {
+            return Err(TrainError::Config(
+                "batch_size and gradient_accumulation_steps must be at least 1".into(),
+            ));
+        }
+        let micro = n.div_ceil(cfg.batch_size);
+        let per_epoch = micro.div_ceil(cfg.gradient_accumulation_steps) as u64;
+        let total = match cfg.max_steps {
+            Some(steps) => steps,
+            None => cfg.epochs.max(1) * per_epoch,
+        };
+        let mut updates = Vec::with_capacity(total as usize);
+        let mut epoch = 0u64;
+        while (updates.len() as u64) < total {
+            let order = epoch_order(n, cfg.shuffle, cfg.seed, epoch);
+            let batches: Vec<Vec<usize>> = order
+                .chunks(cfg.batch_size)
+                .map(<[usize]>::to_vec)
+                .collect();
+            for (i, window) in batches.chunks(cfg.gradient_accumulation_steps).enumerate() {
+                if updates.len() as u64 == total {
+                    break;
+                }
+                let position = epoch as f64 + (i + 1) as f64 / per_epoch as f64;
+                updates.push((window.to_vec(), position));
+            }
+            epoch += 1;
+        }
+        Ok(Self { updates })
+    }
+}
+
+/// The example order of one epoch: file order, or a seeded Fisher-Yates permutation.
+fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for i in (1..n).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+    }
+    order
+}
+
+/// Trains `model` on `examples` and returns it with the per-step records. `metrics` receives the
+/// logged lines when given.
+pub fn train<B, O>(
+    objective: &O,
+    mut model: O::Model,
+    examples: &[O::Example],
+    cfg: &TrainConfig,
+    device: &B::Device,
+    mut metrics: Option<&mut MetricsWriter>,
+    hooks: &mut dyn Hooks,
+) -> Result<(O::Model, TrainReport), TrainError>
+where
+    B: AutodiffBackend,
+    O: Objective<B>,
+{
+    let plan = Plan::new(examples.len(), cfg)?;
+    let total = plan.updates.len() as u64;
+    let schedule = Schedule::new(
+        cfg.schedule,
+        cfg.learning_rate,
+        cfg.warmup_steps,
+        cfg.warmup_ratio,
+        total,
+    );
+    let mut optim = AdamW::<B::InnerBackend>::new(cfg.adamw);
+    let mut report = TrainReport::default();
+    let mut totals: BTreeMap<&'static str, f64> = BTreeMap::new();
+    for (k, (window, epoch)) in plan.updates.iter().enumerate() {
+        let step = k as u64 + 1;
+        if hooks.interrupted() {
+            return Err(TrainError::Interrupted { step });
+        }
+        let batches: Vec<Vec<&O::Example>> = window
+            .iter()
+            .map(|idx| idx.iter().map(|&i| &examples[i]).collect())
+            .collect();
+        let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum();
+        if total_weight <= 0.0 {
+            return Err(TrainError::NoData(format!(
+                " to compute a loss on at step {step} (every sequence was masked out)"
+            )));
+        }
+        let mut accumulator = GradientsAccumulator::<O::Model>::new();
+        let mut loss = 0.0;
+        let mut sums: BTreeMap<&'static str, (f64, f64, Reduce)> = BTreeMap::new();
+        for batch in &batches {
+            let out = objective.forward(&model, batch, device)?;
+            let scaled = out.loss_sum.div_scalar(total_weight);
+            loss += scaled.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(scaled.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            for m in out.metrics {
+                let e = sums.entry(m.name).or_insert((0.0, 0.0, m.reduce));
+                e.0 += m.sum;
+                e.1 += m.count;
+            }
+        }
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                quantity: "loss",
+                value: loss,
+            });
+        }
+        let grads = accumulator.grads();
+        let grad_norm = adamw::global_grad_norm(&model, &grads);
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                quantity: "grad_norm",
+                value: grad_norm,
+            });
+        }
+        let lr = schedule.lr(k as u64);
+        let coef = adamw::clip_coefficient(grad_norm, cfg.max_grad_norm);
+        model = optim.step(model, grads, lr, coef);
+
+        let mut record = StepRecord {
+            step,
+            epoch: *epoch,
+            loss,
+            learning_rate: lr,
+            grad_norm,
+            metrics: BTreeMap::new(),
+            cumulative: Vec::new(),
+        };
+        for (name, (sum, count, reduce)) in sums {
+            let value = match reduce {
+                Reduce::Mean if count > 0.0 => sum / count,
+                Reduce::Mean => f64::NAN,
+                Reduce::Cumulative => {
+                    let t = totals.entry(name).or_insert(0.0);
+                    *t += sum;
+                    record.cumulative.push(name);
+                    *t
+                }
+            };
+            record.metrics.insert(name, value);
+        }
+        if let Some(w) = metrics.as_deref_mut() {
+            w.record(&record, step == total)?;
+        }
+        hooks.on_step(&record, total);
+        report.steps.push(record);
+    }
+    Ok((model, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(bs: usize, accum: usize, epochs: u64, max_steps: Option<u64>) -> TrainConfig {
+        TrainConfig {
+            batch_size: bs,
+            gradient_accumulation_steps: accum,
+            epochs,
+            max_steps,
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn plan_cuts_epochs_into_windows() {
+        let plan = Plan::new(5, &cfg(2, 2, 2, None)).unwrap();
+        // 3 micro-batches per epoch -> windows [[0,1],[2,3]] and [[4]]; two epochs.
+        assert_eq!(plan.updates.len(), 4);
+        assert_eq!(plan.updates[0].0, vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(plan.updates[1].0, vec![vec![4]]);
+        assert_eq!(plan.updates[1].1, 1.0);
+        assert_eq!(plan.updates[3].1, 2.0);
+    }
+
+    #[test]
+    fn max_steps_overrides_epochs() {
+        let plan = Plan::new(4, &cfg(4, 1, 3, Some(5))).unwrap();
+        assert_eq!(plan.updates.len(), 5);
+        assert!(
+            plan.updates
+                .iter()
+                .all(|(w, _)| w == &vec![vec![0, 1, 2, 3]])
+        );
+    }
+
+    #[test]
+    fn shuffling_is_seeded_and_changes_per_epoch() {
+        let mut c = cfg(10, 1, 2, None);
+        c.shuffle = true;
+        c.seed = 7;
+        let a = Plan::new(10, &c).unwrap();
+        let b = Plan::new(10, &c).unwrap();
+        assert_eq!(a, b);
+        let (e0, e1) = (&a.updates[0].0[0], &a.updates[1].0[0]);
+        assert_ne!(e0, e1);
+        let mut sorted = e0.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_ne!(e0, &sorted);
+    }
+
+    #[test]
+    fn empty_data_and_zero_batch_are_errors() {
+        assert!(matches!(
+            Plan::new(0, &cfg(1, 1, 1, None)),
+            Err(TrainError::NoData(_))
+        ));
+        assert!(matches!(
+            Plan::new(3, &cfg(0, 1, 1, None)),
+            Err(TrainError::Config(_))
+        ));
+    }
+}
