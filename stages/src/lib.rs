@@ -7,6 +7,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 
 pub use backend::BackendKind;
 pub use error::StageError;
