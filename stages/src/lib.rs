@@ -6,6 +6,8 @@ pub mod backend;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod reward;
+pub mod sft;
 pub mod tokenizer;
 pub mod train;
 

@@ -20,6 +20,10 @@ pub enum Reduce {
     Mean,
     /// A running total since the start of training (TRL's `num_tokens`).
     Cumulative,
+    /// The smallest value of the step's micro-batches; averaged over a logging interval.
+    Min,
+    /// The largest value of the step's micro-batches; averaged over a logging interval.
+    Max,
 }
 
 /// One metric of one micro-batch: a sum and what it is divided by.
@@ -38,6 +42,15 @@ impl MetricValue {
             sum,
             count,
             reduce: Reduce::Mean,
+        }
+    }
+
+    pub fn extreme(name: &'static str, value: f64, reduce: Reduce) -> Self {
+        Self {
+            name,
+            sum: value,
+            count: 1.0,
+            reduce,
         }
     }
 

@@ -30,6 +30,7 @@ pub use metrics::{MetricValue, MetricsWriter, Reduce, StepRecord};
 pub use schedule::{Schedule, ScheduleKind};
 
 use crate::StageError;
+use crate::data::DataError;
 
 /// What can stop training.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,8 @@ pub enum TrainError {
     },
     #[error(transparent)]
     Stage(#[from] StageError),
+    #[error(transparent)]
+    Data(#[from] DataError),
 }
 
 impl TrainError {
@@ -285,9 +288,19 @@ where
             let grads = GradientsParams::from_grads(scaled.backward(), &model);
             accumulator.accumulate(&model, grads);
             for m in out.metrics {
-                let e = sums.entry(m.name).or_insert((0.0, 0.0, m.reduce));
-                e.0 += m.sum;
-                e.1 += m.count;
+                match sums.get_mut(m.name) {
+                    None => {
+                        sums.insert(m.name, (m.sum, m.count, m.reduce));
+                    }
+                    Some(e) => match m.reduce {
+                        Reduce::Min => e.0 = e.0.min(m.sum),
+                        Reduce::Max => e.0 = e.0.max(m.sum),
+                        Reduce::Mean | Reduce::Cumulative => {
+                            e.0 += m.sum;
+                            e.1 += m.count;
+                        }
+                    },
+                }
             }
         }
         if !loss.is_finite() {
@@ -323,6 +336,7 @@ where
             let value = match reduce {
                 Reduce::Mean if count > 0.0 => sum / count,
                 Reduce::Mean => f64::NAN,
+                Reduce::Min | Reduce::Max => sum,
                 Reduce::Cumulative => {
                     let t = totals.entry(name).or_insert(0.0);
                     *t += sum;

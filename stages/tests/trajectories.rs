@@ -1,0 +1,286 @@
+//! Parity of whole training runs with TRL 1.16 (../shared/fixtures): 20 AdamW steps of SFT from
+//! `policy/` on `sft.jsonl` and of a Bradley-Terry reward model from `rm_init/` on
+//! `prefs.jsonl`, batch 16 (the whole dataset), constant lr 1e-3, no clipping, no shuffling.
+//! Every step's loss and gradient norm and the final parameters are compared with the
+//! reference run, and the tokenised rows with TRL's.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::tensor::ElementConversion;
+use rudder_stages::TestBackend;
+use rudder_stages::data::{Format, read_rows};
+use rudder_stages::model::{load_causal_lm, load_reward_model, save_causal_lm, save_reward_model};
+use rudder_stages::reward::{self, RewardObjective, pair_rewards};
+use rudder_stages::sft::{self, SftObjective, SftTokenization};
+use rudder_stages::tokenizer::Tokenizer;
+use rudder_stages::train::{MetricsWriter, NoHooks, ScheduleKind, TrainConfig, train};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+type AB = Autodiff<TestBackend>;
+
+fn fixtures() -> PathBuf {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ))
+    .to_path_buf()
+}
+
+fn json(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).unwrap()).unwrap()
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        learning_rate: 1e-3,
+        batch_size: 16,
+        max_steps: Some(20),
+        schedule: ScheduleKind::Constant,
+        max_grad_norm: 0.0,
+        shuffle: false,
+        ..TrainConfig::default()
+    }
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// Per-tensor (L2, sum) of a saved model directory, in f64.
+fn param_summary(dir: &Path) -> BTreeMap<String, (f64, f64)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values: Vec<f64> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect();
+            let l2 = values.iter().map(|x| x * x).sum::<f64>().sqrt();
+            (name, (l2, values.iter().sum()))
+        })
+        .collect()
+}
+
+/// Largest relative differences of (L2, sum) against the fixture; a sum is measured relative to
+/// the larger of itself and the tensor's L2 norm, since signed values can cancel to near zero.
+fn compare_params(ours: &BTreeMap<String, (f64, f64)>, reference: &Value) -> (f64, f64) {
+    let reference = reference.as_object().unwrap();
+    assert_eq!(ours.len(), reference.len(), "same tensors");
+    let (mut l2_err, mut sum_err) = (0f64, 0f64);
+    for (name, r) in reference {
+        let (l2, sum) = ours.get(name).unwrap_or_else(|| panic!("{name} saved"));
+        let (rl2, rsum) = (r["l2"].as_f64().unwrap(), r["sum"].as_f64().unwrap());
+        l2_err = l2_err.max(rel(*l2, rl2));
+        sum_err = sum_err.max((sum - rsum).abs() / rsum.abs().max(rl2));
+    }
+    (l2_err, sum_err)
+}
+
+#[test]
+fn sft_reproduces_trl_trajectory() {
+    let traj = json("sft_trajectory.json");
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
+    let rows = read_rows(
+        &fixtures().join("sft.jsonl"),
+        Format::Jsonl,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let examples = rows.sft_examples("text").unwrap();
+    let seqs = sft::tokenize(&tokenizer, &examples, &SftTokenization::default()).unwrap();
+    let mut targets = 0;
+    for (seq, row) in seqs.iter().zip(traj["rows"].as_array().unwrap()) {
+        let ids: Vec<u32> = serde_json::from_value(row["input_ids"].clone()).unwrap();
+        let labels: Vec<i64> = serde_json::from_value(row["labels"].clone()).unwrap();
+        assert_eq!(seq.input_ids, ids);
+        assert_eq!(seq.labels(), labels);
+        targets += seq.num_targets();
+    }
+    assert_eq!(
+        targets as u64,
+        traj["total_completion_tokens"].as_u64().unwrap()
+    );
+
+    let device = Default::default();
+    let (cfg, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
+    let objective = SftObjective { pad_id: 0 };
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = MetricsWriter::create(&dir.path().join("metrics.jsonl"), 5).unwrap();
+    let (model, report) = train(
+        &objective,
+        model,
+        &seqs,
+        &config(),
+        &device,
+        Some(&mut writer),
+        &mut NoHooks,
+    )
+    .unwrap();
+
+    let steps = traj["steps"].as_array().unwrap();
+    assert_eq!(report.steps.len(), steps.len());
+    let (mut loss_err, mut norm_err, mut ent_err, mut acc_err) = (0f64, 0f64, 0f64, 0f64);
+    for (ours, theirs) in report.steps.iter().zip(steps) {
+        loss_err = loss_err.max(rel(ours.loss, theirs["loss"].as_f64().unwrap()));
+        norm_err = norm_err.max(rel(ours.grad_norm, theirs["grad_norm"].as_f64().unwrap()));
+        ent_err = ent_err.max(rel(
+            ours.metrics["entropy"],
+            theirs["entropy"].as_f64().unwrap(),
+        ));
+        acc_err = acc_err.max(
+            (ours.metrics["mean_token_accuracy"] - theirs["mean_token_accuracy"].as_f64().unwrap())
+                .abs(),
+        );
+    }
+    let saved = dir.path().join("model");
+    save_causal_lm(&model, &cfg, &saved).unwrap();
+    let (l2_err, sum_err) = compare_params(&param_summary(&saved), &traj["final_param_summary"]);
+    println!(
+        "sft parity: loss {loss_err:.2e}, grad_norm {norm_err:.2e}, entropy {ent_err:.2e}, \
+         accuracy abs {acc_err:.2e}, param l2 {l2_err:.2e}, param sum {sum_err:.2e}"
+    );
+    assert!(loss_err < 1e-4, "loss relative error {loss_err:e}");
+    assert!(norm_err < 1e-3, "grad_norm relative error {norm_err:e}");
+    assert!(ent_err < 1e-4, "entropy relative error {ent_err:e}");
+    // One token of 266 flipping its argmax would be 3.8e-3.
+    assert!(acc_err < 1e-6, "accuracy differs by {acc_err:e}");
+    assert!(
+        l2_err < 1e-4 && sum_err < 1e-4,
+        "params {l2_err:e} {sum_err:e}"
+    );
+
+    // The final loss, evaluated after the last update.
+    let refs: Vec<&_> = seqs.iter().collect();
+    let final_loss = {
+        use rudder_stages::train::Objective;
+        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
+        out.loss_sum.into_scalar().elem::<f64>() / targets as f64
+    };
+    let expect = traj["final_loss_after_20_updates"].as_f64().unwrap();
+    assert!(rel(final_loss, expect) < 1e-4, "{final_loss} vs {expect}");
+
+    // metrics.jsonl: lines at steps 5, 10, 15, 20, each averaging its five steps.
+    let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let mean5: f64 = steps[15..20]
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / 5.0;
+    assert_eq!(lines[3]["step"], 20);
+    assert!(rel(lines[3]["loss"].as_f64().unwrap(), mean5) < 1e-4);
+    for key in [
+        "learning_rate",
+        "grad_norm",
+        "mean_token_accuracy",
+        "num_tokens",
+        "entropy",
+    ] {
+        assert!(lines[3][key].is_number(), "{key} logged");
+    }
+}
+
+#[test]
+fn reward_model_reproduces_trl_trajectory() {
+    let traj = json("rm_trajectory.json");
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
+    let rows = read_rows(
+        &fixtures().join("prefs.jsonl"),
+        Format::Jsonl,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let pairs = reward::tokenize(&tokenizer, &rows.preference_pairs().unwrap(), 1024).unwrap();
+    for (pair, row) in pairs.iter().zip(traj["rows"].as_array().unwrap()) {
+        let chosen: Vec<u32> = serde_json::from_value(row["chosen_ids"].clone()).unwrap();
+        let rejected: Vec<u32> = serde_json::from_value(row["rejected_ids"].clone()).unwrap();
+        assert_eq!(pair.chosen, chosen);
+        assert_eq!(pair.rejected, rejected);
+    }
+
+    let device = Default::default();
+    let (cfg, model) = load_reward_model::<AB>(&fixtures().join("rm_init"), &device).unwrap();
+    let refs: Vec<&_> = pairs.iter().collect();
+    let rewards_err = |model: &rudder_stages::model::RewardModel<AB>, expect: &Value| -> f64 {
+        let (c, r) = pair_rewards(model, &refs, 0, &device);
+        let c: Vec<f32> = c.into_data().to_vec().unwrap();
+        let r: Vec<f32> = r.into_data().to_vec().unwrap();
+        let mut err = 0f64;
+        for (ours, key) in [(c, "chosen_rewards"), (r, "rejected_rewards")] {
+            for (a, b) in ours.iter().zip(expect[key].as_array().unwrap()) {
+                err = err.max((*a as f64 - b.as_f64().unwrap()).abs());
+            }
+        }
+        err
+    };
+    let initial_err = rewards_err(&model, &traj["initial"]);
+    assert!(
+        initial_err < 1e-5,
+        "initial rewards differ by {initial_err:e}"
+    );
+
+    let objective = RewardObjective {
+        pad_id: 0,
+        center_rewards_coefficient: None,
+    };
+    let (model, report) = train(
+        &objective,
+        model,
+        &pairs,
+        &config(),
+        &device,
+        None,
+        &mut NoHooks,
+    )
+    .unwrap();
+    let steps = traj["steps"].as_array().unwrap();
+    assert_eq!(report.steps.len(), steps.len());
+    let (mut loss_err, mut norm_err, mut margin_err) = (0f64, 0f64, 0f64);
+    for (ours, theirs) in report.steps.iter().zip(steps) {
+        loss_err = loss_err.max(rel(ours.loss, theirs["loss"].as_f64().unwrap()));
+        norm_err = norm_err.max(rel(ours.grad_norm, theirs["grad_norm"].as_f64().unwrap()));
+        margin_err = margin_err.max(rel(
+            ours.metrics["margin"],
+            theirs["margin"].as_f64().unwrap(),
+        ));
+        assert_eq!(
+            ours.metrics["accuracy"],
+            theirs["accuracy"].as_f64().unwrap()
+        );
+        for key in ["mean_reward", "min_reward", "max_reward"] {
+            let (a, b) = (ours.metrics[key], theirs[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() < 1e-3 * b.abs().max(1.0),
+                "step {}: {key} {a} vs {b}",
+                ours.step
+            );
+        }
+    }
+    let saved = tempfile::tempdir().unwrap();
+    save_reward_model(&model, &cfg, saved.path()).unwrap();
+    let (l2_err, sum_err) =
+        compare_params(&param_summary(saved.path()), &traj["final_param_summary"]);
+    let final_err = rewards_err(&model, &traj["final_after_20_updates"]);
+    println!(
+        "reward parity: loss {loss_err:.2e}, grad_norm {norm_err:.2e}, margin {margin_err:.2e}, \
+         param l2 {l2_err:.2e}, param sum {sum_err:.2e}, final rewards abs {final_err:.2e}"
+    );
+    assert!(loss_err < 1e-4, "loss relative error {loss_err:e}");
+    assert!(norm_err < 1e-3, "grad_norm relative error {norm_err:e}");
+    assert!(margin_err < 1e-4, "margin relative error {margin_err:e}");
+    assert!(
+        l2_err < 1e-4 && sum_err < 1e-4,
+        "params {l2_err:e} {sum_err:e}"
+    );
+    assert!(final_err < 1e-3, "final rewards differ by {final_err:e}");
+}
