@@ -306,3 +306,56 @@ fn dag_formats() {
     let mermaid = s.ok(&["dag", "recipe.toml", "--format", "mermaid"]);
     assert!(mermaid.starts_with("flowchart LR"), "{mermaid}");
 }
+
+#[test]
+fn kinds_without_a_runner_validate_and_plan_but_fail_at_run() {
+    let s = Scratch::new();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    s.write(
+        "recipe.toml",
+        &format!(
+            "[datasets.prefs]\npath = \"prefs.jsonl\"\n\n[models.base]\nhf = \"{}\"\n\n[stages.dpo]\nkind = \"dpo\"\nmodel = \"base\"\ndata = \"prefs\"\n",
+            fixtures.join("policy").display()
+        ),
+    );
+    s.write("prefs.jsonl", "{\"prompt\": \"a\", \"chosen\": \" b\", \"rejected\": \" c\"}\n");
+    s.ok(&["validate", "recipe.toml"]);
+    let plan = s.plan("recipe.toml");
+    let names: Vec<&str> = plan.iter().map(|n| n.0.as_str()).collect();
+    assert_eq!(names, ["prefs", "base", "dpo/ref_logps", "dpo"]);
+    assert!(s.ok(&["dag", "recipe.toml"]).contains("dpo (dpo) <- model: base, reference: base, data: prefs, ref_logps: dpo/ref_logps"));
+    // Writing the default `reference` explicitly changes no key.
+    let key = s.key("recipe.toml", "dpo");
+    let text = s.read("recipe.toml");
+    s.write("recipe.toml", &format!("{text}reference = \"base\"\nbeta = 0.1\n"));
+    assert_eq!(s.key("recipe.toml", "dpo"), key);
+    let out = s.rudder(&["run", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("`dpo/ref_logps` is not implemented"), "{}", stderr(&out));
+    assert_eq!(s.objects(), 0);
+}
+
+#[test]
+fn broken_recipes_exit_2_without_panicking() {
+    let s = scratch();
+    let cases = [
+        RECIPE[..RECIPE.len() / 2].to_owned(),
+        RECIPE.replace("kind = \"command\"", "kind = 7"),
+        RECIPE.replace("inputs = [\"raw\"]", "inputs = [\"upper\"]"),
+        RECIPE.replace("[stages.other]\nkind = \"command\"", "[stages.other]\nkind = \"command\"\nafter = [\"count\", \"other\"]"),
+        format!("{RECIPE}\n[stages.upper2]\nkind = \"command\"\ninputs = [\"upper3\"]\ncmd = \"x\"\noutputs = {{ a = \"a\" }}\n[stages.upper3]\nkind = \"command\"\ninputs = [\"upper2\"]\ncmd = \"x\"\noutputs = {{ a = \"a\" }}\n"),
+        "\u{0}\u{1}[[[".to_owned(),
+        format!("x = {}1{}", "[".repeat(5000), "]".repeat(5000)),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        s.write("recipe.toml", case);
+        let out = s.rudder(&["plan", "recipe.toml"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
+        assert!(!err.contains("panicked"), "case {i}: {err}");
+        assert!(err.contains("recipe.toml:"), "case {i} has no location: {err}");
+    }
+    s.write("recipe.toml", &cases[4]);
+    let err = stderr(&s.rudder(&["plan", "recipe.toml"]));
+    assert!(err.contains("dependency cycle between `upper2`, `upper3`"), "{err}");
+}
