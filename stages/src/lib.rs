@@ -8,6 +8,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod reward;
+pub mod runner;
 pub mod sft;
 pub mod tokenizer;
 pub mod train;
@@ -15,6 +16,7 @@ pub mod train;
 pub use backend::BackendKind;
 pub use error::StageError;
 pub use generate::{Completion, FinishReason, GenerateOptions, generate, generate_with_tokenizer};
+pub use runner::register;
 pub use tokenizer::Tokenizer;
 
 /// The CPU backend that unit and integration tests run on.

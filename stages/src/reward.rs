@@ -7,15 +7,25 @@
 //! Metrics (TRL's names): `accuracy` (strict `r_c > r_r`), `margin` (mean `r_c - r_r`),
 //! `mean_reward`, `min_reward`, `max_reward` over both sides.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use burn::module::AutodiffModule;
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_schema::kinds::RewardParams;
 
+use crate::backend::{AutodiffTask, dispatch_autodiff};
 use crate::data::PreferencePair;
-use crate::model::RewardModel;
+use crate::model::{RewardModel, reward_model_from_causal_lm, save_reward_model};
+use crate::runner::{self, METRICS_FILE, StageHooks};
 use crate::tokenizer::Tokenizer;
-use crate::train::{Forward, MetricValue, Objective, Reduce, TrainError};
+use crate::train::{
+    Forward, MetricValue, MetricsWriter, Objective, Reduce, TrainConfig, TrainError, TrainReport,
+    train,
+};
 
 /// A tokenised preference pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +98,7 @@ pub fn pair_rewards<B: burn::tensor::backend::Backend>(
     }
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2 * n, seq]), device);
     let rewards = model.forward(ids, Some(&padding));
-    (rewards.clone().slice([0..n]), rewards.slice([n..2 * n]))
+    (rewards.clone().slice(0..n), rewards.slice(n..2 * n))
 }
 
 /// Per-pair Bradley-Terry losses `-logsigmoid(r_c - r_r - margin) + coef * (r_c + r_r)^2`.
@@ -159,11 +169,122 @@ where
     }
 }
 
+/// Runs `reward` stages: builds the reward model (a causal LM's backbone gets a fresh score
+/// head from the stage's seed), trains it on the preference pairs, evaluates the held-out
+/// fraction (`eval_ratio`, the last pairs of the file), and writes the model directory with
+/// `metrics.jsonl`.
+pub struct RewardRunner;
+
+impl Runner for RewardRunner {
+    fn kind(&self) -> &'static str {
+        "reward"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        Ok(run_stage(ctx)?)
+    }
+}
+
+fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
+    let params = ctx.params::<RewardParams>().ok_or_else(|| {
+        TrainError::Input("the stage's parameters are not reward parameters".into())
+    })?;
+    let dir = runner::model_dir(ctx)?;
+    let tokenizer = runner::model_tokenizer(&dir)?;
+    runner::check_vocab(&dir, &tokenizer)?;
+    let rows = runner::data_rows(ctx)?;
+    let pairs = tokenize(
+        &tokenizer,
+        &rows.preference_pairs()?,
+        params.max_length as usize,
+    )?;
+    // At least one pair always trains.
+    let n_eval = ((params.eval_ratio * pairs.len() as f64).round() as usize)
+        .min(pairs.len().saturating_sub(1));
+    let (train_pairs, eval_pairs) = pairs.split_at(pairs.len() - n_eval);
+    let task = RewardTask {
+        ctx,
+        dir: &dir,
+        train_pairs,
+        eval_pairs,
+        objective: RewardObjective {
+            pad_id: tokenizer.pad_id().unwrap_or(0),
+            center_rewards_coefficient: params.center_rewards_coefficient,
+        },
+        cfg: runner::train_config(params.learning_rate, &params.train, ctx.seed),
+    };
+    let (report, eval) = dispatch_autodiff(runner::backend(ctx)?, task)??;
+    tokenizer.save(ctx.out_dir)?;
+    let mut summary = report.summary();
+    summary.insert("pairs".into(), train_pairs.len() as f64);
+    summary.extend(eval);
+    Ok(StageOutcome { summary })
+}
+
+struct RewardTask<'a, 'b> {
+    ctx: &'a StageContext<'b>,
+    dir: &'a Path,
+    train_pairs: &'a [RewardPair],
+    eval_pairs: &'a [RewardPair],
+    objective: RewardObjective,
+    cfg: TrainConfig,
+}
+
+type Eval = BTreeMap<String, f64>;
+
+impl AutodiffTask for RewardTask<'_, '_> {
+    type Output = Result<(TrainReport, Eval), TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let (model_cfg, model) =
+            reward_model_from_causal_lm::<B>(self.dir, self.ctx.seed, &device)?;
+        let mut writer =
+            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
+        let (model, report) = train(
+            &self.objective,
+            model,
+            self.train_pairs,
+            &self.cfg,
+            &device,
+            Some(&mut writer),
+            &mut StageHooks { ctx: self.ctx },
+        )?;
+        let mut eval = Eval::new();
+        if !self.eval_pairs.is_empty() {
+            let inner = model.valid();
+            let refs: Vec<&RewardPair> = self.eval_pairs.iter().collect();
+            let (c, r) = pair_rewards(&inner, &refs, self.objective.pad_id, &device);
+            let margin: Vec<f32> = self.eval_pairs.iter().map(|p| p.margin as f32).collect();
+            let margin = Tensor::from_data(TensorData::new(margin, [refs.len()]), &device);
+            let loss = bradley_terry(
+                c.clone(),
+                r.clone(),
+                Some(margin),
+                self.objective.center_rewards_coefficient,
+            );
+            let n = refs.len() as f64;
+            let loss: f64 = loss.sum().into_scalar().elem::<f64>() / n;
+            let c: Vec<f32> = c.into_data().to_vec().expect("rewards are f32");
+            let r: Vec<f32> = r.into_data().to_vec().expect("rewards are f32");
+            let correct = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64;
+            let gap: f64 = c.iter().zip(&r).map(|(a, b)| f64::from(a - b)).sum();
+            eval.insert("eval_loss".into(), loss);
+            eval.insert("eval_accuracy".into(), correct / n);
+            eval.insert("eval_margin".into(), gap / n);
+        }
+        save_reward_model(&model, &model_cfg, self.ctx.out_dir)?;
+        Ok((report, eval))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::TestBackend;
-    use burn::tensor::ElementConversion;
 
     fn t(v: &[f32]) -> Tensor<TestBackend, 1> {
         Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())

@@ -11,15 +11,23 @@
 //! Token `j` is predicted from position `j - 1` (labels are unshifted, as in transformers).
 //! Metrics use TRL's names: `mean_token_accuracy`, `entropy` and the running `num_tokens`.
 
+use std::path::Path;
+
 use burn::module::AutodiffModule;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_schema::kinds::SftParams;
 
+use crate::backend::{AutodiffTask, dispatch_autodiff};
 use crate::data::{Message as DataMessage, SftExample};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
+use crate::runner::{self, METRICS_FILE, StageHooks};
 use crate::tokenizer::{Message, Tokenizer};
-use crate::train::{Forward, MetricValue, Objective, TrainError};
+use crate::train::{
+    Forward, MetricValue, MetricsWriter, Objective, TrainConfig, TrainError, TrainReport, train,
+};
 
 /// A tokenised training sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +299,89 @@ pub fn token_stats<B: AutodiffBackend>(logits: Tensor<B, 3>, batch: &Batch<B>) -
         correct,
         targets: targets_count,
         entropy_sum,
+    }
+}
+
+/// Runs `sft` stages: loads the model and its tokenizer, tokenises the data, trains, and writes
+/// the fine-tuned model directory with `metrics.jsonl` into the artifact.
+pub struct SftRunner;
+
+impl Runner for SftRunner {
+    fn kind(&self) -> &'static str {
+        "sft"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        Ok(run_stage(ctx)?)
+    }
+}
+
+fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
+    let params = ctx
+        .params::<SftParams>()
+        .ok_or_else(|| TrainError::Input("the stage's parameters are not sft parameters".into()))?;
+    if params.packing {
+        return Err(TrainError::Config(
+            "packing is not supported by this version; set packing = false".into(),
+        ));
+    }
+    let dir = runner::model_dir(ctx)?;
+    let tokenizer = runner::model_tokenizer(&dir)?;
+    runner::check_vocab(&dir, &tokenizer)?;
+    let rows = runner::data_rows(ctx)?;
+    let examples = rows.sft_examples(&params.dataset_text_field)?;
+    let opts = SftTokenization {
+        max_length: params.max_length as usize,
+        completion_only_loss: params.completion_only_loss,
+        assistant_only_loss: params.assistant_only_loss,
+    };
+    let sequences = tokenize(&tokenizer, &examples, &opts)?;
+    let task = SftTask {
+        ctx,
+        dir: &dir,
+        sequences: &sequences,
+        pad_id: tokenizer.pad_id().unwrap_or(0),
+        cfg: runner::train_config(params.learning_rate, &params.train, ctx.seed),
+    };
+    let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
+    tokenizer.save(ctx.out_dir)?;
+    let mut summary = report.summary();
+    summary.insert("examples".into(), sequences.len() as f64);
+    Ok(StageOutcome { summary })
+}
+
+struct SftTask<'a, 'b> {
+    ctx: &'a StageContext<'b>,
+    dir: &'a Path,
+    sequences: &'a [SftSequence],
+    pad_id: u32,
+    cfg: TrainConfig,
+}
+
+impl AutodiffTask for SftTask<'_, '_> {
+    type Output = Result<TrainReport, TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
+        let mut writer =
+            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
+        let (model, report) = train(
+            &SftObjective {
+                pad_id: self.pad_id,
+            },
+            model,
+            self.sequences,
+            &self.cfg,
+            &device,
+            Some(&mut writer),
+            &mut StageHooks { ctx: self.ctx },
+        )?;
+        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
+        Ok(report)
     }
 }
 

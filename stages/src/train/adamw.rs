@@ -267,9 +267,9 @@ mod tests {
         m = opt.step(m, g, lr, 1.0);
         let b2 = values(m.b.val());
         let m2 = 0.9 * 0.2 + 0.1 * 2.0;
-        let v2 = 0.999 * 0.004 + 0.001 * 4.0;
-        let step = lr / (1.0 - 0.9f64.powi(2)) * m2
-            / ((v2 as f64).sqrt() / (1.0 - 0.999f64.powi(2)).sqrt() + 1e-8);
+        let v2: f64 = 0.999 * 0.004 + 0.001 * 4.0;
+        let step =
+            lr / (1.0 - 0.9f64.powi(2)) * m2 / (v2.sqrt() / (1.0 - 0.999f64.powi(2)).sqrt() + 1e-8);
         assert!((b2[0] as f64 - (0.5 - lr - step)).abs() < 1e-6, "{b2:?}");
         assert_eq!(opt.step, 2);
     }

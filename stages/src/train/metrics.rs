@@ -104,7 +104,7 @@ impl MetricsWriter {
     /// Records a step; writes a line when the step is due (or `last`).
     pub fn record(&mut self, step: &StepRecord, last: bool) -> Result<(), TrainError> {
         self.pending.push(step.clone());
-        if step.step % self.every == 0 || last {
+        if step.step.is_multiple_of(self.every) || last {
             let line = Self::line(&self.pending);
             self.pending.clear();
             writeln!(self.out, "{line}")

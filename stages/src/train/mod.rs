@@ -45,6 +45,8 @@ pub enum TrainError {
     },
     #[error("no training examples{0}")]
     NoData(String),
+    #[error("{0}")]
+    Input(String),
     #[error("invalid training setting: {0}")]
     Config(String),
     #[error("training was interrupted at step {step}")]

@@ -1,0 +1,188 @@
+//! What the training stage kinds share when the engine runs them: reading the stage's inputs
+//! (the model directory with its tokenizer, the dataset with its format and column renames),
+//! turning the recipe's `TrainArgs` into the loop's settings, reporting progress and honouring
+//! Ctrl-C, and [`register`], which adds this crate's runners to the engine's registry. The
+//! per-kind logic stays in `sft.rs` and `reward.rs`.
+
+use std::path::{Path, PathBuf};
+
+use rudder_engine::Registry;
+use rudder_engine::executor::{InputKind, StageContext, StageInput};
+use rudder_schema::kinds::{LrSchedulerType, TrainArgs};
+
+use crate::backend::BackendKind;
+use crate::data::{Format, Rows, read_rows};
+use crate::tokenizer::Tokenizer;
+use crate::train::{AdamWConfig, Hooks, ScheduleKind, StepRecord, TrainConfig, TrainError};
+
+/// The metrics file every training artifact holds.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Adds the runners of the training kinds (`sft`, `reward`) to `registry`.
+pub fn register(registry: &mut Registry) {
+    registry.register(crate::sft::SftRunner);
+    registry.register(crate::reward::RewardRunner);
+}
+
+/// The loop's settings from a recipe's training arguments.
+pub fn train_config(learning_rate: f64, args: &TrainArgs, seed: u64) -> TrainConfig {
+    TrainConfig {
+        learning_rate,
+        batch_size: args.batch_size as usize,
+        epochs: u64::from(args.epochs),
+        max_steps: args.max_steps,
+        gradient_accumulation_steps: args.gradient_accumulation_steps as usize,
+        adamw: AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            epsilon: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        },
+        schedule: match args.lr_scheduler_type {
+            LrSchedulerType::Constant => ScheduleKind::Constant,
+            LrSchedulerType::ConstantWithWarmup => ScheduleKind::ConstantWithWarmup,
+            LrSchedulerType::Linear => ScheduleKind::Linear,
+            LrSchedulerType::Cosine => ScheduleKind::Cosine,
+        },
+        warmup_steps: args.warmup_steps,
+        warmup_ratio: args.warmup_ratio,
+        max_grad_norm: args.max_grad_norm,
+        shuffle: args.shuffle,
+        seed,
+        logging_steps: args.logging_steps,
+    }
+}
+
+fn input<'a>(ctx: &'a StageContext<'_>, role: &str) -> Result<&'a StageInput, TrainError> {
+    ctx.input(role)
+        .ok_or_else(|| TrainError::Input(format!("the stage has no `{role}` input")))
+}
+
+/// The directory of the `model` input: a Hugging Face directory or an earlier stage's model.
+pub fn model_dir(ctx: &StageContext<'_>) -> Result<PathBuf, TrainError> {
+    let model = input(ctx, "model")?;
+    match (&model.kind, &model.path) {
+        (InputKind::FreshModel(_), _) => Err(TrainError::Input(format!(
+            "model `{}` is a fresh architecture with no weights; train it with a `pretrain` stage first",
+            model.node
+        ))),
+        (_, Some(path)) if path.is_dir() => Ok(path.clone()),
+        (_, Some(path)) => Err(TrainError::Input(format!(
+            "model `{}`: {} is not a model directory",
+            model.node,
+            path.display()
+        ))),
+        (_, None) => Err(TrainError::Input(format!(
+            "model `{}` has no directory",
+            model.node
+        ))),
+    }
+}
+
+/// The tokenizer stored beside the model's weights.
+pub fn model_tokenizer(dir: &Path) -> Result<Tokenizer, TrainError> {
+    if !dir.join("tokenizer.json").is_file() {
+        return Err(TrainError::Input(format!(
+            "no tokenizer.json in model directory {}; a model used for training needs its tokenizer",
+            dir.display()
+        )));
+    }
+    Ok(Tokenizer::from_dir(dir)?)
+}
+
+/// Refuses a tokenizer whose ids do not fit the model's embedding table.
+pub fn check_vocab(dir: &Path, tokenizer: &Tokenizer) -> Result<(), TrainError> {
+    let cfg = crate::model::load_config(dir)?;
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        return Err(TrainError::Input(format!(
+            "the tokenizer in {} has {} tokens but the model's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            cfg.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// The rows of the `data` input, read with its declared format and column renames.
+pub fn data_rows(ctx: &StageContext<'_>) -> Result<Rows, TrainError> {
+    let data = input(ctx, "data")?;
+    let path = data
+        .path
+        .as_ref()
+        .ok_or_else(|| TrainError::Input(format!("data `{}` has no file", data.node)))?;
+    let (format, columns) = match &data.kind {
+        InputKind::Dataset { format, columns } => {
+            (Format::from_name(format.as_str()), columns.clone())
+        }
+        _ => {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            (
+                Format::from_name(&ext.to_ascii_lowercase()),
+                Default::default(),
+            )
+        }
+    };
+    let format = format.ok_or_else(|| {
+        TrainError::Input(format!(
+            "data `{}`: cannot tell the format of {} (expected jsonl, json, parquet or txt)",
+            data.node,
+            path.display()
+        ))
+    })?;
+    let rows = read_rows(path, format, &columns)?;
+    if rows.rows.is_empty() {
+        return Err(TrainError::NoData(format!(" in {}", path.display())));
+    }
+    Ok(rows)
+}
+
+/// The compute backend the recipe asks for.
+pub fn backend(ctx: &StageContext<'_>) -> Result<BackendKind, TrainError> {
+    Ok(ctx.backend.as_str().parse::<BackendKind>()?)
+}
+
+/// Progress bar and interruption for the loop.
+pub struct StageHooks<'a, 'b> {
+    pub ctx: &'a StageContext<'b>,
+}
+
+impl Hooks for StageHooks<'_, '_> {
+    fn on_step(&mut self, record: &StepRecord, total_steps: u64) {
+        if record.step == 1 {
+            self.ctx.progress.set_length(total_steps);
+        }
+        self.ctx.progress.set_position(record.step);
+        self.ctx
+            .progress
+            .set_message(format!("loss {:.4}", record.loss));
+    }
+
+    fn interrupted(&self) -> bool {
+        self.ctx.is_interrupted()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_args_map_onto_the_loop() {
+        let args = TrainArgs {
+            lr_scheduler_type: LrSchedulerType::Cosine,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            ..TrainArgs::default()
+        };
+        let cfg = train_config(3e-4, &args, 9);
+        assert_eq!(cfg.learning_rate, 3e-4);
+        assert_eq!(cfg.schedule, ScheduleKind::Cosine);
+        assert_eq!(cfg.warmup_ratio, 0.1);
+        assert_eq!(cfg.adamw.weight_decay, 0.01);
+        assert_eq!(cfg.batch_size, args.batch_size as usize);
+        assert_eq!(cfg.max_grad_norm, args.max_grad_norm);
+        assert_eq!(cfg.seed, 9);
+        assert!(cfg.shuffle);
+    }
+}

@@ -1,0 +1,281 @@
+//! The `sft` and `reward` runners as the engine calls them: a stage context with a model
+//! directory and a dataset, a few steps of training, and the artifact they leave (a loadable
+//! Hugging Face directory with its tokenizer and `metrics.jsonl`). The losses are compared with
+//! the first steps of TRL's reference trajectories, so the runners wire the parameters through
+//! faithfully. Bad inputs must come back as errors, not panics.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use rudder_engine::executor::{InputKind, NoProgress, StageContext, StageInput, StageResult};
+use rudder_engine::{Key, Registry};
+use rudder_schema::kinds::{LrSchedulerType, RewardParams, SftParams, StageSpec, TrainArgs};
+use rudder_schema::{Backend, DataFormat, Precision};
+use rudder_stages::TestBackend;
+use rudder_stages::model::{load_causal_lm, load_reward_model};
+use rudder_stages::tokenizer::Tokenizer;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ))
+    .to_path_buf()
+}
+
+/// A model directory with its tokenizer, as an earlier stage or `models.X.hf` provides it.
+fn model_dir(weights: &str, into: &Path) -> PathBuf {
+    let dir = into.join(weights);
+    std::fs::create_dir_all(&dir).unwrap();
+    for src in [fixtures().join(weights), fixtures().join("tokenizer")] {
+        for entry in std::fs::read_dir(src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+/// The reference runs' settings, for `steps` steps.
+fn train_args(steps: u64) -> TrainArgs {
+    TrainArgs {
+        batch_size: 16,
+        max_steps: Some(steps),
+        lr_scheduler_type: LrSchedulerType::Constant,
+        max_grad_norm: 0.0,
+        shuffle: false,
+        logging_steps: 1,
+        ..TrainArgs::default()
+    }
+}
+
+fn input(role: &str, path: Option<PathBuf>, kind: InputKind) -> StageInput {
+    StageInput {
+        role: role.into(),
+        node: role.into(),
+        key: Key::from_hex(&"0".repeat(64)).unwrap(),
+        path,
+        kind,
+    }
+}
+
+fn dataset(name: &str) -> StageInput {
+    input(
+        "data",
+        Some(fixtures().join(name)),
+        InputKind::Dataset {
+            format: DataFormat::Jsonl,
+            columns: BTreeMap::new(),
+        },
+    )
+}
+
+fn run(
+    kind: &str,
+    spec: &dyn StageSpec,
+    inputs: Vec<StageInput>,
+    out: &Path,
+    interrupted: bool,
+) -> StageResult {
+    let mut registry = Registry::new();
+    rudder_stages::register(&mut registry);
+    let runner = registry.get(kind).expect("registered").clone();
+    let work = tempfile::tempdir().unwrap();
+    let flag = AtomicBool::new(interrupted);
+    let ctx = StageContext {
+        name: kind,
+        kind,
+        key: Key::from_hex(&"1".repeat(64)).unwrap(),
+        spec,
+        part: None,
+        inputs,
+        out_dir: out,
+        work_dir: work.path(),
+        recipe_dir: out,
+        seed: 42,
+        backend: Backend::Cpu,
+        precision: Precision::Fp32,
+        progress: &NoProgress,
+        interrupted: &flag,
+    };
+    runner.run(&ctx)
+}
+
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn reference_losses(file: &str) -> Vec<f64> {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(file)).unwrap()).unwrap();
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn sft_runner_trains_and_writes_a_model_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("policy", tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let params = SftParams {
+        model: "policy".into(),
+        data: "sft".into(),
+        learning_rate: 1e-3,
+        train: train_args(3),
+        ..SftParams::default()
+    };
+    let outcome = run(
+        "sft",
+        &params,
+        vec![
+            input("model", Some(model), InputKind::Model),
+            dataset("sft.jsonl"),
+        ],
+        &out,
+        false,
+    )
+    .unwrap();
+    let lines = metrics(&out);
+    assert_eq!(lines.len(), 3);
+    let reference = reference_losses("sft_trajectory.json");
+    for (line, expect) in lines.iter().zip(&reference) {
+        let loss = line["loss"].as_f64().unwrap();
+        assert!((loss - expect).abs() / expect < 1e-4, "{loss} vs {expect}");
+        assert_eq!(line["learning_rate"], 1e-3);
+    }
+    assert_eq!(outcome.summary["steps"], 3.0);
+    assert!((outcome.summary["loss"] - reference[2]).abs() / reference[2] < 1e-4);
+    assert!(outcome.summary.contains_key("mean_token_accuracy"));
+    // The artifact is a loadable model directory with its tokenizer.
+    let (cfg, _) = load_causal_lm::<TestBackend>(&out, &Default::default()).unwrap();
+    assert_eq!(cfg.vocab_size, 512);
+    let tok = Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(tok.eos_id(), Some(2));
+}
+
+#[test]
+fn reward_runner_trains_and_evaluates_held_out_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("rm_init", tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let params = RewardParams {
+        model: "rm".into(),
+        data: "prefs".into(),
+        learning_rate: 1e-3,
+        train: train_args(2),
+        ..RewardParams::default()
+    };
+    let outcome = run(
+        "reward",
+        &params,
+        vec![
+            input("model", Some(model.clone()), InputKind::Model),
+            dataset("prefs.jsonl"),
+        ],
+        &out,
+        false,
+    )
+    .unwrap();
+    let reference = reference_losses("rm_trajectory.json");
+    let lines = metrics(&out);
+    assert_eq!(lines.len(), 2);
+    for (line, expect) in lines.iter().zip(&reference) {
+        let loss = line["loss"].as_f64().unwrap();
+        assert!((loss - expect).abs() / expect < 1e-4, "{loss} vs {expect}");
+        assert!(line["accuracy"].is_number() && line["margin"].is_number());
+    }
+    assert!(!outcome.summary.contains_key("eval_accuracy"));
+    load_reward_model::<TestBackend>(&out, &Default::default()).unwrap();
+
+    // A quarter of the pairs held out: 12 train, 4 evaluated.
+    let out2 = tmp.path().join("out2");
+    std::fs::create_dir_all(&out2).unwrap();
+    let params = RewardParams {
+        eval_ratio: 0.25,
+        ..params
+    };
+    let outcome = run(
+        "reward",
+        &params,
+        vec![
+            input("model", Some(model), InputKind::Model),
+            dataset("prefs.jsonl"),
+        ],
+        &out2,
+        false,
+    )
+    .unwrap();
+    assert_eq!(outcome.summary["pairs"], 12.0);
+    let acc = outcome.summary["eval_accuracy"];
+    assert!(
+        (0.0..=1.0).contains(&acc) && (acc * 4.0).fract() == 0.0,
+        "{acc}"
+    );
+    assert!(outcome.summary["eval_loss"].is_finite());
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let params = SftParams {
+        train: train_args(1),
+        ..SftParams::default()
+    };
+    // A model directory without a tokenizer.
+    let err = run(
+        "sft",
+        &params,
+        vec![
+            input("model", Some(fixtures().join("policy")), InputKind::Model),
+            dataset("sft.jsonl"),
+        ],
+        &out,
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no tokenizer.json"), "{err}");
+    // Preference data given to SFT: the format cannot be told.
+    let model = model_dir("policy", tmp.path());
+    let err = run(
+        "sft",
+        &params,
+        vec![
+            input("model", Some(model.clone()), InputKind::Model),
+            dataset("prefs.jsonl"),
+        ],
+        &out,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot tell the data format"),
+        "{err}"
+    );
+    // Interrupted before the first step.
+    let err = run(
+        "sft",
+        &params,
+        vec![
+            input("model", Some(model), InputKind::Model),
+            dataset("sft.jsonl"),
+        ],
+        &out,
+        true,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("interrupted at step 1"), "{err}");
+}
