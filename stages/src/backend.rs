@@ -11,9 +11,10 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use crate::error::StageError;
 
-/// The CPU backend of this build: Burn's flex backend, measured faster than ndarray for training
-/// on the reference machine (see `benches/train_step.rs`). ndarray is used when only it is
-/// compiled in.
+/// The CPU backend of this build: Burn's flex backend. ndarray trains at about the same speed on
+/// the reference machine (see `benches/train_step.rs`), but with its SIMD feature the reciprocal
+/// that Burn's autodiff uses in the gradient of every division is approximate (~1e-4 relative),
+/// so its gradients drift from PyTorch's. ndarray is used when only it is compiled in.
 #[cfg(feature = "flex")]
 pub type CpuBackend = burn::backend::Flex;
 #[cfg(all(feature = "ndarray", not(feature = "flex")))]
@@ -154,7 +155,7 @@ pub fn check_cuda() -> Result<(), StageError> {
     // SAFETY: loading the driver library runs its initialisers, which is what cudarc would do.
     let lib = ["libcuda.so.1", "libcuda.so"]
         .iter()
-        .find_map(|name| unsafe { libloading::Library::new(name) }.ok())
+        .find_map(|name| unsafe { libloading::Library::new(*name) }.ok())
         .ok_or_else(|| {
             unavailable(
                 "cannot load libcuda.so.1; is the NVIDIA driver installed (add its folder to LD_LIBRARY_PATH)?"

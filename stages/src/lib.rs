@@ -21,4 +21,5 @@ pub use tokenizer::Tokenizer;
 
 /// The CPU backend that unit and integration tests run on.
 #[doc(hidden)]
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 pub type TestBackend = backend::CpuBackend;

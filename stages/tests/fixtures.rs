@@ -106,12 +106,14 @@ fn golden(file: &str) -> Golden {
 fn check_logits(model: &CausalLm<B>, g: &Golden) -> f64 {
     let mut worst = 0.0f64;
     for (i, ids) in g.ids.iter().enumerate() {
-        let logits = to_vec(model.forward(ids_tensor(&[ids.clone()]), None, None));
+        let logits = to_vec(model.forward(ids_tensor(std::slice::from_ref(ids)), None, None));
         let d = max_abs_diff(&logits, &g.logits[i]);
         assert!(d < 1e-4, "sequence {i}: logits max abs diff {d}");
         worst = worst.max(d);
         if let Some(hidden) = &g.hidden[i] {
-            let states = model.model.hidden_states(ids_tensor(&[ids.clone()]), None);
+            let states = model
+                .model
+                .hidden_states(ids_tensor(std::slice::from_ref(ids)), None);
             let per_state = hidden.len() / states.len();
             assert_eq!(states.len(), 4, "embedding, 2 layers, final norm");
             for (s, state) in states.into_iter().enumerate() {
@@ -401,6 +403,29 @@ fn reward_head_reads_the_last_real_token() {
             "{r} vs {values:?}"
         );
     }
+}
+
+#[test]
+fn reward_model_from_a_causal_lm_gets_a_seeded_head() {
+    let dir = fixtures().join("policy");
+    let (cfg, a) =
+        rudder_stages::model::reward_model_from_causal_lm::<B>(&dir, 5, &device()).unwrap();
+    let (_, b) =
+        rudder_stages::model::reward_model_from_causal_lm::<B>(&dir, 5, &device()).unwrap();
+    let (_, c) =
+        rudder_stages::model::reward_model_from_causal_lm::<B>(&dir, 6, &device()).unwrap();
+    assert!(cfg.architecture.is_sequence_classifier());
+    let head = |m: &rudder_stages::model::RewardModel<B>| to_vec(m.score.weight.val());
+    assert_eq!(head(&a), head(&b));
+    assert_ne!(head(&a), head(&c));
+    // The backbone is the policy's: same final hidden states.
+    let (_, policy) = load_causal_lm::<B>(&dir, &device()).unwrap();
+    let ids = ids_tensor(&[vec![1, 7, 42, 300]]);
+    assert_eq!(
+        to_vec(policy.model.forward(ids.clone(), None, None)),
+        to_vec(a.model.forward(ids.clone(), None, None))
+    );
+    assert!(to_vec(a.forward(ids, None))[0].is_finite());
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

@@ -615,7 +615,8 @@ mod tests {
         // Rewrite the weights as two bf16 shards with an index.
         let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        let mut shards: [Vec<(String, Vec<usize>, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
+        type Shard = Vec<(String, Vec<usize>, Vec<u8>)>;
+        let mut shards: [Shard; 2] = [Vec::new(), Vec::new()];
         let mut weight_map = serde_json::Map::new();
         for (i, (name, view)) in st.tensors().into_iter().enumerate() {
             let bf16: Vec<u8> = view
