@@ -215,7 +215,12 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             pad_id: tokenizer.pad_id().unwrap_or(0),
             center_rewards_coefficient: params.center_rewards_coefficient,
         },
-        cfg: runner::train_config(params.learning_rate, &params.train, ctx.seed),
+        cfg: runner::train_config(
+            params.learning_rate,
+            &params.train,
+            ctx.seed,
+            Some(ctx.work_dir),
+        ),
     };
     let (report, eval) = dispatch_autodiff(runner::backend(ctx)?, task)??;
     tokenizer.save(ctx.out_dir)?;

@@ -13,7 +13,9 @@ use rudder_schema::kinds::{LrSchedulerType, TrainArgs};
 use crate::backend::BackendKind;
 use crate::data::{Format, Rows, read_rows};
 use crate::tokenizer::Tokenizer;
-use crate::train::{AdamWConfig, Hooks, ScheduleKind, StepRecord, TrainConfig, TrainError};
+use crate::train::{
+    AdamWConfig, Checkpointing, Hooks, ScheduleKind, StepRecord, TrainConfig, TrainError,
+};
 
 /// The metrics file every training artifact holds.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -24,8 +26,14 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::reward::RewardRunner);
 }
 
-/// The loop's settings from a recipe's training arguments.
-pub fn train_config(learning_rate: f64, args: &TrainArgs, seed: u64) -> TrainConfig {
+/// The loop's settings from a recipe's training arguments; checkpoints go under `work_dir`
+/// (every `checkpoint_every` steps, and whenever the run is interrupted).
+pub fn train_config(
+    learning_rate: f64,
+    args: &TrainArgs,
+    seed: u64,
+    work_dir: Option<&Path>,
+) -> TrainConfig {
     TrainConfig {
         learning_rate,
         batch_size: args.batch_size as usize,
@@ -50,6 +58,10 @@ pub fn train_config(learning_rate: f64, args: &TrainArgs, seed: u64) -> TrainCon
         shuffle: args.shuffle,
         seed,
         logging_steps: args.logging_steps,
+        checkpoint: work_dir.map(|dir| Checkpointing {
+            dir: dir.join("checkpoint"),
+            every: args.checkpoint_every,
+        }),
     }
 }
 
@@ -62,7 +74,7 @@ fn input<'a>(ctx: &'a StageContext<'_>, role: &str) -> Result<&'a StageInput, Tr
 pub fn model_dir(ctx: &StageContext<'_>) -> Result<PathBuf, TrainError> {
     let model = input(ctx, "model")?;
     match (&model.kind, &model.path) {
-        (InputKind::FreshModel(_), _) => Err(TrainError::Input(format!(
+        (InputKind::FreshModel { .. }, _) => Err(TrainError::Input(format!(
             "model `{}` is a fresh architecture with no weights; train it with a `pretrain` stage first",
             model.node
         ))),
@@ -175,7 +187,7 @@ mod tests {
             weight_decay: 0.01,
             ..TrainArgs::default()
         };
-        let cfg = train_config(3e-4, &args, 9);
+        let cfg = train_config(3e-4, &args, 9, Some(Path::new("/w")));
         assert_eq!(cfg.learning_rate, 3e-4);
         assert_eq!(cfg.schedule, ScheduleKind::Cosine);
         assert_eq!(cfg.warmup_ratio, 0.1);
@@ -184,5 +196,8 @@ mod tests {
         assert_eq!(cfg.max_grad_norm, args.max_grad_norm);
         assert_eq!(cfg.seed, 9);
         assert!(cfg.shuffle);
+        let ck = cfg.checkpoint.unwrap();
+        assert_eq!(ck.dir, Path::new("/w/checkpoint"));
+        assert_eq!(ck.every, args.checkpoint_every);
     }
 }

@@ -345,7 +345,12 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
         dir: &dir,
         sequences: &sequences,
         pad_id: tokenizer.pad_id().unwrap_or(0),
-        cfg: runner::train_config(params.learning_rate, &params.train, ctx.seed),
+        cfg: runner::train_config(
+            params.learning_rate,
+            &params.train,
+            ctx.seed,
+            Some(ctx.work_dir),
+        ),
     };
     let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
     tokenizer.save(ctx.out_dir)?;

@@ -157,3 +157,98 @@ fn conversations_train_on_assistant_turns_only() {
     let seq = &sft::tokenize(&tokenizer, &[chat], &all).unwrap()[0];
     assert_eq!(seq.num_targets(), seq.input_ids.len() - 1);
 }
+
+/// Stops the run once `after` steps are done.
+struct StopAfter {
+    after: u64,
+    done: u64,
+}
+
+impl rudder_stages::train::Hooks for StopAfter {
+    fn on_step(&mut self, record: &rudder_stages::train::StepRecord, _: u64) {
+        self.done = record.step;
+    }
+    fn interrupted(&self) -> bool {
+        self.done >= self.after
+    }
+}
+
+/// Trains with checkpoints in `dir`; returns the saved model's bytes and metrics.jsonl.
+fn run_to_files(
+    cfg: &TrainConfig,
+    dir: &Path,
+    hooks: &mut dyn rudder_stages::train::Hooks,
+) -> Result<(Vec<u8>, String), TrainError> {
+    let device = Default::default();
+    let (model_cfg, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
+    let seqs = sequences();
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut writer = rudder_stages::train::MetricsWriter::create(&metrics_path, 2).unwrap();
+    let (model, _) = train(
+        &SftObjective { pad_id: 0 },
+        model,
+        &seqs,
+        cfg,
+        &device,
+        Some(&mut writer),
+        hooks,
+    )?;
+    let out = dir.join("model");
+    rudder_stages::model::save_causal_lm(&model, &model_cfg, &out).unwrap();
+    Ok((
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read_to_string(metrics_path).unwrap(),
+    ))
+}
+
+#[test]
+fn resuming_from_a_checkpoint_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |name: &str| TrainConfig {
+        batch_size: 4,
+        epochs: 2,
+        shuffle: true,
+        seed: 3,
+        max_grad_norm: 1.0,
+        adamw: rudder_stages::train::AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+        schedule: rudder_stages::train::ScheduleKind::Linear,
+        warmup_steps: 2,
+        checkpoint: Some(rudder_stages::train::Checkpointing {
+            dir: tmp.path().join(name).join("checkpoint"),
+            every: 3,
+        }),
+        ..TrainConfig::default()
+    };
+    let whole_dir = tmp.path().join("whole");
+    let parts_dir = tmp.path().join("parts");
+    std::fs::create_dir_all(&whole_dir).unwrap();
+    std::fs::create_dir_all(&parts_dir).unwrap();
+    let (whole_model, whole_metrics) =
+        run_to_files(&cfg("whole"), &whole_dir, &mut NoHooks).unwrap();
+
+    let mut stop = StopAfter { after: 5, done: 0 };
+    match run_to_files(&cfg("parts"), &parts_dir, &mut stop) {
+        Err(TrainError::Interrupted { step }) => assert_eq!(step, 6),
+        other => panic!("expected an interruption, got {:?}", other.map(|_| ())),
+    }
+    let (parts_model, parts_metrics) =
+        run_to_files(&cfg("parts"), &parts_dir, &mut NoHooks).unwrap();
+    assert_eq!(whole_metrics.lines().count(), 4);
+    assert_eq!(parts_metrics, whole_metrics);
+    assert!(parts_model == whole_model, "resumed parameters differ");
+
+    // A checkpoint of another run is refused.
+    let other = TrainConfig {
+        epochs: 3,
+        ..cfg("parts")
+    };
+    match run_to_files(&other, &parts_dir, &mut NoHooks) {
+        Err(TrainError::Checkpoint { message, .. }) => {
+            assert!(message.contains("another run"), "{message}")
+        }
+        other => panic!("expected a checkpoint error, got {:?}", other.map(|_| ())),
+    }
+}

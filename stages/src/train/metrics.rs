@@ -65,7 +65,7 @@ impl MetricValue {
 }
 
 /// Everything measured at one optimiser step, with the parameters before its update.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepRecord {
     /// 1-based.
     pub step: u64,
@@ -76,9 +76,9 @@ pub struct StepRecord {
     /// Global L2 norm of the gradient before clipping.
     pub grad_norm: f64,
     /// Stage metrics: means for this step, running totals for cumulative ones.
-    pub metrics: BTreeMap<&'static str, f64>,
+    pub metrics: BTreeMap<String, f64>,
     /// Which of `metrics` are running totals.
-    pub cumulative: Vec<&'static str>,
+    pub cumulative: Vec<String>,
 }
 
 /// Appends logged steps to `metrics.jsonl`.
@@ -99,6 +99,14 @@ impl MetricsWriter {
             every: every.max(1),
             pending: Vec::new(),
         })
+    }
+
+    /// Rewrites the lines of steps already taken (when resuming), exactly as they were.
+    pub fn replay(&mut self, steps: &[StepRecord]) -> Result<(), TrainError> {
+        for step in steps {
+            self.record(step, false)?;
+        }
+        Ok(())
     }
 
     /// Records a step; writes a line when the step is due (or `last`).
@@ -137,7 +145,7 @@ impl MetricsWriter {
                     .sum::<f64>()
                     / n
             };
-            obj.insert((*name).into(), number(value));
+            obj.insert(name.clone(), number(value));
         }
         Value::Object(obj)
     }
@@ -158,8 +166,11 @@ mod tests {
             loss,
             learning_rate: 0.1 * k as f64,
             grad_norm: 10.0 * k as f64,
-            metrics: BTreeMap::from([("mean_token_accuracy", acc), ("num_tokens", tokens)]),
-            cumulative: vec!["num_tokens"],
+            metrics: BTreeMap::from([
+                ("mean_token_accuracy".to_string(), acc),
+                ("num_tokens".to_string(), tokens),
+            ]),
+            cumulative: vec!["num_tokens".to_string()],
         }
     }
 

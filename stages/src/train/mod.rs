@@ -12,6 +12,7 @@
 //! ```
 
 pub mod adamw;
+pub mod checkpoint;
 pub mod metrics;
 pub mod schedule;
 
@@ -26,6 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use checkpoint::Checkpointing;
 pub use metrics::{MetricValue, MetricsWriter, Reduce, StepRecord};
 pub use schedule::{Schedule, ScheduleKind};
 
@@ -57,6 +59,8 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
     #[error(transparent)]
     Stage(#[from] StageError),
     #[error(transparent)]
@@ -90,6 +94,8 @@ pub struct TrainConfig {
     pub shuffle: bool,
     pub seed: u64,
     pub logging_steps: u64,
+    /// Where and how often to save resumable state; `None` trains without checkpoints.
+    pub checkpoint: Option<Checkpointing>,
 }
 
 impl Default for TrainConfig {
@@ -108,6 +114,7 @@ impl Default for TrainConfig {
             shuffle: false,
             seed: 0,
             logging_steps: 1,
+            checkpoint: None,
         }
     }
 }
@@ -170,7 +177,7 @@ impl TrainReport {
             out.insert("steps".into(), last.step as f64);
             out.insert("epoch".into(), last.epoch);
             for (k, v) in &last.metrics {
-                out.insert((*k).to_string(), *v);
+                out.insert(k.clone(), *v);
             }
         }
         out
@@ -264,10 +271,37 @@ where
     );
     let mut optim = AdamW::<B::InnerBackend>::new(cfg.adamw);
     let mut report = TrainReport::default();
-    let mut totals: BTreeMap<&'static str, f64> = BTreeMap::new();
-    for (k, (window, epoch)) in plan.updates.iter().enumerate() {
+    let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+    if let Some(ck) = &cfg.checkpoint {
+        let (loaded, resumed) = ck.load::<B, O::Model>(model, examples.len(), total, device)?;
+        model = loaded;
+        if let Some(resumed) = resumed {
+            // Resume: the optimiser and the records of the steps already taken.
+            optim = AdamW {
+                config: cfg.adamw,
+                step: resumed.optimizer_step,
+                moments: resumed.moments,
+            };
+            if let Some(last) = resumed.steps.last() {
+                for name in &last.cumulative {
+                    totals.insert(name.clone(), last.metrics[name]);
+                }
+            }
+            if let Some(w) = metrics.as_deref_mut() {
+                w.replay(&resumed.steps)?;
+            }
+            report.steps = resumed.steps;
+        }
+    }
+    let done = report.steps.len();
+    for (k, (window, epoch)) in plan.updates.iter().enumerate().skip(done) {
         let step = k as u64 + 1;
         if hooks.interrupted() {
+            if let Some(ck) = &cfg.checkpoint
+                && k > 0
+            {
+                ck.save::<B, O::Model>(&model, &optim, &report.steps, examples.len(), total)?;
+            }
             return Err(TrainError::Interrupted { step });
         }
         let batches: Vec<Vec<&O::Example>> = window
@@ -282,7 +316,7 @@ where
         }
         let mut accumulator = GradientsAccumulator::<O::Model>::new();
         let mut loss = 0.0;
-        let mut sums: BTreeMap<&'static str, (f64, f64, Reduce)> = BTreeMap::new();
+        let mut sums: BTreeMap<String, (f64, f64, Reduce)> = BTreeMap::new();
         for batch in &batches {
             let out = objective.forward(&model, batch, device)?;
             let scaled = out.loss_sum.div_scalar(total_weight);
@@ -292,7 +326,7 @@ where
             for m in out.metrics {
                 match sums.get_mut(m.name) {
                     None => {
-                        sums.insert(m.name, (m.sum, m.count, m.reduce));
+                        sums.insert(m.name.to_string(), (m.sum, m.count, m.reduce));
                     }
                     Some(e) => match m.reduce {
                         Reduce::Min => e.0 = e.0.min(m.sum),
@@ -340,9 +374,9 @@ where
                 Reduce::Mean => f64::NAN,
                 Reduce::Min | Reduce::Max => sum,
                 Reduce::Cumulative => {
-                    let t = totals.entry(name).or_insert(0.0);
+                    let t = totals.entry(name.clone()).or_insert(0.0);
                     *t += sum;
-                    record.cumulative.push(name);
+                    record.cumulative.push(name.clone());
                     *t
                 }
             };
@@ -353,6 +387,13 @@ where
         }
         hooks.on_step(&record, total);
         report.steps.push(record);
+        if let Some(ck) = &cfg.checkpoint
+            && ck.every > 0
+            && step.is_multiple_of(ck.every)
+            && step < total
+        {
+            ck.save::<B, O::Model>(&model, &optim, &report.steps, examples.len(), total)?;
+        }
     }
     Ok((model, report))
 }
