@@ -279,3 +279,92 @@ fn bad_inputs_are_errors() {
     .unwrap_err();
     assert!(err.to_string().contains("interrupted at step 1"), "{err}");
 }
+
+/// Progress that raises the interrupt flag once a given step is reached, as Ctrl-C would.
+struct InterruptAt<'a> {
+    step: u64,
+    flag: &'a AtomicBool,
+}
+
+impl rudder_engine::executor::Progress for InterruptAt<'_> {
+    fn set_length(&self, _: u64) {}
+    fn set_position(&self, position: u64) {
+        if position >= self.step {
+            self.flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    fn set_message(&self, _: String) {}
+    fn println(&self, _: &str) {}
+}
+
+/// Runs `sft` with a persistent work directory, interrupted at `interrupt_at` when given.
+fn run_sft_in(
+    params: &SftParams,
+    model: &Path,
+    out: &Path,
+    work: &Path,
+    interrupt_at: Option<u64>,
+) -> StageResult {
+    let flag = AtomicBool::new(false);
+    let progress = InterruptAt {
+        step: interrupt_at.unwrap_or(u64::MAX),
+        flag: &flag,
+    };
+    let ctx = StageContext {
+        name: "sft",
+        kind: "sft",
+        key: Key::from_hex(&"2".repeat(64)).unwrap(),
+        spec: params,
+        part: None,
+        inputs: vec![
+            input("model", Some(model.to_path_buf()), InputKind::Model),
+            dataset("sft.jsonl"),
+        ],
+        out_dir: out,
+        work_dir: work,
+        recipe_dir: out,
+        seed: 5,
+        backend: Backend::Cpu,
+        precision: Precision::Fp32,
+        progress: &progress,
+        interrupted: &flag,
+    };
+    use rudder_engine::executor::Runner;
+    rudder_stages::sft::SftRunner.run(&ctx)
+}
+
+#[test]
+fn interrupted_sft_resumes_from_its_work_directory_to_the_same_artifact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("policy", tmp.path());
+    let params = SftParams {
+        learning_rate: 1e-3,
+        train: TrainArgs {
+            batch_size: 4,
+            epochs: 2,
+            checkpoint_every: 0,
+            logging_steps: 3,
+            ..TrainArgs::default()
+        },
+        ..SftParams::default()
+    };
+    let dirs: Vec<PathBuf> = ["whole", "work", "first", "second"]
+        .iter()
+        .map(|d| {
+            let p = tmp.path().join(d);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        })
+        .collect();
+    let whole_work = tempfile::tempdir().unwrap();
+    run_sft_in(&params, &model, &dirs[0], whole_work.path(), None).unwrap();
+    let err = run_sft_in(&params, &model, &dirs[2], &dirs[1], Some(3)).unwrap_err();
+    assert!(err.to_string().contains("interrupted at step 4"), "{err}");
+    assert!(dirs[1].join("checkpoint").join("state.json").is_file());
+    run_sft_in(&params, &model, &dirs[3], &dirs[1], None).unwrap();
+    for file in ["model.safetensors", "metrics.jsonl", "config.json"] {
+        let a = std::fs::read(dirs[0].join(file)).unwrap();
+        let b = std::fs::read(dirs[3].join(file)).unwrap();
+        assert!(a == b, "{file} differs after resuming");
+    }
+}
