@@ -1,0 +1,332 @@
+//! Pre-training (the `pretrain` stage kind): a fresh Llama-family model (`models.X` with `arch`)
+//! or an existing one, trained with the next-token loss on plain text. Every row becomes
+//! `[BOS] text [EOS]` (BOS when the tokenizer adds one); the rows are concatenated in order and
+//! cut into sequences of `max_length` tokens (the last, shorter one is kept), so no compute goes
+//! to padding. Every token but a sequence's first is a target; the objective, metrics and loop
+//! are SFT's.
+//!
+//! A fresh model's `vocab_size` follows its tokenizer unless the recipe sets a larger one; its
+//! weights are drawn from the stage's seed (see `model::random_causal_lm`), so the same recipe
+//! gives the same model on every backend.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+use rudder_engine::executor::{InputKind, Runner, StageContext, StageOutcome, StageResult};
+use rudder_schema::kinds::PretrainParams;
+use rudder_schema::ModelSpec;
+use rudder_schema::recipe::Arch;
+
+use crate::backend::{AutodiffTask, dispatch_autodiff};
+use crate::model::{Architecture, ModelConfig, load_causal_lm, random_causal_lm, save_causal_lm};
+use crate::runner::{self, METRICS_FILE, StageHooks};
+use crate::sft::{SftObjective, SftSequence};
+use crate::tokenizer::Tokenizer;
+use crate::train::{MetricsWriter, TrainConfig, TrainError, TrainReport, train};
+
+/// Packs token streams into training sequences of at most `max_length` tokens.
+pub fn pack(
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    max_length: usize,
+) -> Result<Vec<SftSequence>, TrainError> {
+    if max_length < 2 {
+        return Err(TrainError::Config("max_length must be at least 2".into()));
+    }
+    let eos = tokenizer.eos_id();
+    let mut stream = Vec::new();
+    for text in texts {
+        stream.extend(tokenizer.encode(text, true)?);
+        if let Some(eos) = eos {
+            stream.push(eos);
+        }
+    }
+    Ok(stream
+        .chunks(max_length)
+        .filter(|chunk| chunk.len() >= 2)
+        .map(|chunk| SftSequence {
+            input_ids: chunk.to_vec(),
+            target: (0..chunk.len()).map(|i| i > 0).collect(),
+        })
+        .collect())
+}
+
+/// The configuration of a fresh model from its recipe table and tokenizer.
+pub fn fresh_config(spec: &ModelSpec, tokenizer: &Tokenizer) -> Result<ModelConfig, TrainError> {
+    let need = |value: Option<u32>, field: &str| {
+        value.map(|v| v as usize).ok_or_else(|| {
+            TrainError::Input(format!(
+                "a fresh model needs `{field}` in its [models] table"
+            ))
+        })
+    };
+    let arch = spec.arch.ok_or_else(|| {
+        TrainError::Input("the model has neither `hf` nor `arch`; nothing to train".into())
+    })?;
+    let vocab = match spec.vocab_size {
+        Some(v) if (v as usize) < tokenizer.vocab_size() => {
+            return Err(TrainError::Input(format!(
+                "vocab_size {v} is smaller than the tokenizer's {} tokens",
+                tokenizer.vocab_size()
+            )));
+        }
+        Some(v) => v as usize,
+        None => tokenizer.vocab_size(),
+    };
+    let heads = need(spec.num_attention_heads, "num_attention_heads")?;
+    let mut cfg = ModelConfig::llama(
+        vocab,
+        need(spec.hidden_size, "hidden_size")?,
+        need(spec.intermediate_size, "intermediate_size")?,
+        need(spec.num_hidden_layers, "num_hidden_layers")?,
+        heads,
+        spec.num_key_value_heads.map_or(heads, |v| v as usize),
+    );
+    if cfg.hidden_size % heads != 0 && spec.head_dim.is_none() {
+        return Err(TrainError::Input(format!(
+            "hidden_size {} is not a multiple of num_attention_heads {heads}; set head_dim",
+            cfg.hidden_size
+        )));
+    }
+    if heads % cfg.num_key_value_heads != 0 {
+        return Err(TrainError::Input(format!(
+            "num_attention_heads {heads} is not a multiple of num_key_value_heads {}",
+            cfg.num_key_value_heads
+        )));
+    }
+    if let Some(d) = spec.head_dim {
+        cfg.head_dim = d as usize;
+    }
+    if let Some(n) = spec.max_position_embeddings {
+        cfg.max_position_embeddings = n as usize;
+    }
+    if let Some(x) = spec.rope_theta {
+        cfg.rope_theta = x;
+    }
+    if let Some(x) = spec.rms_norm_eps {
+        cfg.rms_norm_eps = x;
+    }
+    if let Some(x) = spec.initializer_range {
+        cfg.initializer_range = x;
+    }
+    cfg.tie_word_embeddings = spec.tie_word_embeddings.unwrap_or(false);
+    let bias = spec.attention_bias.unwrap_or(false);
+    match arch {
+        Arch::Llama => {
+            cfg.qkv_bias = bias;
+            cfg.o_bias = bias;
+        }
+        Arch::Mistral => cfg.architecture = Architecture::MistralForCausalLM,
+        Arch::Qwen2 => {
+            cfg.architecture = Architecture::Qwen2ForCausalLM;
+            cfg.qkv_bias = true;
+        }
+    }
+    cfg.bos_token_id = tokenizer.bos_id();
+    cfg.eos_token_ids = tokenizer.eos_id().into_iter().collect();
+    cfg.pad_token_id = tokenizer.pad_id();
+    Ok(cfg)
+}
+
+/// A tokenizer from a tokenizer stage's directory or a tokenizer.json file (with the
+/// tokenizer_config.json beside it, when there is one).
+fn tokenizer_at(path: &Path) -> Result<Tokenizer, TrainError> {
+    if path.is_dir() {
+        return runner::model_tokenizer(path);
+    }
+    let config = path.with_file_name("tokenizer_config.json");
+    Ok(Tokenizer::from_files(
+        path,
+        config.is_file().then_some(config.as_path()),
+    )?)
+}
+
+/// Runs `pretrain` stages.
+pub struct PretrainRunner;
+
+impl Runner for PretrainRunner {
+    fn kind(&self) -> &'static str {
+        "pretrain"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        Ok(run_stage(ctx)?)
+    }
+}
+
+/// Where the starting weights come from.
+enum Start {
+    Fresh(ModelConfig),
+    Directory(PathBuf),
+}
+
+fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
+    let params = ctx.params::<PretrainParams>().ok_or_else(|| {
+        TrainError::Input("the stage's parameters are not pretrain parameters".into())
+    })?;
+    let model = ctx
+        .input("model")
+        .ok_or_else(|| TrainError::Input("the stage has no `model` input".into()))?;
+    let (start, tokenizer) = match &model.kind {
+        InputKind::FreshModel { spec, tokenizer } => {
+            let path = tokenizer.as_ref().ok_or_else(|| {
+                TrainError::Input(format!(
+                    "fresh model `{}` has no tokenizer; set `tokenizer` in its [models] table",
+                    model.node
+                ))
+            })?;
+            let tokenizer = tokenizer_at(path)?;
+            (Start::Fresh(fresh_config(spec, &tokenizer)?), tokenizer)
+        }
+        _ => {
+            let dir = runner::model_dir(ctx)?;
+            let tokenizer = runner::model_tokenizer(&dir)?;
+            runner::check_vocab(&dir, &tokenizer)?;
+            (Start::Directory(dir), tokenizer)
+        }
+    };
+    let rows = runner::data_rows(ctx)?;
+    let texts = rows
+        .rows
+        .iter()
+        .map(|row| rows.string(row, &params.text_field))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sequences = pack(&tokenizer, &texts, params.max_length as usize)?;
+    if sequences.is_empty() {
+        return Err(TrainError::NoData(
+            " (the text is shorter than two tokens)".into(),
+        ));
+    }
+    let task = PretrainTask {
+        ctx,
+        start: &start,
+        sequences: &sequences,
+        pad_id: tokenizer.pad_id().unwrap_or(0),
+        cfg: runner::train_config(
+            params.learning_rate,
+            &params.train,
+            ctx.seed,
+            Some(ctx.work_dir),
+        ),
+    };
+    let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
+    tokenizer.save(ctx.out_dir)?;
+    let mut summary = report.summary();
+    summary.insert("sequences".into(), sequences.len() as f64);
+    Ok(StageOutcome { summary })
+}
+
+struct PretrainTask<'a, 'b> {
+    ctx: &'a StageContext<'b>,
+    start: &'a Start,
+    sequences: &'a [SftSequence],
+    pad_id: u32,
+    cfg: TrainConfig,
+}
+
+impl AutodiffTask for PretrainTask<'_, '_> {
+    type Output = Result<TrainReport, TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let (model_cfg, model) = match self.start {
+            Start::Fresh(cfg) => (
+                cfg.clone(),
+                random_causal_lm::<B>(cfg, self.ctx.seed, &device),
+            ),
+            Start::Directory(dir) => load_causal_lm::<B>(dir, &device)?,
+        };
+        let mut writer =
+            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
+        let (model, report) = train(
+            &SftObjective {
+                pad_id: self.pad_id,
+            },
+            model,
+            self.sequences,
+            &self.cfg,
+            &device,
+            Some(&mut writer),
+            &mut StageHooks { ctx: self.ctx },
+        )?;
+        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/fixtures/tokenizer"
+        ));
+        Tokenizer::from_dir(dir).unwrap()
+    }
+
+    #[test]
+    fn packing_concatenates_rows_and_cuts_sequences() {
+        let tok = tokenizer();
+        let texts = vec!["The dog ran.".to_string(), "Birds build nests.".to_string()];
+        let mut stream = Vec::new();
+        for t in &texts {
+            stream.extend(tok.encode(t, true).unwrap());
+            stream.push(2);
+        }
+        let seqs = pack(&tok, &texts, 5).unwrap();
+        let joined: Vec<u32> = seqs.iter().flat_map(|s| s.input_ids.clone()).collect();
+        // A trailing single token cannot be trained on and is dropped.
+        let expect_len = if stream.len() % 5 == 1 {
+            stream.len() - 1
+        } else {
+            stream.len()
+        };
+        assert_eq!(joined, stream[..expect_len]);
+        assert!(seqs.iter().all(|s| s.input_ids.len() <= 5));
+        assert!(
+            seqs.iter()
+                .all(|s| !s.target[0] && s.target[1..].iter().all(|&t| t))
+        );
+        assert!(pack(&tok, &texts, 1).is_err());
+    }
+
+    fn spec() -> ModelSpec {
+        serde_json::from_value(serde_json::json!({
+            "arch": "qwen2",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn fresh_config_follows_the_tokenizer() {
+        let tok = tokenizer();
+        let cfg = fresh_config(&spec(), &tok).unwrap();
+        assert_eq!(cfg.vocab_size, 512);
+        assert_eq!(cfg.architecture, Architecture::Qwen2ForCausalLM);
+        assert!(cfg.qkv_bias);
+        assert_eq!(cfg.head_dim, 8);
+        assert_eq!(cfg.eos_token_ids, vec![2]);
+        assert_eq!(cfg.bos_token_id, Some(1));
+
+        let mut small = spec();
+        small.vocab_size = Some(100);
+        assert!(fresh_config(&small, &tok).is_err());
+        let mut odd = spec();
+        odd.num_key_value_heads = Some(3);
+        assert!(fresh_config(&odd, &tok).is_err());
+        let mut missing = spec();
+        missing.hidden_size = None;
+        let err = fresh_config(&missing, &tok).unwrap_err().to_string();
+        assert!(err.contains("hidden_size"), "{err}");
+    }
+}
