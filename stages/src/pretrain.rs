@@ -82,13 +82,13 @@ pub fn fresh_config(spec: &ModelSpec, tokenizer: &Tokenizer) -> Result<ModelConf
         heads,
         spec.num_key_value_heads.map_or(heads, |v| v as usize),
     );
-    if cfg.hidden_size % heads != 0 && spec.head_dim.is_none() {
+    if !cfg.hidden_size.is_multiple_of(heads) && spec.head_dim.is_none() {
         return Err(TrainError::Input(format!(
             "hidden_size {} is not a multiple of num_attention_heads {heads}; set head_dim",
             cfg.hidden_size
         )));
     }
-    if heads % cfg.num_key_value_heads != 0 {
+    if !heads.is_multiple_of(cfg.num_key_value_heads) {
         return Err(TrainError::Input(format!(
             "num_attention_heads {heads} is not a multiple of num_key_value_heads {}",
             cfg.num_key_value_heads
