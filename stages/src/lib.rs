@@ -11,6 +11,7 @@ pub mod reward;
 pub mod runner;
 pub mod sft;
 pub mod tokenizer;
+pub mod tokenizer_stage;
 pub mod train;
 
 pub use backend::BackendKind;
