@@ -45,6 +45,54 @@ fn config() -> TrainConfig {
     }
 }
 
+/// Per-tensor (L2, sum) of the gradient of `loss`, by Hugging Face parameter name (Burn's module
+/// paths are the same names; the transposed Linear layout changes neither statistic).
+fn grad_summary<M: burn::module::AutodiffModule<AB>>(
+    model: &M,
+    loss: burn::tensor::Tensor<AB, 1>,
+) -> BTreeMap<String, (f64, f64)> {
+    struct Summary<'a> {
+        grads: &'a burn::optim::GradientsParams,
+        path: Vec<String>,
+        out: BTreeMap<String, (f64, f64)>,
+    }
+    impl burn::module::ModuleVisitor<AB> for Summary<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(
+            &mut self,
+            param: &burn::module::Param<burn::tensor::Tensor<AB, D>>,
+        ) {
+            let g = self
+                .grads
+                .get::<TestBackend, D>(param.id)
+                .expect("every parameter has a gradient");
+            let values: Vec<f64> = g
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let l2 = values.iter().map(|x| x * x).sum::<f64>().sqrt();
+            self.out
+                .insert(self.path.join("."), (l2, values.iter().sum()));
+        }
+    }
+    let grads = burn::optim::GradientsParams::from_grads(loss.backward(), model);
+    let mut v = Summary {
+        grads: &grads,
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
@@ -110,6 +158,18 @@ fn sft_reproduces_trl_trajectory() {
     let device = Default::default();
     let (cfg, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
     let objective = SftObjective { pad_id: 0 };
+    let refs: Vec<&_> = seqs.iter().collect();
+    let step1 = {
+        use rudder_stages::train::Objective;
+        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
+        grad_summary(&model, out.loss_sum.div_scalar(targets as f64))
+    };
+    let (g_l2, g_sum) = compare_params(&step1, &traj["step1_param_grad"]);
+    println!("sft step-1 gradient: l2 {g_l2:.2e}, sum {g_sum:.2e}");
+    assert!(
+        g_l2 < 1e-4 && g_sum < 1e-4,
+        "step-1 gradient {g_l2:e} {g_sum:e}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut writer = MetricsWriter::create(&dir.path().join("metrics.jsonl"), 5).unwrap();
     let (model, report) = train(
@@ -156,7 +216,6 @@ fn sft_reproduces_trl_trajectory() {
     );
 
     // The final loss, evaluated after the last update.
-    let refs: Vec<&_> = seqs.iter().collect();
     let final_loss = {
         use rudder_stages::train::Objective;
         let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
@@ -227,6 +286,17 @@ fn reward_model_reproduces_trl_trajectory() {
     assert!(
         initial_err < 1e-5,
         "initial rewards differ by {initial_err:e}"
+    );
+    let step1 = {
+        let (c, r) = pair_rewards(&model, &refs, 0, &device);
+        let loss = rudder_stages::reward::bradley_terry(c, r, None, None).mean();
+        grad_summary(&model, loss)
+    };
+    let (g_l2, g_sum) = compare_params(&step1, &traj["step1_param_grad"]);
+    println!("reward step-1 gradient: l2 {g_l2:.2e}, sum {g_sum:.2e}");
+    assert!(
+        g_l2 < 1e-4 && g_sum < 1e-4,
+        "step-1 gradient {g_l2:e} {g_sum:e}"
     );
 
     let objective = RewardObjective {
