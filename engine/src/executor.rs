@@ -53,8 +53,12 @@ pub enum InputKind {
     },
     /// A Hugging Face model directory from `models.X.hf`.
     Model,
-    /// A fresh architecture: there is no directory, only the configuration.
-    FreshModel(ModelSpec),
+    /// A fresh architecture: there is no directory, only the configuration and the model's
+    /// tokenizer (a tokenizer stage's artifact directory, or a tokenizer.json file).
+    FreshModel {
+        spec: ModelSpec,
+        tokenizer: Option<PathBuf>,
+    },
     /// Another stage's artifact directory (or one of its output files).
     Artifact { kind: String },
 }
@@ -366,7 +370,13 @@ impl Executor<'_> {
                         ),
                         (NodeBody::Model(model), _) => match &model.spec.hf {
                             Some(hf) => (Some(self.recipe.dir.join(hf)), InputKind::Model),
-                            None => (None, InputKind::FreshModel(model.spec.clone())),
+                            None => (
+                                None,
+                                InputKind::FreshModel {
+                                    spec: model.spec.clone(),
+                                    tokenizer: self.tokenizer_of(plan, from),
+                                },
+                            ),
                         },
                         (NodeBody::Stage(stage), part) => {
                             let dir = self.store.object_dir(&keyed.key);
@@ -417,6 +427,16 @@ impl Executor<'_> {
             inputs.push(stage_input);
         }
         Ok(inputs)
+    }
+
+    /// Where a fresh model's tokenizer is: its tokenizer input's file, or the artifact of the
+    /// tokenizer stage it names.
+    fn tokenizer_of(&self, plan: &Plan, model: &crate::graph::Vertex) -> Option<PathBuf> {
+        let input = model.inputs.iter().find(|i| i.role == "tokenizer")?;
+        match &input.source {
+            Source::File(path) => Some(path.clone()),
+            Source::Vertex { index, .. } => Some(self.store.object_dir(&plan.keyed[index].key)),
+        }
     }
 
     /// The lockfile after a successful run: every vertex whose artifact is now in the store

@@ -16,9 +16,11 @@ use rudder_schema::Backend;
 
 use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
 
-/// Every stage kind this build can run.
+/// Every stage kind this build can run: the engine's own and the machine-learning kinds.
 pub fn registry() -> Registry {
-    Registry::with_builtins()
+    let mut registry = Registry::with_builtins();
+    rudder_stages::register(&mut registry);
+    registry
 }
 
 pub fn open(recipe: &RecipeArgs, store: Option<&StoreArgs>) -> anyhow::Result<Project> {
