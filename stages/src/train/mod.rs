@@ -284,7 +284,8 @@ where
             };
             if let Some(last) = resumed.steps.last() {
                 for name in &last.cumulative {
-                    totals.insert(name.clone(), last.metrics[name]);
+                    let total = last.metrics.get(name).copied().unwrap_or(0.0);
+                    totals.insert(name.clone(), total);
                 }
             }
             if let Some(w) = metrics.as_deref_mut() {
