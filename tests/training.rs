@@ -1,0 +1,99 @@
+//! Training stages through the binary: an SFT stage on the fixture model trains, commits a
+//! Hugging Face directory with metrics, is cached on re-run, and its model generates.
+
+mod common;
+
+use std::path::Path;
+
+use common::Scratch;
+
+fn scratch() -> Scratch {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("model")).unwrap();
+    for file in ["policy/config.json", "policy/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"] {
+        let name = Path::new(file).file_name().unwrap().to_str().unwrap();
+        std::fs::copy(fixtures.join(file), s.path(&format!("model/{name}"))).unwrap();
+    }
+    std::fs::copy(fixtures.join("sft.jsonl"), s.path("sft.jsonl")).unwrap();
+    s.write(
+        "recipe.toml",
+        r#"
+[recipe]
+seed = 1
+
+[models.base]
+hf = "model"
+
+[datasets.instructions]
+path = "sft.jsonl"
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = "instructions"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 3
+logging_steps = 1
+shuffle = false
+lr_scheduler_type = "constant"
+"#,
+    );
+    s
+}
+
+#[test]
+fn sft_trains_commits_and_is_cached() {
+    let s = scratch();
+    s.ok(&["run", "recipe.toml"]);
+    let dir = s.ok(&["show", "recipe.toml", "sft", "--path"]);
+    let dir = Path::new(dir.trim());
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "manifest.json"] {
+        assert!(dir.join(file).is_file(), "{file} missing from the artifact");
+    }
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(steps.len(), 3);
+    for key in ["step", "loss", "learning_rate", "grad_norm", "mean_token_accuracy", "num_tokens"] {
+        assert!(steps[0].get(key).is_some(), "metrics.jsonl lacks {key}: {}", steps[0]);
+    }
+    assert!(steps[2]["loss"].as_f64().unwrap() < steps[0]["loss"].as_f64().unwrap());
+    assert!(s.to_run("recipe.toml").is_empty());
+    // The trained model generates through the CLI.
+    let out: serde_json::Value = serde_json::from_str(&s.ok(&[
+        "generate", "recipe.toml", "sft", "--prompt", "Question: What color is grass?\nAnswer:", "--temperature", "0", "--max-new-tokens", "4", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(out["completions"].as_array().unwrap().len(), 1);
+    // A parameter change re-runs it and says why.
+    let plan = s.ok(&["plan", "recipe.toml", "--set", "stages.sft.learning_rate=5e-4"]);
+    assert!(plan.contains("learning_rate: 0.001 -> 0.0005"), "{plan}");
+}
+
+#[test]
+fn the_cpu_backend_is_bit_identical_run_after_run() {
+    let a = scratch();
+    let b = scratch();
+    a.ok(&["run", "recipe.toml"]);
+    b.ok(&["run", "recipe.toml"]);
+    let weights = |s: &Scratch| {
+        let dir = s.ok(&["show", "recipe.toml", "sft", "--path"]);
+        std::fs::read(Path::new(dir.trim()).join("model.safetensors")).unwrap()
+    };
+    assert!(weights(&a) == weights(&b), "two runs of the same recipe differ");
+    assert_eq!(a.read("recipe.lock").replace(a.dir.path().to_str().unwrap(), ""), b.read("recipe.lock").replace(b.dir.path().to_str().unwrap(), ""));
+}
+
+#[test]
+fn a_bad_data_row_fails_before_training_naming_file_row_and_field() {
+    let s = scratch();
+    let mut data = std::fs::read_to_string(s.path("sft.jsonl")).unwrap();
+    data.push_str("{\"prompt\": \"x\", \"completion\": 5}\n");
+    s.write("sft.jsonl", &data);
+    let out = s.rudder(&["run", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(err.contains("sft.jsonl: row 17: field `completion`"), "{err}");
+    assert_eq!(s.objects(), 0);
+}
