@@ -20,9 +20,11 @@ use crate::train::{
 /// The metrics file every training artifact holds.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// Adds the runners of the training kinds (`tokenizer`, `sft`, `reward`) to `registry`.
+/// Adds the runners of the training kinds (`tokenizer`, `pretrain`, `sft`, `reward`) to
+/// `registry`.
 pub fn register(registry: &mut Registry) {
     registry.register(crate::tokenizer_stage::TokenizerRunner);
+    registry.register(crate::pretrain::PretrainRunner);
     registry.register(crate::sft::SftRunner);
     registry.register(crate::reward::RewardRunner);
 }

@@ -368,3 +368,80 @@ fn interrupted_sft_resumes_from_its_work_directory_to_the_same_artifact() {
         assert!(a == b, "{file} differs after resuming");
     }
 }
+
+#[test]
+fn pretrain_runner_trains_a_fresh_model_from_its_tokenizer() {
+    use rudder_schema::kinds::PretrainParams;
+    let tmp = tempfile::tempdir().unwrap();
+    // Text data: the SFT prompts and completions, one per line.
+    let text: String = std::fs::read_to_string(fixtures().join("sft.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{}{}\n",
+                v["prompt"].as_str().unwrap(),
+                v["completion"].as_str().unwrap()
+            )
+            .replace("\nAnswer:", " Answer:")
+        })
+        .collect();
+    let data = tmp.path().join("text.txt");
+    std::fs::write(&data, text).unwrap();
+    let spec: rudder_schema::ModelSpec = serde_json::from_value(serde_json::json!({
+        "arch": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+    }))
+    .unwrap();
+    let params = PretrainParams {
+        learning_rate: 1e-2,
+        max_length: 16,
+        train: TrainArgs {
+            batch_size: 8,
+            max_steps: Some(12),
+            logging_steps: 4,
+            ..TrainArgs::default()
+        },
+        ..PretrainParams::default()
+    };
+    let run_once = |name: &str| {
+        let out = tmp.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let inputs = vec![
+            input(
+                "model",
+                None,
+                InputKind::FreshModel {
+                    spec: spec.clone(),
+                    tokenizer: Some(fixtures().join("tokenizer")),
+                },
+            ),
+            input(
+                "data",
+                Some(data.clone()),
+                InputKind::Dataset {
+                    format: DataFormat::Txt,
+                    columns: BTreeMap::new(),
+                },
+            ),
+        ];
+        let outcome = run("pretrain", &params, inputs, &out, false).unwrap();
+        (out, outcome)
+    };
+    let (out, outcome) = run_once("a");
+    let lines = metrics(&out);
+    assert_eq!(lines.len(), 3);
+    let first = lines[0]["loss"].as_f64().unwrap();
+    let last = lines[2]["loss"].as_f64().unwrap();
+    // From about ln(512) = 6.24 downwards.
+    assert!(first > 5.5 && last < first - 0.5, "{first} -> {last}");
+    assert!(outcome.summary["sequences"] > 8.0);
+    let (cfg, _) = load_causal_lm::<TestBackend>(&out, &Default::default()).unwrap();
+    assert_eq!((cfg.vocab_size, cfg.hidden_size), (512, 32));
+    Tokenizer::from_dir(&out).unwrap();
+    // The same stage gives the same bytes.
+    let (again, _) = run_once("b");
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(weights(&out) == weights(&again));
+}
