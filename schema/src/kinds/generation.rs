@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Expect, FieldError, InputField, Judge, Kind, OneOrMany, Produces, Sampling, StageSpec,
-    check_judge, input, inputs_list, judge_input, stage_common,
+    check_judge, input, inputs_list, judge_input, model_and_data, stage_common,
 };
 use crate::source::ValuePath;
 
@@ -47,10 +47,7 @@ impl Kind for GenerateParams {
 impl StageSpec for GenerateParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        vec![
-            input("model", &self.model, Expect::Model),
-            input("data", &self.data, Expect::Dataset),
-        ]
+        model_and_data(&self.model, &self.data)
     }
     fn produces(&self) -> Produces {
         Produces::Datasets(vec![("completions".into(), "completions.jsonl".into())])

@@ -270,6 +270,14 @@ pub(crate) fn input(role: &str, target: &str, expect: Expect) -> InputField {
     }
 }
 
+/// The `model` and `data` references most kinds have.
+pub(crate) fn model_and_data(model: &str, data: &str) -> Vec<InputField> {
+    vec![
+        input("model", model, Expect::Model),
+        input("data", data, Expect::Dataset),
+    ]
+}
+
 /// A list of references, roles `field[i]`.
 pub(crate) fn inputs_list(field: &str, targets: &[String], expect: Expect) -> Vec<InputField> {
     targets

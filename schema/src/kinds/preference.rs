@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{
     Expansion, Expect, FieldError, InputField, Judge, Kind, OneOrMany, PartInput, PartSpec,
     Produces, Sampling, StageSpec, TrainArgs, TruncationMode, check_judge, input, judge_input,
-    stage_common,
+    model_and_data, stage_common,
 };
 use crate::source::ValuePath;
 
@@ -344,10 +344,7 @@ impl Kind for OrpoParams {
 impl StageSpec for OrpoParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        vec![
-            input("model", &self.model, Expect::Model),
-            input("data", &self.data, Expect::Dataset),
-        ]
+        model_and_data(&self.model, &self.data)
     }
     fn produces(&self) -> Produces {
         Produces::Model
@@ -416,10 +413,7 @@ impl Kind for SimpoParams {
 impl StageSpec for SimpoParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        vec![
-            input("model", &self.model, Expect::Model),
-            input("data", &self.data, Expect::Dataset),
-        ]
+        model_and_data(&self.model, &self.data)
     }
     fn produces(&self) -> Produces {
         Produces::Model

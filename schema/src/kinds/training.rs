@@ -4,7 +4,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Expect, FieldError, InputField, Kind, Produces, StageSpec, TrainArgs, input, stage_common,
+    Expect, FieldError, InputField, Kind, Produces, StageSpec, TrainArgs, input, model_and_data,
+    stage_common,
 };
 use crate::source::ValuePath;
 
@@ -113,10 +114,7 @@ impl Kind for PretrainParams {
 impl StageSpec for PretrainParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        vec![
-            input("model", &self.model, Expect::Model),
-            input("data", &self.data, Expect::Dataset),
-        ]
+        model_and_data(&self.model, &self.data)
     }
     fn produces(&self) -> Produces {
         Produces::Model
@@ -171,10 +169,7 @@ impl Kind for SftParams {
 impl StageSpec for SftParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        vec![
-            input("model", &self.model, Expect::Model),
-            input("data", &self.data, Expect::Dataset),
-        ]
+        model_and_data(&self.model, &self.data)
     }
     fn produces(&self) -> Produces {
         Produces::Model
@@ -227,10 +222,7 @@ impl Kind for RewardParams {
 impl StageSpec for RewardParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        vec![
-            input("model", &self.model, Expect::Model),
-            input("data", &self.data, Expect::Dataset),
-        ]
+        model_and_data(&self.model, &self.data)
     }
     fn produces(&self) -> Produces {
         Produces::RewardModel
