@@ -318,20 +318,39 @@ fn kinds_without_a_runner_validate_and_plan_but_fail_at_run() {
             fixtures.join("policy").display()
         ),
     );
-    s.write("prefs.jsonl", "{\"prompt\": \"a\", \"chosen\": \" b\", \"rejected\": \" c\"}\n");
+    s.write(
+        "prefs.jsonl",
+        "{\"prompt\": \"a\", \"chosen\": \" b\", \"rejected\": \" c\"}\n",
+    );
     s.ok(&["validate", "recipe.toml"]);
     let plan = s.plan("recipe.toml");
     let names: Vec<&str> = plan.iter().map(|n| n.0.as_str()).collect();
     assert_eq!(names, ["prefs", "base", "dpo/ref_logps", "dpo"]);
-    assert!(s.ok(&["dag", "recipe.toml"]).contains("dpo (dpo) <- model: base, reference: base, data: prefs, ref_logps: dpo/ref_logps"));
+    assert!(s.ok(&["dag", "recipe.toml"]).contains(
+        "dpo (dpo) <- model: base, reference: base, data: prefs, ref_logps: dpo/ref_logps"
+    ));
     // Writing the default `reference` explicitly changes no key.
     let key = s.key("recipe.toml", "dpo");
     let text = s.read("recipe.toml");
-    s.write("recipe.toml", &format!("{text}reference = \"base\"\nbeta = 0.1\n"));
+    s.write(
+        "recipe.toml",
+        &format!("{text}reference = \"base\"\nbeta = 0.1\n"),
+    );
+    assert_eq!(s.key("recipe.toml", "dpo"), key);
+    // Renaming the model node changes no key either: references enter keys as their
+    // targets' keys, never as names.
+    let renamed = text
+        .replace("[models.base]", "[models.start]")
+        .replace("model = \"base\"", "model = \"start\"");
+    s.write("recipe.toml", &renamed);
     assert_eq!(s.key("recipe.toml", "dpo"), key);
     let out = s.rudder(&["run", "recipe.toml"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("`dpo/ref_logps` is not implemented"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`dpo/ref_logps` is not implemented"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(s.objects(), 0);
 }
 
@@ -342,8 +361,13 @@ fn broken_recipes_exit_2_without_panicking() {
         RECIPE[..RECIPE.len() / 2].to_owned(),
         RECIPE.replace("kind = \"command\"", "kind = 7"),
         RECIPE.replace("inputs = [\"raw\"]", "inputs = [\"upper\"]"),
-        RECIPE.replace("[stages.other]\nkind = \"command\"", "[stages.other]\nkind = \"command\"\nafter = [\"count\", \"other\"]"),
-        format!("{RECIPE}\n[stages.upper2]\nkind = \"command\"\ninputs = [\"upper3\"]\ncmd = \"x\"\noutputs = {{ a = \"a\" }}\n[stages.upper3]\nkind = \"command\"\ninputs = [\"upper2\"]\ncmd = \"x\"\noutputs = {{ a = \"a\" }}\n"),
+        RECIPE.replace(
+            "[stages.other]\nkind = \"command\"",
+            "[stages.other]\nkind = \"command\"\nafter = [\"count\", \"other\"]",
+        ),
+        format!(
+            "{RECIPE}\n[stages.upper2]\nkind = \"command\"\ninputs = [\"upper3\"]\ncmd = \"x\"\noutputs = {{ a = \"a\" }}\n[stages.upper3]\nkind = \"command\"\ninputs = [\"upper2\"]\ncmd = \"x\"\noutputs = {{ a = \"a\" }}\n"
+        ),
         "\u{0}\u{1}[[[".to_owned(),
         format!("x = {}1{}", "[".repeat(5000), "]".repeat(5000)),
     ];
@@ -353,9 +377,26 @@ fn broken_recipes_exit_2_without_panicking() {
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
         assert!(!err.contains("panicked"), "case {i}: {err}");
-        assert!(err.contains("recipe.toml:"), "case {i} has no location: {err}");
+        assert!(
+            err.contains("recipe.toml:"),
+            "case {i} has no location: {err}"
+        );
     }
     s.write("recipe.toml", &cases[4]);
     let err = stderr(&s.rudder(&["plan", "recipe.toml"]));
-    assert!(err.contains("dependency cycle between `upper2`, `upper3`"), "{err}");
+    assert!(
+        err.contains("dependency cycle between `upper2`, `upper3`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn identical_stages_under_two_names_build_once() {
+    let s = scratch();
+    let twin = RECIPE.replace("[stages.other]", "[stages.twin]\nkind = \"command\"\ncmd = \"echo independent > {{ out }}/other.txt\"\noutputs = { other = \"other.txt\" }\n\n[stages.other]");
+    s.write("recipe.toml", &twin);
+    assert_eq!(s.key("recipe.toml", "twin"), s.key("recipe.toml", "other"));
+    let out = s.rudder(&["run", "recipe.toml"]);
+    assert!(stderr(&out).contains("ran 3 stages"), "{}", stderr(&out));
+    assert_eq!(s.objects(), 3);
 }

@@ -199,6 +199,12 @@ impl Executor<'_> {
                 failure = Some(EngineError::Interrupted);
                 break;
             }
+            // Two vertices with one key (identical stages under two names) build it once.
+            if !entry.reasons.contains(&crate::plan::Reason::Forced)
+                && self.store.contains(&entry.key)
+            {
+                continue;
+            }
             let clock = Instant::now();
             let progress = self.observer.stage_started(entry, position + 1, total);
             let result = self.run_one(plan, entry, progress.as_ref());

@@ -191,7 +191,7 @@ pub trait StageSpec: fmt::Debug + Send + Sync + Any {
     /// The parameters that determine the stage's own artifact (before [`NOT_IN_KEY`] fields are
     /// dropped). Usually all of them; a stage that is the last of its rounds keys only that round.
     fn key_params(&self) -> Value {
-        self.params()
+        without_references(self.params(), &self.inputs())
     }
     /// The kind whose implementation builds the stage's own artifact (and whose version is in
     /// its key): the stage's kind, or the kind of the part it shares its key scheme with.
@@ -268,6 +268,25 @@ pub(crate) fn input(role: &str, target: &str, expect: Expect) -> InputField {
         expect,
         may_be_path: false,
     }
+}
+
+/// Parameters with every reference field emptied: a reference enters a key as its target's
+/// key (by role), never as the target's name, so renaming a node changes no key.
+pub fn without_references(mut params: Value, inputs: &[InputField]) -> Value {
+    for input in inputs {
+        let mut slot = Some(&mut params);
+        for seg in &input.path.0 {
+            slot = match (slot, seg) {
+                (Some(Value::Object(map)), crate::source::Seg::Key(k)) => map.get_mut(k),
+                (Some(Value::Array(items)), crate::source::Seg::Index(i)) => items.get_mut(*i),
+                _ => None,
+            };
+        }
+        if let Some(value) = slot {
+            *value = Value::Null;
+        }
+    }
+    params
 }
 
 /// The `model` and `data` references most kinds have.

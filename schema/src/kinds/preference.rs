@@ -544,7 +544,7 @@ impl IterativeDpoParams {
             }
         }
         map.insert("round".into(), json!(n));
-        params
+        super::without_references(params, &self.inputs())
     }
 }
 
