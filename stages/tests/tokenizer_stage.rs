@@ -1,6 +1,8 @@
 //! The `tokenizer` runner as the engine calls it: a BPE trained on a small text file (special
 //! tokens first, known merges, any text round-trips) and on the quickstart corpus (byte-exact
-//! reruns). Bad settings come back as errors.
+//! reruns); then the chain a recipe builds from it, `tokenizer` -> fresh model -> `pretrain`:
+//! the loss falls, the artifact loads and generates, and a rerun writes the same weights bit for
+//! bit. Bad inputs come back as errors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,9 +10,14 @@ use std::sync::atomic::AtomicBool;
 
 use rudder_engine::executor::{InputKind, NoProgress, StageContext, StageInput, StageResult};
 use rudder_engine::{Key, Registry};
-use rudder_schema::kinds::{StageSpec, TokenizerParams};
+use rudder_schema::kinds::{
+    LrSchedulerType, PretrainParams, StageSpec, TokenizerParams, TrainArgs,
+};
+use rudder_schema::recipe::{Arch, ModelSpec};
 use rudder_schema::{Backend, DataFormat, Precision};
+use rudder_stages::model::load_causal_lm;
 use rudder_stages::tokenizer::Tokenizer;
+use rudder_stages::{BackendKind, GenerateOptions, TestBackend};
 use serde_json::Value;
 
 fn corpus() -> PathBuf {
@@ -180,4 +187,176 @@ fn tokenizer_stage_refuses_bad_settings() {
     params.text_field = "body".into();
     let err = run("tokenizer", &params, vec![text_data(&data)], &out).unwrap_err();
     assert!(err.to_string().contains("body"), "{err}");
+}
+
+/// A fresh 2-layer Llama.
+fn tiny_spec() -> ModelSpec {
+    ModelSpec {
+        hf: None,
+        arch: Some(Arch::Llama),
+        tokenizer: Some("tok".into()),
+        vocab_size: None,
+        hidden_size: Some(32),
+        intermediate_size: Some(64),
+        num_hidden_layers: Some(2),
+        num_attention_heads: Some(4),
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        max_position_embeddings: None,
+        rope_theta: None,
+        rms_norm_eps: None,
+        tie_word_embeddings: None,
+        attention_bias: None,
+        initializer_range: None,
+        description: None,
+    }
+}
+
+fn fresh_model(tokenizer: Option<PathBuf>) -> StageInput {
+    input(
+        "model",
+        None,
+        InputKind::FreshModel {
+            spec: tiny_spec(),
+            tokenizer,
+        },
+    )
+}
+
+fn pretrain_params(steps: u64) -> PretrainParams {
+    PretrainParams {
+        model: "tiny".into(),
+        data: "corpus".into(),
+        learning_rate: 3e-3,
+        max_length: 64,
+        train: TrainArgs {
+            batch_size: 8,
+            max_steps: Some(steps),
+            lr_scheduler_type: LrSchedulerType::Constant,
+            logging_steps: 1,
+            ..TrainArgs::default()
+        },
+        ..PretrainParams::default()
+    }
+}
+
+/// The first 400 lines of the quickstart corpus.
+fn small_corpus(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(corpus()).unwrap();
+    let lines: Vec<&str> = text.lines().take(400).collect();
+    text_file(dir, "corpus.txt", &lines)
+}
+
+fn pretrain(tok: &Path, data: &Path, out: &Path, steps: u64) -> StageResult {
+    std::fs::create_dir_all(out).unwrap();
+    run(
+        "pretrain",
+        &pretrain_params(steps),
+        vec![fresh_model(Some(tok.to_path_buf())), text_data(data)],
+        out,
+    )
+}
+
+#[test]
+fn pretrain_trains_a_fresh_model_that_loads_generates_and_reproduces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_corpus(tmp.path());
+    let tok = tmp.path().join("tok");
+    train_tokenizer(&data, 320, &tok);
+    let out = tmp.path().join("a");
+    let outcome = pretrain(&tok, &data, &out, 12).unwrap();
+    assert_eq!(outcome.summary["steps"], 12.0);
+
+    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
+    // A fresh model starts near ln(vocab) and learns the corpus's regularities quickly.
+    let vocab = Tokenizer::from_dir(&tok).unwrap().vocab_size() as f64;
+    assert!((loss(0) - vocab.ln()).abs() < 0.5, "first loss {}", loss(0));
+    assert!(loss(11) < loss(0) - 1.0, "loss {} -> {}", loss(0), loss(11));
+
+    // A Hugging Face directory: config with the tokenizer's vocabulary and special ids.
+    let device = Default::default();
+    let (cfg, _model) = load_causal_lm::<TestBackend>(&out, &device).unwrap();
+    assert_eq!(cfg.vocab_size, vocab as usize);
+    assert_eq!(cfg.hidden_size, 32);
+    assert_eq!(cfg.num_key_value_heads, 2);
+    assert_eq!(cfg.bos_token_id, Some(1));
+    assert_eq!(cfg.eos_token_ids, vec![2]);
+    assert!(!cfg.tie_word_embeddings);
+    let saved = Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(saved.vocab_size(), vocab as usize);
+    let completions = rudder_stages::generate(
+        &out,
+        &["Review: The film was".to_string()],
+        &GenerateOptions {
+            max_new_tokens: 8,
+            temperature: 0.0,
+            ..GenerateOptions::default()
+        },
+        BackendKind::Cpu,
+    )
+    .unwrap();
+    assert!(!completions[0].completion_ids.is_empty());
+    assert!(completions[0].completion_ids.len() <= 8);
+
+    // Same inputs, same seed: the same weights, bit for bit.
+    let again = tmp.path().join("b");
+    pretrain(&tok, &data, &again, 12).unwrap();
+    for file in ["model.safetensors", "config.json", "tokenizer.json"] {
+        let x = std::fs::read(out.join(file)).unwrap();
+        let y = std::fs::read(again.join(file)).unwrap();
+        assert!(x == y, "{file} differs between two runs");
+    }
+}
+
+#[test]
+fn pretrain_accepts_a_tokenizer_json_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_corpus(tmp.path());
+    let tok = tmp.path().join("tok");
+    train_tokenizer(&data, 300, &tok);
+    let out = tmp.path().join("out");
+    pretrain(&tok.join("tokenizer.json"), &data, &out, 1).unwrap();
+    // tokenizer_config.json beside the file was read: EOS and BOS survive into the model.
+    let saved = Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(saved.eos_id(), Some(2));
+    assert_eq!(saved.bos_id(), Some(1));
+}
+
+#[test]
+fn pretrain_refuses_bad_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_corpus(tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let params = pretrain_params(1);
+    // No tokenizer for the fresh model.
+    let err = run(
+        "pretrain",
+        &params,
+        vec![fresh_model(None), text_data(&data)],
+        &out,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no tokenizer"), "{err}");
+    // A vocab_size smaller than the tokenizer's.
+    let tok = tmp.path().join("tok");
+    train_tokenizer(&data, 300, &tok);
+    let mut spec = tiny_spec();
+    spec.vocab_size = Some(100);
+    let model = input(
+        "model",
+        None,
+        InputKind::FreshModel {
+            spec,
+            tokenizer: Some(tok),
+        },
+    );
+    let err = run("pretrain", &params, vec![model, text_data(&data)], &out).unwrap_err();
+    assert!(err.to_string().contains("vocab_size"), "{err}");
 }
