@@ -11,7 +11,12 @@ fn scratch() -> Scratch {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
     let s = Scratch::new();
     std::fs::create_dir_all(s.path("model")).unwrap();
-    for file in ["policy/config.json", "policy/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"] {
+    for file in [
+        "policy/config.json",
+        "policy/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
         let name = Path::new(file).file_name().unwrap().to_str().unwrap();
         std::fs::copy(fixtures.join(file), s.path(&format!("model/{name}"))).unwrap();
     }
@@ -49,25 +54,59 @@ fn sft_trains_commits_and_is_cached() {
     s.ok(&["run", "recipe.toml"]);
     let dir = s.ok(&["show", "recipe.toml", "sft", "--path"]);
     let dir = Path::new(dir.trim());
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "manifest.json"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "manifest.json",
+    ] {
         assert!(dir.join(file).is_file(), "{file} missing from the artifact");
     }
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let steps: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(steps.len(), 3);
-    for key in ["step", "loss", "learning_rate", "grad_norm", "mean_token_accuracy", "num_tokens"] {
-        assert!(steps[0].get(key).is_some(), "metrics.jsonl lacks {key}: {}", steps[0]);
+    for key in [
+        "step",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "mean_token_accuracy",
+        "num_tokens",
+    ] {
+        assert!(
+            steps[0].get(key).is_some(),
+            "metrics.jsonl lacks {key}: {}",
+            steps[0]
+        );
     }
     assert!(steps[2]["loss"].as_f64().unwrap() < steps[0]["loss"].as_f64().unwrap());
     assert!(s.to_run("recipe.toml").is_empty());
     // The trained model generates through the CLI.
     let out: serde_json::Value = serde_json::from_str(&s.ok(&[
-        "generate", "recipe.toml", "sft", "--prompt", "Question: What color is grass?\nAnswer:", "--temperature", "0", "--max-new-tokens", "4", "--json",
+        "generate",
+        "recipe.toml",
+        "sft",
+        "--prompt",
+        "Question: What color is grass?\nAnswer:",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(out["completions"].as_array().unwrap().len(), 1);
     // A parameter change re-runs it and says why.
-    let plan = s.ok(&["plan", "recipe.toml", "--set", "stages.sft.learning_rate=5e-4"]);
+    let plan = s.ok(&[
+        "plan",
+        "recipe.toml",
+        "--set",
+        "stages.sft.learning_rate=5e-4",
+    ]);
     assert!(plan.contains("learning_rate: 0.001 -> 0.0005"), "{plan}");
 }
 
@@ -81,8 +120,16 @@ fn the_cpu_backend_is_bit_identical_run_after_run() {
         let dir = s.ok(&["show", "recipe.toml", "sft", "--path"]);
         std::fs::read(Path::new(dir.trim()).join("model.safetensors")).unwrap()
     };
-    assert!(weights(&a) == weights(&b), "two runs of the same recipe differ");
-    assert_eq!(a.read("recipe.lock").replace(a.dir.path().to_str().unwrap(), ""), b.read("recipe.lock").replace(b.dir.path().to_str().unwrap(), ""));
+    assert!(
+        weights(&a) == weights(&b),
+        "two runs of the same recipe differ"
+    );
+    assert_eq!(
+        a.read("recipe.lock")
+            .replace(a.dir.path().to_str().unwrap(), ""),
+        b.read("recipe.lock")
+            .replace(b.dir.path().to_str().unwrap(), "")
+    );
 }
 
 #[test]
@@ -94,6 +141,9 @@ fn a_bad_data_row_fails_before_training_naming_file_row_and_field() {
     let out = s.rudder(&["run", "recipe.toml"]);
     assert_eq!(out.status.code(), Some(1));
     let err = common::stderr(&out);
-    assert!(err.contains("sft.jsonl: row 17: field `completion`"), "{err}");
+    assert!(
+        err.contains("sft.jsonl: row 17: field `completion`"),
+        "{err}"
+    );
     assert_eq!(s.objects(), 0);
 }
