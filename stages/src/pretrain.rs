@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::AutodiffBackend;
 use rudder_engine::executor::{InputKind, Runner, StageContext, StageOutcome, StageResult};
-use rudder_schema::kinds::PretrainParams;
 use rudder_schema::ModelSpec;
+use rudder_schema::kinds::PretrainParams;
 use rudder_schema::recipe::Arch;
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};
