@@ -69,7 +69,7 @@ impl Observer for TerminalObserver {
                 let metrics: Vec<String> = outcome
                     .summary
                     .iter()
-                    .map(|(k, v)| format!("{k}={v:.4}"))
+                    .map(|(k, v)| format!("{k}={}", show_number(*v)))
                     .collect();
                 let metrics = if metrics.is_empty() {
                     String::new()
@@ -91,5 +91,14 @@ impl Observer for TerminalObserver {
 impl Drop for Bar {
     fn drop(&mut self) {
         self.0.finish_and_clear();
+    }
+}
+
+/// Counts as integers, everything else with four decimals.
+fn show_number(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.4}")
     }
 }

@@ -781,6 +781,19 @@ impl Loader<'_> {
                         "here",
                     );
                 }
+                let head_dim = spec.head_dim.or_else(|| {
+                    let (hidden, heads) = (spec.hidden_size?, spec.num_attention_heads?);
+                    (hidden % heads == 0).then(|| hidden / heads)
+                });
+                if let Some(d) = head_dim
+                    && d % 2 != 0
+                {
+                    self.error(
+                        &path.key(if spec.head_dim.is_some() { "head_dim" } else { "hidden_size" }),
+                        format!("{context}: head_dim {d} is odd; rotary embeddings rotate pairs, so it must be even"),
+                        "here",
+                    );
+                }
                 if let (Some(heads), Some(kv)) = (spec.num_attention_heads, spec.num_key_value_heads)
                     && heads % kv != 0
                 {

@@ -290,3 +290,11 @@ fn the_exported_schema_rejects_what_loading_rejects() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn fresh_models_need_an_even_head_dim() {
+    let errors = errors_of(
+        "[models.m]\narch = \"llama\"\nhidden_size = 36\nintermediate_size = 64\nnum_hidden_layers = 1\nnum_attention_heads = 4\ntokenizer = \"t.json\"\n",
+    );
+    assert!(errors[0].contains("head_dim 9 is odd"), "{errors:?}");
+}

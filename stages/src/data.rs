@@ -367,7 +367,10 @@ impl Rows {
 
     /// Prompts, for generation.
     pub fn prompts(&self) -> Result<Vec<String>, DataError> {
-        self.rows.iter().map(|row| self.string(row, "prompt")).collect()
+        self.rows
+            .iter()
+            .map(|row| self.string(row, "prompt"))
+            .collect()
     }
 }
 
@@ -394,7 +397,10 @@ mod tests {
 
     #[test]
     fn jsonl_with_column_renames() {
-        let (_d, path) = write("d.jsonl", "{\"question\": \"q\", \"completion\": \" c\"}\n\n{\"question\": \"r\", \"completion\": \" d\"}\n");
+        let (_d, path) = write(
+            "d.jsonl",
+            "{\"question\": \"q\", \"completion\": \" c\"}\n\n{\"question\": \"r\", \"completion\": \" d\"}\n",
+        );
         let columns = BTreeMap::from([("prompt".to_owned(), "question".to_owned())]);
         let rows = read_rows(&path, Format::Jsonl, &columns).unwrap();
         assert_eq!(rows.rows[1].number, 3);
@@ -410,12 +416,20 @@ mod tests {
 
     #[test]
     fn errors_name_file_row_and_field() {
-        let (_d, path) = write("d.jsonl", "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": 3, \"rejected\": \"c\"}\n");
+        let (_d, path) = write(
+            "d.jsonl",
+            "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": 3, \"rejected\": \"c\"}\n",
+        );
         let rows = read_rows(&path, Format::Jsonl, &BTreeMap::new()).unwrap();
         let err = rows.preference_pairs().unwrap_err().to_string();
-        assert!(err.ends_with("d.jsonl: row 2: field `chosen`: expected a string, found a number"), "{err}");
+        assert!(
+            err.ends_with("d.jsonl: row 2: field `chosen`: expected a string, found a number"),
+            "{err}"
+        );
         let (_d, path) = write("e.jsonl", "{\"prompt\": \"a\"}\nnot json\n");
-        let err = read_rows(&path, Format::Jsonl, &BTreeMap::new()).unwrap_err().to_string();
+        let err = read_rows(&path, Format::Jsonl, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("e.jsonl: row 2: invalid JSON"), "{err}");
     }
 
@@ -447,15 +461,28 @@ mod tests {
         let rows = read_rows(&path, Format::Txt, &BTreeMap::new()).unwrap();
         assert_eq!(rows.rows.len(), 2);
         assert_eq!(rows.rows[1].number, 3);
-        assert_eq!(rows.sft_examples("text").unwrap()[1], SftExample::Text("another".into()));
+        assert_eq!(
+            rows.sft_examples("text").unwrap()[1],
+            SftExample::Text("another".into())
+        );
     }
 
     #[test]
     fn empty_and_malformed_files() {
         let (_d, path) = write("e.jsonl", "\n");
-        assert!(read_rows(&path, Format::Jsonl, &BTreeMap::new()).unwrap_err().to_string().contains("no rows"));
+        assert!(
+            read_rows(&path, Format::Jsonl, &BTreeMap::new())
+                .unwrap_err()
+                .to_string()
+                .contains("no rows")
+        );
         let (_d, path) = write("o.json", "{\"a\": 1}");
-        assert!(read_rows(&path, Format::Json, &BTreeMap::new()).unwrap_err().to_string().contains("array of objects"));
+        assert!(
+            read_rows(&path, Format::Json, &BTreeMap::new())
+                .unwrap_err()
+                .to_string()
+                .contains("array of objects")
+        );
         let (_d, path) = write("p.parquet", "not parquet");
         assert!(read_rows(&path, Format::Parquet, &BTreeMap::new()).is_err());
     }

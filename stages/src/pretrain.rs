@@ -125,6 +125,9 @@ pub fn fresh_config(spec: &ModelSpec, tokenizer: &Tokenizer) -> Result<ModelConf
     cfg.bos_token_id = tokenizer.bos_id();
     cfg.eos_token_ids = tokenizer.eos_id().into_iter().collect();
     cfg.pad_token_id = tokenizer.pad_id();
+    // A fresh model obeys the rules a loaded config.json does (e.g. RoPE needs an even head_dim).
+    ModelConfig::from_json(&cfg.to_json(), Path::new("the fresh model's config"))
+        .map_err(|e| TrainError::Input(e.to_string()))?;
     Ok(cfg)
 }
 
@@ -250,7 +253,7 @@ impl AutodiffTask for PretrainTask<'_, '_> {
             &self.cfg,
             &device,
             Some(&mut writer),
-            &mut StageHooks { ctx: self.ctx },
+            &mut StageHooks::new(self.ctx),
         )?;
         save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
         Ok(report)

@@ -256,7 +256,7 @@ impl AutodiffTask for RewardTask<'_, '_> {
             &self.cfg,
             &device,
             Some(&mut writer),
-            &mut StageHooks { ctx: self.ctx },
+            &mut StageHooks::new(self.ctx),
         )?;
         let mut eval = Eval::new();
         if !self.eval_pairs.is_empty() {

@@ -157,9 +157,18 @@ pub fn backend(ctx: &StageContext<'_>) -> Result<BackendKind, TrainError> {
     Ok(ctx.backend.as_str().parse::<BackendKind>()?)
 }
 
-/// Progress bar and interruption for the loop.
+/// Progress bar (loss, tokens/s, ETA) and interruption for the loop.
 pub struct StageHooks<'a, 'b> {
-    pub ctx: &'a StageContext<'b>,
+    ctx: &'a StageContext<'b>,
+    /// When the first step finished, and the tokens counted by then: throughput excludes
+    /// start-up (loading, tokenisation, the first step's compilation of kernels).
+    first: Option<(std::time::Instant, f64)>,
+}
+
+impl<'a, 'b> StageHooks<'a, 'b> {
+    pub fn new(ctx: &'a StageContext<'b>) -> Self {
+        Self { ctx, first: None }
+    }
 }
 
 impl Hooks for StageHooks<'_, '_> {
@@ -168,9 +177,19 @@ impl Hooks for StageHooks<'_, '_> {
             self.ctx.progress.set_length(total_steps);
         }
         self.ctx.progress.set_position(record.step);
-        self.ctx
-            .progress
-            .set_message(format!("loss {:.4}", record.loss));
+        let tokens = record.metrics.get("num_tokens").copied();
+        let mut message = format!("loss {:.4}", record.loss);
+        match (self.first, tokens) {
+            (None, Some(t)) => self.first = Some((std::time::Instant::now(), t)),
+            (Some((since, before)), Some(t)) => {
+                let seconds = since.elapsed().as_secs_f64();
+                if seconds > 0.0 {
+                    message.push_str(&format!(", {:.0} tokens/s", (t - before) / seconds));
+                }
+            }
+            _ => {}
+        }
+        self.ctx.progress.set_message(message);
     }
 
     fn interrupted(&self) -> bool {

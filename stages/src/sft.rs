@@ -383,7 +383,7 @@ impl AutodiffTask for SftTask<'_, '_> {
             &self.cfg,
             &device,
             Some(&mut writer),
-            &mut StageHooks { ctx: self.ctx },
+            &mut StageHooks::new(self.ctx),
         )?;
         save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
         Ok(report)
