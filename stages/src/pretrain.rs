@@ -9,20 +9,19 @@
 //! weights are drawn from the stage's seed (see `model::random_causal_lm`), so the same recipe
 //! gives the same model on every backend.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use burn::tensor::backend::AutodiffBackend;
 use rudder_engine::executor::{InputKind, Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::ModelSpec;
 use rudder_schema::kinds::PretrainParams;
 use rudder_schema::recipe::Arch;
 
-use crate::backend::{AutodiffTask, dispatch_autodiff};
-use crate::model::{Architecture, ModelConfig, load_causal_lm, random_causal_lm, save_causal_lm};
-use crate::runner::{self, METRICS_FILE, StageHooks};
-use crate::sft::{SftObjective, SftSequence};
+use crate::backend::dispatch_autodiff;
+use crate::model::{Architecture, ModelConfig};
+use crate::runner;
+use crate::sft::{CausalLmTask, SftSequence, Start};
 use crate::tokenizer::Tokenizer;
-use crate::train::{MetricsWriter, TrainConfig, TrainError, TrainReport, train};
+use crate::train::TrainError;
 
 /// Packs token streams into training sequences of at most `max_length` tokens.
 pub fn pack(
@@ -161,12 +160,6 @@ impl Runner for PretrainRunner {
     }
 }
 
-/// Where the starting weights come from.
-enum Start {
-    Fresh(ModelConfig),
-    Directory(PathBuf),
-}
-
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = ctx.params::<PretrainParams>().ok_or_else(|| {
         TrainError::Input("the stage's parameters are not pretrain parameters".into())
@@ -204,7 +197,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             " (the text is shorter than two tokens)".into(),
         ));
     }
-    let task = PretrainTask {
+    let task = CausalLmTask {
         ctx,
         start: &start,
         sequences: &sequences,
@@ -221,43 +214,6 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let mut summary = report.summary();
     summary.insert("sequences".into(), sequences.len() as f64);
     Ok(StageOutcome { summary })
-}
-
-struct PretrainTask<'a, 'b> {
-    ctx: &'a StageContext<'b>,
-    start: &'a Start,
-    sequences: &'a [SftSequence],
-    pad_id: u32,
-    cfg: TrainConfig,
-}
-
-impl AutodiffTask for PretrainTask<'_, '_> {
-    type Output = Result<TrainReport, TrainError>;
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let (model_cfg, model) = match self.start {
-            Start::Fresh(cfg) => (
-                cfg.clone(),
-                random_causal_lm::<B>(cfg, self.ctx.seed, &device),
-            ),
-            Start::Directory(dir) => load_causal_lm::<B>(dir, &device)?,
-        };
-        let mut writer =
-            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
-        let (model, report) = train(
-            &SftObjective {
-                pad_id: self.pad_id,
-            },
-            model,
-            self.sequences,
-            &self.cfg,
-            &device,
-            Some(&mut writer),
-            &mut StageHooks::new(self.ctx),
-        )?;
-        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
-        Ok(report)
-    }
 }
 
 #[cfg(test)]

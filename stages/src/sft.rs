@@ -11,7 +11,7 @@
 //! Token `j` is predicted from position `j - 1` (labels are unshifted, as in transformers).
 //! Metrics use TRL's names: `mean_token_accuracy`, `entropy` and the running `num_tokens`.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use burn::module::AutodiffModule;
 use burn::tensor::activation::log_softmax;
@@ -22,7 +22,7 @@ use rudder_schema::kinds::SftParams;
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};
 use crate::data::{Message as DataMessage, SftExample};
-use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
+use crate::model::{CausalLm, ModelConfig, load_causal_lm, random_causal_lm, save_causal_lm};
 use crate::runner::{self, METRICS_FILE, StageHooks};
 use crate::tokenizer::{Message, Tokenizer};
 use crate::train::{
@@ -340,9 +340,9 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
         assistant_only_loss: params.assistant_only_loss,
     };
     let sequences = tokenize(&tokenizer, &examples, &opts)?;
-    let task = SftTask {
+    let task = CausalLmTask {
         ctx,
-        dir: &dir,
+        start: &Start::Directory(dir.clone()),
         sequences: &sequences,
         pad_id: tokenizer.pad_id().unwrap_or(0),
         cfg: runner::train_config(
@@ -359,19 +359,35 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     Ok(StageOutcome { summary })
 }
 
-struct SftTask<'a, 'b> {
-    ctx: &'a StageContext<'b>,
-    dir: &'a Path,
-    sequences: &'a [SftSequence],
-    pad_id: u32,
-    cfg: TrainConfig,
+/// Where a causal-LM training run starts.
+pub(crate) enum Start {
+    /// A fresh, seeded model of this configuration (pretraining).
+    Fresh(ModelConfig),
+    /// The weights of a Hugging Face directory.
+    Directory(PathBuf),
 }
 
-impl AutodiffTask for SftTask<'_, '_> {
+/// Trains a causal LM on tokenised sequences with the SFT objective and saves it into the
+/// stage's output: SFT and pretraining differ only in where they start and what they feed.
+pub(crate) struct CausalLmTask<'a, 'b> {
+    pub ctx: &'a StageContext<'b>,
+    pub start: &'a Start,
+    pub sequences: &'a [SftSequence],
+    pub pad_id: u32,
+    pub cfg: TrainConfig,
+}
+
+impl AutodiffTask for CausalLmTask<'_, '_> {
     type Output = Result<TrainReport, TrainError>;
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
+        let (model_cfg, model) = match self.start {
+            Start::Fresh(cfg) => (
+                cfg.clone(),
+                random_causal_lm::<B>(cfg, self.ctx.seed, &device),
+            ),
+            Start::Directory(dir) => load_causal_lm::<B>(dir, &device)?,
+        };
         let mut writer =
             MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
         let (model, report) = train(
