@@ -270,27 +270,17 @@ impl Planner<'_> {
                 let file_name = Path::new(&spec.path)
                     .file_name()
                     .map_or_else(|| spec.path.clone(), |n| n.to_string_lossy().into_owned());
-                Ok(Some(Keyed {
+                Ok(Some(source(
+                    &node.name,
+                    "dataset",
                     key,
-                    is_source: true,
-                    backend: Backend::Cpu,
-                    entry: LockEntry {
-                        name: node.name.clone(),
-                        kind: "dataset".into(),
-                        key: key.to_hex(),
-                        implementation: None,
-                        seed: None,
-                        backend: None,
-                        precision: None,
-                        params: canonical_params(
-                            &json!({"path": spec.path, "format": format, "columns": columns}),
-                            &[],
-                        ),
-                        inputs: BTreeMap::new(),
-                        deps: BTreeMap::new(),
-                        outputs: [(file_name, digest)].into(),
-                    },
-                }))
+                    canonical_params(
+                        &json!({"path": spec.path, "format": format, "columns": columns}),
+                        &[],
+                    ),
+                    BTreeMap::new(),
+                    [(file_name, digest)].into(),
+                )))
             }
             NodeBody::Model(model) => {
                 let mut params = serde_json::to_value(&model.spec).expect("model spec serialises");
@@ -303,24 +293,14 @@ impl Planner<'_> {
                         builder.str(name).str(digest);
                     }
                     let key = builder.finish();
-                    return Ok(Some(Keyed {
+                    return Ok(Some(source(
+                        &node.name,
+                        "model",
                         key,
-                        is_source: true,
-                        backend: Backend::Cpu,
-                        entry: LockEntry {
-                            name: node.name.clone(),
-                            kind: "model".into(),
-                            key: key.to_hex(),
-                            implementation: None,
-                            seed: None,
-                            backend: None,
-                            precision: None,
-                            params: canonical_params(&params, &["description"]),
-                            inputs: BTreeMap::new(),
-                            deps: BTreeMap::new(),
-                            outputs: files.into_iter().collect(),
-                        },
-                    }));
+                        canonical_params(&params, &["description"]),
+                        BTreeMap::new(),
+                        files.into_iter().collect(),
+                    )));
                 }
                 // A fresh architecture: its key is its configuration and its tokenizer's key.
                 let inputs = self.input_keys(vertex, keyed)?;
@@ -330,31 +310,16 @@ impl Planner<'_> {
                 let config = canonical_params(&params, &["description"]);
                 let mut builder = KeyBuilder::new("model");
                 builder.str("fresh").field("config", &config);
-                for (role, (key, output)) in &inputs {
-                    builder
-                        .str(role)
-                        .key(key)
-                        .str(output.as_deref().unwrap_or(""));
-                }
+                add_inputs(&mut builder, &inputs);
                 let key = builder.finish();
-                Ok(Some(Keyed {
+                Ok(Some(source(
+                    &node.name,
+                    "model",
                     key,
-                    is_source: true,
-                    backend: Backend::Cpu,
-                    entry: LockEntry {
-                        name: node.name.clone(),
-                        kind: "model".into(),
-                        key: key.to_hex(),
-                        implementation: None,
-                        seed: None,
-                        backend: None,
-                        precision: None,
-                        params: config,
-                        inputs: render_inputs(&inputs),
-                        deps: BTreeMap::new(),
-                        outputs: BTreeMap::new(),
-                    },
-                }))
+                    config,
+                    render_inputs(&inputs),
+                    BTreeMap::new(),
+                )))
             }
             NodeBody::Stage(stage) => {
                 let inputs = self.input_keys(vertex, keyed)?;
@@ -397,12 +362,7 @@ impl Planner<'_> {
                     .str(&kind)
                     .u64(u64::from(version))
                     .field("params", &key_params);
-                for (role, (key, output)) in &inputs {
-                    builder
-                        .str(role)
-                        .key(key)
-                        .str(output.as_deref().unwrap_or(""));
-                }
+                add_inputs(&mut builder, &inputs);
                 for (path, digest) in &deps {
                     builder.str(path).str(digest);
                 }
@@ -741,6 +701,45 @@ impl Planner<'_> {
             }
         }
         unique
+    }
+}
+
+/// A dataset's or model's vertex: sources are never run, so they carry no run settings.
+fn source(
+    name: &str,
+    kind: &str,
+    key: Key,
+    params: Value,
+    inputs: BTreeMap<String, String>,
+    outputs: BTreeMap<String, String>,
+) -> Keyed {
+    Keyed {
+        key,
+        is_source: true,
+        backend: Backend::Cpu,
+        entry: LockEntry {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            key: key.to_hex(),
+            implementation: None,
+            seed: None,
+            backend: None,
+            precision: None,
+            params,
+            inputs,
+            deps: BTreeMap::new(),
+            outputs,
+        },
+    }
+}
+
+/// Input keys enter a key by role, with the output each selects.
+fn add_inputs(builder: &mut KeyBuilder, inputs: &InputKeys) {
+    for (role, (key, output)) in inputs {
+        builder
+            .str(role)
+            .key(key)
+            .str(output.as_deref().unwrap_or(""));
     }
 }
 
