@@ -7,6 +7,7 @@
 pub mod diagnostic;
 pub mod json_schema;
 pub mod kinds;
+pub mod nodes;
 pub mod recipe;
 pub mod source;
 pub mod validate;
