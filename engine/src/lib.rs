@@ -10,6 +10,7 @@ pub mod executor;
 pub mod fsutil;
 pub mod graph;
 pub mod key;
+pub mod keying;
 pub mod lockfile;
 pub mod plan;
 pub mod project;
