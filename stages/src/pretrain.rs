@@ -161,12 +161,8 @@ impl Runner for PretrainRunner {
 }
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = ctx.params::<PretrainParams>().ok_or_else(|| {
-        TrainError::Input("the stage's parameters are not pretrain parameters".into())
-    })?;
-    let model = ctx
-        .input("model")
-        .ok_or_else(|| TrainError::Input("the stage has no `model` input".into()))?;
+    let params = runner::params::<PretrainParams>(ctx)?;
+    let model = runner::input(ctx, "model")?;
     let (start, tokenizer) = match &model.kind {
         InputKind::FreshModel { spec, tokenizer } => {
             let path = tokenizer.as_ref().ok_or_else(|| {

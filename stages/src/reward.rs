@@ -190,9 +190,7 @@ impl Runner for RewardRunner {
 }
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = ctx.params::<RewardParams>().ok_or_else(|| {
-        TrainError::Input("the stage's parameters are not reward parameters".into())
-    })?;
+    let params = runner::params::<RewardParams>(ctx)?;
     let dir = runner::model_dir(ctx)?;
     let tokenizer = runner::model_tokenizer(&dir)?;
     runner::check_vocab(&dir, &tokenizer)?;

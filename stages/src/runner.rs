@@ -68,7 +68,18 @@ pub fn train_config(
     }
 }
 
-fn input<'a>(ctx: &'a StageContext<'_>, role: &str) -> Result<&'a StageInput, TrainError> {
+/// The stage's typed parameters.
+pub fn params<'a, T: 'static>(ctx: &'a StageContext<'_>) -> Result<&'a T, TrainError> {
+    ctx.params::<T>().ok_or_else(|| {
+        TrainError::Input(format!(
+            "the parameters of `{}` are not those of kind `{}`",
+            ctx.name, ctx.kind
+        ))
+    })
+}
+
+/// The input bound to `role`.
+pub fn input<'a>(ctx: &'a StageContext<'_>, role: &str) -> Result<&'a StageInput, TrainError> {
     ctx.input(role)
         .ok_or_else(|| TrainError::Input(format!("the stage has no `{role}` input")))
 }

@@ -321,9 +321,7 @@ impl Runner for SftRunner {
 }
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = ctx
-        .params::<SftParams>()
-        .ok_or_else(|| TrainError::Input("the stage's parameters are not sft parameters".into()))?;
+    let params = runner::params::<SftParams>(ctx)?;
     if params.packing {
         return Err(TrainError::Config(
             "packing is not supported by this version; set packing = false".into(),

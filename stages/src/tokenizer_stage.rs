@@ -221,9 +221,7 @@ impl Runner for TokenizerRunner {
 }
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = ctx.params::<TokenizerParams>().ok_or_else(|| {
-        TrainError::Input("the stage's parameters are not tokenizer parameters".into())
-    })?;
+    let params = runner::params::<TokenizerParams>(ctx)?;
     let rows = runner::data_rows(ctx)?;
     let texts = rows
         .rows
