@@ -30,7 +30,12 @@ impl Progress for Bar {
         self.0.set_message(message);
     }
     fn println(&self, line: &str) {
-        self.0.println(line);
+        // A hidden bar (stderr is not a terminal) drops its printed lines; warnings must not be.
+        if self.0.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.0.println(line);
+        }
     }
 }
 

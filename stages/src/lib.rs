@@ -4,11 +4,15 @@
 
 pub mod backend;
 pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod generate;
+pub mod logps;
 pub mod model;
 pub mod preference;
+pub mod preference_data;
 pub mod pretrain;
+pub mod ref_logps;
 pub mod reward;
 pub mod runner;
 pub mod sft;

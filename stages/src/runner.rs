@@ -27,6 +27,10 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::pretrain::PretrainRunner);
     registry.register(crate::sft::SftRunner);
     registry.register(crate::reward::RewardRunner);
+    registry.register(crate::dpo::DpoRunner);
+    registry.register(crate::ref_logps::RefLogpsRunner {
+        kind: "dpo/ref_logps",
+    });
 }
 
 /// The loop's settings from a recipe's training arguments; checkpoints go under `work_dir`
@@ -86,7 +90,12 @@ pub fn input<'a>(ctx: &'a StageContext<'_>, role: &str) -> Result<&'a StageInput
 
 /// The directory of the `model` input: a Hugging Face directory or an earlier stage's model.
 pub fn model_dir(ctx: &StageContext<'_>) -> Result<PathBuf, TrainError> {
-    let model = input(ctx, "model")?;
+    model_dir_of(ctx, "model")
+}
+
+/// The directory of the model bound to `role`.
+pub fn model_dir_of(ctx: &StageContext<'_>, role: &str) -> Result<PathBuf, TrainError> {
+    let model = input(ctx, role)?;
     match (&model.kind, &model.path) {
         (InputKind::FreshModel { .. }, _) => Err(TrainError::Input(format!(
             "model `{}` is a fresh architecture with no weights; train it with a `pretrain` stage first",

@@ -354,3 +354,168 @@ fn reward_model_reproduces_trl_trajectory() {
     );
     assert!(final_err < 1e-3, "final rewards differ by {final_err:e}");
 }
+
+/// Golden per-pair values of `dpo_golden.json`'s examples.
+fn golden_column(golden: &Value, key: &str) -> Vec<f64> {
+    golden["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[key].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn dpo_reproduces_trl_trajectory() {
+    use rudder_schema::kinds::{DpoLossType, PreferenceTokens};
+    use rudder_stages::dpo::{DpoExample, DpoObjective};
+    use rudder_stages::logps::{PromptCompletion, sequence_logps};
+    use rudder_stages::preference::loss::DpoLossConfig;
+    use rudder_stages::preference_data::tokenize_pairs;
+
+    let traj = json("dpo_trajectory.json");
+    let golden = json("dpo_golden.json");
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
+    let rows = read_rows(
+        &fixtures().join("prefs.jsonl"),
+        Format::Jsonl,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let tokenized = tokenize_pairs(
+        &tokenizer,
+        &rows.preference_pairs().unwrap(),
+        &PreferenceTokens::default(),
+    )
+    .unwrap();
+    assert_eq!(tokenized.dropped, 0);
+    for (pair, example) in tokenized
+        .pairs
+        .iter()
+        .zip(golden["examples"].as_array().unwrap())
+    {
+        let ids = |key: &str| -> Vec<u32> { serde_json::from_value(example[key].clone()).unwrap() };
+        assert_eq!(pair.chosen.prompt, ids("prompt_ids"));
+        assert_eq!(pair.chosen.completion, ids("chosen_ids"));
+        assert_eq!(pair.rejected.completion, ids("rejected_ids"));
+    }
+
+    // The reference's cached log-probs, as the `ref_logps` part computes them, against TRL's.
+    let device = Default::default();
+    let (_, reference) =
+        load_causal_lm::<TestBackend>(&fixtures().join("reference"), &device).unwrap();
+    let sides: Vec<&PromptCompletion> = tokenized
+        .pairs
+        .iter()
+        .map(|p| &p.chosen)
+        .chain(tokenized.pairs.iter().map(|p| &p.rejected))
+        .collect();
+    let mut reference_logps = sequence_logps(&reference, &sides, 0, 16, &device);
+    let reference_rejected = reference_logps.split_off(16);
+    let mut logp_err = 0f64;
+    for (ours, key) in [
+        (&reference_logps, "reference_chosen_logps"),
+        (&reference_rejected, "reference_rejected_logps"),
+    ] {
+        for (values, expect) in ours.iter().zip(golden_column(&golden, key)) {
+            let sum: f64 = values.iter().map(|&x| f64::from(x)).sum();
+            logp_err = logp_err.max((sum - expect).abs());
+        }
+    }
+    println!("dpo reference log-probs: max abs {logp_err:.2e}");
+    assert!(
+        logp_err < 1e-4,
+        "reference log-probs differ by {logp_err:e}"
+    );
+
+    let examples: Vec<DpoExample> = tokenized
+        .pairs
+        .into_iter()
+        .zip(reference_logps.into_iter().zip(reference_rejected))
+        .map(|(pair, (c, r))| DpoExample {
+            pair,
+            reference_chosen: c,
+            reference_rejected: r,
+        })
+        .collect();
+    let objective = DpoObjective {
+        pad_id: 0,
+        loss: DpoLossConfig::single(DpoLossType::Sigmoid, 0.1),
+        ld_alpha: None,
+        use_weighting: false,
+    };
+    let (cfg, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
+    let refs: Vec<&_> = examples.iter().collect();
+    let step1 = {
+        use rudder_stages::train::Objective;
+        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
+        grad_summary(&model, out.loss_sum.div_scalar(16.0))
+    };
+    let (g_l2, g_sum) = compare_params(&step1, &traj["step1_param_grad"]);
+    println!("dpo step-1 gradient: l2 {g_l2:.2e}, sum {g_sum:.2e}");
+    assert!(
+        g_l2 < 1e-4 && g_sum < 1e-4,
+        "step-1 gradient {g_l2:e} {g_sum:e}"
+    );
+
+    let (model, report) = train(
+        &objective,
+        model,
+        &examples,
+        &config(),
+        &device,
+        None,
+        &mut NoHooks,
+    )
+    .unwrap();
+    let steps = traj["steps"].as_array().unwrap();
+    assert_eq!(report.steps.len(), steps.len());
+    let (mut loss_err, mut norm_err, mut metric_err) = (0f64, 0f64, 0f64);
+    for (ours, theirs) in report.steps.iter().zip(steps) {
+        loss_err = loss_err.max(rel(ours.loss, theirs["loss"].as_f64().unwrap()));
+        norm_err = norm_err.max(rel(ours.grad_norm, theirs["grad_norm"].as_f64().unwrap()));
+        for key in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "entropy",
+        ] {
+            let expect = theirs[key].as_f64().unwrap();
+            // Rewards start near zero: measure them against the scale of the log-probs' change.
+            let err = (ours.metrics[key] - expect).abs() / expect.abs().max(0.1);
+            metric_err = metric_err.max(err);
+        }
+        assert_eq!(
+            ours.metrics["rewards/accuracies"],
+            theirs["rewards/accuracies"].as_f64().unwrap(),
+            "step {}",
+            ours.step
+        );
+        let acc = theirs["mean_token_accuracy"].as_f64().unwrap();
+        assert!((ours.metrics["mean_token_accuracy"] - acc).abs() < 1e-6);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("model");
+    save_causal_lm(&model, &cfg, &saved).unwrap();
+    let (l2_err, sum_err) = compare_params(&param_summary(&saved), &traj["final_param_summary"]);
+    println!(
+        "dpo parity: loss {loss_err:.2e}, grad_norm {norm_err:.2e}, metrics {metric_err:.2e}, \
+         param l2 {l2_err:.2e}, param sum {sum_err:.2e}"
+    );
+    assert!(loss_err < 1e-4, "loss relative error {loss_err:e}");
+    assert!(norm_err < 1e-3, "grad_norm relative error {norm_err:e}");
+    assert!(metric_err < 1e-4, "metric error {metric_err:e}");
+    assert!(
+        l2_err < 1e-4 && sum_err < 1e-4,
+        "params {l2_err:e} {sum_err:e}"
+    );
+    let final_loss = {
+        use rudder_stages::train::Objective;
+        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
+        out.loss_sum.into_scalar().elem::<f64>() / 16.0
+    };
+    let expect = traj["final_loss_after_20_updates"].as_f64().unwrap();
+    assert!(rel(final_loss, expect) < 1e-4, "{final_loss} vs {expect}");
+}

@@ -25,7 +25,8 @@ pub use command::CommandParams;
 pub use common::*;
 pub use generation::{ConstitutionalParams, EvaluateParams, ExportParams, GenerateParams};
 pub use preference::{
-    DpoLossType, DpoParams, FDivergenceType, IterativeDpoParams, KtoParams, OrpoParams, SimpoParams,
+    CpoLossType, DpoLossType, DpoParams, FDivergenceType, IterativeDpoParams, KtoLossType,
+    KtoParams, OrpoParams, PreferenceTokens, SimpoParams,
 };
 pub use rl::{GrpoParams, PpoParams, RlooParams};
 pub use training::{PretrainParams, RewardParams, SftParams, TokenizerParams};

@@ -1,0 +1,321 @@
+//! Direct preference optimisation (the `dpo` stage kind) with every TRL 1.16 loss type, MPO
+//! mixes, f-divergences, LD-DPO and WPO. Chosen and rejected completions go through the policy
+//! in one concatenated forward pass (`[chosen...; rejected...]`, right-padded); the frozen
+//! reference's log-probs come from the stage's `ref_logps` part, computed once and cached.
+//!
+//! Metrics use TRL's names: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (strict
+//! `>`), `rewards/margins`, `logps/chosen`, `logps/rejected` (means over pairs), `entropy` (over
+//! every completion token), `mean_token_accuracy` (over chosen completion tokens) and the running
+//! `num_tokens`.
+
+use std::path::Path;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_schema::kinds::{DpoLossType, DpoParams};
+
+use crate::backend::{AutodiffTask, dispatch_autodiff};
+use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, prediction_stats};
+use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
+use crate::preference::loss::{DpoLossConfig, PairLogps, dpo_loss, ld_logps, wpo_weights};
+use crate::preference_data::{REF_LOGPS_FILE, RefLogps, TokenizedPair, tokenize_pairs};
+use crate::runner::{self, METRICS_FILE, StageHooks};
+use crate::train::{
+    Forward, MetricValue, MetricsWriter, Objective, TrainConfig, TrainError, TrainReport, train,
+};
+
+/// A tokenised pair with its reference's per-token log-probs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpoExample {
+    pub pair: TokenizedPair,
+    pub reference_chosen: Vec<f32>,
+    pub reference_rejected: Vec<f32>,
+}
+
+/// The DPO objective.
+pub struct DpoObjective {
+    pub pad_id: u32,
+    pub loss: DpoLossConfig,
+    pub ld_alpha: Option<f64>,
+    pub use_weighting: bool,
+}
+
+/// Per-row values, left-aligned and zero-padded into `[rows, longest]` with a 0/1 mask.
+fn ragged<B: Backend>(rows: &[&[f32]], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let n = rows.len();
+    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut values = vec![0f32; n * width];
+    let mut mask = vec![0f32; n * width];
+    for (i, row) in rows.iter().enumerate() {
+        values[i * width..i * width + row.len()].copy_from_slice(row);
+        mask[i * width..i * width + row.len()].fill(1.0);
+    }
+    (
+        Tensor::from_data(TensorData::new(values, [n, width]), device),
+        Tensor::from_data(TensorData::new(mask, [n, width]), device),
+    )
+}
+
+fn vector<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}
+
+fn host(t: Tensor<impl Backend, 1>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .to_vec()
+        .expect("a float vector")
+}
+
+impl<B: AutodiffBackend> Objective<B> for DpoObjective
+where
+    CausalLm<B>: AutodiffModule<B>,
+{
+    type Model = CausalLm<B>;
+    type Example = DpoExample;
+
+    fn weight(&self, examples: &[&DpoExample]) -> f64 {
+        examples.len() as f64
+    }
+
+    fn forward(
+        &self,
+        model: &CausalLm<B>,
+        examples: &[&DpoExample],
+        device: &B::Device,
+    ) -> Result<Forward<B>, TrainError> {
+        let n = examples.len();
+        let rows: Vec<&PromptCompletion> = examples
+            .iter()
+            .map(|e| &e.pair.chosen)
+            .chain(examples.iter().map(|e| &e.pair.rejected))
+            .collect();
+        let batch = CompletionBatch::<B>::new(&rows, self.pad_id, device);
+        let out = completion_logps(model, &batch);
+        let [_, width] = out.token_logps.dims();
+        let sums = out.sums();
+        let lengths = batch.length_tensor(device);
+        let plain_chosen = sums.clone().slice(0..n);
+        let reference_sums = |side: fn(&DpoExample) -> &Vec<f32>| {
+            let values = examples
+                .iter()
+                .map(|e| side(e).iter().sum::<f32>())
+                .collect();
+            vector::<B>(values, device)
+        };
+        let (policy_chosen, policy_rejected, reference_chosen, reference_rejected) =
+            match self.ld_alpha {
+                None => (
+                    plain_chosen.clone(),
+                    sums.clone().slice(n..2 * n),
+                    reference_sums(|e| &e.reference_chosen),
+                    reference_sums(|e| &e.reference_rejected),
+                ),
+                Some(alpha) => {
+                    let tokens = |range| out.token_logps.clone().slice([range, 0..width]);
+                    let mask = |range| batch.mask.clone().slice([range, 0..width]);
+                    let (pc, pr) = ld_logps(
+                        tokens(0..n),
+                        mask(0..n),
+                        tokens(n..2 * n),
+                        mask(n..2 * n),
+                        alpha,
+                    );
+                    let chosen: Vec<&[f32]> =
+                        examples.iter().map(|e| &e.reference_chosen[..]).collect();
+                    let rejected: Vec<&[f32]> =
+                        examples.iter().map(|e| &e.reference_rejected[..]).collect();
+                    let (rc, rc_mask) = ragged::<B>(&chosen, device);
+                    let (rr, rr_mask) = ragged::<B>(&rejected, device);
+                    let (rc, rr) = ld_logps(rc, rc_mask, rr, rr_mask, alpha);
+                    (pc, pr, rc, rr)
+                }
+            };
+        let logps = PairLogps {
+            policy_chosen,
+            policy_rejected,
+            reference_chosen,
+            reference_rejected,
+            chosen_tokens: lengths.clone().slice(0..n),
+            rejected_tokens: lengths.slice(n..2 * n),
+            sft_chosen: self.ld_alpha.map(|_| plain_chosen.clone()),
+        };
+        let pair_weights = self.use_weighting.then(|| {
+            let [rows, seq, vocab] = out.logits.dims();
+            let shifted = out.logits.clone().slice([0..rows, 0..seq - 1, 0..vocab]);
+            let w = wpo_weights(out.token_logps.clone(), shifted, batch.mask.clone());
+            w.clone().slice(0..n) * w.slice(n..2 * n)
+        });
+        let losses = dpo_loss(&logps, &self.loss, pair_weights);
+
+        // Metrics, from values only.
+        let chosen_rewards = host(losses.chosen_rewards.clone().inner());
+        let rejected_rewards = host(losses.rejected_rewards.clone().inner());
+        let policy_sums = host(sums.inner());
+        let stats = prediction_stats(out.logits.inner(), &batch_inner(&batch));
+        let wins = chosen_rewards
+            .iter()
+            .zip(&rejected_rewards)
+            .filter(|(c, r)| c > r)
+            .count() as f64;
+        let sum = |v: &[f64]| v.iter().sum::<f64>();
+        let margins = sum(&chosen_rewards) - sum(&rejected_rewards);
+        let all_tokens: f64 = stats.iter().map(|s| s.tokens).sum();
+        let entropy: f64 = stats.iter().map(|s| s.entropy).sum();
+        let chosen_tokens: f64 = stats[..n].iter().map(|s| s.tokens).sum();
+        let chosen_correct: f64 = stats[..n].iter().map(|s| s.correct).sum();
+        let real_tokens: usize = rows.iter().map(|r| r.len()).sum();
+        let pairs = n as f64;
+        Ok(Forward {
+            loss_sum: losses.per_example.sum(),
+            metrics: vec![
+                MetricValue::mean("rewards/chosen", sum(&chosen_rewards), pairs),
+                MetricValue::mean("rewards/rejected", sum(&rejected_rewards), pairs),
+                MetricValue::mean("rewards/accuracies", wins, pairs),
+                MetricValue::mean("rewards/margins", margins, pairs),
+                MetricValue::mean("logps/chosen", sum(&policy_sums[..n]), pairs),
+                MetricValue::mean("logps/rejected", sum(&policy_sums[n..]), pairs),
+                MetricValue::mean("entropy", entropy, all_tokens),
+                MetricValue::mean("mean_token_accuracy", chosen_correct, chosen_tokens),
+                MetricValue::cumulative("num_tokens", real_tokens as f64),
+            ],
+        })
+    }
+}
+
+/// The batch's targets and mask on the inner backend, for metrics computed without a graph.
+fn batch_inner<B: AutodiffBackend>(batch: &CompletionBatch<B>) -> CompletionBatch<B::InnerBackend> {
+    CompletionBatch {
+        ids: batch.ids.clone().inner(),
+        padding: batch.padding.clone(),
+        targets: batch.targets.clone().inner(),
+        mask: batch.mask.clone().inner(),
+        lengths: batch.lengths.clone(),
+    }
+}
+
+/// Runs `dpo` stages: tokenises the pairs with the policy's tokenizer, joins the cached
+/// reference log-probs, trains, and writes the model directory with `metrics.jsonl`.
+pub struct DpoRunner;
+
+impl Runner for DpoRunner {
+    fn kind(&self) -> &'static str {
+        "dpo"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        Ok(run_stage(ctx)?)
+    }
+}
+
+fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
+    let params = runner::params::<DpoParams>(ctx)?;
+    if params.sync_ref_model {
+        return Err(TrainError::Config(
+            "sync_ref_model (TR-DPO) is not supported by this version".into(),
+        ));
+    }
+    let dir = runner::model_dir(ctx)?;
+    let tokenizer = runner::model_tokenizer(&dir)?;
+    runner::check_vocab(&dir, &tokenizer)?;
+    let pairs = runner::data_rows(ctx)?.preference_pairs()?;
+    let tokenized = tokenize_pairs(&tokenizer, &pairs, &params.tokens)?;
+    if let Some(warning) = tokenized.warning(&params.tokens) {
+        ctx.progress.println(&warning);
+    }
+    if tokenized.pairs.is_empty() {
+        return Err(TrainError::NoData(
+            ": every pair was truncated to nothing; raise max_length".into(),
+        ));
+    }
+    let cache_input = runner::input(ctx, "ref_logps")?;
+    let cache_path = cache_input
+        .path
+        .as_ref()
+        .map(|p| p.join(REF_LOGPS_FILE))
+        .ok_or_else(|| TrainError::Input("the reference log-probs have no artifact".into()))?;
+    let reference = RefLogps::load(&cache_path)?
+        .for_pairs(&tokenized.pairs)
+        .map_err(TrainError::Input)?;
+    let examples: Vec<DpoExample> = tokenized
+        .pairs
+        .into_iter()
+        .zip(reference)
+        .map(
+            |(pair, (reference_chosen, reference_rejected))| DpoExample {
+                pair,
+                reference_chosen,
+                reference_rejected,
+            },
+        )
+        .collect();
+    let task = DpoTask {
+        ctx,
+        dir: &dir,
+        examples: &examples,
+        objective: DpoObjective {
+            pad_id: tokenizer.pad_id().unwrap_or(0),
+            loss: loss_config(params),
+            ld_alpha: params.ld_alpha,
+            use_weighting: params.use_weighting,
+        },
+        cfg: runner::train_config(
+            params.learning_rate,
+            &params.train,
+            ctx.seed,
+            Some(ctx.work_dir),
+        ),
+    };
+    let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
+    tokenizer.save(ctx.out_dir)?;
+    let mut summary = report.summary();
+    summary.insert("pairs".into(), examples.len() as f64);
+    summary.insert("dropped".into(), tokenized.dropped as f64);
+    Ok(StageOutcome { summary })
+}
+
+/// The loss settings; RPO's `rpo_alpha` is TRL's NLL term on chosen completions, which is the
+/// `sft` loss type with that weight.
+fn loss_config(params: &DpoParams) -> DpoLossConfig {
+    let mut config = DpoLossConfig::from(params);
+    if let Some(alpha) = params.rpo_alpha {
+        config.losses.push((DpoLossType::Sft, alpha));
+    }
+    config
+}
+
+struct DpoTask<'a, 'b> {
+    ctx: &'a StageContext<'b>,
+    dir: &'a Path,
+    examples: &'a [DpoExample],
+    objective: DpoObjective,
+    cfg: TrainConfig,
+}
+
+impl AutodiffTask for DpoTask<'_, '_> {
+    type Output = Result<TrainReport, TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
+        let mut writer =
+            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
+        let (model, report) = train(
+            &self.objective,
+            model,
+            self.examples,
+            &self.cfg,
+            &device,
+            Some(&mut writer),
+            &mut StageHooks::new(self.ctx),
+        )?;
+        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
+        Ok(report)
+    }
+}

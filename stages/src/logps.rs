@@ -1,0 +1,246 @@
+//! Completion log-probabilities: the quantity every preference loss, the reference cache, the
+//! evaluation KL and the RL stages are built from. A row is a tokenised prompt followed by a
+//! completion; its log-prob is the sum over completion tokens `j` of `log_softmax(logits[j-1])[x_j]`
+//! (prompt and padding excluded, the final EOS included), as TRL computes it.
+//!
+//! Rows are right-padded, so padding never shifts positions and a row's values do not depend on
+//! what it is batched with.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::model::CausalLm;
+
+/// A tokenised prompt and completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptCompletion {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+}
+
+impl PromptCompletion {
+    pub fn len(&self) -> usize {
+        self.prompt.len() + self.completion.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A right-padded batch of prompt + completion rows.
+pub struct CompletionBatch<B: Backend> {
+    /// `[rows, seq]`
+    pub ids: Tensor<B, 2, Int>,
+    /// Per row: 1 on real tokens, 0 on padding.
+    pub padding: Vec<Vec<u8>>,
+    /// `[rows, seq - 1]`: token `j + 1` of each row.
+    pub targets: Tensor<B, 2, Int>,
+    /// `[rows, seq - 1]`: 1.0 where token `j + 1` belongs to the completion.
+    pub mask: Tensor<B, 2>,
+    /// Completion tokens per row.
+    pub lengths: Vec<usize>,
+}
+
+impl<B: Backend> CompletionBatch<B> {
+    pub fn new(rows: &[&PromptCompletion], pad_id: u32, device: &B::Device) -> Self {
+        let n = rows.len();
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2);
+        let mut ids = Vec::with_capacity(n * seq);
+        let mut padding = Vec::with_capacity(n);
+        let mut targets = Vec::with_capacity(n * (seq - 1));
+        let mut mask = Vec::with_capacity(n * (seq - 1));
+        for row in rows {
+            let tokens: Vec<u32> = row.prompt.iter().chain(&row.completion).copied().collect();
+            ids.extend(tokens.iter().map(|&t| i64::from(t)));
+            ids.extend(std::iter::repeat_n(i64::from(pad_id), seq - tokens.len()));
+            padding.push((0..seq).map(|j| u8::from(j < tokens.len())).collect());
+            for j in 1..seq {
+                let in_completion = j >= row.prompt.len() && j < tokens.len();
+                mask.push(if in_completion { 1.0f32 } else { 0.0 });
+                targets.push(tokens.get(j).map_or(0, |&t| i64::from(t)));
+            }
+        }
+        Self {
+            ids: Tensor::from_data(TensorData::new(ids, [n, seq]), device),
+            padding,
+            targets: Tensor::from_data(TensorData::new(targets, [n, seq - 1]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [n, seq - 1]), device),
+            lengths: rows.iter().map(|r| r.completion.len()).collect(),
+        }
+    }
+
+    /// Completion tokens per row as a tensor.
+    ///
+    /// # Shapes
+    /// - output: `[rows]`
+    pub fn length_tensor(&self, device: &B::Device) -> Tensor<B, 1> {
+        let lengths: Vec<f32> = self.lengths.iter().map(|&l| l as f32).collect();
+        let n = lengths.len();
+        Tensor::from_data(TensorData::new(lengths, [n]), device)
+    }
+}
+
+/// Per-token completion log-probs of a batch, with the logits they came from.
+pub struct CompletionLogps<B: Backend> {
+    /// `[rows, seq - 1]`: log-prob of token `j + 1`, zero outside completions.
+    pub token_logps: Tensor<B, 2>,
+    /// `[rows, seq, vocab]`
+    pub logits: Tensor<B, 3>,
+}
+
+impl<B: Backend> CompletionLogps<B> {
+    /// Sequence log-probs: the sum over each row's completion tokens.
+    ///
+    /// # Shapes
+    /// - output: `[rows]`
+    pub fn sums(&self) -> Tensor<B, 1> {
+        let [n, _] = self.token_logps.dims();
+        self.token_logps.clone().sum_dim(1).reshape([n])
+    }
+}
+
+/// Runs `model` over the batch and takes the log-prob of every completion token.
+pub fn completion_logps<B: Backend>(
+    model: &CausalLm<B>,
+    batch: &CompletionBatch<B>,
+) -> CompletionLogps<B> {
+    let logits = model.forward(batch.ids.clone(), Some(&batch.padding), None);
+    let token_logps = token_logps(logits.clone(), batch);
+    CompletionLogps {
+        token_logps,
+        logits,
+    }
+}
+
+/// `log_softmax(logits[j])[target_j]` on completion positions, zero elsewhere.
+///
+/// # Shapes
+/// - logits: `[rows, seq, vocab]`
+/// - output: `[rows, seq - 1]`
+pub fn token_logps<B: Backend>(logits: Tensor<B, 3>, batch: &CompletionBatch<B>) -> Tensor<B, 2> {
+    let [n, seq, vocab] = logits.dims();
+    let logp = log_softmax(logits.slice([0..n, 0..seq - 1, 0..vocab]), 2);
+    let picked = logp
+        .gather(2, batch.targets.clone().unsqueeze_dim(2))
+        .reshape([n, seq - 1]);
+    picked * batch.mask.clone()
+}
+
+/// Argmax hits and predictive entropy of one row, summed over its completion positions.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PredictionStats {
+    pub correct: f64,
+    pub entropy: f64,
+    pub tokens: f64,
+}
+
+/// Per-row [`PredictionStats`] of `logits` against the batch's completion tokens: TRL's
+/// `mean_token_accuracy` and `entropy`. Read from values only; no gradient.
+pub fn prediction_stats<B: Backend>(
+    logits: Tensor<B, 3>,
+    batch: &CompletionBatch<B>,
+) -> Vec<PredictionStats> {
+    let [n, seq, vocab] = logits.dims();
+    let logits = logits.slice([0..n, 0..seq - 1, 0..vocab]);
+    let hits = logits
+        .clone()
+        .argmax(2)
+        .reshape([n, seq - 1])
+        .equal(batch.targets.clone())
+        .float()
+        * batch.mask.clone();
+    let logp = log_softmax(logits, 2);
+    let entropy = (logp.clone().exp() * logp)
+        .sum_dim(2)
+        .reshape([n, seq - 1])
+        .neg()
+        * batch.mask.clone();
+    let hits: Vec<f32> = hits.sum_dim(1).into_data().to_vec().expect("f32");
+    let entropy: Vec<f32> = entropy.sum_dim(1).into_data().to_vec().expect("f32");
+    hits.iter()
+        .zip(&entropy)
+        .zip(&batch.lengths)
+        .map(|((&c, &h), &len)| PredictionStats {
+            correct: f64::from(c),
+            entropy: f64::from(h),
+            tokens: len as f64,
+        })
+        .collect()
+}
+
+/// Per-token completion log-probs of `rows` under `model`, `batch_size` rows per forward pass: the frozen
+/// reference's values, computed without building a graph.
+pub fn sequence_logps<B: Backend>(
+    model: &CausalLm<B>,
+    rows: &[&PromptCompletion],
+    pad_id: u32,
+    batch_size: usize,
+    device: &B::Device,
+) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let batch = CompletionBatch::new(chunk, pad_id, device);
+        let logps = completion_logps(model, &batch);
+        let [_, width] = logps.token_logps.dims();
+        let values: Vec<f32> = logps
+            .token_logps
+            .into_data()
+            .to_vec()
+            .expect("log-probs are f32");
+        for (i, row) in chunk.iter().enumerate() {
+            // Token 0 is never predicted, so a row without a prompt loses its first token.
+            let first = row.prompt.len().max(1);
+            let count = row.len().saturating_sub(first);
+            let start = i * width + first - 1;
+            out.push(values[start..start + count].to_vec());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend;
+
+    #[test]
+    fn mask_covers_exactly_the_completion() {
+        let device = Default::default();
+        let a = PromptCompletion {
+            prompt: vec![1, 5],
+            completion: vec![6, 2],
+        };
+        let b = PromptCompletion {
+            prompt: vec![1],
+            completion: vec![7],
+        };
+        let batch = CompletionBatch::<TestBackend>::new(&[&a, &b], 0, &device);
+        let mask: Vec<f32> = batch.mask.clone().into_data().to_vec().unwrap();
+        // Targets are tokens 1..4: a = [5, 6, 2] (completion 6, 2); b = [7, pad, pad].
+        assert_eq!(mask, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        let targets: Vec<i64> = batch.targets.clone().into_data().to_vec().unwrap();
+        assert_eq!(targets, vec![5, 6, 2, 7, 0, 0]);
+        assert_eq!(batch.lengths, vec![2, 1]);
+        assert_eq!(batch.padding, vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]);
+    }
+
+    #[test]
+    fn token_logps_pick_the_target_under_log_softmax() {
+        let device = Default::default();
+        let row = PromptCompletion {
+            prompt: vec![0],
+            completion: vec![1, 0],
+        };
+        let batch = CompletionBatch::<TestBackend>::new(&[&row], 0, &device);
+        // Position 0: logits [0, ln 3] -> p(1) = 3/4; position 1: [0, 0] -> p(0) = 1/2.
+        let logits = Tensor::<TestBackend, 3>::from_data(
+            TensorData::new(vec![0.0, 3f32.ln(), 0.0, 0.0, 9.0, 9.0], [1, 3, 2]),
+            &device,
+        );
+        let got: Vec<f32> = token_logps(logits, &batch).into_data().to_vec().unwrap();
+        assert!((got[0] - 0.75f32.ln()).abs() < 1e-6);
+        assert!((got[1] - 0.5f32.ln()).abs() < 1e-6);
+    }
+}
