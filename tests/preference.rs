@@ -152,3 +152,57 @@ fn pairs_truncated_to_nothing_are_dropped_with_a_warning() {
     let loss = metrics(&s, "dpo")[0]["loss"].as_f64().unwrap();
     assert!(loss.is_finite());
 }
+
+fn golden() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("dpo_golden.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn orpo_and_simpo_first_steps_equal_trl() {
+    let one_step = DPO
+        .replace("max_steps = 3", "max_steps = 1")
+        .replace("reference = \"reference\"\n", "");
+    let stage = |name: &str, kind: &str, extra: &str| {
+        one_step
+            .replace("[stages.dpo]", &format!("[stages.{name}]"))
+            .replace("kind = \"dpo\"", &format!("kind = \"{kind}\"\n{extra}"))
+    };
+    let s = scratch(
+        &[
+            stage("orpo", "orpo", "beta = 0.1"),
+            stage("simpo", "simpo", "beta = 0.1\nsimpo_gamma = 0.5"),
+            stage(
+                "cpo",
+                "simpo",
+                "loss_type = \"sigmoid\"\nbeta = 0.1\ncpo_alpha = 1.0",
+            ),
+            stage(
+                "simpo_nll",
+                "simpo",
+                "beta = 2.0\nsimpo_gamma = 1.0\ncpo_alpha = 1.0",
+            ),
+        ]
+        .concat(),
+    );
+    s.ok(&["run", "recipe.toml"]);
+    let golden = golden();
+    for (node, expect) in [
+        ("orpo", &golden["orpo"]),
+        ("simpo", &golden["cpo"]["simpo"]),
+        ("cpo", &golden["cpo"]["cpo_sigmoid"]),
+        ("simpo_nll", &golden["cpo"]["cpo_simpo_beta2_gamma1_alpha1"]),
+    ] {
+        let line = &metrics(&s, node)[0];
+        let (ours, theirs) = (
+            line["loss"].as_f64().unwrap(),
+            expect["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (ours - theirs).abs() / theirs.abs() < 1e-5,
+            "{node}: {ours} vs {theirs}"
+        );
+        assert!(line["nll_loss"].is_number() && line["rewards/margins"].is_number());
+    }
+    assert!(metrics(&s, "orpo")[0]["log_odds_ratio"].is_number());
+}

@@ -3,6 +3,7 @@
 //! DPO, ...) build on these; the engine above knows nothing of Burn.
 
 pub mod backend;
+pub mod cpo;
 pub mod data;
 pub mod dpo;
 pub mod error;

@@ -28,6 +28,8 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::sft::SftRunner);
     registry.register(crate::reward::RewardRunner);
     registry.register(crate::dpo::DpoRunner);
+    registry.register(crate::cpo::OrpoRunner);
+    registry.register(crate::cpo::SimpoRunner);
     registry.register(crate::ref_logps::RefLogpsRunner {
         kind: "dpo/ref_logps",
     });

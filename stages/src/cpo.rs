@@ -1,0 +1,264 @@
+//! The reference-free preference kinds: `orpo` (odds-ratio preference optimisation) and `simpo`
+//! (SimPO, and CPO with its sigmoid, hinge and IPO losses), as TRL 1.16's experimental CPO and
+//! ORPO trainers compute them. Pairs are tokenised exactly as for DPO; chosen and rejected go
+//! through the policy in one concatenated forward pass. No reference model, so no cached part.
+//!
+//! Metrics use TRL's names: `rewards/*` and `logps/*` (from the log-probs the loss uses: averages
+//! for SimPO, IPO and ORPO), `nll_loss`, and for ORPO `log_odds_ratio` and `log_odds_chosen`.
+
+use std::path::Path;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_schema::kinds::{OrpoParams, PreferenceTokens, SimpoParams, TrainArgs};
+
+use crate::backend::{AutodiffTask, dispatch_autodiff};
+use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, token_logps};
+use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
+use crate::preference::loss::{
+    CpoLossConfig, cpo_loss, cpo_uses_average_logps, orpo_loss, pair_metrics, token_mean_nll,
+};
+use crate::preference_data::{TokenizedPair, tokenize_pairs};
+use crate::runner::{self, METRICS_FILE, StageHooks};
+use crate::train::{
+    Forward, MetricValue, MetricsWriter, Objective, TrainConfig, TrainError, TrainReport, train,
+};
+
+/// Which reference-free loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReferenceFreeLoss {
+    /// ORPO with its odds-ratio weight `beta` (TRL's lambda).
+    Orpo { beta: f64 },
+    /// CPO / SimPO.
+    Cpo(CpoLossConfig),
+}
+
+/// The objective of `orpo` and `simpo` stages.
+pub struct ReferenceFreeObjective {
+    pub pad_id: u32,
+    pub loss: ReferenceFreeLoss,
+}
+
+/// Each chosen row as a whole sequence: every token after the first is a target. ORPO's NLL
+/// covers the prompt too.
+fn whole_sequences(pairs: &[&TokenizedPair]) -> Vec<PromptCompletion> {
+    pairs
+        .iter()
+        .map(|p| {
+            let tokens: Vec<u32> = p
+                .chosen
+                .prompt
+                .iter()
+                .chain(&p.chosen.completion)
+                .copied()
+                .collect();
+            let (first, rest) = tokens.split_at(tokens.len().min(1));
+            PromptCompletion {
+                prompt: first.to_vec(),
+                completion: rest.to_vec(),
+            }
+        })
+        .collect()
+}
+
+impl<B: AutodiffBackend> Objective<B> for ReferenceFreeObjective
+where
+    CausalLm<B>: AutodiffModule<B>,
+{
+    type Model = CausalLm<B>;
+    type Example = TokenizedPair;
+
+    fn weight(&self, pairs: &[&TokenizedPair]) -> f64 {
+        pairs.len() as f64
+    }
+
+    fn forward(
+        &self,
+        model: &CausalLm<B>,
+        pairs: &[&TokenizedPair],
+        device: &B::Device,
+    ) -> Result<Forward<B>, TrainError> {
+        let n = pairs.len();
+        let rows: Vec<&PromptCompletion> = pairs
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(pairs.iter().map(|p| &p.rejected))
+            .collect();
+        let batch = CompletionBatch::<B>::new(&rows, self.pad_id, device);
+        let out = completion_logps(model, &batch);
+        let sums = out.sums();
+        let lengths = batch.length_tensor(device);
+        let averages = sums.clone() / lengths.clone();
+        let split = |t: &Tensor<B, 1>| (t.clone().slice(0..n), t.clone().slice(n..2 * n));
+        let completion_nll =
+            || token_mean_nll(sums.clone().slice(0..n), lengths.clone().slice(0..n));
+
+        let mut metrics = Vec::new();
+        let (loss, chosen_rewards, rejected_rewards, (chosen, rejected), nll) = match self.loss {
+            ReferenceFreeLoss::Cpo(config) => {
+                let used = if cpo_uses_average_logps(config.loss_type) {
+                    split(&averages)
+                } else {
+                    split(&sums)
+                };
+                let nll = completion_nll();
+                let losses = cpo_loss(used.0.clone(), used.1.clone(), Some(nll.clone()), &config);
+                (
+                    losses.loss,
+                    losses.chosen_rewards,
+                    losses.rejected_rewards,
+                    used,
+                    nll,
+                )
+            }
+            ReferenceFreeLoss::Orpo { beta } => {
+                let whole = whole_sequences(pairs);
+                let whole: Vec<&PromptCompletion> = whole.iter().collect();
+                let chosen_batch = CompletionBatch::<B>::new(&whole, self.pad_id, device);
+                let [_, seq, vocab] = out.logits.dims();
+                let width = chosen_batch.padding[0].len().min(seq);
+                let logits = out.logits.clone().slice([0..n, 0..width, 0..vocab]);
+                let whole_sums = token_logps(logits, &chosen_batch).sum_dim(1).reshape([n]);
+                let nll = token_mean_nll(whole_sums, chosen_batch.length_tensor(device));
+                let used = split(&averages);
+                let losses = orpo_loss(used.0.clone(), used.1.clone(), nll.clone(), beta);
+                metrics.push(MetricValue::mean(
+                    "log_odds_ratio",
+                    losses.log_odds_ratio * n as f64,
+                    n as f64,
+                ));
+                metrics.push(MetricValue::mean(
+                    "log_odds_chosen",
+                    losses.log_odds_chosen * n as f64,
+                    n as f64,
+                ));
+                (
+                    losses.loss,
+                    losses.chosen_rewards,
+                    losses.rejected_rewards,
+                    used,
+                    nll,
+                )
+            }
+        };
+        let pairs_f = n as f64;
+        for (name, mean) in pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected) {
+            metrics.push(MetricValue::mean(name, mean * pairs_f, pairs_f));
+        }
+        let nll: f64 = nll.into_scalar().elem();
+        metrics.push(MetricValue::mean("nll_loss", nll * pairs_f, pairs_f));
+        let real_tokens: usize = rows.iter().map(|r| r.len()).sum();
+        metrics.push(MetricValue::cumulative("num_tokens", real_tokens as f64));
+        Ok(Forward {
+            loss_sum: loss.mul_scalar(pairs_f),
+            metrics,
+        })
+    }
+}
+
+/// Runs `orpo` stages.
+pub struct OrpoRunner;
+
+impl Runner for OrpoRunner {
+    fn kind(&self) -> &'static str {
+        "orpo"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        let p = runner::params::<OrpoParams>(ctx)?;
+        let loss = ReferenceFreeLoss::Orpo { beta: p.beta };
+        Ok(run_stage(ctx, loss, p.learning_rate, &p.tokens, &p.train)?)
+    }
+}
+
+/// Runs `simpo` stages (SimPO and CPO).
+pub struct SimpoRunner;
+
+impl Runner for SimpoRunner {
+    fn kind(&self) -> &'static str {
+        "simpo"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        let p = runner::params::<SimpoParams>(ctx)?;
+        let loss = ReferenceFreeLoss::Cpo(CpoLossConfig::from(p));
+        Ok(run_stage(ctx, loss, p.learning_rate, &p.tokens, &p.train)?)
+    }
+}
+
+fn run_stage(
+    ctx: &StageContext<'_>,
+    loss: ReferenceFreeLoss,
+    learning_rate: f64,
+    tokens: &PreferenceTokens,
+    train_args: &TrainArgs,
+) -> Result<StageOutcome, TrainError> {
+    let dir = runner::model_dir(ctx)?;
+    let tokenizer = runner::model_tokenizer(&dir)?;
+    runner::check_vocab(&dir, &tokenizer)?;
+    let pairs = runner::data_rows(ctx)?.preference_pairs()?;
+    let tokenized = tokenize_pairs(&tokenizer, &pairs, tokens)?;
+    if let Some(warning) = tokenized.warning(tokens) {
+        ctx.progress.println(&warning);
+    }
+    if tokenized.pairs.is_empty() {
+        return Err(TrainError::NoData(
+            ": every pair was truncated to nothing; raise max_length".into(),
+        ));
+    }
+    let task = ReferenceFreeTask {
+        ctx,
+        dir: &dir,
+        pairs: &tokenized.pairs,
+        objective: ReferenceFreeObjective {
+            pad_id: tokenizer.pad_id().unwrap_or(0),
+            loss,
+        },
+        cfg: runner::train_config(learning_rate, train_args, ctx.seed, Some(ctx.work_dir)),
+    };
+    let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
+    tokenizer.save(ctx.out_dir)?;
+    let mut summary = report.summary();
+    summary.insert("pairs".into(), tokenized.pairs.len() as f64);
+    summary.insert("dropped".into(), tokenized.dropped as f64);
+    Ok(StageOutcome { summary })
+}
+
+struct ReferenceFreeTask<'a, 'b> {
+    ctx: &'a StageContext<'b>,
+    dir: &'a Path,
+    pairs: &'a [TokenizedPair],
+    objective: ReferenceFreeObjective,
+    cfg: TrainConfig,
+}
+
+impl AutodiffTask for ReferenceFreeTask<'_, '_> {
+    type Output = Result<TrainReport, TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
+        let mut writer =
+            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
+        let (model, report) = train(
+            &self.objective,
+            model,
+            self.pairs,
+            &self.cfg,
+            &device,
+            Some(&mut writer),
+            &mut StageHooks::new(self.ctx),
+        )?;
+        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
+        Ok(report)
+    }
+}
