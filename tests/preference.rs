@@ -206,3 +206,49 @@ fn orpo_and_simpo_first_steps_equal_trl() {
     }
     assert!(metrics(&s, "orpo")[0]["log_odds_ratio"].is_number());
 }
+
+#[test]
+fn kto_first_steps_equal_trl_with_and_without_a_positive_kl() {
+    let one_step = DPO
+        .replace("max_steps = 3", "max_steps = 1")
+        .replace("batch_size = 16", "batch_size = 32")
+        .replace("kind = \"dpo\"", "kind = \"kto\"");
+    let stage = |name: &str, extra: &str| {
+        one_step
+            .replace("[stages.dpo]", &format!("[stages.{name}]"))
+            .replace("kind = \"kto\"", &format!("kind = \"kto\"\n{extra}"))
+    };
+    let swapped = stage("kto_swapped_models", "")
+        .replace("model = \"policy\"", "model = \"reference\"")
+        .replace("reference = \"reference\"", "reference = \"policy\"");
+    let s = scratch(
+        &[
+            stage("kto", ""),
+            swapped,
+            stage("apo_zero_unpaired", "loss_type = \"apo_zero_unpaired\""),
+        ]
+        .concat(),
+    );
+    s.ok(&["run", "recipe.toml"]);
+    let golden = golden();
+    for node in ["kto", "kto_swapped_models", "apo_zero_unpaired"] {
+        let expect = &golden["kto"][node];
+        let line = &metrics(&s, node)[0];
+        let (ours, theirs) = (
+            line["loss"].as_f64().unwrap(),
+            expect["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (ours - theirs).abs() / theirs.abs() < 1e-5,
+            "{node}: {ours} vs {theirs}"
+        );
+        if node != "apo_zero_unpaired" {
+            let (kl, expect_kl) = (line["kl"].as_f64().unwrap(), expect["kl"].as_f64().unwrap());
+            assert!(
+                (kl - expect_kl).abs() < 1e-4,
+                "{node}: kl {kl} vs {expect_kl}"
+            );
+        }
+    }
+    assert!(golden["kto"]["kto_swapped_models"]["kl"].as_f64().unwrap() > 0.0);
+}

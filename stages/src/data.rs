@@ -228,6 +228,15 @@ pub struct PreferencePair {
     pub margin: Option<f64>,
 }
 
+/// One unpaired (KTO) example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpairedExample {
+    pub prompt: String,
+    pub completion: String,
+    /// Whether the completion is desirable.
+    pub desirable: bool,
+}
+
 impl Rows {
     fn field_error(&self, row: &Row, field: &str, message: impl Into<String>) -> DataError {
         DataError::Field {
@@ -365,6 +374,44 @@ impl Rows {
             .collect()
     }
 
+    /// KTO's unpaired examples: `prompt`, `completion` and a boolean `label` (desirable or not);
+    /// paired data (`prompt`, `chosen`, `rejected`) becomes every chosen completion (desirable)
+    /// followed by every rejected one, as TRL unpairs it.
+    pub fn unpaired_examples(&self) -> Result<Vec<UnpairedExample>, DataError> {
+        if self.rows[0].fields.contains_key("chosen") {
+            let pairs = self.preference_pairs()?;
+            let side = |desirable: bool| {
+                pairs.iter().map(move |p| UnpairedExample {
+                    prompt: p.prompt.clone(),
+                    completion: if desirable { &p.chosen } else { &p.rejected }.clone(),
+                    desirable,
+                })
+            };
+            return Ok(side(true).chain(side(false)).collect());
+        }
+        self.rows
+            .iter()
+            .map(|row| {
+                let desirable = match row.fields.get("label") {
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => {
+                        return Err(self.field_error(
+                            row,
+                            "label",
+                            format!("expected true or false, found {}", json_type(other)),
+                        ));
+                    }
+                    None => return Err(self.field_error(row, "label", "missing")),
+                };
+                Ok(UnpairedExample {
+                    prompt: self.string(row, "prompt")?,
+                    completion: self.string(row, "completion")?,
+                    desirable,
+                })
+            })
+            .collect()
+    }
+
     /// Prompts, for generation.
     pub fn prompts(&self) -> Result<Vec<String>, DataError> {
         self.rows
@@ -465,6 +512,27 @@ mod tests {
             rows.sft_examples("text").unwrap()[1],
             SftExample::Text("another".into())
         );
+    }
+
+    #[test]
+    fn unpaired_rows_and_unpaired_pairs() {
+        let (_d, path) = write(
+            "k.jsonl",
+            "{\"prompt\": \"p\", \"completion\": \" a\", \"label\": true}\n\
+             {\"prompt\": \"q\", \"completion\": \" b\", \"label\": \"yes\"}\n",
+        );
+        let rows = read_rows(&path, Format::Jsonl, &BTreeMap::new()).unwrap();
+        let err = rows.unpaired_examples().unwrap_err().to_string();
+        assert!(err.contains("row 2") && err.contains("label"), "{err}");
+        let (_d, path) = write(
+            "p.jsonl",
+            "{\"prompt\": \"p\", \"chosen\": \" good\", \"rejected\": \" bad\"}\n",
+        );
+        let rows = read_rows(&path, Format::Jsonl, &BTreeMap::new()).unwrap();
+        let examples = rows.unpaired_examples().unwrap();
+        assert_eq!(examples.len(), 2);
+        assert!(examples[0].desirable && examples[0].completion == " good");
+        assert!(!examples[1].desirable && examples[1].completion == " bad");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod data;
 pub mod dpo;
 pub mod error;
 pub mod generate;
+pub mod kto;
 pub mod logps;
 pub mod model;
 pub mod preference;

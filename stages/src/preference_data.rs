@@ -18,7 +18,7 @@ use std::path::Path;
 use rudder_schema::kinds::{PreferenceTokens, TruncationMode};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::data::PreferencePair;
+use crate::data::{PreferencePair, UnpairedExample};
 use crate::error::StageError;
 use crate::logps::PromptCompletion;
 use crate::tokenizer::Tokenizer;
@@ -45,7 +45,7 @@ impl TokenizedPairs {
     pub fn warning(&self, opts: &PreferenceTokens) -> Option<String> {
         (self.dropped > 0).then(|| {
             format!(
-                "warning: {} of {} pairs have no completion token left after truncation to \
+                "warning: {} of {} examples have no completion token left after truncation to \
                  max_length {} and are skipped",
                 self.dropped,
                 self.dropped + self.pairs.len(),
@@ -119,6 +119,73 @@ pub fn tokenize_pairs(
         pairs: out,
         dropped,
     })
+}
+
+/// A tokenised unpaired (KTO) row with its KL row: the same prompt followed by the previous
+/// row's completion (the first row takes the last row's), TRL's mismatched pairs for the KL
+/// estimate. Rows rotate over the whole dataset, so the pairing does not depend on the batch size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpairedRow {
+    pub row: usize,
+    pub sequence: PromptCompletion,
+    pub kl: PromptCompletion,
+    pub desirable: bool,
+}
+
+impl UnpairedRow {
+    /// The row as the reference cache stores it: the completion in place of `chosen`, the KL
+    /// completion in place of `rejected`.
+    pub fn as_pair(&self) -> TokenizedPair {
+        TokenizedPair {
+            row: self.row,
+            chosen: self.sequence.clone(),
+            rejected: self.kl.clone(),
+        }
+    }
+}
+
+/// Tokenises unpaired examples and builds their KL rows; rows with no completion token left
+/// after truncation are dropped (and counted) before the KL rows are paired.
+pub fn tokenize_unpaired(
+    tokenizer: &Tokenizer,
+    examples: &[UnpairedExample],
+    opts: &PreferenceTokens,
+) -> Result<(Vec<UnpairedRow>, usize), TrainError> {
+    let mut kept = Vec::with_capacity(examples.len());
+    for (row, example) in examples.iter().enumerate() {
+        let split = tokenizer.split_prompt_completion(&example.prompt, &example.completion)?;
+        let sequence = truncate(
+            PromptCompletion {
+                prompt: split.prompt_ids,
+                completion: split.completion_ids,
+            },
+            opts,
+        );
+        if !sequence.completion.is_empty() {
+            kept.push((row, sequence, example.desirable));
+        }
+    }
+    let dropped = examples.len() - kept.len();
+    let rows = (0..kept.len())
+        .map(|i| {
+            let previous = &kept[(i + kept.len() - 1) % kept.len()].1;
+            let (row, sequence, desirable) = &kept[i];
+            let kl = truncate(
+                PromptCompletion {
+                    prompt: sequence.prompt.clone(),
+                    completion: previous.completion.clone(),
+                },
+                opts,
+            );
+            UnpairedRow {
+                row: *row,
+                sequence: sequence.clone(),
+                kl,
+                desirable: *desirable,
+            }
+        })
+        .collect();
+    Ok((rows, dropped))
 }
 
 /// The file in a `ref_logps` artifact.

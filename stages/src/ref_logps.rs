@@ -14,7 +14,8 @@ use crate::backend::{BackendTask, dispatch};
 use crate::logps::{PromptCompletion, sequence_logps};
 use crate::model::load_causal_lm;
 use crate::preference_data::{
-    PairTokenLogps, REF_LOGPS_FILE, RefLogps, TokenizedPair, tokenize_pairs,
+    PairTokenLogps, REF_LOGPS_FILE, RefLogps, TokenizedPair, TokenizedPairs, UnpairedRow,
+    tokenize_pairs, tokenize_unpaired,
 };
 use crate::runner;
 use crate::train::TrainError;
@@ -23,7 +24,7 @@ use crate::train::TrainError;
 /// values never depend on a training setting.
 const PAIRS_PER_PASS: usize = 8;
 
-/// Runs `dpo/ref_logps` parts.
+/// Runs `dpo/ref_logps` and `kto/ref_logps` parts.
 pub struct RefLogpsRunner {
     pub kind: &'static str,
 }
@@ -51,8 +52,17 @@ fn run_part(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let dir = runner::model_dir_of(ctx, "reference")?;
     let tokenizer = runner::model_tokenizer(&dir)?;
     runner::check_vocab(&dir, &tokenizer)?;
-    let pairs = runner::data_rows(ctx)?.preference_pairs()?;
-    let tokenized = tokenize_pairs(&tokenizer, &pairs, &tokens)?;
+    let rows = runner::data_rows(ctx)?;
+    // KTO's rows are single completions with their KL rows, cached in the same two slots.
+    let tokenized = if ctx.kind.starts_with("kto/") {
+        let (rows, dropped) = tokenize_unpaired(&tokenizer, &rows.unpaired_examples()?, &tokens)?;
+        TokenizedPairs {
+            pairs: rows.iter().map(UnpairedRow::as_pair).collect(),
+            dropped,
+        }
+    } else {
+        tokenize_pairs(&tokenizer, &rows.preference_pairs()?, &tokens)?
+    };
     if let Some(warning) = tokenized.warning(&tokens) {
         ctx.progress.println(&warning);
     }

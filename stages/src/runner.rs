@@ -30,6 +30,10 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::dpo::DpoRunner);
     registry.register(crate::cpo::OrpoRunner);
     registry.register(crate::cpo::SimpoRunner);
+    registry.register(crate::kto::KtoRunner);
+    registry.register(crate::ref_logps::RefLogpsRunner {
+        kind: "kto/ref_logps",
+    });
     registry.register(crate::ref_logps::RefLogpsRunner {
         kind: "dpo/ref_logps",
     });
