@@ -116,6 +116,9 @@ impl StageSpec for EvaluateParams {
     fn produces(&self) -> Produces {
         Produces::Metrics
     }
+    fn deps(&self) -> Vec<(ValuePath, String)> {
+        judge_deps(&self.judge)
+    }
     fn check(&self) -> Vec<FieldError> {
         let mut errors = check_judge(&self.judge);
         if self.models.is_empty() {
@@ -125,6 +128,25 @@ impl StageSpec for EvaluateParams {
             ));
         }
         errors
+    }
+}
+
+/// A command judge's `deps` files, so that the scripts it runs are in the stage's key (the
+/// command's text already is, as a parameter).
+pub(crate) fn judge_deps(judge: &Judge) -> Vec<(ValuePath, String)> {
+    match judge {
+        Judge::Command(command) => command
+            .deps
+            .iter()
+            .enumerate()
+            .map(|(i, dep)| {
+                (
+                    ValuePath::root().key("judge").key("deps").index(i),
+                    dep.clone(),
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -256,5 +278,34 @@ impl StageSpec for ExportParams {
         } else {
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::CommandJudge;
+
+    #[test]
+    fn a_command_judge_declares_its_deps() {
+        let params = EvaluateParams {
+            judge: Judge::Command(CommandJudge {
+                command: "python3 judge.py".into(),
+                deps: vec!["judge.py".into(), "lib.py".into()],
+            }),
+            ..EvaluateParams::default()
+        };
+        let deps = params.deps();
+        assert_eq!(deps.len(), 2);
+        assert_eq!(
+            deps[1],
+            (
+                ValuePath::root().key("judge").key("deps").index(1),
+                "lib.py".to_owned()
+            )
+        );
+        // The command's text is a parameter, so it is in the key as well.
+        assert_eq!(params.key_params()["judge"]["command"], "python3 judge.py");
+        assert!(EvaluateParams::default().deps().is_empty());
     }
 }
