@@ -27,6 +27,8 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::pretrain::PretrainRunner);
     registry.register(crate::sft::SftRunner);
     registry.register(crate::reward::RewardRunner);
+    registry.register(crate::generate_stage::GenerateRunner);
+    registry.register(crate::evaluate::EvaluateRunner);
     registry.register(crate::dpo::DpoRunner);
     registry.register(crate::cpo::OrpoRunner);
     registry.register(crate::cpo::SimpoRunner);
