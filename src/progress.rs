@@ -76,10 +76,11 @@ impl Observer for TerminalObserver {
                     .iter()
                     .map(|(k, v)| format!("{k}={}", show_number(*v)))
                     .collect();
-                let metrics = if metrics.is_empty() {
-                    String::new()
-                } else {
-                    format!("  {}", metrics.join(" "))
+                // A long list (an evaluation of many models) belongs to `rudder metrics`.
+                let metrics = match metrics.len() {
+                    0 => String::new(),
+                    1..=MAX_INLINE_METRICS => format!("  {}", metrics.join(" ")),
+                    n => format!("  {n} metrics (rudder metrics shows them)"),
                 };
                 self.printer.status(format!(
                     "      done in {seconds:.1}s -> {}{metrics}",
@@ -98,6 +99,9 @@ impl Drop for Bar {
         self.0.finish_and_clear();
     }
 }
+
+/// The most summary metrics printed on a stage's status line.
+const MAX_INLINE_METRICS: usize = 16;
 
 /// Counts as integers, everything else with four decimals.
 fn show_number(value: f64) -> String {

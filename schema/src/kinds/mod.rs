@@ -82,7 +82,7 @@ pub enum Produces {
     Tokenizer,
     /// Named data files; a reference without `.output` means the first.
     Datasets(Vec<(String, String)>),
-    /// `metrics.json`.
+    /// Evaluation results (`eval.json`, `samples.jsonl`).
     Metrics,
     /// Files declared by a command stage: `(output name, relative path)`.
     Files(Vec<(String, String)>),
@@ -97,6 +97,9 @@ impl Produces {
             (_, Expect::Any) => true,
             (Produces::Model | Produces::RewardModel, Expect::Model) => true,
             (Produces::RewardModel, Expect::Judge) => true,
+            // A model directory from disk may hold a sequence-classification head; the judge
+            // checks the architecture when it loads it.
+            (Produces::Model, Expect::Judge) => true,
             (Produces::Tokenizer, Expect::Tokenizer) => true,
             (Produces::Datasets(_), Expect::Dataset) => true,
             // A command's outputs are whatever its script wrote: trust the recipe.
