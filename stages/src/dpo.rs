@@ -1,23 +1,28 @@
 //! Direct preference optimisation (the `dpo` stage kind) with every TRL 1.16 loss type, MPO
 //! mixes, f-divergences, LD-DPO and WPO. Chosen and rejected completions go through the policy
 //! in one concatenated forward pass (`[chosen...; rejected...]`, right-padded); the frozen
-//! reference's log-probs come from the stage's `ref_logps` part, computed once and cached.
+//! reference's log-probs come from the stage's `ref_logps` part, computed once and cached. With
+//! `sync_ref_model` (TR-DPO) the reference moves during training and is run on every batch.
 //!
 //! Metrics use TRL's names: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (strict
 //! `>`), `rewards/margins`, `logps/chosen`, `logps/rejected` (means over pairs), `entropy` (over
 //! every completion token), `mean_token_accuracy` (over chosen completion tokens) and the running
 //! `num_tokens`.
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::record::{BinFileRecorder, FullPrecisionSettings};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::{DpoLossType, DpoParams};
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};
-use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, prediction_stats};
+use crate::logps::{
+    CompletionBatch, PromptCompletion, completion_logps, prediction_stats, sequence_logps,
+};
 use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
 use crate::preference::loss::{DpoLossConfig, PairLogps, dpo_loss, ld_logps, wpo_weights};
 use crate::preference_data::{REF_LOGPS_FILE, RefLogps, TokenizedPair, tokenize_pairs};
@@ -197,6 +202,139 @@ fn batch_inner<B: AutodiffBackend>(batch: &CompletionBatch<B>) -> CompletionBatc
     }
 }
 
+/// TR-DPO: the reference moves towards the policy every `sync_steps` updates
+/// (`reference = alpha * policy + (1 - alpha) * reference`, TRL's `SyncRefModelCallback`), so its
+/// log-probs cannot be cached and are computed for every batch, without a graph. The moving
+/// reference is saved with every checkpoint, so a resumed run continues from the same one.
+pub struct SyncedReferenceDpo<B: AutodiffBackend> {
+    pub base: DpoObjective,
+    pub reference: RefCell<CausalLm<B::InnerBackend>>,
+    pub mixup_alpha: f64,
+    pub sync_steps: u64,
+}
+
+const REFERENCE_CHECKPOINT: &str = "reference";
+
+impl<B: AutodiffBackend> Objective<B> for SyncedReferenceDpo<B>
+where
+    CausalLm<B>: AutodiffModule<B, InnerModule = CausalLm<B::InnerBackend>>,
+{
+    type Model = CausalLm<B>;
+    type Example = TokenizedPair;
+
+    fn weight(&self, pairs: &[&TokenizedPair]) -> f64 {
+        pairs.len() as f64
+    }
+
+    fn forward(
+        &self,
+        model: &CausalLm<B>,
+        pairs: &[&TokenizedPair],
+        device: &B::Device,
+    ) -> Result<Forward<B>, TrainError> {
+        let rows: Vec<&PromptCompletion> = pairs
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(pairs.iter().map(|p| &p.rejected))
+            .collect();
+        let mut chosen = sequence_logps(
+            &*self.reference.borrow(),
+            &rows,
+            self.base.pad_id,
+            rows.len(),
+            device,
+        );
+        let rejected = chosen.split_off(pairs.len());
+        let examples: Vec<DpoExample> = pairs
+            .iter()
+            .zip(chosen.into_iter().zip(rejected))
+            .map(
+                |(pair, (reference_chosen, reference_rejected))| DpoExample {
+                    pair: (*pair).clone(),
+                    reference_chosen,
+                    reference_rejected,
+                },
+            )
+            .collect();
+        let examples: Vec<&DpoExample> = examples.iter().collect();
+        Objective::<B>::forward(&self.base, model, &examples, device)
+    }
+
+    fn after_update(&self, model: &CausalLm<B>, step: u64) {
+        if step.is_multiple_of(self.sync_steps) {
+            let policy = model.valid();
+            let mut reference = self.reference.borrow_mut();
+            *reference = mix_parameters(reference.clone(), &policy, self.mixup_alpha);
+        }
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<(), TrainError> {
+        let path = dir.join(REFERENCE_CHECKPOINT);
+        self.reference
+            .borrow()
+            .clone()
+            .save_file(&path, &BinFileRecorder::<FullPrecisionSettings>::new())
+            .map_err(|e| TrainError::Checkpoint {
+                path,
+                message: e.to_string(),
+            })
+    }
+
+    fn load_state(&self, dir: &Path, device: &B::Device) -> Result<(), TrainError> {
+        let path = dir.join(REFERENCE_CHECKPOINT);
+        let loaded = self
+            .reference
+            .borrow()
+            .clone()
+            .load_file(
+                &path,
+                &BinFileRecorder::<FullPrecisionSettings>::new(),
+                device,
+            )
+            .map_err(|e| TrainError::Checkpoint {
+                path,
+                message: e.to_string(),
+            })?;
+        *self.reference.borrow_mut() = loaded;
+        Ok(())
+    }
+}
+
+/// `alpha * source + (1 - alpha) * target`, parameter by parameter; both modules have the same
+/// structure, so their parameters are visited in the same order.
+pub fn mix_parameters<B: Backend, M: Module<B>>(target: M, source: &M, alpha: f64) -> M {
+    struct Collect<B: Backend>(Vec<Tensor<B, 1>>);
+    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            let numel = value.shape().num_elements();
+            self.0.push(value.reshape([numel]));
+        }
+    }
+    struct Mix<B: Backend> {
+        sources: std::vec::IntoIter<Tensor<B, 1>>,
+        alpha: f64,
+    }
+    impl<B: Backend> ModuleMapper<B> for Mix<B> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let source = self
+                .sources
+                .next()
+                .expect("modules of the same structure")
+                .reshape(tensor.shape());
+            let mixed = source.mul_scalar(self.alpha) + tensor.mul_scalar(1.0 - self.alpha);
+            Param::from_mapped_value(id, mixed, mapper)
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    source.visit(&mut collect);
+    target.map(&mut Mix {
+        sources: collect.0.into_iter(),
+        alpha,
+    })
+}
+
 /// Runs `dpo` stages: tokenises the pairs with the policy's tokenizer, joins the cached
 /// reference log-probs, trains, and writes the model directory with `metrics.jsonl`.
 pub struct DpoRunner;
@@ -217,11 +355,6 @@ impl Runner for DpoRunner {
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = runner::params::<DpoParams>(ctx)?;
-    if params.sync_ref_model {
-        return Err(TrainError::Config(
-            "sync_ref_model (TR-DPO) is not supported by this version".into(),
-        ));
-    }
     let dir = runner::model_dir(ctx)?;
     let tokenizer = runner::model_tokenizer(&dir)?;
     runner::check_vocab(&dir, &tokenizer)?;
@@ -235,37 +368,52 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             ": every pair was truncated to nothing; raise max_length".into(),
         ));
     }
-    let cache_input = runner::input(ctx, "ref_logps")?;
-    let cache_path = cache_input
-        .path
-        .as_ref()
-        .map(|p| p.join(REF_LOGPS_FILE))
-        .ok_or_else(|| TrainError::Input("the reference log-probs have no artifact".into()))?;
-    let reference = RefLogps::load(&cache_path)?
-        .for_pairs(&tokenized.pairs)
-        .map_err(TrainError::Input)?;
-    let examples: Vec<DpoExample> = tokenized
-        .pairs
-        .into_iter()
-        .zip(reference)
-        .map(
-            |(pair, (reference_chosen, reference_rejected))| DpoExample {
-                pair,
-                reference_chosen,
-                reference_rejected,
-            },
+    let objective = DpoObjective {
+        pad_id: tokenizer.pad_id().unwrap_or(0),
+        loss: loss_config(params),
+        ld_alpha: params.ld_alpha,
+        use_weighting: params.use_weighting,
+    };
+    let data = if params.sync_ref_model {
+        let reference = runner::model_dir_of(ctx, "reference")?;
+        runner::check_vocab(&reference, &tokenizer)?;
+        Data::Synced {
+            pairs: tokenized.pairs,
+            reference,
+            mixup_alpha: params.ref_model_mixup_alpha,
+            sync_steps: params.ref_model_sync_steps,
+        }
+    } else {
+        let cache_input = runner::input(ctx, "ref_logps")?;
+        let cache_path = cache_input
+            .path
+            .as_ref()
+            .map(|p| p.join(REF_LOGPS_FILE))
+            .ok_or_else(|| TrainError::Input("the reference log-probs have no artifact".into()))?;
+        let reference = RefLogps::load(&cache_path)?
+            .for_pairs(&tokenized.pairs)
+            .map_err(TrainError::Input)?;
+        Data::Cached(
+            tokenized
+                .pairs
+                .into_iter()
+                .zip(reference)
+                .map(
+                    |(pair, (reference_chosen, reference_rejected))| DpoExample {
+                        pair,
+                        reference_chosen,
+                        reference_rejected,
+                    },
+                )
+                .collect(),
         )
-        .collect();
+    };
+    let pairs = data.len();
     let task = DpoTask {
         ctx,
         dir: &dir,
-        examples: &examples,
-        objective: DpoObjective {
-            pad_id: tokenizer.pad_id().unwrap_or(0),
-            loss: loss_config(params),
-            ld_alpha: params.ld_alpha,
-            use_weighting: params.use_weighting,
-        },
+        data,
+        objective,
         cfg: runner::train_config(
             params.learning_rate,
             &params.train,
@@ -276,9 +424,29 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
     tokenizer.save(ctx.out_dir)?;
     let mut summary = report.summary();
-    summary.insert("pairs".into(), examples.len() as f64);
+    summary.insert("pairs".into(), pairs as f64);
     summary.insert("dropped".into(), tokenized.dropped as f64);
     Ok(StageOutcome { summary })
+}
+
+/// The pairs with their cached reference log-probs, or (TR-DPO) with the reference to run.
+enum Data {
+    Cached(Vec<DpoExample>),
+    Synced {
+        pairs: Vec<TokenizedPair>,
+        reference: PathBuf,
+        mixup_alpha: f64,
+        sync_steps: u64,
+    },
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Cached(examples) => examples.len(),
+            Data::Synced { pairs, .. } => pairs.len(),
+        }
+    }
 }
 
 /// The loss settings; RPO's `rpo_alpha` is TRL's NLL term on chosen completions, which is the
@@ -294,7 +462,7 @@ fn loss_config(params: &DpoParams) -> DpoLossConfig {
 struct DpoTask<'a, 'b> {
     ctx: &'a StageContext<'b>,
     dir: &'a Path,
-    examples: &'a [DpoExample],
+    data: Data,
     objective: DpoObjective,
     cfg: TrainConfig,
 }
@@ -306,15 +474,41 @@ impl AutodiffTask for DpoTask<'_, '_> {
         let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
         let mut writer =
             MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
-        let (model, report) = train(
-            &self.objective,
-            model,
-            self.examples,
-            &self.cfg,
-            &device,
-            Some(&mut writer),
-            &mut StageHooks::new(self.ctx),
-        )?;
+        let mut hooks = StageHooks::new(self.ctx);
+        let (model, report) = match self.data {
+            Data::Cached(examples) => train(
+                &self.objective,
+                model,
+                &examples,
+                &self.cfg,
+                &device,
+                Some(&mut writer),
+                &mut hooks,
+            )?,
+            Data::Synced {
+                pairs,
+                reference,
+                mixup_alpha,
+                sync_steps,
+            } => {
+                let (_, reference) = load_causal_lm::<B::InnerBackend>(&reference, &device)?;
+                let objective = SyncedReferenceDpo::<B> {
+                    base: self.objective,
+                    reference: RefCell::new(reference),
+                    mixup_alpha,
+                    sync_steps,
+                };
+                train(
+                    &objective,
+                    model,
+                    &pairs,
+                    &self.cfg,
+                    &device,
+                    Some(&mut writer),
+                    &mut hooks,
+                )?
+            }
+        };
         save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
         Ok(report)
     }

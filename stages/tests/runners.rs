@@ -365,7 +365,12 @@ fn interrupted_sft_resumes_from_its_work_directory_to_the_same_artifact() {
     for file in ["model.safetensors", "metrics.jsonl", "config.json"] {
         let a = std::fs::read(dirs[0].join(file)).unwrap();
         let b = std::fs::read(dirs[3].join(file)).unwrap();
-        assert!(a == b, "{file} differs after resuming");
+        assert!(
+            a == b,
+            "{file} differs after resuming:\n{}\n{}",
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b)
+        );
     }
 }
 
@@ -444,4 +449,117 @@ fn pretrain_runner_trains_a_fresh_model_from_its_tokenizer() {
     let (again, _) = run_once("b");
     let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(weights(&out) == weights(&again));
+}
+
+/// Runs a TR-DPO `dpo` stage (no cached reference) with a persistent work directory.
+fn run_synced_dpo_in(
+    params: &rudder_schema::kinds::DpoParams,
+    models: &Path,
+    out: &Path,
+    work: &Path,
+    interrupt_at: Option<u64>,
+) -> StageResult {
+    let flag = AtomicBool::new(false);
+    let progress = InterruptAt {
+        step: interrupt_at.unwrap_or(u64::MAX),
+        flag: &flag,
+    };
+    let ctx = StageContext {
+        name: "dpo",
+        kind: "dpo",
+        key: Key::from_hex(&"3".repeat(64)).unwrap(),
+        spec: params,
+        part: None,
+        inputs: vec![
+            input("model", Some(models.join("policy")), InputKind::Model),
+            input(
+                "reference",
+                Some(models.join("reference")),
+                InputKind::Model,
+            ),
+            dataset("prefs.jsonl"),
+        ],
+        out_dir: out,
+        work_dir: work,
+        recipe_dir: out,
+        seed: 5,
+        backend: Backend::Cpu,
+        precision: Precision::Fp32,
+        progress: &progress,
+        interrupted: &flag,
+    };
+    use rudder_engine::executor::Runner;
+    rudder_stages::dpo::DpoRunner.run(&ctx)
+}
+
+fn synced_dpo(alpha: f64, every: u64, steps: u64) -> rudder_schema::kinds::DpoParams {
+    rudder_schema::kinds::DpoParams {
+        learning_rate: 1e-3,
+        sync_ref_model: true,
+        ref_model_mixup_alpha: alpha,
+        ref_model_sync_steps: every,
+        train: TrainArgs {
+            batch_size: 4,
+            max_steps: Some(steps),
+            checkpoint_every: 0,
+            logging_steps: 1,
+            ..TrainArgs::default()
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn tr_dpo_moves_its_reference_onto_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    model_dir("policy", tmp.path());
+    model_dir("reference", tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // alpha 1 after every step: from step 2 on the reference is the policy, so every log-ratio
+    // is zero and the sigmoid loss is ln 2.
+    run_synced_dpo_in(&synced_dpo(1.0, 1, 3), tmp.path(), &out, work.path(), None).unwrap();
+    let lines = metrics(&out);
+    assert!((lines[0]["loss"].as_f64().unwrap() - 2f64.ln()).abs() > 1e-3);
+    for line in &lines[1..] {
+        let loss = line["loss"].as_f64().unwrap();
+        assert!((loss - 2f64.ln()).abs() < 1e-6, "{loss}");
+        assert!(line["rewards/margins"].as_f64().unwrap().abs() < 1e-6);
+    }
+}
+
+#[test]
+fn interrupted_tr_dpo_resumes_with_its_moving_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    model_dir("policy", tmp.path());
+    model_dir("reference", tmp.path());
+    let params = synced_dpo(0.5, 2, 6);
+    let dirs: Vec<PathBuf> = ["whole", "work", "first", "second"]
+        .iter()
+        .map(|d| {
+            let p = tmp.path().join(d);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        })
+        .collect();
+    let whole_work = tempfile::tempdir().unwrap();
+    run_synced_dpo_in(&params, tmp.path(), &dirs[0], whole_work.path(), None).unwrap();
+    let err = run_synced_dpo_in(&params, tmp.path(), &dirs[2], &dirs[1], Some(3)).unwrap_err();
+    assert!(err.to_string().contains("interrupted at step 4"), "{err}");
+    assert!(
+        dirs[1].join("checkpoint").join("reference.mpk").exists()
+            || dirs[1].join("checkpoint").join("reference.bin").exists()
+    );
+    run_synced_dpo_in(&params, tmp.path(), &dirs[3], &dirs[1], None).unwrap();
+    for file in ["model.safetensors", "metrics.jsonl"] {
+        let a = std::fs::read(dirs[0].join(file)).unwrap();
+        let b = std::fs::read(dirs[3].join(file)).unwrap();
+        assert!(
+            a == b,
+            "{file} differs after resuming:\n{}\n{}",
+            String::from_utf8_lossy(&a),
+            String::from_utf8_lossy(&b)
+        );
+    }
 }

@@ -68,6 +68,20 @@ impl Checkpointing {
         examples: usize,
         total_steps: u64,
     ) -> Result<(), TrainError> {
+        self.save_with::<B, M>(model, optim, steps, examples, total_steps, |_| Ok(()))
+    }
+
+    /// Like [`Checkpointing::save`], with `extra` writing more state (an objective's own) into the
+    /// checkpoint directory before it is renamed into place.
+    pub fn save_with<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        model: &M,
+        optim: &AdamW<B::InnerBackend>,
+        steps: &[StepRecord],
+        examples: usize,
+        total_steps: u64,
+        extra: impl FnOnce(&std::path::Path) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
         let tmp = self.dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
@@ -119,6 +133,7 @@ impl Checkpointing {
         let text = serde_json::to_string(&state).expect("the state serialises");
         let path = tmp.join(STATE_FILE);
         std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))?;
+        extra(&tmp)?;
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
         }

@@ -144,6 +144,20 @@ pub trait Objective<B: AutodiffBackend> {
         examples: &[&Self::Example],
         device: &B::Device,
     ) -> Result<Forward<B>, TrainError>;
+
+    /// Called after update `step` with the updated model: an objective whose own state follows
+    /// the model (TR-DPO's reference) moves it here.
+    fn after_update(&self, _model: &Self::Model, _step: u64) {}
+
+    /// Writes the objective's own state into a checkpoint directory.
+    fn save_state(&self, _dir: &Path) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    /// Restores the state [`Objective::save_state`] wrote, when resuming from `dir`.
+    fn load_state(&self, _dir: &Path, _device: &B::Device) -> Result<(), TrainError> {
+        Ok(())
+    }
 }
 
 /// Observes the loop: progress display and interruption.
@@ -276,6 +290,7 @@ where
         let (loaded, resumed) = ck.load::<B, O::Model>(model, examples.len(), total, device)?;
         model = loaded;
         if let Some(resumed) = resumed {
+            objective.load_state(&ck.dir, device)?;
             // Resume: the optimiser and the records of the steps already taken.
             optim = AdamW {
                 config: cfg.adamw,
@@ -301,7 +316,14 @@ where
             if let Some(ck) = &cfg.checkpoint
                 && k > 0
             {
-                ck.save::<B, O::Model>(&model, &optim, &report.steps, examples.len(), total)?;
+                ck.save_with::<B, O::Model>(
+                    &model,
+                    &optim,
+                    &report.steps,
+                    examples.len(),
+                    total,
+                    |dir| objective.save_state(dir),
+                )?;
             }
             return Err(TrainError::Interrupted { step });
         }
@@ -359,6 +381,7 @@ where
         let lr = schedule.lr(k as u64);
         let coef = adamw::clip_coefficient(grad_norm, cfg.max_grad_norm);
         model = optim.step(model, grads, lr, coef);
+        objective.after_update(&model, step);
 
         let mut record = StepRecord {
             step,
@@ -393,7 +416,14 @@ where
             && step.is_multiple_of(ck.every)
             && step < total
         {
-            ck.save::<B, O::Model>(&model, &optim, &report.steps, examples.len(), total)?;
+            ck.save_with::<B, O::Model>(
+                &model,
+                &optim,
+                &report.steps,
+                examples.len(),
+                total,
+                |dir| objective.save_state(dir),
+            )?;
         }
     }
     Ok((model, report))
