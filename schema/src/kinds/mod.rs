@@ -28,7 +28,9 @@ pub use preference::{
     CpoLossType, DpoLossType, DpoParams, FDivergenceType, IterativeDpoParams, KtoLossType,
     KtoParams, OrpoParams, PreferenceTokens, SimpoParams,
 };
-pub use rl::{GrpoParams, PpoParams, RlooParams};
+pub use rl::{
+    AdaptiveKl, GrpoLossType, GrpoParams, KlEstimator, PpoParams, RlooParams, RolloutArgs,
+};
 pub use training::{PretrainParams, RewardParams, SftParams, TokenizerParams};
 
 use crate::source::ValuePath;
