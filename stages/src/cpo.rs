@@ -70,6 +70,10 @@ where
     type Model = CausalLm<B>;
     type Example = TokenizedPair;
 
+    fn length(&self, pair: &TokenizedPair) -> usize {
+        pair.padded_length()
+    }
+
     fn weight(&self, pairs: &[&TokenizedPair]) -> f64 {
         pairs.len() as f64
     }

@@ -82,6 +82,10 @@ where
     type Model = CausalLm<B>;
     type Example = DpoExample;
 
+    fn length(&self, example: &DpoExample) -> usize {
+        example.pair.padded_length()
+    }
+
     fn weight(&self, examples: &[&DpoExample]) -> f64 {
         examples.len() as f64
     }
@@ -221,6 +225,10 @@ where
 {
     type Model = CausalLm<B>;
     type Example = TokenizedPair;
+
+    fn length(&self, pair: &TokenizedPair) -> usize {
+        pair.padded_length()
+    }
 
     fn weight(&self, pairs: &[&TokenizedPair]) -> f64 {
         pairs.len() as f64

@@ -51,6 +51,10 @@ where
     type Model = CausalLm<B>;
     type Example = KtoExample;
 
+    fn length(&self, example: &KtoExample) -> usize {
+        example.row.sequence.len().max(example.row.kl.len())
+    }
+
     fn weight(&self, examples: &[&KtoExample]) -> f64 {
         examples.len() as f64
     }

@@ -220,7 +220,13 @@ mod tests {
         let mask: Vec<f32> = batch.mask.clone().into_data().to_vec().unwrap();
         // Targets are tokens 1..4: a = [5, 6, 2] (completion 6, 2); b = [7, pad, pad].
         assert_eq!(mask, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
-        let targets: Vec<i64> = batch.targets.clone().into_data().to_vec().unwrap();
+        let targets: Vec<i64> = batch
+            .targets
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
         assert_eq!(targets, vec![5, 6, 2, 7, 0, 0]);
         assert_eq!(batch.lengths, vec![2, 1]);
         assert_eq!(batch.padding, vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]);

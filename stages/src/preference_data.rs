@@ -33,6 +33,13 @@ pub struct TokenizedPair {
     pub rejected: PromptCompletion,
 }
 
+impl TokenizedPair {
+    /// The longer side's length: what the pair occupies in a concatenated batch.
+    pub fn padded_length(&self) -> usize {
+        self.chosen.len().max(self.rejected.len())
+    }
+}
+
 /// Tokenised pairs and how many were dropped for having no completion token left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizedPairs {

@@ -46,6 +46,7 @@ pub fn pack(
         .map(|chunk| SftSequence {
             input_ids: chunk.to_vec(),
             target: (0..chunk.len()).map(|i| i > 0).collect(),
+            segments: None,
         })
         .collect())
 }

@@ -126,6 +126,10 @@ where
     type Model = RewardModel<B>;
     type Example = RewardPair;
 
+    fn length(&self, pair: &RewardPair) -> usize {
+        pair.chosen.len().max(pair.rejected.len())
+    }
+
     fn weight(&self, pairs: &[&RewardPair]) -> f64 {
         pairs.len() as f64
     }

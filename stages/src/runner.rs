@@ -71,6 +71,7 @@ pub fn train_config(
         warmup_ratio: args.warmup_ratio,
         max_grad_norm: args.max_grad_norm,
         shuffle: args.shuffle,
+        group_by_length: args.group_by_length,
         seed,
         logging_steps: args.logging_steps,
         checkpoint: work_dir.map(|dir| Checkpointing {

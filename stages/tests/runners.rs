@@ -165,6 +165,36 @@ fn sft_runner_trains_and_writes_a_model_directory() {
 }
 
 #[test]
+fn packed_sft_trains_fewer_rows_with_the_same_first_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("policy", tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let params = SftParams {
+        model: "policy".into(),
+        data: "sft".into(),
+        learning_rate: 1e-3,
+        packing: true,
+        max_length: 128,
+        train: TrainArgs {
+            batch_size: 16,
+            ..train_args(1)
+        },
+        ..SftParams::default()
+    };
+    let inputs = vec![
+        input("model", Some(model), InputKind::Model),
+        dataset("sft.jsonl"),
+    ];
+    let outcome = run("sft", &params, inputs, &out, false).unwrap();
+    assert!(outcome.summary["packed_rows"] < outcome.summary["examples"]);
+    // One batch holding every example: the loss is TRL's first step, packed or not.
+    let loss = metrics(&out)[0]["loss"].as_f64().unwrap();
+    let expect = reference_losses("sft_trajectory.json")[0];
+    assert!((loss - expect).abs() / expect < 1e-4, "{loss} vs {expect}");
+}
+
+#[test]
 fn reward_runner_trains_and_evaluates_held_out_pairs() {
     let tmp = tempfile::tempdir().unwrap();
     let model = model_dir("rm_init", tmp.path());

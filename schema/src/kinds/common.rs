@@ -49,6 +49,9 @@ pub struct TrainArgs {
     pub max_grad_norm: f64,
     /// `false` keeps the data order.
     pub shuffle: bool,
+    /// When shuffling, batch examples of similar length together (within groups of 50 batches,
+    /// as the Hugging Face Trainer's `group_by_length`), so little compute goes to padding.
+    pub group_by_length: bool,
     /// Write `metrics.jsonl` every this many steps (not part of the artifact key).
     #[schemars(range(min = 1))]
     pub logging_steps: u64,
@@ -73,6 +76,7 @@ impl Default for TrainArgs {
             warmup_ratio: 0.0,
             max_grad_norm: 1.0,
             shuffle: true,
+            group_by_length: true,
             logging_steps: 10,
             checkpoint_every: 100,
         }

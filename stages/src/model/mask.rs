@@ -3,6 +3,10 @@
 //! query attends to non-pad keys at or before it (within a sliding window when the model has
 //! one), positions count real tokens only, and a query with nothing to attend to (a left pad)
 //! still sees itself so that no row of the softmax is empty.
+//!
+//! A padding mask may also carry segment ids (1, 2, ...) instead of 1: packed rows hold several
+//! examples, and a token attends only within its own segment, with positions counted from the
+//! segment's start, as transformers computes packed (padding-free) batches from position ids.
 
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
@@ -17,8 +21,9 @@ pub enum AttentionMask<B: Backend> {
     Explicit(Tensor<B, 4, Bool>),
 }
 
-/// Position ids from a padding mask: the number of real tokens before each position
-/// (`cumsum(mask) - 1`, clamped at 0 for leading pads), as transformers' `generate` computes them.
+/// Position ids from a padding mask: the number of real tokens of the same segment before each
+/// position (`cumsum(mask) - 1` per segment, clamped at 0 for leading pads), as transformers'
+/// `generate` computes them.
 ///
 /// # Shapes
 /// - padding_mask: `[batch, seq]`, 1 for real tokens, 0 for padding
@@ -28,8 +33,13 @@ pub fn positions_from_padding(padding_mask: &[Vec<u8>]) -> Vec<Vec<i64>> {
         .iter()
         .map(|row| {
             let mut seen = 0i64;
+            let mut segment = 0u8;
             row.iter()
                 .map(|&m| {
+                    if m != 0 && m != segment {
+                        segment = m;
+                        seen = 0;
+                    }
                     seen += i64::from(m != 0);
                     (seen - 1).max(0)
                 })
@@ -58,7 +68,8 @@ pub fn attention_mask_data(
             for (j, &real) in row.iter().enumerate() {
                 let future = j > qi;
                 let outside_window = sliding_window.is_some_and(|w| qi >= j + w);
-                let masked = future || outside_window || (real == 0 && j != qi);
+                let other_segment = real != 0 && row[qi] != 0 && real != row[qi];
+                let masked = future || outside_window || other_segment || (real == 0 && j != qi);
                 out.push(masked);
             }
         }
@@ -130,6 +141,20 @@ mod tests {
         let (m, shape) = attention_mask_data(&[vec![0, 1, 1, 1]], 1, None);
         assert_eq!(shape, [1, 1, 1, 4]);
         assert_eq!(m, vec![true, false, false, false]);
+    }
+
+    #[test]
+    fn packed_segments_attend_within_themselves_from_position_zero() {
+        let row = vec![1, 1, 2, 2, 2, 0];
+        assert_eq!(
+            positions_from_padding(std::slice::from_ref(&row)),
+            vec![vec![0, 1, 0, 1, 2, 2]]
+        );
+        let (m, _) = attention_mask_data(&[row], 6, None);
+        // Query 3 (segment 2) sees keys 2 and 3 only.
+        assert_eq!(m[3 * 6..4 * 6], [true, true, false, false, true, true]);
+        // Query 1 (segment 1) sees keys 0 and 1.
+        assert_eq!(m[6..2 * 6], [false, false, true, true, true, true]);
     }
 
     #[test]

@@ -1,0 +1,252 @@
+//! Throughput and peak memory of the training stages' steps, through the real objectives and the
+//! real training loop (the code a recipe runs), on the reference 4M-parameter Llama of
+//! ../shared/fixtures/BASELINE.md:
+//!
+//! - SFT: 8 sequences of 256 tokens, every token after the first trained;
+//! - reward model: 8 pairs (16 x 256), Bradley-Terry;
+//! - DPO as the PyTorch baseline does it: 8 pairs (16 x 256, prompt 128 + completion 128), the
+//!   frozen reference run on every step;
+//! - DPO as a `dpo` stage runs it: the reference's log-probs read from the cache.
+//!
+//! Each benchmark runs in a child process so that its peak resident memory (VmHWM) is its own.
+//! Compare with `bench_torch.py` on the same machine, idle, with the same thread count:
+//!
+//!     cargo bench -p rudder-stages --bench stages [-- --backend cuda]
+
+use std::cell::RefCell;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rudder_stages::BackendKind;
+use rudder_stages::backend::{AutodiffTask, dispatch_autodiff};
+use rudder_stages::dpo::{DpoExample, DpoObjective, SyncedReferenceDpo};
+use rudder_stages::logps::{PromptCompletion, sequence_logps};
+use rudder_stages::model::{
+    CausalLm, ModelConfig, RewardModel, random_causal_lm, random_reward_model,
+};
+use rudder_stages::preference::loss::DpoLossConfig;
+use rudder_stages::preference_data::TokenizedPair;
+use rudder_stages::reward::{RewardObjective, RewardPair};
+use rudder_stages::sft::{SftObjective, SftSequence};
+use rudder_stages::train::{Hooks, Objective, StepRecord, TrainConfig, train};
+
+const PAIRS: usize = 8;
+const SEQ: usize = 256;
+const WARMUP: usize = 3;
+const TIMED: usize = 20;
+const BENCHMARKS: [&str; 4] = [
+    "sft",
+    "reward",
+    "dpo-reference-each-step",
+    "dpo-cached-reference",
+];
+
+fn config() -> ModelConfig {
+    ModelConfig::llama(2048, 256, 704, 4, 8, 4)
+}
+
+fn random_ids(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.next_u32() % 2048).collect()
+}
+
+/// Records when each step ends (after the step's values were read back, so its work is done).
+struct Clock(Vec<Instant>);
+
+impl Hooks for Clock {
+    fn on_step(&mut self, _: &StepRecord, _: u64) {
+        self.0.push(Instant::now());
+    }
+}
+
+/// Trains `examples` (one batch, the same every step) and returns the timed steps' durations.
+fn run<B: AutodiffBackend, O: Objective<B>>(
+    objective: &O,
+    model: O::Model,
+    examples: &[O::Example],
+    device: &B::Device,
+) -> Vec<f64> {
+    let cfg = TrainConfig {
+        learning_rate: 1e-4,
+        batch_size: examples.len(),
+        max_steps: Some((WARMUP + TIMED) as u64),
+        ..TrainConfig::default()
+    };
+    let mut clock = Clock(vec![Instant::now()]);
+    train(objective, model, examples, &cfg, device, None, &mut clock).unwrap();
+    clock
+        .0
+        .windows(2)
+        .skip(WARMUP)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect()
+}
+
+/// 8 pairs sharing 128-token prompts with 128-token completions, as in the PyTorch baseline.
+fn pairs(rng: &mut ChaCha8Rng) -> Vec<TokenizedPair> {
+    (0..PAIRS)
+        .map(|row| {
+            let prompt = random_ids(rng, SEQ / 2);
+            let side = |rng: &mut ChaCha8Rng| PromptCompletion {
+                prompt: prompt.clone(),
+                completion: random_ids(rng, SEQ / 2),
+            };
+            TokenizedPair {
+                row,
+                chosen: side(rng),
+                rejected: side(rng),
+            }
+        })
+        .collect()
+}
+
+struct Bench<'a>(&'a str);
+
+impl AutodiffTask for Bench<'_> {
+    type Output = (Vec<f64>, usize);
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        bench::<B>(self.0, &device)
+    }
+}
+
+/// Runs one benchmark; returns (step times, tokens per step).
+fn bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> (Vec<f64>, usize)
+where
+    CausalLm<B>: AutodiffModule<B, InnerModule = CausalLm<B::InnerBackend>>,
+    RewardModel<B>: AutodiffModule<B>,
+{
+    let device = device.clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let cfg = config();
+    let dpo = DpoObjective {
+        pad_id: 0,
+        loss: DpoLossConfig::single(rudder_schema::kinds::DpoLossType::Sigmoid, 0.1),
+        ld_alpha: None,
+        use_weighting: false,
+    };
+    match name {
+        "sft" => {
+            let examples: Vec<SftSequence> = (0..PAIRS)
+                .map(|_| SftSequence {
+                    input_ids: random_ids(&mut rng, SEQ + 1),
+                    target: vec![true; SEQ + 1],
+                    segments: None,
+                })
+                .collect();
+            let model = random_causal_lm::<B>(&cfg, 0, &device);
+            (
+                run(&SftObjective { pad_id: 0 }, model, &examples, &device),
+                PAIRS * SEQ,
+            )
+        }
+        "reward" => {
+            let examples: Vec<RewardPair> = (0..PAIRS)
+                .map(|_| RewardPair {
+                    chosen: random_ids(&mut rng, SEQ),
+                    rejected: random_ids(&mut rng, SEQ),
+                    margin: 0.0,
+                })
+                .collect();
+            let model = random_reward_model::<B>(&cfg, 0, &device);
+            let objective = RewardObjective {
+                pad_id: 0,
+                center_rewards_coefficient: None,
+            };
+            (run(&objective, model, &examples, &device), 2 * PAIRS * SEQ)
+        }
+        "dpo-reference-each-step" => {
+            let pairs = pairs(&mut rng);
+            let objective = SyncedReferenceDpo::<B> {
+                base: dpo,
+                reference: RefCell::new(random_causal_lm::<B::InnerBackend>(&cfg, 1, &device)),
+                mixup_alpha: 0.0,
+                sync_steps: u64::MAX,
+            };
+            let model = random_causal_lm::<B>(&cfg, 0, &device);
+            (run(&objective, model, &pairs, &device), 2 * PAIRS * SEQ)
+        }
+        "dpo-cached-reference" => {
+            let pairs = pairs(&mut rng);
+            let reference = random_causal_lm::<B::InnerBackend>(&cfg, 1, &device);
+            let rows: Vec<&PromptCompletion> = pairs
+                .iter()
+                .map(|p| &p.chosen)
+                .chain(pairs.iter().map(|p| &p.rejected))
+                .collect();
+            let mut chosen = sequence_logps(&reference, &rows, 0, rows.len(), &device);
+            let rejected = chosen.split_off(PAIRS);
+            drop(reference);
+            let examples: Vec<DpoExample> = pairs
+                .into_iter()
+                .zip(chosen.into_iter().zip(rejected))
+                .map(|(pair, (c, r))| DpoExample {
+                    pair,
+                    reference_chosen: c,
+                    reference_rejected: r,
+                })
+                .collect();
+            let model = random_causal_lm::<B>(&cfg, 0, &device);
+            (run(&dpo, model, &examples, &device), 2 * PAIRS * SEQ)
+        }
+        other => panic!("no benchmark {other}"),
+    }
+}
+
+/// This process's peak resident memory in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let backend = args
+        .iter()
+        .position(|a| a == "--backend")
+        .and_then(|i| args.get(i + 1))
+        .map_or("cpu", String::as_str);
+    let kind: BackendKind = backend.parse().expect("cpu, wgpu or cuda");
+    if let Some(i) = args.iter().position(|a| a == "--one") {
+        let name = &args[i + 1];
+        let (times, tokens) =
+            dispatch_autodiff(kind, Bench(name)).expect("the backend is available");
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = times.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {name:<26} | {mean:>8.3} | {min:>6.3} / {max:>6.3} | {:>8.0} | {:>9.0} |",
+            tokens as f64 / mean,
+            peak_rss_mib()
+        );
+        return;
+    }
+    println!(
+        "| {:<26} | {:>8} | {:>15} | {:>8} | {:>9} |",
+        format!("benchmark ({backend}, 8 pairs)"),
+        "mean (s)",
+        "min / max (s)",
+        "tokens/s",
+        "peak MiB"
+    );
+    println!(
+        "| {:-<26} | {:->8} | {:->15} | {:->8} | {:->9} |",
+        "", "", "", "", ""
+    );
+    let exe = std::env::current_exe().expect("the benchmark binary");
+    for name in BENCHMARKS {
+        let out = std::process::Command::new(&exe)
+            .args(["--one", name, "--backend", backend])
+            .output()
+            .expect("the benchmark runs");
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            eprintln!("{name} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
