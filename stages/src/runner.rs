@@ -36,6 +36,9 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::ref_logps::RefLogpsRunner {
         kind: "kto/ref_logps",
     });
+    registry.register(crate::ppo::PpoRunner);
+    registry.register(crate::rl::group::RlooRunner);
+    registry.register(crate::rl::group::GrpoRunner);
     registry.register(crate::ref_logps::RefLogpsRunner {
         kind: "dpo/ref_logps",
     });
