@@ -171,36 +171,32 @@ impl Planner<'_> {
             NodeBody::Stage(stage) => {
                 let inputs = self.input_keys(vertex, keyed)?;
                 let backend = self.backend.unwrap_or(stage.backend);
-                let (kind, key_params, params, deps) = match &vertex.part {
-                    Some(part) => (
-                        part.kind.clone(),
-                        part.params.clone(),
-                        part.params.clone(),
-                        BTreeMap::new(),
-                    ),
-                    None => {
-                        let mut deps = BTreeMap::new();
-                        let mut errors = Vec::new();
-                        for (field, dep) in stage.spec.deps() {
-                            let mut at = node.path.clone();
-                            at.0.extend(field.0);
-                            match self.dep_digest(&dir.join(&dep), &at) {
-                                Ok(d) => {
-                                    deps.insert(dep, d);
-                                }
-                                Err(mut e) => errors.append(&mut e),
-                            }
+                // A part reads its stage's `deps` too (an iterative stage's rounds run its
+                // judge command), so their content is in every part's key as well.
+                let mut deps = BTreeMap::new();
+                let mut errors = Vec::new();
+                for (field, dep) in stage.spec.deps() {
+                    let mut at = node.path.clone();
+                    at.0.extend(field.0);
+                    match self.dep_digest(&dir.join(&dep), &at) {
+                        Ok(d) => {
+                            deps.insert(dep, d);
                         }
-                        if !errors.is_empty() {
-                            return Err(errors);
-                        }
-                        (
-                            stage.spec.key_kind().to_owned(),
-                            stage.spec.key_params(),
-                            stage.spec.params(),
-                            deps,
-                        )
+                        // Reported once, by the stage itself.
+                        Err(mut e) if vertex.part.is_none() => errors.append(&mut e),
+                        Err(_) => {}
                     }
+                }
+                if !errors.is_empty() {
+                    return Err(errors);
+                }
+                let (kind, key_params, params) = match &vertex.part {
+                    Some(part) => (part.kind.clone(), part.params.clone(), part.params.clone()),
+                    None => (
+                        stage.spec.key_kind().to_owned(),
+                        stage.spec.key_params(),
+                        stage.spec.params(),
+                    ),
                 };
                 let version = self.registry.version(&kind);
                 let key_params = canonical_params(&key_params, NOT_IN_KEY);

@@ -157,12 +157,16 @@ pub struct ConstitutionalParams {
     pub model: String,
     /// Prompts.
     pub data: String,
-    /// The principles: a list, or the path of a file with one per line.
+    /// The principles: a list, or a file (one per line; in `.jsonl`, strings or objects with
+    /// `principle`).
     pub principles: OneOrMany<String>,
     /// Jinja template of the critique request (`prompt`, `response`, `principle`).
     pub critique_template: Option<String>,
     /// Jinja template of the revision request (`prompt`, `response`, `critique`, `principle`).
     pub revision_template: Option<String>,
+    /// Jinja template of the AI-feedback question (`prompt`, `principle`, `response_a`,
+    /// `response_b`), answered by comparing the log-probs of " (A)" and " (B)".
+    pub feedback_template: Option<String>,
     /// Critique-revise passes per prompt, each with a principle sampled with the seed.
     #[schemars(range(min = 1))]
     pub principles_per_prompt: u32,
@@ -183,6 +187,7 @@ impl Default for ConstitutionalParams {
             principles: OneOrMany::Many(Vec::new()),
             critique_template: None,
             revision_template: None,
+            feedback_template: None,
             principles_per_prompt: 1,
             ai_feedback: false,
             batch_size: 16,
@@ -232,6 +237,7 @@ impl StageSpec for ConstitutionalParams {
         for (field, template) in [
             ("critique_template", &self.critique_template),
             ("revision_template", &self.revision_template),
+            ("feedback_template", &self.feedback_template),
         ] {
             if let Some(template) = template
                 && let Err(err) = minijinja::Environment::new().template_from_str(template)

@@ -26,7 +26,7 @@ pub use common::*;
 pub use generation::{ConstitutionalParams, EvaluateParams, ExportParams, GenerateParams};
 pub use preference::{
     CpoLossType, DpoLossType, DpoParams, FDivergenceType, IterativeDpoParams, KtoLossType,
-    KtoParams, OrpoParams, PreferenceTokens, SimpoParams,
+    KtoParams, OrpoParams, Pairing, PreferenceTokens, RoundOverrides, RoundReference, SimpoParams,
 };
 pub use rl::{
     AdaptiveKl, GrpoLossType, GrpoParams, KlEstimator, PpoParams, RlooParams, RolloutArgs,

@@ -605,6 +605,9 @@ impl StageSpec for IterativeDpoParams {
     fn key_kind(&self) -> &'static str {
         ROUND_KIND
     }
+    fn deps(&self) -> Vec<(ValuePath, String)> {
+        super::generation::judge_deps(&self.judge)
+    }
     fn check(&self) -> Vec<FieldError> {
         let mut errors = check_tokens(&self.tokens);
         errors.extend(check_judge(&self.judge));
