@@ -3,6 +3,7 @@
 //! DPO, ...) build on these; the engine above knows nothing of Burn.
 
 pub mod backend;
+pub mod constitutional;
 pub mod cpo;
 pub mod data;
 pub mod dpo;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod evaluate;
 pub mod generate;
 pub mod generate_stage;
+pub mod iterative_dpo;
 pub mod judge;
 pub mod kto;
 pub mod logps;

@@ -36,12 +36,19 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::ref_logps::RefLogpsRunner {
         kind: "kto/ref_logps",
     });
-    registry.register(crate::ppo::PpoRunner);
-    registry.register(crate::rl::group::RlooRunner);
-    registry.register(crate::rl::group::GrpoRunner);
     registry.register(crate::ref_logps::RefLogpsRunner {
         kind: "dpo/ref_logps",
     });
+    registry.register(crate::iterative_dpo::IterativeDpoRunner {
+        kind: "iterative_dpo/round",
+    });
+    registry.register(crate::iterative_dpo::IterativeDpoRunner {
+        kind: "iterative_dpo",
+    });
+    registry.register(crate::constitutional::ConstitutionalRunner);
+    registry.register(crate::ppo::PpoRunner);
+    registry.register(crate::rl::group::RlooRunner);
+    registry.register(crate::rl::group::GrpoRunner);
 }
 
 /// The loop's settings from a recipe's training arguments; checkpoints go under `work_dir`
