@@ -213,3 +213,63 @@ response_length = 4
         common::stderr(&out)
     );
 }
+
+/// SIGKILL in the middle of PPO, then a re-run, ends with the policy, value model and metrics
+/// of a run that was never interrupted: rollouts are seeded by iteration, and the checkpoint
+/// holds both models, both optimisers and the adaptive KL coefficient.
+#[test]
+fn a_killed_ppo_stage_resumes_to_the_same_models() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let ppo = STAGES[..STAGES.find("[stages.rloo]").unwrap()].replace(
+        "num_iterations = 2",
+        "num_iterations = 16\ncheckpoint_every = 2",
+    );
+    let whole = scratch(&ppo);
+    whole.ok(&["run", "recipe.toml"]);
+    let killed = scratch(&ppo);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rudder"))
+        .args(["run", "recipe.toml"])
+        .current_dir(killed.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let work = killed.path(".rudder/work");
+    let has_checkpoint = || {
+        std::fs::read_dir(&work)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| entry.path().join("checkpoint").is_dir())
+    };
+    let start = Instant::now();
+    while !has_checkpoint() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint was written"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the stage finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(killed.objects(), 0, "a killed stage left an artifact");
+    killed.ok(&["run", "recipe.toml"]);
+    for file in [
+        "model.safetensors",
+        "value/model.safetensors",
+        "metrics.jsonl",
+        "rollouts.jsonl",
+    ] {
+        let read = |s: &Scratch| std::fs::read(artifact(s, "ppo").join(file)).unwrap();
+        assert!(
+            read(&whole) == read(&killed),
+            "{file} differs after resuming"
+        );
+    }
+}
