@@ -1,8 +1,8 @@
-//! What the training stage kinds share when the engine runs them: reading the stage's inputs
-//! (the model directory with its tokenizer, the dataset with its format and column renames),
-//! turning the recipe's `TrainArgs` into the loop's settings, reporting progress and honouring
-//! Ctrl-C, and [`register`], which adds this crate's runners to the engine's registry. The
-//! per-kind logic stays in `sft.rs` and `reward.rs`.
+//! What the stage kinds share when the engine runs them: reading the stage's inputs (model
+//! directories with their tokenizers, datasets with their format and column renames), turning the
+//! recipe's `TrainArgs` into the loop's settings, reporting progress and honouring Ctrl-C, and
+//! [`register`], which adds this crate's runners to the engine's registry. The per-kind logic
+//! stays in each kind's module.
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,7 @@ use crate::train::{
 /// The metrics file every training artifact holds.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// Adds the runners of the training kinds (`tokenizer`, `pretrain`, `sft`, `reward`) to
+/// Adds the runners of every stage kind built on Burn (and of their internal parts) to
 /// `registry`.
 pub fn register(registry: &mut Registry) {
     registry.register(crate::tokenizer_stage::TokenizerRunner);
