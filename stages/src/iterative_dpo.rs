@@ -141,8 +141,14 @@ pub fn build_pairs(scores: &[Vec<f64>], pairing: Pairing, min_margin: f64) -> Pa
         let before = out.pairs.len();
         match pairing {
             Pairing::BestWorst => {
-                let best = s.iter().position(|&x| x == max).expect("max is an element");
-                let worst = s.iter().position(|&x| x == min).expect("min is an element");
+                // Scores that are all NaN have no best or worst: nothing to learn from.
+                let (Some(best), Some(worst)) = (
+                    s.iter().position(|&x| x == max),
+                    s.iter().position(|&x| x == min),
+                ) else {
+                    out.ties += 1;
+                    continue;
+                };
                 if max - min > min_margin {
                     out.pairs.push(PairIndex {
                         prompt,
@@ -624,6 +630,14 @@ mod tests {
         // Equal samples within a prompt with a gap elsewhere are simply not paired.
         let built = build_pairs(&[vec![1.0, 1.0, 0.0]], Pairing::AllPairs, 0.0);
         assert_eq!(built.pairs, vec![p(0, 0, 2), p(0, 1, 2)]);
+    }
+
+    #[test]
+    fn scores_that_are_not_numbers_build_no_pair() {
+        let scores = vec![vec![f64::NAN, f64::NAN]];
+        for pairing in [Pairing::BestWorst, Pairing::AllPairs] {
+            assert!(build_pairs(&scores, pairing, 0.0).pairs.is_empty());
+        }
     }
 
     #[test]
