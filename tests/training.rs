@@ -215,3 +215,34 @@ fn a_killed_training_stage_resumes_to_the_same_weights() {
         artifact(&killed, "metrics.jsonl")
     );
 }
+
+/// An `export` stage writes the model outside the store; it is cached while the copy exists and
+/// runs again, saying why, once the copy is gone.
+#[test]
+fn export_writes_the_model_out_and_rewrites_it_when_it_is_gone() {
+    let s = scratch();
+    let text = s.read("recipe.toml");
+    s.write(
+        "recipe.toml",
+        &format!(
+            "{text}\n[stages.publish]\nkind = \"export\"\nmodel = \"sft\"\nout = \"exported/sft\"\n"
+        ),
+    );
+    s.ok(&["run", "recipe.toml"]);
+    let dir = s.ok(&["show", "recipe.toml", "sft", "--path"]);
+    let artifact = std::fs::read(Path::new(dir.trim()).join("model.safetensors")).unwrap();
+    let exported = || std::fs::read(s.path("exported/sft/model.safetensors")).unwrap();
+    assert!(exported() == artifact);
+    assert!(s.path("exported/sft/tokenizer.json").is_file());
+    assert!(!s.path("exported/sft/manifest.json").exists());
+    assert!(s.to_run("recipe.toml").is_empty());
+
+    std::fs::remove_dir_all(s.path("exported")).unwrap();
+    let plan = s.plan("recipe.toml");
+    let publish = plan.iter().find(|n| n.0 == "publish").unwrap();
+    assert_eq!(publish.1, "run");
+    assert_eq!(publish.3, vec!["exported/sft is missing".to_string()]);
+    assert_eq!(s.to_run("recipe.toml"), vec!["publish"]);
+    s.ok(&["run", "recipe.toml"]);
+    assert!(exported() == artifact);
+}

@@ -199,10 +199,15 @@ impl Executor<'_> {
                 failure = Some(EngineError::Interrupted);
                 break;
             }
-            // Two vertices with one key (identical stages under two names) build it once.
-            if !entry.reasons.contains(&crate::plan::Reason::Forced)
-                && self.store.contains(&entry.key)
-            {
+            // Two vertices with one key (identical stages under two names) build it once;
+            // forced stages and stages whose outputs outside the store are gone run regardless.
+            let rerun = entry.reasons.iter().any(|r| {
+                matches!(
+                    r,
+                    crate::plan::Reason::Forced | crate::plan::Reason::ExternalMissing(_)
+                )
+            });
+            if !rerun && self.store.contains(&entry.key) {
                 continue;
             }
             let clock = Instant::now();

@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use petgraph::graph::NodeIndex;
-use rudder_schema::{Backend, Recipe};
+use rudder_schema::{Backend, NodeBody, Recipe};
 use serde_json::{Value, json};
 
 use crate::digest::DigestCache;
@@ -60,6 +60,8 @@ impl State {
 pub enum Reason {
     NotInStore,
     Forced,
+    /// The stage's artifact is in the store but a path it writes outside the store is gone.
+    ExternalMissing(String),
     /// A parameter (or seed, backend, precision) changed; `None` is "unset / default".
     Param {
         name: String,
@@ -104,6 +106,7 @@ impl fmt::Display for Reason {
         match self {
             Reason::NotInStore => write!(f, "not in store"),
             Reason::Forced => write!(f, "forced"),
+            Reason::ExternalMissing(path) => write!(f, "{path} is missing"),
             Reason::Param { name, old, new } => write!(f, "{name}: {} -> {}", show(old), show(new)),
             Reason::InputChanged { role, node, what } => {
                 write!(f, "{role} {node} changed ({what})")
@@ -170,6 +173,22 @@ pub struct Planner<'a> {
 }
 
 impl Planner<'_> {
+    /// The first path outside the store that a stage writes and that does not exist.
+    fn missing_external_output(&self, index: NodeIndex) -> Option<String> {
+        let vertex = self.graph.vertex(index);
+        if vertex.is_part() {
+            return None;
+        }
+        let NodeBody::Stage(stage) = &self.recipe.nodes[vertex.node].body else {
+            return None;
+        };
+        stage
+            .spec
+            .external_outputs()
+            .into_iter()
+            .find(|path| !self.recipe.dir.join(path).exists())
+    }
+
     /// The plan for a selection, with reasons compared to the lockfile.
     pub fn plan(&self, selection: &Selection, lock: &Lockfile) -> Result<Plan, EngineError> {
         let keyed = self.keys()?;
@@ -209,7 +228,9 @@ impl Planner<'_> {
             let k = &keyed[&index];
             let in_store = k.is_source || self.store.contains(&k.key);
             let force = !k.is_source && (selection.force_all || forced.contains(&index));
-            let state = if considered.contains(&index) && (force || !in_store) {
+            let missing = self.missing_external_output(index);
+            let state = if considered.contains(&index) && (force || !in_store || missing.is_some())
+            {
                 State::Run
             } else {
                 State::Cached
@@ -224,7 +245,10 @@ impl Planner<'_> {
                     reasons.push(Reason::Forced);
                 }
                 let old = lock.entry(&k.entry.name);
-                if !force || old.is_some_and(|o| o.key != k.entry.key) {
+                if let (Some(path), true, false) = (&missing, in_store, force) {
+                    // The artifact is built; only what it wrote outside the store is gone.
+                    reasons.push(Reason::ExternalMissing(path.clone()));
+                } else if !force || old.is_some_and(|o| o.key != k.entry.key) {
                     reasons.extend(self.reasons(index, &k.entry, old, lock, &keyed, &states));
                 }
             }

@@ -9,6 +9,7 @@ pub mod data;
 pub mod dpo;
 pub mod error;
 pub mod evaluate;
+pub mod export_stage;
 pub mod generate;
 pub mod generate_stage;
 pub mod iterative_dpo;

@@ -29,6 +29,7 @@ pub fn register(registry: &mut Registry) {
     registry.register(crate::reward::RewardRunner);
     registry.register(crate::generate_stage::GenerateRunner);
     registry.register(crate::evaluate::EvaluateRunner);
+    registry.register(crate::export_stage::ExportRunner);
     registry.register(crate::dpo::DpoRunner);
     registry.register(crate::cpo::OrpoRunner);
     registry.register(crate::cpo::SimpoRunner);

@@ -275,6 +275,9 @@ impl StageSpec for ExportParams {
     fn produces(&self) -> Produces {
         Produces::External
     }
+    fn external_outputs(&self) -> Vec<String> {
+        vec![self.out.clone()]
+    }
     fn check(&self) -> Vec<FieldError> {
         if self.out.is_empty() {
             vec![FieldError::new(

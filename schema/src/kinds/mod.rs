@@ -183,6 +183,11 @@ pub trait StageSpec: fmt::Debug + Send + Sync + Any {
     fn expand(&self) -> Expansion {
         Expansion::default()
     }
+    /// Paths outside the store that the stage writes, relative to the recipe. A stage whose
+    /// artifact is in the store runs again when one of them is missing.
+    fn external_outputs(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Plain files the stage reads besides its inputs, relative to the recipe: their content
     /// is part of the stage's key. `(field path, file path)` pairs.
     fn deps(&self) -> Vec<(ValuePath, String)> {
