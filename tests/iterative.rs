@@ -287,3 +287,33 @@ fn a_judge_scripts_content_is_in_every_rounds_key() {
     assert_ne!(before.0, after.0);
     assert_ne!(before.1, after.1);
 }
+
+/// The DPO family's options work in rounds too: an MPO mix with RPO's NLL term, LD-DPO and WPO,
+/// and a loss list whose weights do not match is a recipe error.
+#[test]
+fn rounds_take_the_dpo_options() {
+    let s = scratch(&idpo(
+        2,
+        "loss_type = [\"sigmoid\", \"ipo\"]\nloss_weights = [1.0, 0.5]\nrpo_alpha = 0.1\n\
+         ld_alpha = 0.5\nuse_weighting = true\nf_divergence_type = \"js_divergence\"",
+    ));
+    s.ok(&["run", "recipe.toml"]);
+    let metrics = json_lines(&artifact(&s, "idpo").join("metrics.jsonl"));
+    assert!(!metrics.is_empty());
+    assert!(
+        metrics
+            .iter()
+            .all(|m| m["loss"].as_f64().is_some_and(f64::is_finite))
+    );
+
+    s.write(
+        "recipe.toml",
+        &recipe(&idpo(
+            2,
+            "loss_type = [\"sigmoid\", \"ipo\"]\nloss_weights = [1.0]",
+        )),
+    );
+    let out = s.rudder(&["validate", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(common::stderr(&out).contains("loss_weights has 1 entries"));
+}

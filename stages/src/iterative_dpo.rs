@@ -339,11 +339,18 @@ fn run_round(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
                 .loss_weights
                 .clone()
                 .unwrap_or_else(|| vec![1.0; types.len()]);
-            types.into_iter().zip(weights).collect()
+            let mut losses: Vec<_> = types.into_iter().zip(weights).collect();
+            // RPO's NLL term is the `sft` loss type with that weight, as in the `dpo` kind.
+            if let Some(alpha) = params.rpo_alpha {
+                losses.push((rudder_schema::kinds::DpoLossType::Sft, alpha));
+            }
+            losses
         },
         beta: round.beta,
         label_smoothing: params.label_smoothing,
-        ..DpoLossConfig::single(rudder_schema::kinds::DpoLossType::Sigmoid, round.beta)
+        discopop_tau: params.discopop_tau,
+        f_divergence_type: params.f_divergence_type,
+        f_alpha_divergence_coef: params.f_alpha_divergence_coef,
     };
     let report = dispatch_autodiff(
         runner::backend(ctx)?,
@@ -355,8 +362,8 @@ fn run_round(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             objective: DpoObjective {
                 pad_id: tokenizer.pad_id().unwrap_or(0),
                 loss,
-                ld_alpha: None,
-                use_weighting: false,
+                ld_alpha: params.ld_alpha,
+                use_weighting: params.use_weighting,
             },
             cfg,
         },

@@ -44,6 +44,34 @@ pub enum FDivergenceType {
     AlphaDivergence,
 }
 
+/// Checks a DPO loss list: one weight per loss type, and `exo_pair`'s required smoothing.
+fn check_losses(
+    loss_type: &OneOrMany<DpoLossType>,
+    loss_weights: Option<&[f64]>,
+    label_smoothing: f64,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let losses = loss_type.to_vec();
+    match loss_weights {
+        Some(weights) if weights.len() != losses.len() => errors.push(FieldError::new(
+            ValuePath::root().key("loss_weights"),
+            format!(
+                "loss_weights has {} entries but loss_type has {}",
+                weights.len(),
+                losses.len()
+            ),
+        )),
+        _ => {}
+    }
+    if losses.contains(&DpoLossType::ExoPair) && label_smoothing <= 0.0 {
+        errors.push(FieldError::new(
+            ValuePath::root().key("label_smoothing"),
+            "loss_type `exo_pair` needs label_smoothing > 0 (TRL uses 1e-3)",
+        ));
+    }
+    errors
+}
+
 /// Tokenisation settings shared by the preference kinds (they key the reference log-probs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
@@ -211,24 +239,11 @@ impl StageSpec for DpoParams {
     }
     fn check(&self) -> Vec<FieldError> {
         let mut errors = check_tokens(&self.tokens);
-        let losses = self.loss_type.to_vec();
-        match &self.loss_weights {
-            Some(weights) if weights.len() != losses.len() => errors.push(FieldError::new(
-                ValuePath::root().key("loss_weights"),
-                format!(
-                    "loss_weights has {} entries but loss_type has {}",
-                    weights.len(),
-                    losses.len()
-                ),
-            )),
-            _ => {}
-        }
-        if losses.contains(&DpoLossType::ExoPair) && self.label_smoothing <= 0.0 {
-            errors.push(FieldError::new(
-                ValuePath::root().key("label_smoothing"),
-                "loss_type `exo_pair` needs label_smoothing > 0 (TRL uses 1e-3)",
-            ));
-        }
+        errors.extend(check_losses(
+            &self.loss_type,
+            self.loss_weights.as_deref(),
+            self.label_smoothing,
+        ));
         errors
     }
 }
@@ -482,6 +497,18 @@ pub struct IterativeDpoParams {
     pub loss_weights: Option<Vec<f64>>,
     #[schemars(range(min = 0.0, max = 0.5))]
     pub label_smoothing: f64,
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    pub discopop_tau: f64,
+    pub f_divergence_type: FDivergenceType,
+    pub f_alpha_divergence_coef: f64,
+    /// LD-DPO: weight of the log-probs of tokens past the shorter completion's length.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub ld_alpha: Option<f64>,
+    /// WPO weighting.
+    pub use_weighting: bool,
+    /// RPO: weight of the NLL term on chosen completions.
+    #[schemars(range(min = 0.0))]
+    pub rpo_alpha: Option<f64>,
     #[serde(flatten)]
     pub tokens: PreferenceTokens,
     #[serde(flatten)]
@@ -506,6 +533,12 @@ impl Default for IterativeDpoParams {
             loss_type: OneOrMany::One(DpoLossType::Sigmoid),
             loss_weights: None,
             label_smoothing: 0.0,
+            discopop_tau: 0.05,
+            f_divergence_type: FDivergenceType::ReverseKl,
+            f_alpha_divergence_coef: 1.0,
+            ld_alpha: None,
+            use_weighting: false,
+            rpo_alpha: None,
             tokens: PreferenceTokens::default(),
             train: TrainArgs {
                 epochs: 1,
@@ -611,6 +644,11 @@ impl StageSpec for IterativeDpoParams {
     fn check(&self) -> Vec<FieldError> {
         let mut errors = check_tokens(&self.tokens);
         errors.extend(check_judge(&self.judge));
+        errors.extend(check_losses(
+            &self.loss_type,
+            self.loss_weights.as_deref(),
+            self.label_smoothing,
+        ));
         for key in self.round.keys() {
             let valid = key
                 .parse::<u32>()
