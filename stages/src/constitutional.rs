@@ -250,9 +250,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
         return Err(TrainError::Input("give at least one principle".into()));
     }
     let templates = Templates::new(params)?;
-    let dir = runner::model_dir(ctx)?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
     let prompts = runner::data_rows(ctx)?.prompts()?;
     let n = prompts.len();
     let passes = params.principles_per_prompt.max(1) as usize;

@@ -16,15 +16,13 @@ use rudder_schema::kinds::{OrpoParams, PreferenceTokens, SimpoParams, TrainArgs}
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};
 use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, token_logps};
-use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
+use crate::model::{CausalLm, load_causal_lm};
 use crate::preference::loss::{
     CpoLossConfig, cpo_loss, cpo_uses_average_logps, orpo_loss, pair_metrics, token_mean_nll,
 };
 use crate::preference_data::{TokenizedPair, tokenize_pairs};
-use crate::runner::{self, METRICS_FILE, StageHooks};
-use crate::train::{
-    Forward, MetricValue, MetricsWriter, Objective, TrainConfig, TrainError, TrainReport, train,
-};
+use crate::runner::{self};
+use crate::train::{Forward, MetricValue, Objective, TrainConfig, TrainError, TrainReport};
 
 /// Which reference-free loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -207,9 +205,7 @@ fn run_stage(
     tokens: &PreferenceTokens,
     train_args: &TrainArgs,
 ) -> Result<StageOutcome, TrainError> {
-    let dir = runner::model_dir(ctx)?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
     let pairs = runner::data_rows(ctx)?.preference_pairs()?;
     let tokenized = tokenize_pairs(&tokenizer, &pairs, tokens)?;
     if let Some(warning) = tokenized.warning(tokens) {
@@ -251,18 +247,14 @@ impl AutodiffTask for ReferenceFreeTask<'_, '_> {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
-        let mut writer =
-            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
-        let (model, report) = train(
-            &self.objective,
+        runner::train_causal_lm(
+            self.ctx,
             model,
+            &model_cfg,
+            &self.objective,
             self.pairs,
             &self.cfg,
             &device,
-            Some(&mut writer),
-            &mut StageHooks::new(self.ctx),
-        )?;
-        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
-        Ok(report)
+        )
     }
 }

@@ -21,15 +21,13 @@ use rudder_schema::kinds::{DpoLossType, DpoParams};
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};
 use crate::logps::{
-    CompletionBatch, PromptCompletion, completion_logps, prediction_stats, sequence_logps,
+    CompletionBatch, PromptCompletion, completion_logps, prediction_stats, sequence_logps, vector,
 };
-use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
+use crate::model::{CausalLm, load_causal_lm};
 use crate::preference::loss::{DpoLossConfig, PairLogps, dpo_loss, ld_logps, wpo_weights};
 use crate::preference_data::{REF_LOGPS_FILE, RefLogps, TokenizedPair, tokenize_pairs};
-use crate::runner::{self, METRICS_FILE, StageHooks};
-use crate::train::{
-    Forward, MetricValue, MetricsWriter, Objective, TrainConfig, TrainError, TrainReport, train,
-};
+use crate::runner::{self};
+use crate::train::{Forward, MetricValue, Objective, TrainConfig, TrainError, TrainReport};
 
 /// A tokenised pair with its reference's per-token log-probs.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,11 +59,6 @@ fn ragged<B: Backend>(rows: &[&[f32]], device: &B::Device) -> (Tensor<B, 2>, Ten
         Tensor::from_data(TensorData::new(values, [n, width]), device),
         Tensor::from_data(TensorData::new(mask, [n, width]), device),
     )
-}
-
-fn vector<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
-    let n = values.len();
-    Tensor::from_data(TensorData::new(values, [n]), device)
 }
 
 fn host(t: Tensor<impl Backend, 1>) -> Vec<f64> {
@@ -363,9 +356,7 @@ impl Runner for DpoRunner {
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = runner::params::<DpoParams>(ctx)?;
-    let dir = runner::model_dir(ctx)?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
     let pairs = runner::data_rows(ctx)?.preference_pairs()?;
     let tokenized = tokenize_pairs(&tokenizer, &pairs, &params.tokens)?;
     if let Some(warning) = tokenized.warning(&params.tokens) {
@@ -480,19 +471,16 @@ impl AutodiffTask for DpoTask<'_, '_> {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
-        let mut writer =
-            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
-        let mut hooks = StageHooks::new(self.ctx);
-        let (model, report) = match self.data {
-            Data::Cached(examples) => train(
-                &self.objective,
+        match self.data {
+            Data::Cached(examples) => runner::train_causal_lm(
+                self.ctx,
                 model,
+                &model_cfg,
+                &self.objective,
                 &examples,
                 &self.cfg,
                 &device,
-                Some(&mut writer),
-                &mut hooks,
-            )?,
+            ),
             Data::Synced {
                 pairs,
                 reference,
@@ -506,18 +494,10 @@ impl AutodiffTask for DpoTask<'_, '_> {
                     mixup_alpha,
                     sync_steps,
                 };
-                train(
-                    &objective,
-                    model,
-                    &pairs,
-                    &self.cfg,
-                    &device,
-                    Some(&mut writer),
-                    &mut hooks,
-                )?
+                runner::train_causal_lm(
+                    self.ctx, model, &model_cfg, &objective, &pairs, &self.cfg, &device,
+                )
             }
-        };
-        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
-        Ok(report)
+        }
     }
 }

@@ -135,8 +135,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             return Ok(i);
         }
         let dir = runner::model_dir_of(ctx, role)?;
-        let tokenizer = runner::model_tokenizer(&dir)?;
-        runner::check_vocab(&dir, &tokenizer)?;
+        let tokenizer = runner::checked_tokenizer(&dir)?;
         generators.push(Generator {
             node: input.node.clone(),
             key: input.key,
@@ -160,8 +159,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let reference = match ctx.input("reference") {
         Some(input) => {
             let dir = runner::model_dir_of(ctx, "reference")?;
-            let tokenizer = runner::model_tokenizer(&dir)?;
-            runner::check_vocab(&dir, &tokenizer)?;
+            let tokenizer = runner::checked_tokenizer(&dir)?;
             let reference_vocab = crate::model::load_config(&dir)?.vocab_size;
             for g in generators.iter().filter(|g| g.listed) {
                 // A model may sample any id of its embedding table; the reference must embed it.

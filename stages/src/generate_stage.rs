@@ -126,9 +126,7 @@ impl Runner for GenerateRunner {
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = runner::params::<GenerateParams>(ctx)?;
-    let dir = runner::model_dir(ctx)?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
     let prompts = runner::data_rows(ctx)?.prompts()?;
     let opts = generate_options(&params.sampling, params.batch_size, ctx.seed);
     ctx.progress.set_length(prompts.len() as u64);

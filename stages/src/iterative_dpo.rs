@@ -42,8 +42,8 @@ use crate::logps::{PromptCompletion, sequence_logps};
 use crate::model::{load_causal_lm, save_causal_lm};
 use crate::preference::loss::DpoLossConfig;
 use crate::preference_data::{TokenizedPair, tokenize_pairs};
-use crate::runner::{self, METRICS_FILE, StageHooks};
-use crate::train::{MetricsWriter, TrainConfig, TrainError, TrainReport, train};
+use crate::runner::{self, METRICS_FILE};
+use crate::train::{TrainConfig, TrainError, TrainReport};
 
 /// One line per round so far.
 pub const ROUNDS_FILE: &str = "rounds.jsonl";
@@ -258,8 +258,7 @@ fn run_round(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
         RoundReference::Initial => initial_dir.clone(),
         RoundReference::Previous => start_dir.clone(),
     };
-    let tokenizer = runner::model_tokenizer(&start_dir)?;
-    runner::check_vocab(&start_dir, &tokenizer)?;
+    let tokenizer = runner::checked_tokenizer(&start_dir)?;
     let rows = runner::data_rows(ctx)?;
     let prompts = rows.prompts()?;
 
@@ -580,19 +579,15 @@ impl AutodiffTask for RoundTask<'_, '_> {
             examples
         };
         self.ctx.progress.set_message(String::new());
-        let mut writer =
-            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
-        let (model, report) = train(
-            &self.objective,
+        runner::train_causal_lm(
+            self.ctx,
             model,
+            &model_cfg,
+            &self.objective,
             &examples,
             &self.cfg,
             &device,
-            Some(&mut writer),
-            &mut StageHooks::new(self.ctx),
-        )?;
-        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
-        Ok(report)
+        )
     }
 }
 

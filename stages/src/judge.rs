@@ -78,8 +78,7 @@ impl<B: Backend> Scorer<B> {
         batch_size: usize,
         device: &B::Device,
     ) -> Result<Self, TrainError> {
-        let tokenizer = runner::model_tokenizer(dir)?;
-        runner::check_vocab(dir, &tokenizer)?;
+        let tokenizer = runner::checked_tokenizer(dir)?;
         let eos = tokenizer.eos_id().ok_or_else(|| {
             TrainError::Input(format!(
                 "judge {}: the tokenizer has no eos_token, which reward sequences end with",

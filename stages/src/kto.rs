@@ -16,14 +16,12 @@ use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::KtoParams;
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};
-use crate::logps::{CompletionBatch, PromptCompletion, completion_logps};
-use crate::model::{CausalLm, load_causal_lm, save_causal_lm};
+use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, vector};
+use crate::model::{CausalLm, load_causal_lm};
 use crate::preference::loss::{KtoLossConfig, kto_kl, kto_loss, kto_metrics, kto_uses_kl};
 use crate::preference_data::{REF_LOGPS_FILE, RefLogps, UnpairedRow, tokenize_unpaired};
-use crate::runner::{self, METRICS_FILE, StageHooks};
-use crate::train::{
-    Forward, MetricValue, MetricsWriter, Objective, TrainConfig, TrainError, TrainReport, train,
-};
+use crate::runner::{self};
+use crate::train::{Forward, MetricValue, Objective, TrainConfig, TrainError, TrainReport};
 
 /// A tokenised row with the reference's sequence log-probs of it and of its KL row.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,11 +35,6 @@ pub struct KtoExample {
 pub struct KtoObjective {
     pub pad_id: u32,
     pub loss: KtoLossConfig,
-}
-
-fn vector<B: burn::tensor::backend::Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
-    let n = values.len();
-    Tensor::from_data(burn::tensor::TensorData::new(values, [n]), device)
 }
 
 impl<B: AutodiffBackend> Objective<B> for KtoObjective
@@ -120,9 +113,7 @@ impl Runner for KtoRunner {
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = runner::params::<KtoParams>(ctx)?;
-    let dir = runner::model_dir(ctx)?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
     let examples = runner::data_rows(ctx)?.unpaired_examples()?;
     let (rows, dropped) = tokenize_unpaired(&tokenizer, &examples, &params.tokens)?;
     if dropped > 0 {
@@ -192,18 +183,14 @@ impl AutodiffTask for KtoTask<'_, '_> {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
-        let mut writer =
-            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
-        let (model, report) = train(
-            &self.objective,
+        runner::train_causal_lm(
+            self.ctx,
             model,
+            &model_cfg,
+            &self.objective,
             self.examples,
             &self.cfg,
             &device,
-            Some(&mut writer),
-            &mut StageHooks::new(self.ctx),
-        )?;
-        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
-        Ok(report)
+        )
     }
 }

@@ -82,6 +82,15 @@ impl<B: Backend> CompletionBatch<B> {
     }
 }
 
+/// A host vector as a tensor.
+///
+/// # Shapes
+/// - output: `[values.len()]`
+pub fn vector<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}
+
 /// Per-token completion log-probs of a batch, with the logits they came from.
 pub struct CompletionLogps<B: Backend> {
     /// `[rows, seq - 1]`: log-prob of token `j + 1`, zero outside completions.

@@ -176,9 +176,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             (Start::Fresh(fresh_config(spec, &tokenizer)?), tokenizer)
         }
         _ => {
-            let dir = runner::model_dir(ctx)?;
-            let tokenizer = runner::model_tokenizer(&dir)?;
-            runner::check_vocab(&dir, &tokenizer)?;
+            let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
             (Start::Directory(dir), tokenizer)
         }
     };

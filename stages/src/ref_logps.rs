@@ -50,8 +50,7 @@ fn run_part(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let tokens: PreferenceTokens = serde_json::from_value(part.params.clone())
         .map_err(|e| TrainError::Input(format!("{}: bad tokenisation settings: {e}", ctx.name)))?;
     let dir = runner::model_dir_of(ctx, "reference")?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let tokenizer = runner::checked_tokenizer(&dir)?;
     let rows = runner::data_rows(ctx)?;
     // KTO's rows are single completions with their KL rows, cached in the same two slots.
     let tokenized = if ctx.kind.starts_with("kto/") {

@@ -195,9 +195,7 @@ impl Runner for RewardRunner {
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = runner::params::<RewardParams>(ctx)?;
-    let dir = runner::model_dir(ctx)?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
     let rows = runner::data_rows(ctx)?;
     let pairs = tokenize(
         &tokenizer,

@@ -13,8 +13,12 @@ use rudder_schema::kinds::{LrSchedulerType, TrainArgs};
 use crate::backend::BackendKind;
 use crate::data::{Format, Rows, read_rows};
 use crate::tokenizer::Tokenizer;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::model::{CausalLm, ModelConfig, save_causal_lm};
 use crate::train::{
-    AdamWConfig, Checkpointing, Hooks, ScheduleKind, StepRecord, TrainConfig, TrainError,
+    AdamWConfig, Checkpointing, Hooks, MetricsWriter, Objective, ScheduleKind, StepRecord,
+    TrainConfig, TrainError, TrainReport, train,
 };
 
 /// The metrics file every training artifact holds.
@@ -92,6 +96,35 @@ pub fn train_config(
     }
 }
 
+/// Trains a causal LM with `objective` (progress, Ctrl-C and checkpoints through the stage's
+/// context, `metrics.jsonl` into its output) and saves it there as a Hugging Face directory.
+pub fn train_causal_lm<B, O>(
+    ctx: &StageContext<'_>,
+    model: CausalLm<B>,
+    model_cfg: &ModelConfig,
+    objective: &O,
+    examples: &[O::Example],
+    cfg: &TrainConfig,
+    device: &B::Device,
+) -> Result<TrainReport, TrainError>
+where
+    B: AutodiffBackend,
+    O: Objective<B, Model = CausalLm<B>>,
+{
+    let mut writer = MetricsWriter::create(&ctx.out_dir.join(METRICS_FILE), cfg.logging_steps)?;
+    let (model, report) = train(
+        objective,
+        model,
+        examples,
+        cfg,
+        device,
+        Some(&mut writer),
+        &mut StageHooks::new(ctx),
+    )?;
+    save_causal_lm(&model, model_cfg, ctx.out_dir)?;
+    Ok(report)
+}
+
 /// The stage's typed parameters.
 pub fn params<'a, T: 'static>(ctx: &'a StageContext<'_>) -> Result<&'a T, TrainError> {
     ctx.params::<T>().ok_or_else(|| {
@@ -143,6 +176,20 @@ pub fn model_tokenizer(dir: &Path) -> Result<Tokenizer, TrainError> {
         )));
     }
     Ok(Tokenizer::from_dir(dir)?)
+}
+
+/// The tokenizer stored beside a model's weights, checked against the model's vocabulary.
+pub fn checked_tokenizer(dir: &Path) -> Result<Tokenizer, TrainError> {
+    let tokenizer = model_tokenizer(dir)?;
+    check_vocab(dir, &tokenizer)?;
+    Ok(tokenizer)
+}
+
+/// The `model` input's directory and its checked tokenizer.
+pub fn model_with_tokenizer(ctx: &StageContext<'_>) -> Result<(PathBuf, Tokenizer), TrainError> {
+    let dir = model_dir(ctx)?;
+    let tokenizer = checked_tokenizer(&dir)?;
+    Ok((dir, tokenizer))
 }
 
 /// Refuses a tokenizer whose ids do not fit the model's embedding table.

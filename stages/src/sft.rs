@@ -22,12 +22,10 @@ use rudder_schema::kinds::SftParams;
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};
 use crate::data::{Message as DataMessage, SftExample};
-use crate::model::{CausalLm, ModelConfig, load_causal_lm, random_causal_lm, save_causal_lm};
-use crate::runner::{self, METRICS_FILE, StageHooks};
+use crate::model::{CausalLm, ModelConfig, load_causal_lm, random_causal_lm};
+use crate::runner::{self};
 use crate::tokenizer::{Message, Tokenizer};
-use crate::train::{
-    Forward, MetricValue, MetricsWriter, Objective, TrainConfig, TrainError, TrainReport, train,
-};
+use crate::train::{Forward, MetricValue, Objective, TrainConfig, TrainError, TrainReport};
 
 /// A tokenised training sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -392,9 +390,7 @@ impl Runner for SftRunner {
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = runner::params::<SftParams>(ctx)?;
-    let dir = runner::model_dir(ctx)?;
-    let tokenizer = runner::model_tokenizer(&dir)?;
-    runner::check_vocab(&dir, &tokenizer)?;
+    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
     let rows = runner::data_rows(ctx)?;
     let examples = rows.sft_examples(&params.dataset_text_field)?;
     let opts = SftTokenization {
@@ -458,21 +454,18 @@ impl AutodiffTask for CausalLmTask<'_, '_> {
             ),
             Start::Directory(dir) => load_causal_lm::<B>(dir, &device)?,
         };
-        let mut writer =
-            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
-        let (model, report) = train(
-            &SftObjective {
-                pad_id: self.pad_id,
-            },
+        let objective = SftObjective {
+            pad_id: self.pad_id,
+        };
+        runner::train_causal_lm(
+            self.ctx,
             model,
+            &model_cfg,
+            &objective,
             self.sequences,
             &self.cfg,
             &device,
-            Some(&mut writer),
-            &mut StageHooks::new(self.ctx),
-        )?;
-        save_causal_lm(&model, &model_cfg, self.ctx.out_dir)?;
-        Ok(report)
+        )
     }
 }
 

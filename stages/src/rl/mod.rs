@@ -297,8 +297,7 @@ pub struct RlData {
 impl RlData {
     pub fn load(ctx: &StageContext<'_>) -> Result<Self, TrainError> {
         let policy_dir = runner::model_dir(ctx)?;
-        let tokenizer = runner::model_tokenizer(&policy_dir)?;
-        runner::check_vocab(&policy_dir, &tokenizer)?;
+        let tokenizer = runner::checked_tokenizer(&policy_dir)?;
         let config = crate::model::load_config(&policy_dir)?;
         let rows = runner::data_rows(ctx)?;
         let prompts = rows.prompts()?;
