@@ -316,4 +316,17 @@ fn rounds_take_the_dpo_options() {
     let out = s.rudder(&["validate", "recipe.toml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(common::stderr(&out).contains("loss_weights has 1 entries"));
+
+    // Round overrides have the ranges of the values they override.
+    s.write(
+        "recipe.toml",
+        &recipe(&idpo(2, "round = { \"2\" = { num_samples = 1 } }")),
+    );
+    let out = s.rudder(&["validate", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        common::stderr(&out).contains("num_samples"),
+        "{}",
+        common::stderr(&out)
+    );
 }

@@ -373,7 +373,13 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
         )??;
         let mut lines = Vec::new();
         let mut ties = 0;
+        let mut identical = 0;
         for i in 0..n {
+            // Two identical answers make no preference, whatever the model says of them.
+            if originals[i] == seconds[i] {
+                identical += 1;
+                continue;
+            }
             let (first_wins, margin) = preferences[i];
             let (chosen_text, rejected_text) = match first_wins {
                 Some(true) => (&originals[i], &seconds[i]),
@@ -392,6 +398,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             }));
         }
         summary.insert("ties".to_string(), ties as f64);
+        summary.insert("identical".to_string(), identical as f64);
         lines
     } else {
         let mut unchanged = 0;

@@ -390,7 +390,15 @@ impl BackendTask for JudgeTask<'_, '_> {
                     row: self.rows.rows.get(g.row),
                 })
                 .collect();
-            scores.push(scorer.score(&samples)?);
+            let model_scores = scorer.score(&samples)?;
+            if let Some(i) = model_scores.iter().position(|s| !s.is_finite()) {
+                return Err(TrainError::Input(format!(
+                    "the judge ({}) gave a non-finite score ({}) to sample {i}",
+                    scorer.describe(),
+                    model_scores[i]
+                )));
+            }
+            scores.push(model_scores);
         }
         let judge = scorer.describe();
         drop(scorer);

@@ -514,7 +514,7 @@ impl Runner for PpoRunner {
 
 fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let params = runner::params::<PpoParams>(ctx)?;
-    rl::check_args(&params.rollout, &params.train)?;
+    rl::check_args(&params.rollout, &params.train, 1)?;
     let data = RlData::load(ctx)?;
     let reference_dir = data.model_or_policy(ctx, "reference")?;
     let value_dir = match (ctx.input("value_model"), &params.reward) {

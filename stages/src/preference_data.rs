@@ -82,9 +82,12 @@ fn truncate(mut row: PromptCompletion, opts: &PreferenceTokens) -> PromptComplet
                 row.completion.truncate(keep);
             }
             TruncationMode::KeepEnd => {
-                let from_prompt = excess.min(row.prompt.len());
+                // The prompt keeps at least one token: the first token is never predicted, so a
+                // completion that started the sequence would lose its first token's log-prob.
+                let from_prompt = excess.min(row.prompt.len().saturating_sub(1));
                 row.prompt.drain(..from_prompt);
-                row.completion.drain(..excess - from_prompt);
+                let from_completion = (excess - from_prompt).min(row.completion.len());
+                row.completion.drain(..from_completion);
             }
         }
     }
@@ -382,8 +385,8 @@ mod tests {
         assert_eq!(t.prompt, vec![2, 3]);
         assert_eq!(t.completion.len(), 6);
         let t = truncate(row(2, 10), &opts(8, TruncationMode::KeepEnd));
-        assert!(t.prompt.is_empty());
-        assert_eq!(t.completion, (102..110).collect::<Vec<u32>>());
+        assert_eq!(t.prompt, vec![1]);
+        assert_eq!(t.completion, (103..110).collect::<Vec<u32>>());
     }
 
     #[test]

@@ -460,11 +460,17 @@ pub enum RoundReference {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RoundOverrides {
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub beta: Option<f64>,
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub learning_rate: Option<f64>,
+    #[schemars(range(min = 2))]
     pub num_samples: Option<u32>,
+    #[schemars(range(min = 0.0))]
     pub temperature: Option<f64>,
+    #[schemars(range(min = 0.0))]
     pub min_margin: Option<f64>,
+    #[schemars(range(min = 1))]
     pub epochs: Option<u32>,
 }
 

@@ -464,7 +464,7 @@ impl Runner for GrpoRunner {
 }
 
 fn run_stage(ctx: &StageContext<'_>, p: GroupParams<'_>) -> Result<StageOutcome, TrainError> {
-    rl::check_args(p.rollout, p.train)?;
+    rl::check_args(p.rollout, p.train, p.num_generations)?;
     if p.num_generations < 2 {
         return Err(TrainError::Config(
             "num_generations must be at least 2 to baseline a response against its group".into(),

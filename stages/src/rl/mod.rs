@@ -345,12 +345,16 @@ impl RlData {
             Some(_) => {
                 let dir = runner::model_dir_of(ctx, role)?;
                 let cfg = crate::model::load_config(&dir)?;
-                if self.tokenizer.vocab_size() > cfg.vocab_size {
+                // The sampler draws over the policy's whole logit width, which may be padded
+                // past its tokenizer: every id it can draw must exist in this model.
+                let policy = crate::model::load_config(&self.policy_dir)?.vocab_size;
+                let ids = policy.max(self.tokenizer.vocab_size());
+                if ids > cfg.vocab_size {
                     return Err(TrainError::Input(format!(
-                        "`{role}` model {} has a vocabulary of {} ids, smaller than the policy's tokenizer ({})",
+                        "`{role}` model {} has a vocabulary of {} ids, smaller than the policy's {}",
                         dir.display(),
                         cfg.vocab_size,
-                        self.tokenizer.vocab_size()
+                        ids
                     )));
                 }
                 Ok(dir)
@@ -361,7 +365,22 @@ impl RlData {
 }
 
 /// Checks the settings the RL kinds share, so that no training argument is silently ignored.
-pub fn check_args(rollout: &RolloutArgs, train: &TrainArgs) -> Result<(), TrainError> {
+///
+/// `generations` is the number of samples per prompt (1 for PPO): every minibatch must get the
+/// same share of a rollout's rows, as TRL requires.
+pub fn check_args(
+    rollout: &RolloutArgs,
+    train: &TrainArgs,
+    generations: u32,
+) -> Result<(), TrainError> {
+    let rows = rollout.rollout_batch_size * generations;
+    if !rows.is_multiple_of(rollout.num_mini_batches) {
+        return Err(TrainError::Config(format!(
+            "num_mini_batches ({}) must divide the rows of a rollout ({rows} = rollout_batch_size \
+             {} x {generations} samples per prompt)",
+            rollout.num_mini_batches, rollout.rollout_batch_size
+        )));
+    }
     if train.max_steps.is_some() {
         return Err(TrainError::Config(
             "max_steps does not apply to RL stages; set num_iterations (rollout batches)".into(),
@@ -576,10 +595,13 @@ pub struct Restored<B: AutodiffBackend, M> {
 
 impl RlCheckpoint {
     pub fn new(work_dir: &Path, every: u64) -> Self {
-        Self {
-            dir: work_dir.join("checkpoint"),
-            every,
+        let dir = work_dir.join("checkpoint");
+        // A run killed between the two renames of `save` left the previous checkpoint here.
+        let old = dir.with_extension("old");
+        if !dir.exists() && old.is_dir() {
+            let _ = std::fs::rename(&old, &dir);
         }
+        Self { dir, every }
     }
 
     fn part(dir: &Path, name: &str) -> Checkpointing {
@@ -610,10 +632,16 @@ impl RlCheckpoint {
         let path = tmp.join(RL_STATE_FILE);
         let text = serde_json::to_string(state).expect("the state serialises");
         std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))?;
+        // The previous checkpoint stays until the new one is in place: a kill between the two
+        // renames leaves `.old`, which `state` and `load` fall back to.
+        let old = self.dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
         if self.dir.exists() {
-            std::fs::remove_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
+            std::fs::rename(&self.dir, &old).map_err(|e| TrainError::io(&self.dir, e))?;
         }
-        std::fs::rename(&tmp, &self.dir).map_err(|e| TrainError::io(&self.dir, e))
+        std::fs::rename(&tmp, &self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
     }
 
     /// The saved state, when a checkpoint exists.
