@@ -102,8 +102,6 @@ pub struct PpoBatch {
     /// Per response: summed KL estimate and summed KL penalty.
     pub kl: Vec<f64>,
     pub non_score: Vec<f64>,
-    /// The first epoch's minibatches, which the log-probs above were computed over.
-    pub partition: Vec<Vec<Vec<usize>>>,
 }
 
 /// Per-token log-probs, references and values of a rollout, then rewards, GAE and whitening.
@@ -122,12 +120,8 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
     device: &B::Device,
 ) -> PpoBatch {
     let n = samples.rows.len();
-    let partition = rl::minibatches(
-        n,
-        s.num_mini_batches,
-        s.micro_batch,
-        rl::epoch_seed(s.seed, iteration, 0),
-    );
+    let partition =
+        rl::epoch_minibatches(n, s.num_mini_batches, s.micro_batch, s.seed, iteration, 0);
     let logps = rl::rollout_logps(
         policy,
         &samples.rows,
@@ -202,7 +196,6 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
         returns,
         kl,
         non_score,
-        partition,
     }
 }
 
@@ -349,16 +342,14 @@ where
     let mut stats = UpdateStats::default();
     let n = batch_data.samples.rows.len();
     for epoch in 0..s.ppo_epochs {
-        let partition = if epoch == 0 {
-            batch_data.partition.clone()
-        } else {
-            rl::minibatches(
-                n,
-                s.num_mini_batches,
-                s.micro_batch,
-                rl::epoch_seed(s.seed, iteration, epoch),
-            )
-        };
+        let partition = rl::epoch_minibatches(
+            n,
+            s.num_mini_batches,
+            s.micro_batch,
+            s.seed,
+            iteration,
+            epoch,
+        );
         for (k, minibatch) in partition.iter().enumerate() {
             let tokens: usize = minibatch
                 .iter()
@@ -608,20 +599,23 @@ impl AutodiffTask for PpoTask<'_, '_> {
         ctx.progress.set_position(steps.len() as u64);
         let batch_size = p.rollout.rollout_batch_size as usize;
         let mut throughput = Throughput::default();
+        let save = |t: &Trainees<B>, steps: &[StepRecord], kl_coef: f64, rollouts: &[String]| {
+            checkpoint.save::<B, _, _>(
+                (&t.policy, &t.policy_optim),
+                Some((&t.value, &t.value_optim)),
+                steps,
+                prompts,
+                total,
+                &RlState {
+                    kl_coef,
+                    rollouts: rollouts.to_vec(),
+                },
+            )
+        };
         for iteration in steps.len() as u64..total {
             if ctx.is_interrupted() {
                 if iteration > 0 {
-                    checkpoint.save::<B, _, _>(
-                        (&t.policy, &t.policy_optim),
-                        Some((&t.value, &t.value_optim)),
-                        &steps,
-                        prompts,
-                        total,
-                        &RlState {
-                            kl_coef,
-                            rollouts: rollouts.clone(),
-                        },
-                    )?;
+                    save(&t, &steps, kl_coef, &rollouts)?;
                 }
                 return Err(TrainError::Interrupted {
                     step: iteration + 1,
@@ -686,17 +680,7 @@ impl AutodiffTask for PpoTask<'_, '_> {
             steps.push(rec);
             let done = iteration + 1;
             if checkpoint.every > 0 && done.is_multiple_of(checkpoint.every) && done < total {
-                checkpoint.save::<B, _, _>(
-                    (&t.policy, &t.policy_optim),
-                    Some((&t.value, &t.value_optim)),
-                    &steps,
-                    prompts,
-                    total,
-                    &RlState {
-                        kl_coef,
-                        rollouts: rollouts.clone(),
-                    },
-                )?;
+                save(&t, &steps, kl_coef, &rollouts)?;
             }
         }
         save_causal_lm(&t.policy, &policy_cfg, ctx.out_dir)?;

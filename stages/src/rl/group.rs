@@ -74,7 +74,6 @@ pub struct GroupBatch {
     /// Per response: the summed KL estimate (k1 for RLOO, k3 for GRPO; 0 without reference).
     pub kl: Vec<f64>,
     pub group_std: Vec<f64>,
-    pub partition: Vec<Vec<Vec<usize>>>,
 }
 
 /// Old and reference log-probs over the first epoch's micro-batches, then the advantages.
@@ -88,12 +87,8 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
     device: &B::Device,
 ) -> GroupBatch {
     let n = samples.rows.len();
-    let partition = rl::minibatches(
-        n,
-        s.num_mini_batches,
-        s.micro_batch,
-        rl::epoch_seed(s.seed, iteration, 0),
-    );
+    let partition =
+        rl::epoch_minibatches(n, s.num_mini_batches, s.micro_batch, s.seed, iteration, 0);
     let logps = rl::rollout_logps(
         policy,
         &samples.rows,
@@ -149,7 +144,6 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
         advantages,
         kl,
         group_std,
-        partition,
     }
 }
 
@@ -260,16 +254,14 @@ where
     let mut stats = GroupStats::default();
     let n = b.samples.rows.len();
     for epoch in 0..s.ppo_epochs {
-        let partition = if epoch == 0 {
-            b.partition.clone()
-        } else {
-            rl::minibatches(
-                n,
-                s.num_mini_batches,
-                s.micro_batch,
-                rl::epoch_seed(s.seed, iteration, epoch),
-            )
-        };
+        let partition = rl::epoch_minibatches(
+            n,
+            s.num_mini_batches,
+            s.micro_batch,
+            s.seed,
+            iteration,
+            epoch,
+        );
         for (k, minibatch) in partition.iter().enumerate() {
             let rows = minibatch.iter().map(Vec::len).sum();
             let tokens: usize = minibatch

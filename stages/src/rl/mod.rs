@@ -95,6 +95,24 @@ pub fn epoch_seed(seed: u64, iteration: u64, epoch: u32) -> u64 {
     mix(mix(seed, 0x5EED_0000 + iteration), u64::from(epoch))
 }
 
+/// The minibatches of update epoch `epoch` at `iteration`. Epoch 0's are also the order in which
+/// the rollout's log-probs are computed, so that the first update sees the same batches.
+pub fn epoch_minibatches(
+    rows: usize,
+    num_mini_batches: usize,
+    micro: usize,
+    seed: u64,
+    iteration: u64,
+    epoch: u32,
+) -> Vec<Vec<Vec<usize>>> {
+    minibatches(
+        rows,
+        num_mini_batches,
+        micro,
+        epoch_seed(seed, iteration, epoch),
+    )
+}
+
 /// Per-token log-probs of the completion tokens under the sampling distribution
 /// (`logits / temperature`, as TRL scores its rollouts): `[rows, seq - 1]`, zero outside
 /// completions. The rollout and the update both call this, on identical batches.
