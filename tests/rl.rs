@@ -219,9 +219,6 @@ response_length = 4
 /// holds both models, both optimisers and the adaptive KL coefficient.
 #[test]
 fn a_killed_ppo_stage_resumes_to_the_same_models() {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
-
     let ppo = STAGES[..STAGES.find("[stages.rloo]").unwrap()].replace(
         "num_iterations = 2",
         "num_iterations = 16\ncheckpoint_every = 2",
@@ -229,36 +226,7 @@ fn a_killed_ppo_stage_resumes_to_the_same_models() {
     let whole = scratch(&ppo);
     whole.ok(&["run", "recipe.toml"]);
     let killed = scratch(&ppo);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rudder"))
-        .args(["run", "recipe.toml"])
-        .current_dir(killed.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let work = killed.path(".rudder/work");
-    let has_checkpoint = || {
-        std::fs::read_dir(&work)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|entry| entry.path().join("checkpoint").is_dir())
-    };
-    let start = Instant::now();
-    while !has_checkpoint() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no checkpoint was written"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the stage finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(killed.objects(), 0, "a killed stage left an artifact");
+    common::run_killed_after_first_checkpoint(&killed);
     killed.ok(&["run", "recipe.toml"]);
     for file in [
         "model.safetensors",

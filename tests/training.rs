@@ -153,9 +153,6 @@ fn a_bad_data_row_fails_before_training_naming_file_row_and_field() {
 /// directory, and the killed attempt never leaves a partial artifact.
 #[test]
 fn a_killed_training_stage_resumes_to_the_same_weights() {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
-
     let long = |s: &Scratch| {
         let text = s
             .read("recipe.toml")
@@ -172,39 +169,7 @@ fn a_killed_training_stage_resumes_to_the_same_weights() {
 
     let killed = scratch();
     long(&killed);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rudder"))
-        .args(["run", "recipe.toml"])
-        .current_dir(killed.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let work = killed.path(".rudder/work");
-    let has_checkpoint = || {
-        std::fs::read_dir(&work)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|entry| {
-                std::fs::read_dir(entry.path().join("checkpoint"))
-                    .is_ok_and(|mut d| d.next().is_some())
-            })
-    };
-    let start = Instant::now();
-    while !has_checkpoint() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no checkpoint was written"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the stage finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(killed.objects(), 0, "a killed stage left an artifact");
+    common::run_killed_after_first_checkpoint(&killed);
     killed.ok(&["run", "recipe.toml"]);
     assert!(
         artifact(&whole, "model.safetensors") == artifact(&killed, "model.safetensors"),

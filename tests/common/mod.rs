@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub struct Scratch {
     pub dir: tempfile::TempDir,
@@ -109,4 +110,43 @@ pub fn rudder_in(dir: &Path, args: &[&str]) -> Output {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Starts `rudder run recipe.toml`, waits for the first checkpoint in the store's work directory,
+/// kills the process with SIGKILL, and checks that the killed stage left no artifact.
+pub fn run_killed_after_first_checkpoint(s: &Scratch) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rudder"))
+        .args(["run", "recipe.toml"])
+        .current_dir(s.dir.path())
+        .env_remove("RUDDER_STORE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let work = s.path(".rudder/work");
+    let has_checkpoint = || {
+        std::fs::read_dir(&work)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| {
+                std::fs::read_dir(entry.path().join("checkpoint"))
+                    .is_ok_and(|mut d| d.next().is_some())
+            })
+    };
+    let start = Instant::now();
+    while !has_checkpoint() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint was written"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the stage finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(s.objects(), 0, "a killed stage left an artifact");
 }
