@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rudder_engine::executor::{Observer, Progress, StageOutcome};
+use rudder_engine::executor::Observer;
 use rudder_engine::plan::PlanEntry;
+use rudder_engine::runner::{Progress, StageOutcome};
 
 use crate::printer::Printer;
 

@@ -10,12 +10,17 @@ use std::time::Duration;
 
 use rudder_schema::kinds::CommandParams;
 
-use crate::executor::{Runner, StageContext, StageOutcome, StageResult};
+use crate::runner::{Registry, Runner, StageContext, StageOutcome, StageResult};
 
 /// How many stderr lines a failure shows.
 const STDERR_TAIL: usize = 20;
 
 pub struct CommandRunner;
+
+/// Adds the engine's own kind, `command`, to `registry`.
+pub fn register(registry: &mut Registry) {
+    registry.register(CommandRunner);
+}
 
 impl Runner for CommandRunner {
     fn kind(&self) -> &'static str {

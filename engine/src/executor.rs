@@ -1,18 +1,14 @@
-//! Running a plan: the interface stage implementations provide ([`Runner`]), what they receive
-//! ([`StageContext`]), and the loop that runs each stage into a pending artifact, commits it
-//! on success, discards it on failure, and records the lockfile after a successful run.
-//!
-//! The engine knows no stage kind but `command`; the machine-learning kinds register their
-//! runners from the `stages` crate.
+//! Running a plan: the loop that runs each stage of the plan into a pending artifact, commits
+//! it on success, discards it on failure, and records the run and, after a successful run, the
+//! lockfile. What a stage is given and how a kind plugs in is `runner.rs`'s.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
-use rudder_schema::kinds::{PartSpec, Produces, StageSpec};
-use rudder_schema::{Backend, DataFormat, ModelSpec, NodeBody, Precision, Recipe};
+use rudder_schema::kinds::Produces;
+use rudder_schema::{DataFormat, NodeBody, Recipe};
 use serde_json::json;
 
 use crate::error::EngineError;
@@ -20,147 +16,8 @@ use crate::graph::{Graph, Source};
 use crate::key::Key;
 use crate::lockfile::{LOCKFILE_VERSION, LockEntry, Lockfile};
 use crate::plan::{Plan, PlanEntry, State};
+use crate::runner::{InputKind, Progress, Registry, StageContext, StageInput, StageOutcome};
 use crate::store::{LAYOUT_VERSION, Manifest, Store};
-
-/// Progress of one stage, shown as a bar on a terminal.
-pub trait Progress: Send + Sync {
-    fn set_length(&self, length: u64);
-    fn set_position(&self, position: u64);
-    fn set_message(&self, message: String);
-    /// A line of output that should not break the bar.
-    fn println(&self, line: &str);
-}
-
-/// Progress that goes nowhere (tests, `--quiet`).
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn set_length(&self, _: u64) {}
-    fn set_position(&self, _: u64) {}
-    fn set_message(&self, _: String) {}
-    fn println(&self, _: &str) {}
-}
-
-/// What an input is, beyond its path.
-#[derive(Debug, Clone)]
-pub enum InputKind {
-    /// A plain file named in the recipe.
-    File,
-    /// A data file, with the format and column renames to read it with.
-    Dataset {
-        format: DataFormat,
-        columns: BTreeMap<String, String>,
-    },
-    /// A Hugging Face model directory from `models.X.hf`.
-    Model,
-    /// A fresh architecture: there is no directory, only the configuration and the model's
-    /// tokenizer (a tokenizer stage's artifact directory, or a tokenizer.json file).
-    FreshModel {
-        spec: ModelSpec,
-        tokenizer: Option<PathBuf>,
-    },
-    /// Another stage's artifact directory (or one of its output files).
-    Artifact { kind: String },
-}
-
-#[derive(Debug, Clone)]
-pub struct StageInput {
-    pub role: String,
-    /// The node (or part) it comes from.
-    pub node: String,
-    pub key: Key,
-    /// The file or directory to read; `None` for a fresh model.
-    pub path: Option<PathBuf>,
-    pub kind: InputKind,
-}
-
-/// Everything a stage receives.
-pub struct StageContext<'a> {
-    /// The vertex name: `stage` or `stage/part`.
-    pub name: &'a str,
-    /// The kind being run: the stage's, or the part's (`dpo/ref_logps`).
-    pub kind: &'a str,
-    pub key: Key,
-    /// The stage's parameters (for parts too: a part belongs to its stage).
-    pub spec: &'a dyn StageSpec,
-    pub part: Option<&'a PartSpec>,
-    pub inputs: Vec<StageInput>,
-    /// Where the artifact's files go; it becomes the artifact when the stage succeeds.
-    pub out_dir: &'a Path,
-    /// Persistent across attempts: checkpoints to resume from.
-    pub work_dir: &'a Path,
-    pub recipe_dir: &'a Path,
-    pub seed: u64,
-    pub backend: Backend,
-    pub precision: Precision,
-    pub progress: &'a dyn Progress,
-    /// Set on Ctrl-C: checkpoint and return.
-    pub interrupted: &'a AtomicBool,
-}
-
-impl StageContext<'_> {
-    pub fn input(&self, role: &str) -> Option<&StageInput> {
-        self.inputs.iter().find(|i| i.role == role)
-    }
-
-    /// The stage's typed parameters.
-    pub fn params<T: 'static>(&self) -> Option<&T> {
-        self.spec.as_any().downcast_ref::<T>()
-    }
-
-    pub fn is_interrupted(&self) -> bool {
-        self.interrupted.load(Ordering::Relaxed)
-    }
-}
-
-/// What a successful stage reports: summary metrics for the manifest and `rudder metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct StageOutcome {
-    pub summary: BTreeMap<String, f64>,
-}
-
-pub type StageResult = Result<StageOutcome, Box<dyn std::error::Error + Send + Sync>>;
-
-/// A stage kind's implementation.
-pub trait Runner: Send + Sync {
-    /// The kind it runs: a stage kind (`sft`) or a part kind (`dpo/ref_logps`).
-    fn kind(&self) -> &'static str;
-    /// Bumped whenever the implementation changes what it produces: part of every key.
-    fn version(&self) -> u32;
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult;
-}
-
-/// The runners of this build, by kind.
-#[derive(Default, Clone)]
-pub struct Registry {
-    runners: BTreeMap<&'static str, Arc<dyn Runner>>,
-}
-
-impl Registry {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The engine's own kinds (`command`).
-    pub fn with_builtins() -> Self {
-        let mut registry = Self::new();
-        registry.register(crate::command::CommandRunner);
-        registry
-    }
-
-    pub fn register(&mut self, runner: impl Runner + 'static) {
-        self.runners.insert(runner.kind(), Arc::new(runner));
-    }
-
-    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Runner>> {
-        self.runners.get(kind)
-    }
-
-    /// The implementation version of a kind; 0 when this build has no runner for it.
-    pub fn version(&self, kind: &str) -> u32 {
-        self.runners.get(kind).map_or(0, |r| r.version())
-    }
-}
 
 /// Callbacks for the user interface.
 pub trait Observer: Send + Sync {

@@ -1,6 +1,6 @@
 //! The rudder engine: the pipeline graph, content keys, the artifact store, lockfiles, plans
 //! and the executor. It knows no machine learning: stage kinds plug in through
-//! [`executor::Runner`], and only the `command` kind is built in.
+//! [`runner::Runner`], and only the `command` kind is built in ([`command::register`]).
 
 pub mod command;
 pub mod dag;
@@ -14,11 +14,12 @@ pub mod keying;
 pub mod lockfile;
 pub mod plan;
 pub mod project;
+pub mod runner;
 pub mod store;
 
 pub use error::EngineError;
-pub use executor::{Registry, Runner, StageContext, StageOutcome};
 pub use key::Key;
 pub use plan::{Plan, Selection};
 pub use project::Project;
+pub use runner::{Registry, Runner, StageContext, StageOutcome};
 pub use store::Store;

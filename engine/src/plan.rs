@@ -21,11 +21,11 @@ use serde_json::{Value, json};
 
 use crate::digest::DigestCache;
 use crate::error::EngineError;
-use crate::executor::Registry;
 use crate::graph::{Graph, Source};
 use crate::key::Key;
 pub use crate::keying::Keyed;
 use crate::lockfile::{LockEntry, Lockfile};
+use crate::runner::Registry;
 use crate::store::Store;
 
 /// Which vertices a command acts on.

@@ -6,10 +6,10 @@ use rudder_schema::{Backend, Recipe};
 
 use crate::digest::DigestCache;
 use crate::error::EngineError;
-use crate::executor::Registry;
 use crate::graph::Graph;
 use crate::lockfile::Lockfile;
 use crate::plan::{Plan, Planner, Selection};
+use crate::runner::Registry;
 use crate::store::Store;
 
 pub struct Project {

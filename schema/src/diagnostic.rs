@@ -5,23 +5,10 @@
 //! carries what a renderer needs, and implements `miette::Diagnostic` for library callers.
 
 use std::fmt;
-use std::ops::Range;
 use std::sync::Arc;
 
-use crate::source::Sources;
-
-/// A byte range in one of the recipe's sources.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Loc {
-    pub source: usize,
-    pub span: Range<usize>,
-}
-
-impl Loc {
-    pub fn new(source: usize, span: Range<usize>) -> Self {
-        Self { source, span }
-    }
-}
+pub use crate::source::Loc;
+use crate::source::{Sources, TomlError};
 
 #[derive(Debug, Clone)]
 pub struct Label {
@@ -70,6 +57,12 @@ impl Diagnostic {
     pub fn with_optional_help(mut self, help: Option<String>) -> Self {
         self.help = help.or(self.help);
         self
+    }
+}
+
+impl From<TomlError> for Diagnostic {
+    fn from(err: TomlError) -> Self {
+        Diagnostic::new(err.message).with_label(err.loc, "here")
     }
 }
 

@@ -173,7 +173,7 @@ impl Recipe {
         let tree = parse_toml(&text, source, &ValuePath::root(), &mut spans);
         let mut tree = match tree {
             Ok(tree) => tree,
-            Err(err) => return Err(RecipeErrors::single(Arc::new(sources), err)),
+            Err(err) => return Err(RecipeErrors::single(Arc::new(sources), err.into())),
         };
         let mut errors = Vec::new();
         let mut applied = Vec::new();

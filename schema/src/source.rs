@@ -13,7 +13,26 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 use toml_edit::{Item, TableLike};
 
-use crate::diagnostic::{Diagnostic, Loc};
+/// A byte range in one of the recipe's sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loc {
+    pub source: usize,
+    pub span: Range<usize>,
+}
+
+impl Loc {
+    pub fn new(source: usize, span: Range<usize>) -> Self {
+        Self { source, span }
+    }
+}
+
+/// A TOML syntax error: the parser's message and where it stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TomlError {
+    /// `invalid TOML: ...`, one line.
+    pub message: String,
+    pub loc: Loc,
+}
 
 /// One piece of recipe text: the recipe file, or one `--set` argument.
 #[derive(Debug, Clone)]
@@ -165,11 +184,10 @@ pub fn parse_toml(
     source: usize,
     prefix: &ValuePath,
     spans: &mut SpanMap,
-) -> Result<Value, Diagnostic> {
-    let doc = toml_edit::Document::parse(text.to_owned()).map_err(|err| {
-        let span = err.span().unwrap_or(0..0);
-        Diagnostic::new(format!("invalid TOML: {}", first_line(err.message())))
-            .with_label(Loc::new(source, span), "here")
+) -> Result<Value, TomlError> {
+    let doc = toml_edit::Document::parse(text.to_owned()).map_err(|err| TomlError {
+        message: format!("invalid TOML: {}", first_line(err.message())),
+        loc: Loc::new(source, err.span().unwrap_or(0..0)),
     })?;
     let mut lower = Lower { source, spans };
     Ok(lower.table(doc.as_table(), prefix))
@@ -314,6 +332,6 @@ mod tests {
         let mut spans = SpanMap::default();
         let err = parse_toml("a = [1,\n", 0, &ValuePath::root(), &mut spans).unwrap_err();
         assert!(err.message.starts_with("invalid TOML"), "{}", err.message);
-        assert_eq!(err.labels.len(), 1);
+        assert_eq!(err.loc.source, 0);
     }
 }

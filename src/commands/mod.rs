@@ -18,7 +18,8 @@ use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
 
 /// Every stage kind this build can run: the engine's own and the machine-learning kinds.
 pub fn registry() -> Registry {
-    let mut registry = Registry::with_builtins();
+    let mut registry = Registry::new();
+    rudder_engine::command::register(&mut registry);
     rudder_stages::register(&mut registry);
     registry
 }

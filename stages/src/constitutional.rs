@@ -40,7 +40,7 @@ use burn::tensor::backend::Backend;
 use minijinja::Environment;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rudder_engine::executor::{InputKind, Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{InputKind, Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::DataFormat;
 use rudder_schema::kinds::{ConstitutionalParams, OneOrMany};
 use serde_json::{Value, json};

@@ -11,7 +11,7 @@ use std::path::Path;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::{OrpoParams, PreferenceTokens, SimpoParams, TrainArgs};
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};

@@ -16,7 +16,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::record::{BinFileRecorder, FullPrecisionSettings};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::{DpoLossType, DpoParams};
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use rudder_engine::Key;
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::EvaluateParams;
 use serde_json::{Value, json};
 

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::ExportParams;
 use serde_json::json;
 

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::{GenerateParams, Sampling};
 use serde_json::json;
 

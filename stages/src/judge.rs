@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use regex::Regex;
-use rudder_engine::executor::StageContext;
+use rudder_engine::runner::StageContext;
 use rudder_schema::kinds::{CommandJudge, Judge, Rule, RuleJudge};
 use serde_json::Value;
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use burn::module::AutodiffModule;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::KtoParams;
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};

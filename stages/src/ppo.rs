@@ -35,7 +35,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::{Judge, KlEstimator, PpoParams};
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};

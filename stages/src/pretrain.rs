@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use rudder_engine::executor::{InputKind, Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{InputKind, Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::ModelSpec;
 use rudder_schema::kinds::PretrainParams;
 use rudder_schema::recipe::Arch;

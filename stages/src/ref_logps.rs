@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::PreferenceTokens;
 
 use crate::backend::{BackendTask, dispatch};

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use rudder_engine::Registry;
-use rudder_engine::executor::{InputKind, StageContext, StageInput};
+use rudder_engine::runner::{InputKind, StageContext, StageInput};
 use rudder_schema::kinds::{LrSchedulerType, TrainArgs};
 
 use crate::backend::BackendKind;

@@ -17,7 +17,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::SftParams;
 
 use crate::backend::{AutodiffTask, dispatch_autodiff};

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::TokenizerParams;
 use serde_json::{Map, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;

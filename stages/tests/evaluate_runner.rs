@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use rudder_engine::executor::{InputKind, NoProgress, StageContext, StageInput, StageResult};
+use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
 use rudder_engine::{Key, Registry};
 use rudder_schema::kinds::{EvaluateParams, Judge, Sampling, StageSpec};
 use rudder_schema::{Backend, DataFormat, Precision};

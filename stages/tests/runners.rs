@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use rudder_engine::executor::{InputKind, NoProgress, StageContext, StageInput, StageResult};
+use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
 use rudder_engine::{Key, Registry};
 use rudder_schema::kinds::{LrSchedulerType, RewardParams, SftParams, StageSpec, TrainArgs};
 use rudder_schema::{Backend, DataFormat, Precision};
@@ -316,7 +316,7 @@ struct InterruptAt<'a> {
     flag: &'a AtomicBool,
 }
 
-impl rudder_engine::executor::Progress for InterruptAt<'_> {
+impl rudder_engine::runner::Progress for InterruptAt<'_> {
     fn set_length(&self, _: u64) {}
     fn set_position(&self, position: u64) {
         if position >= self.step {
@@ -359,7 +359,7 @@ fn run_sft_in(
         progress: &progress,
         interrupted: &flag,
     };
-    use rudder_engine::executor::Runner;
+    use rudder_engine::runner::Runner;
     rudder_stages::sft::SftRunner.run(&ctx)
 }
 
@@ -518,7 +518,7 @@ fn run_synced_dpo_in(
         progress: &progress,
         interrupted: &flag,
     };
-    use rudder_engine::executor::Runner;
+    use rudder_engine::runner::Runner;
     rudder_stages::dpo::DpoRunner.run(&ctx)
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use rudder_engine::executor::{InputKind, NoProgress, StageContext, StageInput, StageResult};
+use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
 use rudder_engine::{Key, Registry};
 use rudder_schema::kinds::{
     LrSchedulerType, PretrainParams, StageSpec, TokenizerParams, TrainArgs,

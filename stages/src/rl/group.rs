@@ -24,7 +24,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use rudder_engine::executor::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::{GrpoLossType, GrpoParams, Judge, RlooParams, RolloutArgs, TrainArgs};
 
 use super::{RlCheckpoint, RlData, RlState, Samples, Throughput, dense, host, kl_k1, kl_k3, mean};

@@ -21,7 +21,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rudder_engine::executor::StageContext;
+use rudder_engine::runner::StageContext;
 use rudder_schema::kinds::{Judge, RolloutArgs, TrainArgs};
 use serde::{Deserialize, Serialize};
 
