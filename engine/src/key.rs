@@ -9,8 +9,9 @@
 //! |----------------------------------------------------|--------------------------------------|
 //! | kind, and the version of its implementation        | node names (nodes are keyed by role) |
 //! | every parameter after defaults are filled in       | descriptions                         |
-//! | (null parameters are absent, so new optional ones   | `logging_steps`, `checkpoint_every`  |
-//! |  leave old keys unchanged)                         | absolute paths, the store's location |
+//! | (null parameters are absent, so new optional ones   | `logging_steps`, `checkpoint_every`, |
+//! |  leave old keys unchanged)                         |  `report_to`                         |
+//! |                                                    | absolute paths, the store's location |
 //! | each input's key, by role (`model`, `data`, ...),  | modification times, file names of    |
 //! |  and the output selected (`prep.train`)            |  inputs (only their content)         |
 //! | digests of plain files the stage reads (`deps`)    | thread counts, progress settings     |

@@ -298,3 +298,26 @@ fn fresh_models_need_an_even_head_dim() {
     );
     assert!(errors[0].contains("head_dim 9 is odd"), "{errors:?}");
 }
+
+#[test]
+fn report_to_takes_known_integrations_only() {
+    let recipe =
+        load(&BASE.replace("beta = 0.1", "beta = 0.1\nreport_to = [\"tensorboard\"]")).unwrap();
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    assert_eq!(
+        dpo.spec.params()["report_to"],
+        serde_json::json!(["tensorboard"])
+    );
+    // Unset, it is left out of the parameters, so lockfiles written before it existed agree.
+    let NodeBody::Stage(sft) = &recipe.node("sft").unwrap().body else {
+        panic!()
+    };
+    assert!(sft.spec.params().get("report_to").is_none());
+
+    let errors = errors_of(&BASE.replace("beta = 0.1", "beta = 0.1\nreport_to = [\"wandb\"]"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("recipe.toml:22:14"), "{errors:?}");
+    assert!(errors[0].contains("tensorboard"), "{errors:?}");
+}

@@ -58,6 +58,19 @@ pub struct TrainArgs {
     /// Save a resumable checkpoint every this many steps; 0 turns periodic checkpoints off
     /// (not part of the artifact key: resuming gives the same result).
     pub checkpoint_every: u64,
+    /// Where logged metrics also go, besides `metrics.jsonl`, as the Hugging Face Trainer's
+    /// `report_to`: `["tensorboard"]` writes TensorBoard event files into the artifact (not part
+    /// of the artifact key).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<ReportTo>,
+}
+
+/// A logging integration of `report_to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportTo {
+    /// TensorBoard event files (`events.out.tfevents.*`) beside `metrics.jsonl`.
+    Tensorboard,
 }
 
 impl Default for TrainArgs {
@@ -79,12 +92,18 @@ impl Default for TrainArgs {
             group_by_length: true,
             logging_steps: 10,
             checkpoint_every: 100,
+            report_to: Vec::new(),
         }
     }
 }
 
 /// Parameters that never change an artifact: they are removed before keys are computed.
-pub const NOT_IN_KEY: &[&str] = &["logging_steps", "checkpoint_every", "description"];
+pub const NOT_IN_KEY: &[&str] = &[
+    "logging_steps",
+    "checkpoint_every",
+    "report_to",
+    "description",
+];
 
 /// Sampling settings for generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
