@@ -16,6 +16,7 @@ pub mod plan;
 pub mod project;
 pub mod runner;
 pub mod store;
+pub mod tfevents;
 
 pub use error::EngineError;
 pub use key::Key;

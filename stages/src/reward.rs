@@ -248,7 +248,8 @@ impl AutodiffTask for RewardTask<'_, '_> {
         let (model_cfg, model) =
             reward_model_from_causal_lm::<B>(self.dir, self.ctx.seed, &device)?;
         let mut writer =
-            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?;
+            MetricsWriter::create(&self.ctx.out_dir.join(METRICS_FILE), self.cfg.logging_steps)?
+                .report_to(&self.cfg.report_to)?;
         let (model, report) = train(
             &self.objective,
             model,

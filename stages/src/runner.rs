@@ -89,6 +89,7 @@ pub fn train_config(
         group_by_length: args.group_by_length,
         seed,
         logging_steps: args.logging_steps,
+        report_to: args.report_to.clone(),
         checkpoint: work_dir.map(|dir| Checkpointing {
             dir: dir.join("checkpoint"),
             every: args.checkpoint_every,
@@ -111,7 +112,8 @@ where
     B: AutodiffBackend,
     O: Objective<B, Model = CausalLm<B>>,
 {
-    let mut writer = MetricsWriter::create(&ctx.out_dir.join(METRICS_FILE), cfg.logging_steps)?;
+    let mut writer = MetricsWriter::create(&ctx.out_dir.join(METRICS_FILE), cfg.logging_steps)?
+        .report_to(&cfg.report_to)?;
     let (model, report) = train(
         objective,
         model,

@@ -547,7 +547,8 @@ impl AutodiffTask for GroupTask<'_, '_> {
         let mut policy = restored.model;
         let mut optim = restored.optim;
         let mut writer =
-            MetricsWriter::create(&ctx.out_dir.join(METRICS_FILE), p.train.logging_steps)?;
+            MetricsWriter::create(&ctx.out_dir.join(METRICS_FILE), p.train.logging_steps)?
+                .report_to(&p.train.report_to)?;
         writer.replay(&steps)?;
         ctx.progress.set_length(total);
         ctx.progress.set_position(steps.len() as u64);

@@ -2,13 +2,17 @@
 //! `logging_steps` steps one JSON object with `step`, `loss`, `learning_rate`, `grad_norm`,
 //! `epoch` and the stage's own metrics under TRL's names. As the Hugging Face Trainer does, the
 //! logged `loss` and stage means are averages over the steps since the previous log line, while
-//! `grad_norm` and `learning_rate` are those of the logged step.
+//! `grad_norm` and `learning_rate` are those of the logged step. With `report_to =
+//! ["tensorboard"]` each line also goes to a TensorBoard event file beside it, as `train/NAME`
+//! scalars at the line's step (the Hugging Face Trainer's tags).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use rudder_engine::tfevents::EventWriter;
+use rudder_schema::kinds::ReportTo;
 use serde_json::{Map, Value};
 
 use super::TrainError;
@@ -87,6 +91,7 @@ pub struct MetricsWriter {
     out: BufWriter<File>,
     every: u64,
     pending: Vec<StepRecord>,
+    tensorboard: Option<EventWriter>,
 }
 
 impl MetricsWriter {
@@ -98,7 +103,17 @@ impl MetricsWriter {
             out: BufWriter::new(file),
             every: every.max(1),
             pending: Vec::new(),
+            tensorboard: None,
         })
+    }
+
+    /// Also writes every line to the integrations of `report_to`, beside `metrics.jsonl`.
+    pub fn report_to(mut self, targets: &[ReportTo]) -> Result<Self, TrainError> {
+        if targets.contains(&ReportTo::Tensorboard) {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            self.tensorboard = Some(EventWriter::create(dir).map_err(|e| TrainError::io(dir, e))?);
+        }
+        Ok(self)
     }
 
     /// Rewrites the lines of steps already taken (when resuming), exactly as they were.
@@ -118,6 +133,18 @@ impl MetricsWriter {
             writeln!(self.out, "{line}")
                 .and_then(|_| self.out.flush())
                 .map_err(|e| TrainError::io(&self.path, e))?;
+            if let Some(events) = &mut self.tensorboard {
+                let tags: Vec<(String, f64)> = line
+                    .as_object()
+                    .expect("a log line is an object")
+                    .iter()
+                    .filter(|(name, _)| *name != "step")
+                    .filter_map(|(name, v)| Some((format!("train/{name}"), v.as_f64()?)))
+                    .collect();
+                events
+                    .scalars(step.step, tags.iter().map(|(t, v)| (t.as_str(), *v)))
+                    .map_err(|e| TrainError::io(events.path(), e))?;
+            }
         }
         Ok(())
     }
@@ -196,5 +223,41 @@ mod tests {
         assert_eq!(lines[1]["step"], 3);
         assert_eq!(lines[1]["loss"], 5.0);
         assert_eq!(lines[1]["num_tokens"], 30.0);
+    }
+
+    #[test]
+    fn tensorboard_gets_every_logged_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut w = MetricsWriter::create(&path, 2)
+            .unwrap()
+            .report_to(&[ReportTo::Tensorboard])
+            .unwrap();
+        w.record(&step(1, 1.0, 0.2, 10.0), false).unwrap();
+        w.record(&step(2, 3.0, 0.4, 20.0), false).unwrap();
+        w.record(&step(3, 5.0, 0.6, 30.0), true).unwrap();
+        let events_file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains("tfevents"))
+            .expect("an event file beside metrics.jsonl");
+        let events = rudder_engine::tfevents::read(&events_file).unwrap();
+        // The file-version record, then one event per metrics.jsonl line.
+        assert_eq!(events.len(), 3);
+        let scalars = |i: usize| match &events[i].what {
+            Some(rudder_engine::tfevents::What::Summary(s)) => s
+                .value
+                .iter()
+                .map(|v| (v.tag.clone(), v.simple_value))
+                .collect::<BTreeMap<_, _>>(),
+            other => panic!("a summary, not {other:?}"),
+        };
+        assert_eq!(events[1].step, 2);
+        assert_eq!(scalars(1)["train/loss"], 2.0);
+        assert_eq!(scalars(1)["train/num_tokens"], 20.0);
+        assert!(!scalars(1).contains_key("train/step"));
+        assert_eq!(events[2].step, 3);
+        assert_eq!(scalars(2)["train/grad_norm"], 30.0);
     }
 }

@@ -96,6 +96,8 @@ pub struct TrainConfig {
     pub group_by_length: bool,
     pub seed: u64,
     pub logging_steps: u64,
+    /// Integrations that get the logged lines besides `metrics.jsonl`.
+    pub report_to: Vec<rudder_schema::kinds::ReportTo>,
     /// Where and how often to save resumable state; `None` trains without checkpoints.
     pub checkpoint: Option<Checkpointing>,
 }
@@ -117,6 +119,7 @@ impl Default for TrainConfig {
             group_by_length: false,
             seed: 0,
             logging_steps: 1,
+            report_to: Vec::new(),
             checkpoint: None,
         }
     }
