@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod graph;
 pub mod key;
 pub mod keying;
+pub mod live;
 pub mod lockfile;
 pub mod plan;
 pub mod project;

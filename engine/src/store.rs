@@ -169,6 +169,38 @@ impl Store {
         Ok(StoreLock { _file: file })
     }
 
+    /// The process holding the writer lock; `None` when no process holds it (or it cannot be
+    /// told which). Taking the lock for a moment to find out would make a starting run wait, so
+    /// only a lock that is free is taken, and released at once.
+    pub fn lock_holder(&self) -> Option<u32> {
+        let path = self.root.join("lock");
+        let mut file = std::fs::OpenOptions::new().read(true).open(&path).ok()?;
+        match file.try_lock_shared() {
+            Ok(()) => None,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                file.read_to_string(&mut holder).ok()?;
+                holder.trim().parse().ok()
+            }
+            Err(std::fs::TryLockError::Error(_)) => None,
+        }
+    }
+
+    /// Directories in `tmp/` where the artifact `key` is being built now (by [`Store::begin`]).
+    pub fn pending_dirs(&self, key: &Key) -> Vec<PathBuf> {
+        let prefix = format!("{}.", key.short());
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.root.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
     pub fn object_dir(&self, key: &Key) -> PathBuf {
         self.root.join("objects").join(key.to_hex())
     }
