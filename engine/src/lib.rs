@@ -15,6 +15,7 @@ pub mod live;
 pub mod lockfile;
 pub mod plan;
 pub mod project;
+pub mod report;
 pub mod runner;
 pub mod store;
 pub mod tfevents;

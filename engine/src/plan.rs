@@ -417,7 +417,7 @@ impl Planner<'_> {
 }
 
 /// Parameter differences as `a.b: old -> new`, recursing into tables.
-fn diff_values(prefix: &str, old: &Value, new: &Value, reasons: &mut Vec<Reason>) {
+pub(crate) fn diff_values(prefix: &str, old: &Value, new: &Value, reasons: &mut Vec<Reason>) {
     let name = |key: &str| {
         if prefix.is_empty() {
             key.to_owned()

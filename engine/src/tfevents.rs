@@ -49,8 +49,22 @@ pub struct Summary {
 pub struct SummaryValue {
     #[prost(string, tag = "1")]
     pub tag: String,
+    /// In `summary.proto` the value is a `oneof`, so it has presence: a scalar of 0.0 is written
+    /// (a plain proto3 float of 0.0 would be left out, and TensorBoard would drop the point).
+    #[prost(oneof = "Scalar", tags = "2")]
+    pub value: Option<Scalar>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Scalar {
     #[prost(float, tag = "2")]
-    pub simple_value: f32,
+    SimpleValue(f32),
+}
+
+impl SummaryValue {
+    pub fn simple_value(&self) -> Option<f32> {
+        self.value.as_ref().map(|Scalar::SimpleValue(v)| *v)
+    }
 }
 
 /// The version string TensorBoard expects in a file's first event.
@@ -96,7 +110,7 @@ impl EventWriter {
             .filter(|(_, v)| v.is_finite())
             .map(|(tag, v)| SummaryValue {
                 tag: tag.to_owned(),
-                simple_value: v as f32,
+                value: Some(Scalar::SimpleValue(v as f32)),
             })
             .collect();
         self.write(&Event {
@@ -188,24 +202,36 @@ mod tests {
 
     #[test]
     fn the_protobuf_encoding_is_tensorflows() {
-        // Event{wall_time: 1.5, step: 3, summary{value{tag: "loss", simple_value: 0.25}}},
-        // encoded by hand from event.proto and summary.proto's field numbers and types.
+        // Event{wall_time: 1.5, step: 3, summary{value{tag: "loss", simple_value: 0.25},
+        // value{tag: "acc", simple_value: 0}}}, encoded by hand from event.proto and summary.proto's field numbers and types.
         let event = Event {
             wall_time: 1.5,
             step: 3,
             what: Some(What::Summary(Summary {
-                value: vec![SummaryValue {
-                    tag: "loss".into(),
-                    simple_value: 0.25,
-                }],
+                value: vec![
+                    SummaryValue {
+                        tag: "loss".into(),
+                        value: Some(Scalar::SimpleValue(0.25)),
+                    },
+                    SummaryValue {
+                        tag: "acc".into(),
+                        value: Some(Scalar::SimpleValue(0.0)),
+                    },
+                ],
             })),
         };
         let mut expected = vec![0x09];
         expected.extend_from_slice(&1.5f64.to_le_bytes());
-        expected.extend_from_slice(&[0x10, 0x03, 0x2a, 0x0d, 0x0a, 0x0b, 0x0a, 0x04]);
+        // step; summary (25 bytes): two values of 11 and 10 bytes, each with its header.
+        expected.extend_from_slice(&[0x10, 0x03, 0x2a, 0x19, 0x0a, 0x0b, 0x0a, 0x04]);
         expected.extend_from_slice(b"loss");
         expected.push(0x15);
         expected.extend_from_slice(&0.25f32.to_le_bytes());
+        // A zero is written all the same: the scalar is a oneof member.
+        expected.extend_from_slice(&[0x0a, 0x0a, 0x0a, 0x03]);
+        expected.extend_from_slice(b"acc");
+        expected.push(0x15);
+        expected.extend_from_slice(&0.0f32.to_le_bytes());
         assert_eq!(prost::Message::encode_to_vec(&event), expected);
     }
 
@@ -229,7 +255,7 @@ mod tests {
         // Non-finite values are left out, as metrics.jsonl writes them as null.
         assert_eq!(first.value.len(), 1);
         assert_eq!(first.value[0].tag, "train/loss");
-        assert_eq!(first.value[0].simple_value, 0.5);
+        assert_eq!(first.value[0].simple_value(), Some(0.5));
         assert_eq!(events[2].step, 20);
         assert!(events[2].wall_time >= events[1].wall_time);
 

@@ -249,7 +249,7 @@ mod tests {
             Some(rudder_engine::tfevents::What::Summary(s)) => s
                 .value
                 .iter()
-                .map(|v| (v.tag.clone(), v.simple_value))
+                .map(|v| (v.tag.clone(), v.simple_value().expect("a scalar")))
                 .collect::<BTreeMap<_, _>>(),
             other => panic!("a summary, not {other:?}"),
         };
