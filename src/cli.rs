@@ -79,6 +79,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What a run of the recipe is doing now (from another process), or what the last one did.
+    Status {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an HTML report of the recipe's runs: DAG, parameters, curves, evaluations.
+    Report(ReportArgs),
     /// Generate completions with a model node or a model artifact.
     Generate(GenerateArgs),
     /// Copy a stage's model to a directory.
@@ -134,6 +146,26 @@ pub struct SelectionArgs {
     /// Re-run every stage.
     #[arg(long)]
     pub force_all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Where to write the report (default: `NAME.report.html` beside the recipe).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Compare with another run: a lockfile (`OTHER.lock`) or a recipe (`OTHER.toml`).
+    #[arg(long, value_name = "LOCK_OR_RECIPE")]
+    pub compare: Option<PathBuf>,
+    /// `html` writes the report; `text` prints its summary (and the comparison) instead.
+    #[arg(long, default_value = "html", value_parser = ["html", "text"])]
+    pub format: String,
+    /// Open the written report in the default browser.
+    #[arg(long)]
+    pub open: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ mod commands;
 mod printer;
 mod progress;
 mod render;
+mod report;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -87,6 +88,12 @@ fn main() -> ExitCode {
             store,
             json,
         } => commands::metrics::run(&recipe, &store, json, &printer),
+        Command::Status {
+            recipe,
+            store,
+            json,
+        } => commands::status::run(&recipe, &store, json, &printer),
+        Command::Report(args) => commands::report::run(&args, &printer),
         Command::Generate(args) => commands::generate::run(&args, &printer),
         Command::Export {
             recipe,

@@ -6,9 +6,11 @@ pub mod gc;
 pub mod generate;
 pub mod metrics;
 pub mod plan;
+pub mod report;
 pub mod run;
 pub mod schema;
 pub mod show;
+pub mod status;
 pub mod validate;
 
 use rudder_engine::{Project, Registry, Selection};

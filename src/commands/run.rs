@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rudder_engine::executor::Executor;
+use rudder_engine::live::Recorder;
 
 use crate::ExitStatus;
 use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
@@ -37,16 +38,25 @@ pub fn run(
     let flag = interrupted.clone();
     // A second Ctrl-C while stages wind down is left to the default handling of the terminal.
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
+    // What `rudder status` reads from another process while this run goes on.
+    let recorder = Recorder::start(
+        &project.store,
+        &project.recipe.file,
+        plan.to_run().count(),
+        &observer,
+    )?;
     let executor = Executor {
         recipe: &project.recipe,
         graph: &project.graph,
         registry: &registry,
         store: &project.store,
-        observer: &observer,
+        observer: &recorder,
         interrupted: &interrupted,
     };
     let lock = project.lockfile()?;
-    let report = executor.run(&plan, &lock)?;
+    let result = executor.run(&plan, &lock);
+    recorder.finish();
+    let report = result?;
     printer.status(format!(
         "ran {} stage{}, {} cached; lockfile {}",
         report.ran.len(),
