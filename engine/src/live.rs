@@ -434,13 +434,14 @@ fn live_status(store: &Store, run: LiveRun, alive: bool) -> LiveStatus {
         {
             progress.insert(stage.name.clone(), p);
         }
-        if alive && stage.state == StageState::Running {
-            if let Some(dir) = store.pending_dirs(&key).into_iter().next() {
-                if let Some(line) = last_line(&dir.join("metrics.jsonl")) {
-                    metrics.insert(stage.name.clone(), line);
-                }
-                pending.insert(stage.name.clone(), dir);
+        if alive
+            && stage.state == StageState::Running
+            && let Some(dir) = store.pending_dirs(&key).into_iter().next()
+        {
+            if let Some(line) = last_line(&dir.join("metrics.jsonl")) {
+                metrics.insert(stage.name.clone(), line);
             }
+            pending.insert(stage.name.clone(), dir);
         }
     }
     LiveStatus {
