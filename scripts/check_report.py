@@ -176,7 +176,7 @@ def main(argv):
             )["result"]["value"]
         )
         if screenshot:
-            height = min(int(found["height"]), 16000)
+            height = min(int(found["height"]), 32000)
             browser.call(
                 "Emulation.setDeviceMetricsOverride",
                 {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False},

@@ -5,8 +5,8 @@
 //! .rudder/lock                       writers hold an exclusive lock on this file
 //! .rudder/objects/<key>/             one immutable artifact: its files + manifest.json
 //! .rudder/tmp/                       artifacts being built; renamed into objects/ when complete
-//! .rudder/work/<key>/                checkpoints of an unfinished stage
-//! .rudder/runs/                      one JSON record per run
+//! .rudder/work/<key>/                checkpoints of an unfinished stage, and its status.json
+//! .rudder/runs/                      one JSON record per run; <ms>-<pid>.live.json while it runs
 //! .rudder/cache/digests.json         file digests by path, size and mtime
 //! ```
 //!

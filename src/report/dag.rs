@@ -17,7 +17,7 @@ pub const RAN_LAST: &str = "#c8e6c9";
 pub const CACHED: &str = "#dbeafe";
 pub const NOT_BUILT: &str = "#ffe0b2";
 
-const FONT_SIZE: usize = 12;
+const FONT_SIZE: usize = 14;
 
 pub fn fill(state: NodeState, ran_last: bool) -> &'static str {
     match (state, ran_last) {
@@ -28,8 +28,9 @@ pub fn fill(state: NodeState, ran_last: bool) -> &'static str {
     }
 }
 
-pub fn svg(report: &Report) -> String {
-    let direction = Orientation::LeftToRight;
+/// The SVG and its natural width in pixels.
+pub fn svg(report: &Report) -> (String, f64) {
+    let direction = Orientation::TopToBottom;
     let mut graph = VisualGraph::new(direction);
     let handles: Vec<_> = report
         .nodes
@@ -72,8 +73,34 @@ pub fn svg(report: &Report) -> String {
     graph.do_it(false, false, false, &mut writer);
     let svg = writer.finalize();
     // Inline in HTML, an XML declaration is noise.
-    match svg.find("<svg") {
+    let svg = match svg.find("<svg") {
         Some(start) => svg[start..].to_owned(),
         None => svg,
-    }
+    };
+    let attribute = |tag: &str, name: &str| -> Option<f64> {
+        let (_, rest) = tag.split_once(&format!(" {name}=\""))?;
+        rest.split('"').next()?.parse().ok()
+    };
+    let header = &svg[..svg.find('>').unwrap_or(0)];
+    let width = attribute(header, "width").unwrap_or(800.0);
+    let height = attribute(header, "height").unwrap_or(600.0);
+    // layout-rs grows the canvas downwards by each label's length; the boxes end higher.
+    let bottom = svg
+        .match_indices("<rect")
+        .filter_map(|(at, _)| {
+            let tag = &svg[at..at + svg[at..].find('>')?];
+            Some(attribute(tag, "y")? + attribute(tag, "height")?)
+        })
+        .fold(0.0, f64::max);
+    let svg = if bottom > 0.0 && bottom + 20.0 < height {
+        let trimmed = bottom + 20.0;
+        svg.replacen(
+            &format!("height=\"{height}\" viewBox=\"0 0 {width} {height}\""),
+            &format!("height=\"{trimmed}\" viewBox=\"0 0 {width} {trimmed}\""),
+            1,
+        )
+    } else {
+        svg
+    };
+    (svg, width)
 }

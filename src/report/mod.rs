@@ -193,6 +193,7 @@ fn context(report: &Report, comparison: Option<&Comparison>) -> anyhow::Result<V
         })
     });
 
+    let (dag_svg, dag_width) = dag::svg(report);
     Ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "recipe": report.recipe,
@@ -202,7 +203,10 @@ fn context(report: &Report, comparison: Option<&Comparison>) -> anyhow::Result<V
         "generated": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         "last_run": last_run,
         "state_legend": state_legend,
-        "dag_svg": dag::svg(report),
+        "dag_svg": dag_svg,
+        // Shrunk to fit the page, but never so far that its labels cannot be read.
+        "dag_width": dag_width.round(),
+        "dag_min_width": (dag_width * 0.6).round(),
         "nodes": nodes,
         "groups": groups,
         "evaluations": evaluations,
