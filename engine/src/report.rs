@@ -33,7 +33,7 @@ pub const SAMPLE_PROMPTS: usize = 5;
 const COORDINATES: &[&str] = &["step", "epoch", "round"];
 
 /// Metrics shown first, in this order; the rest follow alphabetically.
-const FIRST_METRICS: &[&str] = &["loss", "learning_rate", "grad_norm"];
+const FIRST_METRICS: &[&str] = &["score", "loss", "learning_rate", "grad_norm"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -440,15 +440,28 @@ fn charts(nodes: &[NodeReport], logs: &[(usize, Logged)]) -> Vec<Chart> {
                 groups.len() - 1
             }
         };
-        for (rounds, series) in [(false, &logged.steps), (true, &logged.rounds)] {
-            for (metric, points) in series {
-                by_chart
-                    .entry((g, rounds, metric.clone()))
-                    .or_default()
-                    .push(Series {
-                        node: node.name.clone(),
-                        points: points.clone(),
-                    });
+        for (metric, points) in &logged.steps {
+            by_chart
+                .entry((g, false, metric.clone()))
+                .or_default()
+                .push(Series {
+                    node: node.name.clone(),
+                    points: points.clone(),
+                });
+        }
+        // Each round's `rounds.jsonl` repeats the rounds before it: one series per stage, from
+        // the artifact that has the most rounds (the stage itself once it is built).
+        let stage = node.name.split('/').next().unwrap_or(&node.name);
+        for (metric, points) in &logged.rounds {
+            let charted = by_chart.entry((g, true, metric.clone())).or_default();
+            let series = Series {
+                node: stage.to_owned(),
+                points: points.clone(),
+            };
+            match charted.iter_mut().find(|s| s.node == stage) {
+                Some(old) if old.points.len() < points.len() => *old = series,
+                Some(_) => {}
+                None => charted.push(series),
             }
         }
     }
@@ -869,7 +882,13 @@ mod tests {
             (0, logged(&["mean_token_accuracy", "loss"])),
             (1, logged(&["rewards/margins", "loss", "grad_norm"])),
             (2, logged(&["loss", "rewards/margins", "grad_norm"])),
-            (3, logged(&["loss"])),
+            (
+                3,
+                Logged {
+                    rounds: [("score".to_string(), vec![(1.0, 0.2)])].into(),
+                    ..logged(&["loss"])
+                },
+            ),
             (
                 4,
                 Logged {
@@ -906,7 +925,10 @@ mod tests {
                 (s("iterative_dpo rounds"), s("score"), vec![s("idpo")]),
             ]
         );
-        assert_eq!(charts.last().unwrap().x, "round");
+        // The stage's rounds.jsonl holds every round: the round's own is not charted again.
+        let rounds = charts.last().unwrap();
+        assert_eq!(rounds.x, "round");
+        assert_eq!(rounds.series[0].points.len(), 2);
     }
 
     fn entry(name: &str, key: &str, params: Value, inputs: &[(&str, &str)]) -> LockEntry {

@@ -31,6 +31,15 @@ fn draw(
     root.fill(&WHITE)?;
     let points = chart.series.iter().flat_map(|s| s.points.iter());
     let (x, y) = ranges(points.copied());
+    // Few logged x values (rounds, a short run): no ticks between them.
+    let mut xs: Vec<f64> = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    let x_ticks = xs.len().clamp(2, 6);
     let mut ctx = ChartBuilder::on(&root)
         .margin(12)
         .x_label_area_size(34)
@@ -39,7 +48,7 @@ fn draw(
     ctx.configure_mesh()
         .x_desc(chart.x.as_str())
         .y_desc(chart.metric.as_str())
-        .x_labels(6)
+        .x_labels(x_ticks)
         .y_labels(6)
         .x_label_formatter(&|v| tick(*v))
         .y_label_formatter(&|v| tick(*v))
