@@ -205,13 +205,16 @@ rollout_batch_size = 2
 response_length = 4
 "#,
     );
-    let out = s.rudder(&["run", "recipe.toml"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        common::stderr(&out).contains("num_iterations"),
-        "{}",
-        common::stderr(&out)
-    );
+    // A recipe error, found by `validate` before anything runs, pointing at the setting.
+    for command in ["validate", "run"] {
+        let out = s.rudder(&[command, "recipe.toml"]);
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let stderr = common::stderr(&out);
+        assert!(stderr.contains("num_iterations"), "{stderr}");
+        assert!(stderr.contains("max_steps = 3"), "{stderr}");
+        assert!(stderr.contains("recipe.toml:"), "{stderr}");
+    }
+    assert_eq!(s.objects(), 0);
 }
 
 /// SIGKILL in the middle of PPO, then a re-run, ends with the policy, value model and metrics

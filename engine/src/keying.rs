@@ -193,7 +193,7 @@ impl Planner<'_> {
                 let (kind, key_params, params) = match &vertex.part {
                     Some(part) => (part.kind.clone(), part.params.clone(), part.params.clone()),
                     None => (
-                        stage.spec.key_kind().to_owned(),
+                        stage.spec.key_kind(),
                         stage.spec.key_params(),
                         stage.spec.params(),
                     ),

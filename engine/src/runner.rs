@@ -118,7 +118,7 @@ pub type StageResult = Result<StageOutcome, Box<dyn std::error::Error + Send + S
 /// A stage kind's implementation.
 pub trait Runner: Send + Sync {
     /// The kind it runs: a stage kind (`sft`) or a part kind (`dpo/ref_logps`).
-    fn kind(&self) -> &'static str;
+    fn kind(&self) -> &str;
     /// Bumped whenever the implementation changes what it produces: part of every key.
     fn version(&self) -> u32;
     fn run(&self, ctx: &StageContext<'_>) -> StageResult;
@@ -127,7 +127,7 @@ pub trait Runner: Send + Sync {
 /// The runners of this build, by kind.
 #[derive(Default, Clone)]
 pub struct Registry {
-    runners: BTreeMap<&'static str, Arc<dyn Runner>>,
+    runners: BTreeMap<String, Arc<dyn Runner>>,
 }
 
 impl Registry {
@@ -135,8 +135,15 @@ impl Registry {
         Self::default()
     }
 
+    /// Adds a runner; a second runner of the same kind replaces the first.
     pub fn register(&mut self, runner: impl Runner + 'static) {
-        self.runners.insert(runner.kind(), Arc::new(runner));
+        self.runners
+            .insert(runner.kind().to_owned(), Arc::new(runner));
+    }
+
+    /// The kinds that have a runner, sorted.
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.runners.keys().map(String::as_str)
     }
 
     pub fn get(&self, kind: &str) -> Option<&Arc<dyn Runner>> {

@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use rudder_engine::Selection;
 use rudder_schema::NodeBody;
-use rudder_stages::backend::BackendKind;
 use rudder_stages::generate::{GenerateOptions, generate};
 
 use crate::ExitStatus;
@@ -56,13 +55,7 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
         Some(path) => read_prompts(path)?,
         None => args.prompt.clone(),
     };
-    let backend_name = args
-        .backend
-        .clone()
-        .unwrap_or_else(|| project.recipe.meta.backend.as_str().to_owned());
-    let backend: BackendKind = backend_name
-        .parse()
-        .map_err(|e: rudder_stages::StageError| rudder_engine::EngineError::Usage(e.to_string()))?;
+    let backend = super::backend(args.backend.as_deref())?.unwrap_or(project.recipe.meta.backend);
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

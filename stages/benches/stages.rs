@@ -20,18 +20,16 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rudder_stages::BackendKind;
 use rudder_stages::backend::{AutodiffTask, dispatch_autodiff};
-use rudder_stages::dpo::{DpoExample, DpoObjective, SyncedReferenceDpo};
+use rudder_stages::kinds::reward::{RewardObjective, RewardPair};
 use rudder_stages::logps::{PromptCompletion, sequence_logps};
+use rudder_stages::losses::DpoLossConfig;
 use rudder_stages::model::{
     CausalLm, ModelConfig, RewardModel, random_causal_lm, random_reward_model,
 };
-use rudder_stages::preference::loss::DpoLossConfig;
-use rudder_stages::preference_data::TokenizedPair;
-use rudder_stages::reward::{RewardObjective, RewardPair};
-use rudder_stages::sft::{SftObjective, SftSequence};
+use rudder_stages::preference::{DpoExample, DpoObjective, SyncedReferenceDpo, TokenizedPair};
 use rudder_stages::train::{Hooks, Objective, StepRecord, TrainConfig, train};
+use rudder_stages::train::{SftObjective, SftSequence};
 
 const PAIRS: usize = 8;
 const SEQ: usize = 256;
@@ -211,7 +209,7 @@ fn main() {
         .position(|a| a == "--backend")
         .and_then(|i| args.get(i + 1))
         .map_or("cpu", String::as_str);
-    let kind: BackendKind = backend.parse().expect("cpu, wgpu or cuda");
+    let kind: rudder_schema::Backend = backend.parse().expect("cpu, wgpu or cuda");
     if let Some(i) = args.iter().position(|a| a == "--one") {
         let name = &args[i + 1];
         let (times, tokens) =

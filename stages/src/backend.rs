@@ -1,13 +1,11 @@
 //! Compute backends: which of Burn's backends a stage runs on, chosen at run time from the
-//! recipe (`cpu`, `wgpu`, `cuda`) among those compiled in as cargo features. Code is written
-//! once, generic over `B: Backend`; this module turns a [`BackendKind`] into a call of that
-//! generic code on a concrete backend, and turns a missing feature or a missing GPU driver into
-//! an error instead of a panic.
+//! recipe's [`Backend`] (`cpu`, `wgpu`, `cuda`) among those compiled in as cargo features. Code
+//! is written once, generic over Burn's backend trait; this module turns the recipe's choice
+//! into a call of that generic code on a concrete backend, and a missing feature or a missing
+//! GPU driver into an error instead of a panic.
 
-use std::fmt;
-use std::str::FromStr;
-
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::{AutodiffBackend, Backend as BurnBackend};
+use rudder_schema::Backend;
 
 use crate::error::StageError;
 
@@ -20,72 +18,34 @@ pub type CpuBackend = burn::backend::Flex;
 #[cfg(all(feature = "ndarray", not(feature = "flex")))]
 pub type CpuBackend = burn::backend::NdArray;
 
-/// A backend named in a recipe or on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BackendKind {
-    Cpu,
-    Wgpu,
-    Cuda,
-}
-
-impl BackendKind {
-    /// The name used in recipes and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Cpu => "cpu",
-            Self::Wgpu => "wgpu",
-            Self::Cuda => "cuda",
-        }
-    }
-
-    /// Whether this binary was built with the backend's cargo feature.
-    pub fn is_compiled(self) -> bool {
-        match self {
-            Self::Cpu => cfg!(any(feature = "flex", feature = "ndarray")),
-            Self::Wgpu => cfg!(feature = "wgpu"),
-            Self::Cuda => cfg!(feature = "cuda"),
-        }
-    }
-
-    /// Every backend compiled into this binary.
-    pub fn compiled() -> Vec<BackendKind> {
-        [Self::Cpu, Self::Wgpu, Self::Cuda]
-            .into_iter()
-            .filter(|b| b.is_compiled())
-            .collect()
-    }
-
-    fn not_compiled(self) -> StageError {
-        StageError::BackendNotCompiled {
-            backend: self.name(),
-            feature: self.name(),
-        }
+/// Whether this binary was built with the backend's cargo feature.
+pub fn is_compiled(backend: Backend) -> bool {
+    match backend {
+        Backend::Cpu => cfg!(any(feature = "flex", feature = "ndarray")),
+        Backend::Wgpu => cfg!(feature = "wgpu"),
+        Backend::Cuda => cfg!(feature = "cuda"),
     }
 }
 
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// Every backend compiled into this binary.
+pub fn compiled() -> Vec<Backend> {
+    [Backend::Cpu, Backend::Wgpu, Backend::Cuda]
+        .into_iter()
+        .filter(|&b| is_compiled(b))
+        .collect()
 }
 
-impl FromStr for BackendKind {
-    type Err = StageError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "wgpu" => Ok(Self::Wgpu),
-            "cuda" => Ok(Self::Cuda),
-            other => Err(StageError::UnknownBackend(other.to_string())),
-        }
+fn not_compiled(backend: Backend) -> StageError {
+    StageError::BackendNotCompiled {
+        backend: backend.as_str(),
+        feature: backend.as_str(),
     }
 }
 
 /// Work that runs on any inference backend.
 pub trait BackendTask {
     type Output;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+    fn run<B: BurnBackend>(self, device: B::Device) -> Self::Output;
 }
 
 /// Work that needs gradients (training).
@@ -95,17 +55,17 @@ pub trait AutodiffTask {
 }
 
 /// Runs `task` on the backend `kind`, or says why it cannot.
-pub fn dispatch<T: BackendTask>(kind: BackendKind, task: T) -> Result<T::Output, StageError> {
-    match kind {
-        BackendKind::Cpu => {
+pub fn dispatch<T: BackendTask>(backend: Backend, task: T) -> Result<T::Output, StageError> {
+    match backend {
+        Backend::Cpu => {
             #[cfg(any(feature = "flex", feature = "ndarray"))]
             return Ok(task.run::<CpuBackend>(Default::default()));
         }
-        BackendKind::Wgpu => {
+        Backend::Wgpu => {
             #[cfg(feature = "wgpu")]
             return Ok(task.run::<burn::backend::Wgpu>(Default::default()));
         }
-        BackendKind::Cuda => {
+        Backend::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 check_cuda()?;
@@ -114,25 +74,25 @@ pub fn dispatch<T: BackendTask>(kind: BackendKind, task: T) -> Result<T::Output,
         }
     }
     #[allow(unreachable_code)]
-    Err(kind.not_compiled())
+    Err(not_compiled(backend))
 }
 
 /// Runs a training `task` on the autodiff version of backend `kind`, or says why it cannot.
 pub fn dispatch_autodiff<T: AutodiffTask>(
-    kind: BackendKind,
+    backend: Backend,
     task: T,
 ) -> Result<T::Output, StageError> {
     use burn::backend::Autodiff;
-    match kind {
-        BackendKind::Cpu => {
+    match backend {
+        Backend::Cpu => {
             #[cfg(any(feature = "flex", feature = "ndarray"))]
             return Ok(task.run::<Autodiff<CpuBackend>>(Default::default()));
         }
-        BackendKind::Wgpu => {
+        Backend::Wgpu => {
             #[cfg(feature = "wgpu")]
             return Ok(task.run::<Autodiff<burn::backend::Wgpu>>(Default::default()));
         }
-        BackendKind::Cuda => {
+        Backend::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 check_cuda()?;
@@ -141,7 +101,7 @@ pub fn dispatch_autodiff<T: AutodiffTask>(
         }
     }
     #[allow(unreachable_code)]
-    Err(kind.not_compiled())
+    Err(not_compiled(backend))
 }
 
 /// Checks that the NVIDIA driver library loads and sees a GPU. Burn's CUDA backend would panic
@@ -195,18 +155,10 @@ pub fn check_cuda() -> Result<(), StageError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_names() {
-        assert_eq!("cpu".parse::<BackendKind>().unwrap(), BackendKind::Cpu);
-        assert_eq!("cuda".parse::<BackendKind>().unwrap(), BackendKind::Cuda);
-        let err = "tpu".parse::<BackendKind>().unwrap_err().to_string();
-        assert!(err.contains("tpu"), "{err}");
-    }
-
     struct Sum;
     impl BackendTask for Sum {
         type Output = f32;
-        fn run<B: Backend>(self, device: B::Device) -> f32 {
+        fn run<B: BurnBackend>(self, device: B::Device) -> f32 {
             burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0], &device)
                 .sum()
                 .into_data()
@@ -218,16 +170,16 @@ mod tests {
 
     #[test]
     fn cpu_dispatch_runs() {
-        assert_eq!(dispatch(BackendKind::Cpu, Sum).unwrap(), 3.0);
+        assert_eq!(dispatch(Backend::Cpu, Sum).unwrap(), 3.0);
     }
 
     #[test]
     fn missing_backend_names_the_feature() {
-        for kind in [BackendKind::Wgpu, BackendKind::Cuda] {
-            if !kind.is_compiled() {
-                let err = dispatch(kind, Sum).unwrap_err().to_string();
+        for backend in [Backend::Wgpu, Backend::Cuda] {
+            if !is_compiled(backend) {
+                let err = dispatch(backend, Sum).unwrap_err().to_string();
                 assert!(
-                    err.contains(&format!("--features {}", kind.name())),
+                    err.contains(&format!("--features {}", backend.as_str())),
                     "{err}"
                 );
             }

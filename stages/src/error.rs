@@ -50,8 +50,6 @@ pub enum StageError {
     ChatTemplate(String),
     #[error("invalid generation options: {0}")]
     Generate(String),
-    #[error("unknown backend `{0}`; expected cpu, wgpu or cuda")]
-    UnknownBackend(String),
     #[error(
         "backend `{backend}` is not compiled into this binary; rebuild with `--features {feature}`"
     )]

@@ -13,9 +13,11 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backend::{BackendKind, BackendTask, dispatch};
+use rudder_schema::Backend as Compute;
+
+use crate::backend::{BackendTask, dispatch};
 use crate::error::StageError;
-use crate::model::{CausalLm, load_causal_lm};
+use crate::model::{CausalLm, ModelConfig, load_causal_lm};
 use crate::tokenizer::Tokenizer;
 
 /// How to generate.
@@ -108,7 +110,7 @@ pub fn generate(
     model_dir: &Path,
     prompts: &[String],
     opts: &GenerateOptions,
-    backend: BackendKind,
+    backend: Compute,
 ) -> Result<Vec<Completion>, StageError> {
     let tokenizer = Tokenizer::from_dir(model_dir)?;
     generate_with_tokenizer(model_dir, &tokenizer, prompts, opts, backend)
@@ -121,7 +123,7 @@ pub fn generate_with_tokenizer(
     tokenizer: &Tokenizer,
     prompts: &[String],
     opts: &GenerateOptions,
-    backend: BackendKind,
+    backend: Compute,
 ) -> Result<Vec<Completion>, StageError> {
     opts.validate()?;
     dispatch(
@@ -147,12 +149,7 @@ impl BackendTask for GenerateTask<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let (config, model) = load_causal_lm::<B>(self.model_dir, &device)?;
-        let mut eos_ids = config.eos_token_ids.clone();
-        eos_ids.extend(generation_config_eos(self.model_dir)?);
-        eos_ids.extend(self.tokenizer.eos_id());
-        eos_ids.sort_unstable();
-        eos_ids.dedup();
-        let pad_id = self.tokenizer.pad_id().or(config.pad_token_id).unwrap_or(0);
+        let (eos_ids, pad_id) = stop_tokens(self.model_dir, &config, self.tokenizer)?;
         generate_text(
             &model,
             self.tokenizer,
@@ -163,6 +160,22 @@ impl BackendTask for GenerateTask<'_> {
             &device,
         )
     }
+}
+
+/// The tokens generation stops at (config.json's and generation_config.json's `eos_token_id`s
+/// and the tokenizer's EOS) and the padding id, of the model in `dir`.
+pub fn stop_tokens(
+    dir: &Path,
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+) -> Result<(Vec<u32>, u32), StageError> {
+    let mut eos_ids = config.eos_token_ids.clone();
+    eos_ids.extend(generation_config_eos(dir)?);
+    eos_ids.extend(tokenizer.eos_id());
+    eos_ids.sort_unstable();
+    eos_ids.dedup();
+    let pad_id = tokenizer.pad_id().or(config.pad_token_id).unwrap_or(0);
+    Ok((eos_ids, pad_id))
 }
 
 /// `eos_token_id` of generation_config.json, when the file exists.

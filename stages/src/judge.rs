@@ -10,7 +10,8 @@
 //!   its stdin, one number per line on its stdout.
 //!
 //! [`Scorer`] is generic over the backend so that a caller that already runs on one (a training
-//! loop) keeps the reward model loaded across calls.
+//! loop) keeps the reward model loaded across calls. Which judge a stage names is resolved by
+//! `inputs::Inputs::judge`.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,13 +21,11 @@ use std::process::{Command, Stdio};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use regex::Regex;
-use rudder_engine::runner::StageContext;
-use rudder_schema::kinds::{CommandJudge, Judge, Rule, RuleJudge};
+use rudder_schema::kinds::{CommandJudge, Rule, RuleJudge};
 use serde_json::Value;
 
 use crate::data::Row;
 use crate::model::{RewardModel, load_reward_model};
-use crate::runner;
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainError;
 
@@ -54,31 +53,13 @@ enum Inner<B: Backend> {
 }
 
 impl<B: Backend> Scorer<B> {
-    /// The stage's judge: a node judge is the stage input with role `judge`; a command runs in
-    /// the recipe's directory. `batch_size` is the reward model's sequences per forward pass.
-    pub fn from_stage(
-        ctx: &StageContext<'_>,
-        judge: &Judge,
-        batch_size: usize,
-        device: &B::Device,
-    ) -> Result<Self, TrainError> {
-        match judge {
-            Judge::Node(_) => {
-                let dir = runner::model_dir_of(ctx, "judge")?;
-                Self::reward_model(&dir, batch_size, device)
-            }
-            Judge::Rule(rule) => Self::rule(rule),
-            Judge::Command(command) => Ok(Self::command(command, ctx.recipe_dir)),
-        }
-    }
-
-    /// A reward model and the tokenizer stored beside it.
+    /// The reward model in `dir`, with the tokenizer stored beside it.
     pub fn reward_model(
         dir: &Path,
+        tokenizer: Tokenizer,
         batch_size: usize,
         device: &B::Device,
     ) -> Result<Self, TrainError> {
-        let tokenizer = runner::checked_tokenizer(dir)?;
         let eos = tokenizer.eos_id().ok_or_else(|| {
             TrainError::Input(format!(
                 "judge {}: the tokenizer has no eos_token, which reward sequences end with",

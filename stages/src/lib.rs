@@ -1,39 +1,38 @@
-//! The model layer of rudder: the Llama-family decoder on Burn, Hugging Face model directories,
-//! tokenizers and chat templates, generation, and the choice of compute backend. Stage kinds (SFT,
-//! DPO, ...) build on these; the engine above knows nothing of Burn.
+//! Everything of rudder that runs on Burn: the Llama-family model and Hugging Face model
+//! directories, tokenizers and chat templates, generation, datasets, the training loops, the
+//! losses, and one module per stage kind (`kinds`), plugged into the engine through the typed
+//! kind interface (`kind`). The engine above knows nothing of Burn.
+//!
+//! ```text
+//!   kinds/*            one module per kind (and its parts)
+//!     |  uses
+//!   inputs sampling preference rl train losses artifacts seeds   shared machinery
+//!     |  uses
+//!   model generate logps tokenizer data judge backend            the model layer
+//! ```
 
+pub mod artifacts;
 pub mod backend;
-pub mod constitutional;
-pub mod cpo;
 pub mod data;
-pub mod dpo;
 pub mod error;
-pub mod evaluate;
-pub mod export_stage;
 pub mod generate;
-pub mod generate_stage;
-pub mod iterative_dpo;
+pub mod inputs;
 pub mod judge;
-pub mod kto;
+pub mod kind;
+pub mod kinds;
 pub mod logps;
+pub mod losses;
 pub mod model;
-pub mod ppo;
 pub mod preference;
-pub mod preference_data;
-pub mod pretrain;
-pub mod ref_logps;
-pub mod reward;
 pub mod rl;
-pub mod runner;
-pub mod sft;
+pub mod sampling;
+pub mod seeds;
 pub mod tokenizer;
-pub mod tokenizer_stage;
 pub mod train;
 
-pub use backend::BackendKind;
 pub use error::StageError;
 pub use generate::{Completion, FinishReason, GenerateOptions, generate, generate_with_tokenizer};
-pub use runner::register;
+pub use kinds::register;
 pub use tokenizer::Tokenizer;
 
 /// The CPU backend that unit and integration tests run on.

@@ -5,13 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
+use rudder_schema::Backend;
 use rudder_stages::TestBackend;
 use rudder_stages::generate::{GenerateOptions, generate_ids};
 use rudder_stages::model::{
     CausalLm, load_causal_lm, load_reward_model, save_causal_lm, save_reward_model,
 };
 use rudder_stages::tokenizer::Tokenizer;
-use rudder_stages::{BackendKind, FinishReason, StageError, generate};
+use rudder_stages::{FinishReason, StageError, generate};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
@@ -344,7 +345,7 @@ fn generate_entry_point_reads_a_model_directory() {
         temperature: 0.0,
         ..Default::default()
     };
-    let out = generate(dir.path(), &prompts, &opts, BackendKind::Cpu).unwrap();
+    let out = generate(dir.path(), &prompts, &opts, Backend::Cpu).unwrap();
     for (c, r) in out.iter().zip(rows) {
         assert_eq!(c.completion_ids, ids_of(&r["new_ids"]));
         assert_eq!(c.completion, r["text"].as_str().unwrap());
@@ -363,7 +364,7 @@ fn generate_entry_point_reads_a_model_directory() {
             seed,
             ..Default::default()
         };
-        generate(dir.path(), &prompts, &opts, BackendKind::Cpu)
+        generate(dir.path(), &prompts, &opts, Backend::Cpu)
             .unwrap()
             .into_iter()
             .map(|c| c.completion_ids)

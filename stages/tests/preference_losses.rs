@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::tensor::{Tensor, TensorData};
 use rudder_schema::kinds::{CpoLossType, DpoLossType, FDivergenceType, KtoLossType};
 use rudder_stages::TestBackend;
-use rudder_stages::preference::loss::{
+use rudder_stages::losses::{
     CpoLossConfig, DpoLossConfig, KtoLossConfig, PairLogps, cpo_loss, cpo_uses_average_logps,
     dpo_loss, kto_kl, kto_loss, kto_metrics, kto_uses_kl, ld_logps, orpo_loss, pair_metrics,
     token_mean_nll,

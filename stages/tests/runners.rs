@@ -360,7 +360,7 @@ fn run_sft_in(
         interrupted: &flag,
     };
     use rudder_engine::runner::Runner;
-    rudder_stages::sft::SftRunner.run(&ctx)
+    rudder_stages::kind::runner::<rudder_stages::kinds::sft::Sft>().run(&ctx)
 }
 
 #[test]
@@ -519,7 +519,7 @@ fn run_synced_dpo_in(
         interrupted: &flag,
     };
     use rudder_engine::runner::Runner;
-    rudder_stages::dpo::DpoRunner.run(&ctx)
+    rudder_stages::kind::runner::<rudder_stages::kinds::dpo::Dpo>().run(&ctx)
 }
 
 fn synced_dpo(alpha: f64, every: u64, steps: u64) -> rudder_schema::kinds::DpoParams {

@@ -17,7 +17,7 @@ use rudder_schema::recipe::{Arch, ModelSpec};
 use rudder_schema::{Backend, DataFormat, Precision};
 use rudder_stages::model::load_causal_lm;
 use rudder_stages::tokenizer::Tokenizer;
-use rudder_stages::{BackendKind, GenerateOptions, TestBackend};
+use rudder_stages::{GenerateOptions, TestBackend};
 use serde_json::Value;
 
 fn corpus() -> PathBuf {
@@ -298,7 +298,7 @@ fn pretrain_trains_a_fresh_model_that_loads_generates_and_reproduces() {
             temperature: 0.0,
             ..GenerateOptions::default()
         },
-        BackendKind::Cpu,
+        Backend::Cpu,
     )
     .unwrap();
     assert!(!completions[0].completion_ids.is_empty());

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use burn::backend::Autodiff;
 use rudder_stages::TestBackend;
 use rudder_stages::data::{Format, Message, SftExample, read_rows};
+use rudder_stages::kinds::sft::{self, SftTokenization};
 use rudder_stages::model::load_causal_lm;
-use rudder_stages::sft::{self, SftObjective, SftSequence, SftTokenization};
 use rudder_stages::tokenizer::Tokenizer;
 use rudder_stages::train::{NoHooks, TrainConfig, TrainError, TrainReport, train};
+use rudder_stages::train::{SftObjective, SftSequence};
 
 type AB = Autodiff<TestBackend>;
 

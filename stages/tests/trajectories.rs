@@ -11,10 +11,11 @@ use burn::backend::Autodiff;
 use burn::tensor::ElementConversion;
 use rudder_stages::TestBackend;
 use rudder_stages::data::{Format, read_rows};
+use rudder_stages::kinds::reward::{self, RewardObjective, pair_rewards};
+use rudder_stages::kinds::sft::{self, SftTokenization};
 use rudder_stages::model::{load_causal_lm, load_reward_model, save_causal_lm, save_reward_model};
-use rudder_stages::reward::{self, RewardObjective, pair_rewards};
-use rudder_stages::sft::{self, SftObjective, SftTokenization};
 use rudder_stages::tokenizer::Tokenizer;
+use rudder_stages::train::SftObjective;
 use rudder_stages::train::{MetricsWriter, NoHooks, ScheduleKind, TrainConfig, train};
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -289,7 +290,7 @@ fn reward_model_reproduces_trl_trajectory() {
     );
     let step1 = {
         let (c, r) = pair_rewards(&model, &refs, 0, &device);
-        let loss = rudder_stages::reward::bradley_terry(c, r, None, None).mean();
+        let loss = rudder_stages::losses::bradley_terry(c, r, None, None).mean();
         grad_summary(&model, loss)
     };
     let (g_l2, g_sum) = compare_params(&step1, &traj["step1_param_grad"]);
@@ -368,10 +369,10 @@ fn golden_column(golden: &Value, key: &str) -> Vec<f64> {
 #[test]
 fn dpo_reproduces_trl_trajectory() {
     use rudder_schema::kinds::{DpoLossType, PreferenceTokens};
-    use rudder_stages::dpo::{DpoExample, DpoObjective};
     use rudder_stages::logps::{PromptCompletion, sequence_logps};
-    use rudder_stages::preference::loss::DpoLossConfig;
-    use rudder_stages::preference_data::tokenize_pairs;
+    use rudder_stages::losses::DpoLossConfig;
+    use rudder_stages::preference::tokenize_pairs;
+    use rudder_stages::preference::{DpoExample, DpoObjective};
 
     let traj = json("dpo_trajectory.json");
     let golden = json("dpo_golden.json");

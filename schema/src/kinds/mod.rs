@@ -2,14 +2,19 @@
 //! what the engine needs to know about it without running it: which fields reference other
 //! nodes, what it produces, and which internal parts it expands into.
 //!
-//! Adding a kind means adding its struct here (and its runner in `stages`); the engine never
-//! changes. The JSON Schema of every kind is derived from these structs, and validation runs
+//! Adding a kind means adding its module here with its struct and one line in [`KINDS`] (and
+//! its runner in `stages`); the engine never changes. A kind names itself once, in
+//! [`Kind::NAME`]; its internal parts' kinds are `NAME/PART` ([`part_kind`]). The JSON Schema of every kind is derived from these structs, and validation runs
 //! against that same schema, so documentation, editor completion and checks never disagree.
 
 mod command;
 pub mod common;
+mod dpo;
 mod generation;
+mod iterative_dpo;
+mod kto;
 mod preference;
+mod reference_free;
 mod rl;
 mod training;
 
@@ -23,13 +28,17 @@ use serde_json::Value;
 
 pub use command::CommandParams;
 pub use common::*;
+pub use dpo::{DpoLossArgs, DpoLossType, DpoParams, FDivergenceType};
 pub use generation::{ConstitutionalParams, EvaluateParams, ExportParams, GenerateParams};
-pub use preference::{
-    CpoLossType, DpoLossType, DpoParams, FDivergenceType, IterativeDpoParams, KtoLossType,
-    KtoParams, OrpoParams, Pairing, PreferenceTokens, RoundOverrides, RoundReference, SimpoParams,
+pub use iterative_dpo::{
+    IterativeDpoParams, Pairing, ROUND_PART, RoundOverrides, RoundReference, RoundSettings,
 };
+pub use kto::{KtoLossType, KtoParams};
+pub use preference::{PreferenceTokens, REF_LOGPS_PART};
+pub use reference_free::{CpoLossType, OrpoParams, SimpoParams};
 pub use rl::{
-    AdaptiveKl, GrpoLossType, GrpoParams, KlEstimator, PpoParams, RlooParams, RolloutArgs,
+    AdaptiveKl, GrpoLossType, GrpoParams, KlEstimator, PolicyArgs, PpoParams, RlooParams,
+    RolloutArgs,
 };
 pub use training::{PretrainParams, RewardParams, SftParams, TokenizerParams};
 
@@ -206,8 +215,8 @@ pub trait StageSpec: fmt::Debug + Send + Sync + Any {
     }
     /// The kind whose implementation builds the stage's own artifact (and whose version is in
     /// its key): the stage's kind, or the kind of the part it shares its key scheme with.
-    fn key_kind(&self) -> &'static str {
-        self.kind()
+    fn key_kind(&self) -> String {
+        self.kind().to_owned()
     }
     fn as_any(&self) -> &dyn Any;
 }
@@ -219,6 +228,14 @@ pub trait Kind: StageSpec + Serialize + DeserializeOwned + JsonSchema + Sized + 
     /// Fields without a default. (The structs default every field so that serde fills in
     /// defaults; this list is what the schema marks `required`.)
     const REQUIRED: &'static [&'static str];
+    /// The kinds of internal part this kind may expand into, by part name: `dpo` has
+    /// `ref_logps`, whose vertices have kind `dpo/ref_logps`.
+    const PARTS: &'static [&'static str] = &[];
+}
+
+/// The kind of a stage kind's part: `dpo` and `ref_logps` give `dpo/ref_logps`.
+pub fn part_kind(kind: &str, part: &str) -> String {
+    format!("{kind}/{part}")
 }
 
 /// Everything known about one stage kind.
@@ -226,6 +243,8 @@ pub struct KindInfo {
     pub name: &'static str,
     pub summary: &'static str,
     pub required: &'static [&'static str],
+    /// Part names ([`Kind::PARTS`]).
+    pub parts: &'static [&'static str],
     pub schema: fn(&mut SchemaGenerator) -> Schema,
     pub parse: fn(Value) -> Result<Box<dyn StageSpec>, serde_json::Error>,
 }
@@ -235,6 +254,7 @@ const fn info<K: Kind>() -> KindInfo {
         name: K::NAME,
         summary: K::SUMMARY,
         required: K::REQUIRED,
+        parts: K::PARTS,
         schema: |generator| generator.subschema_for::<K>(),
         parse: |value| Ok(Box::new(serde_json::from_value::<K>(value)?)),
     }

@@ -64,22 +64,109 @@ impl Default for RolloutArgs {
     }
 }
 
-/// PPO with a value model, a frozen reference and a per-token KL penalty.
+/// The policy, its reference, its reward and its prompts: what every online-RL kind names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
-pub struct PpoParams {
+pub struct PolicyArgs {
     /// The policy's starting model.
     pub model: String,
-    /// Frozen reference for the KL penalty; defaults to `model`.
+    /// Frozen reference for the KL term; defaults to `model`.
     pub reference: Option<String>,
     /// A reward-model node, or a rule or command judge.
     pub reward: Judge,
-    /// Initial value model; defaults to the reward model when it is a node, else the policy.
-    pub value_model: Option<String>,
     /// Prompts.
     pub data: String,
     #[schemars(extend("exclusiveMinimum" = 0.0))]
     pub learning_rate: f64,
+}
+
+impl PolicyArgs {
+    fn with_learning_rate(learning_rate: f64) -> Self {
+        Self {
+            model: String::new(),
+            reference: None,
+            reward: Judge::Node(String::new()),
+            data: String::new(),
+            learning_rate,
+        }
+    }
+
+    /// The model, reference, reward-model and prompt references.
+    fn inputs(&self) -> Vec<InputField> {
+        let mut inputs = vec![input("model", &self.model, Expect::Model)];
+        if let Some(reference) = &self.reference {
+            inputs.push(input("reference", reference, Expect::Model));
+        }
+        if let Some(mut judge) = judge_input(&self.reward) {
+            judge.role = "reward".into();
+            judge.path = ValuePath::root().key("reward");
+            inputs.push(judge);
+        }
+        inputs.push(input("data", &self.data, Expect::Dataset));
+        inputs
+    }
+}
+
+impl Default for PolicyArgs {
+    fn default() -> Self {
+        Self::with_learning_rate(3e-6)
+    }
+}
+
+/// Checks what the online-RL kinds share, so that no setting is silently ignored: the reward
+/// judge's fields, and that every minibatch gets the same share of a rollout's rows (as TRL
+/// requires). `generations` is the number of samples per prompt (1 for PPO).
+fn check_online(
+    policy: &PolicyArgs,
+    rollout: &RolloutArgs,
+    train: &TrainArgs,
+    generations: u32,
+) -> Vec<FieldError> {
+    let mut errors: Vec<FieldError> = check_judge(&policy.reward)
+        .into_iter()
+        .map(|mut e| {
+            let mut segs = e.path.0;
+            segs[0] = crate::source::Seg::Key("reward".into());
+            e.path = ValuePath(segs);
+            e
+        })
+        .collect();
+    let rows = rollout.rollout_batch_size * generations;
+    if !rows.is_multiple_of(rollout.num_mini_batches) {
+        errors.push(FieldError::new(
+            ValuePath::root().key("num_mini_batches"),
+            format!(
+                "num_mini_batches ({}) must divide the rows of a rollout ({rows} = \
+                 rollout_batch_size {} x {generations} samples per prompt)",
+                rollout.num_mini_batches, rollout.rollout_batch_size
+            ),
+        ));
+    }
+    if train.max_steps.is_some() {
+        errors.push(FieldError::new(
+            ValuePath::root().key("max_steps"),
+            "max_steps does not apply to RL stages; set num_iterations (rollout batches)",
+        ));
+    }
+    if train.gradient_accumulation_steps != 1 {
+        errors.push(FieldError::new(
+            ValuePath::root().key("gradient_accumulation_steps"),
+            "gradient_accumulation_steps does not apply to RL stages: each of the \
+             num_mini_batches minibatches is one optimiser step, run in micro-batches of \
+             batch_size",
+        ));
+    }
+    errors
+}
+
+/// PPO with a value model, a frozen reference and a per-token KL penalty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct PpoParams {
+    #[serde(flatten)]
+    pub policy: PolicyArgs,
+    /// Initial value model; defaults to the reward model when it is a node, else the policy.
+    pub value_model: Option<String>,
     #[schemars(range(min = 0.0))]
     pub kl_coef: f64,
     pub kl_estimator: KlEstimator,
@@ -106,12 +193,8 @@ pub struct PpoParams {
 impl Default for PpoParams {
     fn default() -> Self {
         Self {
-            model: String::new(),
-            reference: None,
-            reward: Judge::Node(String::new()),
+            policy: PolicyArgs::default(),
             value_model: None,
-            data: String::new(),
-            learning_rate: 3e-6,
             kl_coef: 0.05,
             kl_estimator: KlEstimator::K1,
             adaptive_kl: None,
@@ -134,41 +217,10 @@ impl Kind for PpoParams {
     const SUMMARY: &'static str = "PPO with a critic against a reward model or judge";
 }
 
-fn rl_inputs(model: &str, reference: Option<&str>, reward: &Judge, data: &str) -> Vec<InputField> {
-    let mut inputs = vec![input("model", model, Expect::Model)];
-    if let Some(reference) = reference {
-        inputs.push(input("reference", reference, Expect::Model));
-    }
-    if let Some(mut judge) = judge_input(reward) {
-        judge.role = "reward".into();
-        judge.path = ValuePath::root().key("reward");
-        inputs.push(judge);
-    }
-    inputs.push(input("data", data, Expect::Dataset));
-    inputs
-}
-
-fn check_reward(reward: &Judge) -> Vec<FieldError> {
-    check_judge(reward)
-        .into_iter()
-        .map(|mut e| {
-            let mut segs = e.path.0;
-            segs[0] = crate::source::Seg::Key("reward".into());
-            e.path = ValuePath(segs);
-            e
-        })
-        .collect()
-}
-
 impl StageSpec for PpoParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        let mut inputs = rl_inputs(
-            &self.model,
-            self.reference.as_deref(),
-            &self.reward,
-            &self.data,
-        );
+        let mut inputs = self.policy.inputs();
         if let Some(value_model) = &self.value_model {
             inputs.push(input("value_model", value_model, Expect::Model));
         }
@@ -178,7 +230,7 @@ impl StageSpec for PpoParams {
         Produces::Model
     }
     fn check(&self) -> Vec<FieldError> {
-        check_reward(&self.reward)
+        check_online(&self.policy, &self.rollout, &self.train, 1)
     }
 }
 
@@ -186,12 +238,8 @@ impl StageSpec for PpoParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct RlooParams {
-    pub model: String,
-    pub reference: Option<String>,
-    pub reward: Judge,
-    pub data: String,
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
-    pub learning_rate: f64,
+    #[serde(flatten)]
+    pub policy: PolicyArgs,
     /// Samples per prompt.
     #[schemars(range(min = 2))]
     pub num_generations: u32,
@@ -211,11 +259,7 @@ pub struct RlooParams {
 impl Default for RlooParams {
     fn default() -> Self {
         Self {
-            model: String::new(),
-            reference: None,
-            reward: Judge::Node(String::new()),
-            data: String::new(),
-            learning_rate: 3e-6,
+            policy: PolicyArgs::default(),
             num_generations: 4,
             beta: 0.05,
             cliprange: 0.2,
@@ -235,18 +279,18 @@ impl Kind for RlooParams {
 impl StageSpec for RlooParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        rl_inputs(
-            &self.model,
-            self.reference.as_deref(),
-            &self.reward,
-            &self.data,
-        )
+        self.policy.inputs()
     }
     fn produces(&self) -> Produces {
         Produces::Model
     }
     fn check(&self) -> Vec<FieldError> {
-        check_reward(&self.reward)
+        check_online(
+            &self.policy,
+            &self.rollout,
+            &self.train,
+            self.num_generations,
+        )
     }
 }
 
@@ -263,12 +307,8 @@ pub enum GrpoLossType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct GrpoParams {
-    pub model: String,
-    pub reference: Option<String>,
-    pub reward: Judge,
-    pub data: String,
-    #[schemars(extend("exclusiveMinimum" = 0.0))]
-    pub learning_rate: f64,
+    #[serde(flatten)]
+    pub policy: PolicyArgs,
     #[schemars(range(min = 2))]
     pub num_generations: u32,
     /// Coefficient of the k3 KL term; 0 drops the reference model.
@@ -291,11 +331,7 @@ pub struct GrpoParams {
 impl Default for GrpoParams {
     fn default() -> Self {
         Self {
-            model: String::new(),
-            reference: None,
-            reward: Judge::Node(String::new()),
-            data: String::new(),
-            learning_rate: 1e-6,
+            policy: PolicyArgs::with_learning_rate(1e-6),
             num_generations: 8,
             beta: 0.0,
             epsilon: 0.2,
@@ -317,17 +353,17 @@ impl Kind for GrpoParams {
 impl StageSpec for GrpoParams {
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
-        rl_inputs(
-            &self.model,
-            self.reference.as_deref(),
-            &self.reward,
-            &self.data,
-        )
+        self.policy.inputs()
     }
     fn produces(&self) -> Produces {
         Produces::Model
     }
     fn check(&self) -> Vec<FieldError> {
-        check_reward(&self.reward)
+        check_online(
+            &self.policy,
+            &self.rollout,
+            &self.train,
+            self.num_generations,
+        )
     }
 }

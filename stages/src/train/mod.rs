@@ -13,6 +13,9 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod config;
+pub mod hooks;
+pub mod lm;
 pub mod metrics;
 pub mod schedule;
 
@@ -23,11 +26,11 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use rand_chacha::ChaCha8Rng;
-use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use checkpoint::Checkpointing;
+pub use hooks::StageHooks;
+pub use lm::{Batch, SftObjective, SftSequence, TokenStats, token_stats};
 pub use metrics::{MetricValue, MetricsWriter, Reduce, StepRecord};
 pub use schedule::{Schedule, ScheduleKind};
 
@@ -275,15 +278,11 @@ pub const LENGTH_GROUP: usize = 50;
 
 /// The example order of one epoch: file order, or a seeded Fisher-Yates permutation.
 fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for i in (1..n).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
+        crate::seeds::permutation(n, crate::seeds::stream(seed, epoch))
+    } else {
+        (0..n).collect()
     }
-    order
 }
 
 /// Trains `model` on `examples` and returns it with the per-step records. `metrics` receives the

@@ -1,4 +1,4 @@
-//! The `evaluate` stage kind: every model of `models` answers the prompts (`num_samples` each,
+//! Evaluation (`evaluate`): every model of `models` answers the prompts (`num_samples` each,
 //! greedy by default, seeded with the stage's seed), a judge scores the answers, and the stage
 //! reports per model:
 //! - `score`: the mean judge score;
@@ -21,23 +21,21 @@
 //! (same key), such as the baseline listed among the models, are generated from and scored once.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use rudder_engine::Key;
-use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::EvaluateParams;
 use serde_json::{Value, json};
 
-use crate::backend::{BackendTask, dispatch};
+use crate::artifacts::write_jsonl;
 use crate::data::Rows;
-use crate::generate_stage::{Generated, generate_options, generate_samples, length_stats};
-use crate::judge::{Sample, Scorer};
+use crate::inputs::ModelInput;
+use crate::kind::{Stage, StageKind};
 use crate::logps::{PromptCompletion, sequence_logps};
 use crate::model::load_causal_lm;
-use crate::runner;
-use crate::tokenizer::Tokenizer;
+use crate::sampling::{self, Generated, Sampler, generate_options, length_stats};
 use crate::train::TrainError;
 
 /// The per-model metrics.
@@ -45,12 +43,23 @@ pub const EVAL_FILE: &str = "eval.json";
 /// Every scored answer.
 pub const SAMPLES_FILE: &str = "samples.jsonl";
 
+pub struct Evaluate;
+
+impl StageKind for Evaluate {
+    type Params = EvaluateParams;
+    const VERSION: u32 = 1;
+
+    fn run<B: AutodiffBackend>(
+        stage: &Stage<'_, EvaluateParams>,
+        device: &B::Device,
+    ) -> Result<StageOutcome, TrainError> {
+        run_stage::<B::InnerBackend>(stage, device)
+    }
+}
+
 /// One model to generate from: a distinct artifact.
 struct Generator {
-    node: String,
-    key: Key,
-    dir: PathBuf,
-    tokenizer: Tokenizer,
+    model: ModelInput,
     /// Whether some listed model is this one, so its KL to the reference is wanted.
     listed: bool,
 }
@@ -105,42 +114,24 @@ fn mean(values: &[f64]) -> f64 {
     }
 }
 
-/// Runs `evaluate` stages.
-pub struct EvaluateRunner;
-
-impl Runner for EvaluateRunner {
-    fn kind(&self) -> &'static str {
-        "evaluate"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        Ok(run_stage(ctx)?)
-    }
-}
-
-fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = runner::params::<EvaluateParams>(ctx)?;
-    let rows = runner::data_rows(ctx)?;
+fn run_stage<B: Backend>(
+    stage: &Stage<'_, EvaluateParams>,
+    device: &B::Device,
+) -> Result<StageOutcome, TrainError> {
+    let params = stage.params;
+    let rows = stage.inputs.rows("data")?;
     let prompts = rows.prompts()?;
 
+    let inputs = &stage.inputs;
     let mut generators: Vec<Generator> = Vec::new();
     let mut add = |role: &str, listed: bool| -> Result<usize, TrainError> {
-        let input = runner::input(ctx, role)?;
-        if let Some(i) = generators.iter().position(|g| g.key == input.key) {
+        let key: Key = inputs.key(role)?;
+        if let Some(i) = generators.iter().position(|g| g.model.key == key) {
             generators[i].listed |= listed;
             return Ok(i);
         }
-        let dir = runner::model_dir_of(ctx, role)?;
-        let tokenizer = runner::checked_tokenizer(&dir)?;
         generators.push(Generator {
-            node: input.node.clone(),
-            key: input.key,
-            dir,
-            tokenizer,
+            model: inputs.model(role)?,
             listed,
         });
         Ok(generators.len() - 1)
@@ -148,72 +139,72 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let models: Vec<(String, usize)> = (0..params.models.len())
         .map(|i| {
             let role = format!("models[{i}]");
-            let node = runner::input(ctx, &role)?.node.clone();
+            let node = inputs.node(&role)?.to_owned();
             Ok((node, add(&role, true)?))
         })
         .collect::<Result<_, TrainError>>()?;
-    let baseline = match ctx.input("baseline") {
-        Some(input) => Some((input.node.clone(), add("baseline", false)?)),
-        None => None,
+    let baseline = match inputs.has("baseline") {
+        true => Some((inputs.node("baseline")?.to_owned(), add("baseline", false)?)),
+        false => None,
     };
-    let reference = match ctx.input("reference") {
-        Some(input) => {
-            let dir = runner::model_dir_of(ctx, "reference")?;
-            let tokenizer = runner::checked_tokenizer(&dir)?;
-            let reference_vocab = crate::model::load_config(&dir)?.vocab_size;
+    let reference = match inputs.has("reference") {
+        true => {
+            let reference = inputs.model("reference")?;
             for g in generators.iter().filter(|g| g.listed) {
                 // A model may sample any id of its embedding table; the reference must embed it.
-                let vocab = crate::model::load_config(&g.dir)?.vocab_size;
+                let vocab = g.model.config.vocab_size;
+                let reference_vocab = reference.config.vocab_size;
                 if vocab > reference_vocab {
                     return Err(TrainError::Input(format!(
                         "KL to reference `{}`: `{}` has a vocabulary of {vocab} ids, the reference only {reference_vocab}",
-                        input.node, g.node
+                        reference.node, g.model.node
                     )));
                 }
-                if g.tokenizer.vocab_size() != tokenizer.vocab_size() {
+                if g.model.tokenizer.vocab_size() != reference.tokenizer.vocab_size() {
                     return Err(TrainError::Input(format!(
                         "KL to reference `{}` needs the same tokenizer, but `{}` has {} tokens and the reference {}",
-                        input.node,
-                        g.node,
-                        g.tokenizer.vocab_size(),
-                        tokenizer.vocab_size()
+                        reference.node,
+                        g.model.node,
+                        g.model.tokenizer.vocab_size(),
+                        reference.tokenizer.vocab_size()
                     )));
                 }
             }
-            Some((input.node.clone(), dir))
+            Some((reference.node.clone(), reference.dir))
         }
-        None => None,
+        false => None,
     };
 
-    let opts = generate_options(&params.sampling, params.batch_size, ctx.seed);
-    ctx.progress
+    let opts = generate_options(&params.sampling, params.batch_size, stage.seed());
+    stage
+        .progress()
         .set_length((prompts.len() * generators.len()) as u64);
+    let interrupted = || stage.is_interrupted();
     let mut generations = Vec::with_capacity(generators.len());
     for (i, g) in generators.iter().enumerate() {
-        ctx.progress
-            .set_message(format!("generating with {}", g.node));
-        generations.push(generate_samples(
-            ctx,
-            &g.dir,
-            &g.tokenizer,
+        stage
+            .progress()
+            .set_message(format!("generating with {}", g.model.node));
+        let sampler = Sampler::<B>::load(&g.model, device)?;
+        generations.push(sampler.samples(
             &prompts,
             params.num_samples as usize,
             &opts,
+            stage.progress(),
+            &interrupted,
             (i * prompts.len()) as u64,
+            device,
         )?);
     }
 
-    let judged = dispatch(
-        runner::backend(ctx)?,
-        JudgeTask {
-            ctx,
-            params,
-            rows: &rows,
-            generators: &generators,
-            generations: &generations,
-            reference: reference.as_ref().map(|(_, dir)| dir.as_path()),
-        },
-    )??;
+    let judged = judge::<B>(
+        stage,
+        &rows,
+        &generators,
+        &generations,
+        reference.as_ref().map(|(_, dir)| dir.as_path()),
+        device,
+    )?;
 
     let metrics: Vec<ModelMetrics> = models
         .iter()
@@ -234,7 +225,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
         .collect();
 
     write_samples(
-        &ctx.out_dir.join(SAMPLES_FILE),
+        &stage.out_dir().join(SAMPLES_FILE),
         &models,
         &generations,
         &judged,
@@ -256,12 +247,12 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             Value::Object(object)
         }).collect::<Vec<_>>(),
     });
-    let path = ctx.out_dir.join(EVAL_FILE);
+    let path = stage.out_dir().join(EVAL_FILE);
     let text = serde_json::to_string_pretty(&eval).expect("metrics serialise") + "\n";
     std::fs::write(&path, text).map_err(|e| TrainError::Io { path, source: e })?;
 
     for line in table(&metrics) {
-        ctx.progress.println(&line);
+        stage.progress().println(&line);
     }
     let mut summary = BTreeMap::new();
     for m in &metrics {
@@ -278,7 +269,7 @@ fn write_samples(
     generations: &[Vec<Generated>],
     judged: &Judged,
 ) -> Result<(), TrainError> {
-    let mut text = String::new();
+    let mut lines = Vec::new();
     for (node, i) in models {
         for (k, g) in generations[*i].iter().enumerate() {
             let mut line = json!({
@@ -293,16 +284,10 @@ fn write_samples(
             if let Some(kls) = &judged.kls[*i] {
                 line["kl"] = Value::from(kls[k]);
             }
-            text.push_str(&line.to_string());
-            text.push('\n');
+            lines.push(line);
         }
     }
-    std::fs::File::create(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|e| TrainError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })
+    write_jsonl(path, &lines)
 }
 
 /// The metrics as an aligned table, one model per row; `-` where a metric does not apply.
@@ -364,83 +349,69 @@ struct Judged {
     kls: Vec<Option<Vec<f64>>>,
 }
 
-struct JudgeTask<'a, 'b> {
-    ctx: &'a StageContext<'b>,
-    params: &'a EvaluateParams,
-    rows: &'a Rows,
-    generators: &'a [Generator],
-    generations: &'a [Vec<Generated>],
-    reference: Option<&'a Path>,
-}
+/// Scores every generation with the stage's judge, and each listed model's log-ratio to the
+/// reference on its own samples.
+fn judge<B: Backend>(
+    stage: &Stage<'_, EvaluateParams>,
+    rows: &Rows,
+    generators: &[Generator],
+    generations: &[Vec<Generated>],
+    reference: Option<&Path>,
+    device: &B::Device,
+) -> Result<Judged, TrainError> {
+    let batch_size = stage.params.batch_size.max(1) as usize;
+    stage.progress().set_message("scoring".into());
+    let scorer = stage.inputs.judge::<B>(
+        &stage.params.judge,
+        "judge",
+        stage.recipe_dir(),
+        batch_size,
+        device,
+    )?;
+    let scores = generations
+        .iter()
+        .map(|generated| sampling::score(&scorer, rows, generated))
+        .collect::<Result<Vec<_>, _>>()?;
+    let judge = scorer.describe();
+    drop(scorer);
 
-impl BackendTask for JudgeTask<'_, '_> {
-    type Output = Result<Judged, TrainError>;
-
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let batch_size = self.params.batch_size.max(1) as usize;
-        self.ctx.progress.set_message("scoring".into());
-        let scorer = Scorer::<B>::from_stage(self.ctx, &self.params.judge, batch_size, &device)?;
-        let mut scores = Vec::with_capacity(self.generations.len());
-        for generated in self.generations {
-            let samples: Vec<Sample<'_>> = generated
+    let mut kls = vec![None; generations.len()];
+    if let Some(reference_dir) = reference {
+        stage.progress().set_message("KL to the reference".into());
+        let (_, reference) = load_causal_lm::<B>(reference_dir, device)?;
+        for (i, (g, generated)) in generators.iter().zip(generations).enumerate() {
+            if !g.listed {
+                continue;
+            }
+            if stage.is_interrupted() {
+                return Err(TrainError::Input("interrupted".into()));
+            }
+            let rows = generated
                 .iter()
-                .map(|g| Sample {
-                    prompt: &g.completion.prompt,
-                    completion: &g.completion.completion,
-                    row: self.rows.rows.get(g.row),
-                })
-                .collect();
-            let model_scores = scorer.score(&samples)?;
-            if let Some(i) = model_scores.iter().position(|s| !s.is_finite()) {
-                return Err(TrainError::Input(format!(
-                    "the judge ({}) gave a non-finite score ({}) to sample {i}",
-                    scorer.describe(),
-                    model_scores[i]
-                )));
-            }
-            scores.push(model_scores);
-        }
-        let judge = scorer.describe();
-        drop(scorer);
-
-        let mut kls = vec![None; self.generations.len()];
-        if let Some(reference_dir) = self.reference {
-            self.ctx.progress.set_message("KL to the reference".into());
-            let (_, reference) = load_causal_lm::<B>(reference_dir, &device)?;
-            for (i, (g, generated)) in self.generators.iter().zip(self.generations).enumerate() {
-                if !g.listed {
-                    continue;
-                }
-                if self.ctx.is_interrupted() {
-                    return Err(TrainError::Input("interrupted".into()));
-                }
-                let rows = generated
-                    .iter()
-                    .map(|s| {
-                        Ok(PromptCompletion {
-                            prompt: g.tokenizer.encode_prompt(&s.completion.prompt)?,
-                            completion: s.completion.completion_ids.clone(),
-                        })
+                .map(|s| {
+                    Ok(PromptCompletion {
+                        prompt: g.model.tokenizer.encode_prompt(&s.completion.prompt)?,
+                        completion: s.completion.completion_ids.clone(),
                     })
-                    .collect::<Result<Vec<_>, TrainError>>()?;
-                let refs: Vec<&PromptCompletion> = rows.iter().collect();
-                let pad_id = g.tokenizer.pad_id().unwrap_or(0);
-                let (_, model) = load_causal_lm::<B>(&g.dir, &device)?;
-                let policy = sequence_logps(&model, &refs, pad_id, batch_size, &device);
-                drop(model);
-                let base = sequence_logps(&reference, &refs, pad_id, batch_size, &device);
-                let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
-                kls[i] = Some(
-                    policy
-                        .iter()
-                        .zip(&base)
-                        .map(|(p, r)| sum(p) - sum(r))
-                        .collect(),
-                );
-            }
+                })
+                .collect::<Result<Vec<_>, TrainError>>()?;
+            let refs: Vec<&PromptCompletion> = rows.iter().collect();
+            let pad_id = g.model.tokenizer.pad_id().unwrap_or(0);
+            let (_, model) = load_causal_lm::<B>(&g.model.dir, device)?;
+            let policy = sequence_logps(&model, &refs, pad_id, batch_size, device);
+            drop(model);
+            let base = sequence_logps(&reference, &refs, pad_id, batch_size, device);
+            let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
+            kls[i] = Some(
+                policy
+                    .iter()
+                    .zip(&base)
+                    .map(|(p, r)| sum(p) - sum(r))
+                    .collect(),
+            );
         }
-        Ok(Judged { judge, scores, kls })
     }
+    Ok(Judged { judge, scores, kls })
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The `constitutional` stage kind: critique-and-revise data generation after Bai et al. 2022
+//! Constitutional AI (`constitutional`): critique-and-revise data generation after Bai et al. 2022
 //! ("Constitutional AI: Harmlessness from AI Feedback").
 //!
 //! For every prompt the model answers (the `response`), then, for each of `principles_per_prompt`
@@ -33,23 +33,22 @@
 //!   first answer is also the one that is critiqued and revised.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use minijinja::Environment;
 use rand_chacha::ChaCha8Rng;
-use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rudder_engine::runner::{InputKind, Runner, StageContext, StageOutcome, StageResult};
-use rudder_schema::DataFormat;
+use rand_chacha::rand_core::SeedableRng;
+use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{ConstitutionalParams, OneOrMany};
 use serde_json::{Value, json};
 
-use crate::backend::{BackendTask, dispatch};
-use crate::generate_stage::{generate_options, generate_samples};
+use crate::artifacts::write_jsonl;
+use crate::data::Format;
+use crate::kind::{Stage, StageKind};
 use crate::logps::{PromptCompletion, sequence_logps};
-use crate::model::load_causal_lm;
-use crate::runner;
+use crate::model::CausalLm;
+use crate::sampling::{Sampler, generate_options};
+use crate::seeds;
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainError;
 
@@ -82,194 +81,60 @@ The answer is:";
 /// The continuations whose log-probs are the AI feedback's answer.
 const ANSWERS: [&str; 2] = [" (A)", " (B)"];
 
-/// Runs `constitutional` stages.
-pub struct ConstitutionalRunner;
+pub struct Constitutional;
 
-impl Runner for ConstitutionalRunner {
-    fn kind(&self) -> &'static str {
-        "constitutional"
-    }
+impl StageKind for Constitutional {
+    type Params = ConstitutionalParams;
+    const VERSION: u32 = 1;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        Ok(run_stage(ctx)?)
+    fn run<B: AutodiffBackend>(
+        stage: &Stage<'_, ConstitutionalParams>,
+        device: &B::Device,
+    ) -> Result<StageOutcome, TrainError> {
+        run_stage::<B::InnerBackend>(stage, device)
     }
 }
 
-/// Principles from a file's text: JSON lines (strings, or objects with `principle`) or one per
-/// line; blank lines and `#` comments skipped.
-pub fn parse_principles(text: &str, json_lines: bool) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if !json_lines {
-            out.push(line.to_owned());
-            continue;
-        }
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
-        match value {
-            Value::String(s) => out.push(s),
-            Value::Object(map) => match map.get("principle") {
-                Some(Value::String(s)) => out.push(s.clone()),
-                _ => {
-                    return Err(format!(
-                        "line {}: expected a `principle` string field",
-                        i + 1
-                    ));
-                }
-            },
-            _ => {
-                return Err(format!(
-                    "line {}: expected a string or an object with `principle`",
-                    i + 1
-                ));
-            }
-        }
-    }
-    if out.is_empty() {
-        return Err("no principle in the file".into());
-    }
-    Ok(out)
-}
-
-fn principles(
-    ctx: &StageContext<'_>,
-    params: &ConstitutionalParams,
-) -> Result<Vec<String>, TrainError> {
-    match &params.principles {
-        OneOrMany::Many(list) => Ok(list.clone()),
-        OneOrMany::One(_) => {
-            let input = runner::input(ctx, "principles")?;
-            let path = input.path.as_ref().filter(|p| p.is_file()).ok_or_else(|| {
-                TrainError::Input(format!("principles `{}` is not a file", input.node))
-            })?;
-            let json_lines = match &input.kind {
-                InputKind::Dataset { format, .. } => *format == DataFormat::Jsonl,
-                _ => path.extension().and_then(|e| e.to_str()) == Some("jsonl"),
-            };
-            let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            parse_principles(&text, json_lines)
-                .map_err(|e| TrainError::Input(format!("principles {}: {e}", path.display())))
-        }
-    }
-}
-
-/// The indices of the `count` principles (of `n`) used for prompt `row`: a seeded permutation,
-/// repeated when `count > n`.
-pub fn choose_principles(n: usize, count: usize, seed: u64, row: usize) -> Vec<usize> {
-    let mut rng =
-        ChaCha8Rng::seed_from_u64(seed ^ (row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut out = Vec::with_capacity(count);
-    while out.len() < count && n > 0 {
-        let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
-        out.extend(order.into_iter().take(count - out.len()));
-    }
-    out
-}
-
-/// SplitMix64 of the stage's seed and a phase number: each generation pass's seed.
-fn derive_seed(seed: u64, stream: u64) -> u64 {
-    let mut z = seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The templates, compiled once.
-struct Templates {
-    env: Environment<'static>,
-}
-
-impl Templates {
-    fn new(params: &ConstitutionalParams) -> Result<Self, TrainError> {
-        let mut env = Environment::new();
-        for (name, given, default) in [
-            (
-                "critique",
-                &params.critique_template,
-                DEFAULT_CRITIQUE_TEMPLATE,
-            ),
-            (
-                "revision",
-                &params.revision_template,
-                DEFAULT_REVISION_TEMPLATE,
-            ),
-            (
-                "feedback",
-                &params.feedback_template,
-                DEFAULT_FEEDBACK_TEMPLATE,
-            ),
-        ] {
-            let source = given.clone().unwrap_or_else(|| default.to_owned());
-            env.add_template_owned(name, source)
-                .map_err(|e| TrainError::Config(format!("{name}_template: {e}")))?;
-        }
-        Ok(Self { env })
-    }
-
-    fn render(&self, name: &str, vars: Value) -> Result<String, TrainError> {
-        self.env
-            .get_template(name)
-            .and_then(|t| t.render(minijinja::value::Serde(vars)))
-            .map_err(|e| TrainError::Config(format!("{name}_template: {e}")))
-    }
-}
-
-fn write_lines(path: &Path, lines: &[Value]) -> Result<(), TrainError> {
-    let mut text = String::new();
-    for line in lines {
-        text.push_str(&line.to_string());
-        text.push('\n');
-    }
-    std::fs::File::create(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|e| TrainError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })
-}
-
-fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = runner::params::<ConstitutionalParams>(ctx)?;
-    let principles = principles(ctx, params)?;
+fn run_stage<B: Backend>(
+    stage: &Stage<'_, ConstitutionalParams>,
+    device: &B::Device,
+) -> Result<StageOutcome, TrainError> {
+    let params = stage.params;
+    let principles = principles(stage)?;
     if principles.is_empty() {
         return Err(TrainError::Input("give at least one principle".into()));
     }
     let templates = Templates::new(params)?;
-    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
-    let prompts = runner::data_rows(ctx)?.prompts()?;
+    let model = stage.inputs.model("model")?;
+    let prompts = stage.inputs.rows("data")?.prompts()?;
     let n = prompts.len();
     let passes = params.principles_per_prompt.max(1) as usize;
     let chosen: Vec<Vec<usize>> = (0..n)
-        .map(|row| choose_principles(principles.len(), passes, ctx.seed, row))
+        .map(|row| choose_principles(principles.len(), passes, stage.seed(), row))
         .collect();
 
     let samples = if params.ai_feedback { 2 } else { 1 };
-    ctx.progress.set_length((n * (1 + 2 * passes)) as u64);
+    stage.progress().set_length((n * (1 + 2 * passes)) as u64);
+    let sampler = Sampler::<B>::load(&model, device)?;
+    let interrupted = || stage.is_interrupted();
     let generate = |inputs: &[String], count: usize, phase: u64, done: usize| {
         let opts = generate_options(
             &params.sampling,
             params.batch_size,
-            derive_seed(ctx.seed, phase),
+            seeds::mix(stage.seed(), phase),
         );
-        generate_samples(ctx, &dir, &tokenizer, inputs, count, &opts, done as u64)
+        sampler.samples(
+            inputs,
+            count,
+            &opts,
+            stage.progress(),
+            &interrupted,
+            done as u64,
+            device,
+        )
     };
 
-    ctx.progress.set_message("responses".into());
+    stage.progress().set_message("responses".into());
     let first = generate(&prompts, samples, 0, 0)?;
     let originals: Vec<String> = first
         .iter()
@@ -286,7 +151,8 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
     let mut critiques: Vec<Vec<String>> = vec![Vec::new(); n];
     let mut revisions: Vec<Vec<String>> = vec![Vec::new(); n];
     for pass in 0..passes {
-        ctx.progress
+        stage
+            .progress()
             .set_message(format!("critiques {}/{passes}", pass + 1));
         let requests = (0..n)
             .map(|i| {
@@ -301,7 +167,8 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let critique = generate(&requests, 1, 1 + 2 * pass as u64, n * (1 + 2 * pass))?;
-        ctx.progress
+        stage
+            .progress()
             .set_message(format!("revisions {}/{passes}", pass + 1));
         let requests = (0..n)
             .map(|i| {
@@ -336,13 +203,13 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
             })
         })
         .collect();
-    write_lines(&ctx.out_dir.join(REVISIONS_FILE), &revision_lines)?;
+    write_jsonl(&stage.out_dir().join(REVISIONS_FILE), &revision_lines)?;
 
     let mut summary = BTreeMap::new();
     summary.insert("prompts".to_string(), n as f64);
     summary.insert("principles".to_string(), principles.len() as f64);
     let pair_lines: Vec<Value> = if params.ai_feedback {
-        ctx.progress.set_message("AI feedback".into());
+        stage.progress().set_message("AI feedback".into());
         let questions = (0..n)
             .map(|i| {
                 let ask = |a: &str, b: &str| {
@@ -362,15 +229,13 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
                 ])
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
-        let preferences = dispatch(
-            runner::backend(ctx)?,
-            FeedbackTask {
-                dir: &dir,
-                tokenizer: &tokenizer,
-                questions: &questions,
-                batch_size: params.batch_size.max(1) as usize,
-            },
-        )??;
+        let preferences = feedback(
+            &sampler.model,
+            &sampler.tokenizer,
+            &questions,
+            params.batch_size.max(1) as usize,
+            device,
+        )?;
         let mut lines = Vec::new();
         let mut ties = 0;
         let mut identical = 0;
@@ -419,7 +284,7 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
         summary.insert("unchanged".to_string(), unchanged as f64);
         lines
     };
-    write_lines(&ctx.out_dir.join(PAIRS_FILE), &pair_lines)?;
+    write_jsonl(&stage.out_dir().join(PAIRS_FILE), &pair_lines)?;
     summary.insert("pairs".to_string(), pair_lines.len() as f64);
     let mean_chars = |texts: &[String]| {
         texts.iter().map(|t| t.chars().count()).sum::<usize>() as f64 / texts.len().max(1) as f64
@@ -431,54 +296,154 @@ fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
 
 /// The model's answer to each question pair (asked in both orders): `Some(true)` when the
 /// first response wins, `None` on an exact tie, with the log-prob margin of the first.
-struct FeedbackTask<'a> {
-    dir: &'a Path,
-    tokenizer: &'a Tokenizer,
-    questions: &'a [[String; 2]],
+fn feedback<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &Tokenizer,
+    questions: &[[String; 2]],
     batch_size: usize,
-}
-
-impl BackendTask for FeedbackTask<'_> {
-    type Output = Result<Vec<(Option<bool>, f64)>, TrainError>;
-
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let (_, model) = load_causal_lm::<B>(self.dir, &device)?;
-        let answers = ANSWERS
-            .iter()
-            .map(|a| self.tokenizer.encode(a, false))
-            .collect::<Result<Vec<_>, _>>()?;
-        // Per question: [order AB: " (A)", " (B)"; order BA: " (A)", " (B)"].
-        let mut rows = Vec::with_capacity(self.questions.len() * 4);
-        for [ab, ba] in self.questions {
-            for question in [ab, ba] {
-                let prompt = self.tokenizer.encode_prompt(question)?;
-                for answer in &answers {
-                    rows.push(PromptCompletion {
-                        prompt: prompt.clone(),
-                        completion: answer.clone(),
-                    });
-                }
+    device: &B::Device,
+) -> Result<Vec<(Option<bool>, f64)>, TrainError> {
+    let answers = ANSWERS
+        .iter()
+        .map(|a| tokenizer.encode(a, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Per question: [order AB: " (A)", " (B)"; order BA: " (A)", " (B)"].
+    let mut rows = Vec::with_capacity(questions.len() * 4);
+    for [ab, ba] in questions {
+        for question in [ab, ba] {
+            let prompt = tokenizer.encode_prompt(question)?;
+            for answer in &answers {
+                rows.push(PromptCompletion {
+                    prompt: prompt.clone(),
+                    completion: answer.clone(),
+                });
             }
         }
-        let refs: Vec<&PromptCompletion> = rows.iter().collect();
-        let pad_id = self.tokenizer.pad_id().unwrap_or(0);
-        let logps = sequence_logps(&model, &refs, pad_id, self.batch_size, &device);
-        let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
-        Ok(logps
-            .chunks(4)
-            .map(|q| {
-                // The first response is (A) in the first order and (B) in the second.
-                let first = sum(&q[0]) + sum(&q[3]);
-                let second = sum(&q[1]) + sum(&q[2]);
-                let margin = first - second;
-                let verdict = match margin.partial_cmp(&0.0) {
-                    Some(std::cmp::Ordering::Greater) => Some(true),
-                    Some(std::cmp::Ordering::Less) => Some(false),
-                    _ => None,
-                };
-                (verdict, margin)
-            })
-            .collect())
+    }
+    let refs: Vec<&PromptCompletion> = rows.iter().collect();
+    let pad_id = tokenizer.pad_id().unwrap_or(0);
+    let logps = sequence_logps(model, &refs, pad_id, batch_size, device);
+    let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
+    Ok(logps
+        .chunks(4)
+        .map(|q| {
+            // The first response is (A) in the first order and (B) in the second.
+            let first = sum(&q[0]) + sum(&q[3]);
+            let second = sum(&q[1]) + sum(&q[2]);
+            let margin = first - second;
+            let verdict = match margin.partial_cmp(&0.0) {
+                Some(std::cmp::Ordering::Greater) => Some(true),
+                Some(std::cmp::Ordering::Less) => Some(false),
+                _ => None,
+            };
+            (verdict, margin)
+        })
+        .collect())
+}
+
+/// Principles from a file's text: JSON lines (strings, or objects with `principle`) or one per
+/// line; blank lines and `#` comments skipped.
+pub fn parse_principles(text: &str, json_lines: bool) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if !json_lines {
+            out.push(line.to_owned());
+            continue;
+        }
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        match value {
+            Value::String(s) => out.push(s),
+            Value::Object(map) => match map.get("principle") {
+                Some(Value::String(s)) => out.push(s.clone()),
+                _ => {
+                    return Err(format!(
+                        "line {}: expected a `principle` string field",
+                        i + 1
+                    ));
+                }
+            },
+            _ => {
+                return Err(format!(
+                    "line {}: expected a string or an object with `principle`",
+                    i + 1
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("no principle in the file".into());
+    }
+    Ok(out)
+}
+
+/// The stage's principles: the recipe's list, or a file's.
+fn principles(stage: &Stage<'_, ConstitutionalParams>) -> Result<Vec<String>, TrainError> {
+    match &stage.params.principles {
+        OneOrMany::Many(list) => Ok(list.clone()),
+        OneOrMany::One(_) => {
+            let (path, format) = stage.inputs.file("principles")?;
+            let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+            parse_principles(&text, format == Some(Format::Jsonl))
+                .map_err(|e| TrainError::Input(format!("principles {}: {e}", path.display())))
+        }
+    }
+}
+
+/// The indices of the `count` principles (of `n`) used for prompt `row`: a seeded permutation,
+/// repeated when `count > n`.
+pub fn choose_principles(n: usize, count: usize, seed: u64, row: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seeds::stream(seed, row as u64));
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count && n > 0 {
+        let mut order: Vec<usize> = (0..n).collect();
+        seeds::shuffle(&mut order, &mut rng);
+        out.extend(order.into_iter().take(count - out.len()));
+    }
+    out
+}
+
+/// The templates, compiled once.
+struct Templates {
+    env: Environment<'static>,
+}
+
+impl Templates {
+    fn new(params: &ConstitutionalParams) -> Result<Self, TrainError> {
+        let mut env = Environment::new();
+        for (name, given, default) in [
+            (
+                "critique",
+                &params.critique_template,
+                DEFAULT_CRITIQUE_TEMPLATE,
+            ),
+            (
+                "revision",
+                &params.revision_template,
+                DEFAULT_REVISION_TEMPLATE,
+            ),
+            (
+                "feedback",
+                &params.feedback_template,
+                DEFAULT_FEEDBACK_TEMPLATE,
+            ),
+        ] {
+            let source = given.clone().unwrap_or_else(|| default.to_owned());
+            env.add_template_owned(name, source)
+                .map_err(|e| TrainError::Config(format!("{name}_template: {e}")))?;
+        }
+        Ok(Self { env })
+    }
+
+    fn render(&self, name: &str, vars: Value) -> Result<String, TrainError> {
+        self.env
+            .get_template(name)
+            .and_then(|t| t.render(minijinja::value::Serde(vars)))
+            .map_err(|e| TrainError::Config(format!("{name}_template: {e}")))
     }
 }
 

@@ -1,9 +1,9 @@
-//! Pre-training (the `pretrain` stage kind): a fresh Llama-family model (`models.X` with `arch`)
-//! or an existing one, trained with the next-token loss on plain text. Every row becomes
+//! Pre-training (`pretrain`): a fresh Llama-family model (`models.X` with `arch`) or an
+//! existing one, trained with the next-token loss on plain text. Every row becomes
 //! `[BOS] text [EOS]` (BOS when the tokenizer adds one); the rows are concatenated in order and
 //! cut into sequences of `max_length` tokens (the last, shorter one is kept), so no compute goes
 //! to padding. Every token but a sequence's first is a target; the objective, metrics and loop
-//! are SFT's.
+//! are the causal LM's, as in `sft`.
 //!
 //! A fresh model's `vocab_size` follows its tokenizer unless the recipe sets a larger one; its
 //! weights are drawn from the stage's seed (see `model::random_causal_lm`), so the same recipe
@@ -11,17 +11,78 @@
 
 use std::path::Path;
 
-use rudder_engine::runner::{InputKind, Runner, StageContext, StageOutcome, StageResult};
+use burn::tensor::backend::AutodiffBackend;
+use rudder_engine::runner::StageOutcome;
 use rudder_schema::ModelSpec;
 use rudder_schema::kinds::PretrainParams;
 use rudder_schema::recipe::Arch;
 
-use crate::backend::dispatch_autodiff;
-use crate::model::{Architecture, ModelConfig};
-use crate::runner;
-use crate::sft::{CausalLmTask, SftSequence, Start};
+use crate::artifacts::save_model;
+use crate::inputs::{FreshModel, ModelInput};
+use crate::kind::{Stage, StageKind};
+use crate::model::{Architecture, ModelConfig, load_causal_lm, random_causal_lm};
 use crate::tokenizer::Tokenizer;
-use crate::train::TrainError;
+use crate::train::{SftObjective, SftSequence, TrainError};
+
+pub struct Pretrain;
+
+/// Where training starts.
+enum Start {
+    /// A fresh architecture: weights drawn from the stage's seed.
+    Fresh(FreshModel),
+    /// An existing model's weights.
+    Weights(ModelInput),
+}
+
+impl StageKind for Pretrain {
+    type Params = PretrainParams;
+    const VERSION: u32 = 1;
+
+    fn run<B: AutodiffBackend>(
+        stage: &Stage<'_, PretrainParams>,
+        device: &B::Device,
+    ) -> Result<StageOutcome, TrainError> {
+        let p = stage.params;
+        let start = match stage.inputs.fresh_model("model")? {
+            Some(fresh) => Start::Fresh(fresh),
+            None => Start::Weights(stage.inputs.model("model")?),
+        };
+        let tokenizer = match &start {
+            Start::Fresh(fresh) => &fresh.tokenizer,
+            Start::Weights(model) => &model.tokenizer,
+        };
+        let rows = stage.inputs.rows("data")?;
+        let texts = rows
+            .rows
+            .iter()
+            .map(|row| rows.string(row, &p.text_field))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sequences = pack(tokenizer, &texts, p.max_length as usize)?;
+        if sequences.is_empty() {
+            return Err(TrainError::NoData(
+                " (the text is shorter than two tokens)".into(),
+            ));
+        }
+        // A fresh architecture starts from weights drawn from the seed.
+        let (config, model) = match &start {
+            Start::Fresh(fresh) => {
+                let config = fresh_config(&fresh.spec, tokenizer)?;
+                let model = random_causal_lm::<B>(&config, stage.seed(), device);
+                (config, model)
+            }
+            Start::Weights(input) => load_causal_lm::<B>(&input.dir, device)?,
+        };
+        let objective = SftObjective {
+            pad_id: tokenizer.pad_id().unwrap_or(0),
+        };
+        let cfg = stage.train_config(p.learning_rate, &p.train);
+        let (trained, report) = stage.fit(&objective, model, &sequences, &cfg, device)?;
+        save_model(stage.out_dir(), &trained, &config, tokenizer)?;
+        let mut summary = report.summary();
+        summary.insert("sequences".into(), sequences.len() as f64);
+        Ok(StageOutcome { summary })
+    }
+}
 
 /// Packs token streams into training sequences of at most `max_length` tokens.
 pub fn pack(
@@ -129,86 +190,6 @@ pub fn fresh_config(spec: &ModelSpec, tokenizer: &Tokenizer) -> Result<ModelConf
     ModelConfig::from_json(&cfg.to_json(), Path::new("the fresh model's config"))
         .map_err(|e| TrainError::Input(e.to_string()))?;
     Ok(cfg)
-}
-
-/// A tokenizer from a tokenizer stage's directory or a tokenizer.json file (with the
-/// tokenizer_config.json beside it, when there is one).
-fn tokenizer_at(path: &Path) -> Result<Tokenizer, TrainError> {
-    if path.is_dir() {
-        return runner::model_tokenizer(path);
-    }
-    let config = path.with_file_name("tokenizer_config.json");
-    Ok(Tokenizer::from_files(
-        path,
-        config.is_file().then_some(config.as_path()),
-    )?)
-}
-
-/// Runs `pretrain` stages.
-pub struct PretrainRunner;
-
-impl Runner for PretrainRunner {
-    fn kind(&self) -> &'static str {
-        "pretrain"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        Ok(run_stage(ctx)?)
-    }
-}
-
-fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = runner::params::<PretrainParams>(ctx)?;
-    let model = runner::input(ctx, "model")?;
-    let (start, tokenizer) = match &model.kind {
-        InputKind::FreshModel { spec, tokenizer } => {
-            let path = tokenizer.as_ref().ok_or_else(|| {
-                TrainError::Input(format!(
-                    "fresh model `{}` has no tokenizer; set `tokenizer` in its [models] table",
-                    model.node
-                ))
-            })?;
-            let tokenizer = tokenizer_at(path)?;
-            (Start::Fresh(fresh_config(spec, &tokenizer)?), tokenizer)
-        }
-        _ => {
-            let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
-            (Start::Directory(dir), tokenizer)
-        }
-    };
-    let rows = runner::data_rows(ctx)?;
-    let texts = rows
-        .rows
-        .iter()
-        .map(|row| rows.string(row, &params.text_field))
-        .collect::<Result<Vec<_>, _>>()?;
-    let sequences = pack(&tokenizer, &texts, params.max_length as usize)?;
-    if sequences.is_empty() {
-        return Err(TrainError::NoData(
-            " (the text is shorter than two tokens)".into(),
-        ));
-    }
-    let task = CausalLmTask {
-        ctx,
-        start: &start,
-        sequences: &sequences,
-        pad_id: tokenizer.pad_id().unwrap_or(0),
-        cfg: runner::train_config(
-            params.learning_rate,
-            &params.train,
-            ctx.seed,
-            Some(ctx.work_dir),
-        ),
-    };
-    let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
-    tokenizer.save(ctx.out_dir)?;
-    let mut summary = report.summary();
-    summary.insert("sequences".into(), sequences.len() as f64);
-    Ok(StageOutcome { summary })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
+use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::TokenizerParams;
 use serde_json::{Map, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -23,9 +23,34 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 use crate::error::StageError;
-use crate::runner;
+use crate::kind::{HostKind, Stage};
 use crate::tokenizer::{TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer};
 use crate::train::TrainError;
+
+pub struct TokenizerKind;
+
+impl HostKind for TokenizerKind {
+    type Params = TokenizerParams;
+    const VERSION: u32 = 1;
+
+    fn run(stage: &Stage<'_, TokenizerParams>) -> Result<StageOutcome, TrainError> {
+        let p = stage.params;
+        let rows = stage.inputs.rows("data")?;
+        let texts = rows
+            .rows
+            .iter()
+            .map(|row| rows.string(row, &p.text_field))
+            .collect::<Result<Vec<_>, _>>()?;
+        stage
+            .progress()
+            .set_message(format!("training BPE on {} texts", texts.len()));
+        let tokenizer = write_tokenizer(&texts, &BpeOptions::from(p), stage.out_dir())?;
+        let mut summary = std::collections::BTreeMap::new();
+        summary.insert("vocab_size".into(), tokenizer.vocab_size() as f64);
+        summary.insert("texts".into(), texts.len() as f64);
+        Ok(StageOutcome { summary })
+    }
+}
 
 /// Special-token names recognised as BOS, EOS and padding, in order of preference: rudder's own
 /// (`<|bos|>`...) and the Llama/SentencePiece ones.
@@ -201,38 +226,4 @@ pub fn write_tokenizer(
     std::fs::write(&path, text + "\n").map_err(|e| TrainError::io(&path, e))?;
     // Read back what was written, so a file the rest of rudder cannot load fails here.
     Ok(Tokenizer::from_dir(dir)?)
-}
-
-/// Runs `tokenizer` stages.
-pub struct TokenizerRunner;
-
-impl Runner for TokenizerRunner {
-    fn kind(&self) -> &'static str {
-        "tokenizer"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        Ok(run_stage(ctx)?)
-    }
-}
-
-fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = runner::params::<TokenizerParams>(ctx)?;
-    let rows = runner::data_rows(ctx)?;
-    let texts = rows
-        .rows
-        .iter()
-        .map(|row| rows.string(row, &params.text_field))
-        .collect::<Result<Vec<_>, _>>()?;
-    ctx.progress
-        .set_message(format!("training BPE on {} texts", texts.len()));
-    let tokenizer = write_tokenizer(&texts, &BpeOptions::from(params), ctx.out_dir)?;
-    let mut summary = std::collections::BTreeMap::new();
-    summary.insert("vocab_size".into(), tokenizer.vocab_size() as f64);
-    summary.insert("texts".into(), texts.len() as f64);
-    Ok(StageOutcome { summary })
 }

@@ -1,33 +1,29 @@
-//! Direct preference optimisation (the `dpo` stage kind) with every TRL 1.16 loss type, MPO
-//! mixes, f-divergences, LD-DPO and WPO. Chosen and rejected completions go through the policy
-//! in one concatenated forward pass (`[chosen...; rejected...]`, right-padded); the frozen
-//! reference's log-probs come from the stage's `ref_logps` part, computed once and cached. With
-//! `sync_ref_model` (TR-DPO) the reference moves during training and is run on every batch.
+//! The DPO objective, shared by `dpo` and the rounds of `iterative_dpo`: chosen and rejected
+//! completions go through the policy in one concatenated forward pass (`[chosen...;
+//! rejected...]`, right-padded); the frozen reference's log-probs come with each pair (cached
+//! by a `ref_logps` part), or, for TR-DPO (`sync_ref_model`), from a reference that moves
+//! towards the policy and is run on every batch.
 //!
 //! Metrics use TRL's names: `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (strict
 //! `>`), `rewards/margins`, `logps/chosen`, `logps/rejected` (means over pairs), `entropy` (over
-//! every completion token), `mean_token_accuracy` (over chosen completion tokens) and the running
-//! `num_tokens`.
+//! every completion token), `mean_token_accuracy` (over chosen completion tokens) and the
+//! running `num_tokens`.
 
 use std::cell::RefCell;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::record::{BinFileRecorder, FullPrecisionSettings};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
-use rudder_schema::kinds::{DpoLossType, DpoParams};
 
-use crate::backend::{AutodiffTask, dispatch_autodiff};
+use super::pairs::TokenizedPair;
 use crate::logps::{
     CompletionBatch, PromptCompletion, completion_logps, prediction_stats, sequence_logps, vector,
 };
-use crate::model::{CausalLm, load_causal_lm};
-use crate::preference::loss::{DpoLossConfig, PairLogps, dpo_loss, ld_logps, wpo_weights};
-use crate::preference_data::{REF_LOGPS_FILE, RefLogps, TokenizedPair, tokenize_pairs};
-use crate::runner::{self};
-use crate::train::{Forward, MetricValue, Objective, TrainConfig, TrainError, TrainReport};
+use crate::losses::{DpoLossConfig, PairLogps, dpo_loss, ld_logps, wpo_weights};
+use crate::model::CausalLm;
+use crate::train::{Forward, MetricValue, Objective, TrainError};
 
 /// A tokenised pair with its reference's per-token log-probs.
 #[derive(Debug, Clone, PartialEq)]
@@ -334,170 +330,4 @@ pub fn mix_parameters<B: Backend, M: Module<B>>(target: M, source: &M, alpha: f6
         sources: collect.0.into_iter(),
         alpha,
     })
-}
-
-/// Runs `dpo` stages: tokenises the pairs with the policy's tokenizer, joins the cached
-/// reference log-probs, trains, and writes the model directory with `metrics.jsonl`.
-pub struct DpoRunner;
-
-impl Runner for DpoRunner {
-    fn kind(&self) -> &'static str {
-        "dpo"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        Ok(run_stage(ctx)?)
-    }
-}
-
-fn run_stage(ctx: &StageContext<'_>) -> Result<StageOutcome, TrainError> {
-    let params = runner::params::<DpoParams>(ctx)?;
-    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
-    let pairs = runner::data_rows(ctx)?.preference_pairs()?;
-    let tokenized = tokenize_pairs(&tokenizer, &pairs, &params.tokens)?;
-    if let Some(warning) = tokenized.warning(&params.tokens) {
-        ctx.progress.println(&warning);
-    }
-    if tokenized.pairs.is_empty() {
-        return Err(TrainError::NoData(
-            ": every pair was truncated to nothing; raise max_length".into(),
-        ));
-    }
-    let objective = DpoObjective {
-        pad_id: tokenizer.pad_id().unwrap_or(0),
-        loss: loss_config(params),
-        ld_alpha: params.ld_alpha,
-        use_weighting: params.use_weighting,
-    };
-    let data = if params.sync_ref_model {
-        let reference = runner::model_dir_of(ctx, "reference")?;
-        runner::check_vocab(&reference, &tokenizer)?;
-        Data::Synced {
-            pairs: tokenized.pairs,
-            reference,
-            mixup_alpha: params.ref_model_mixup_alpha,
-            sync_steps: params.ref_model_sync_steps,
-        }
-    } else {
-        let cache_input = runner::input(ctx, "ref_logps")?;
-        let cache_path = cache_input
-            .path
-            .as_ref()
-            .map(|p| p.join(REF_LOGPS_FILE))
-            .ok_or_else(|| TrainError::Input("the reference log-probs have no artifact".into()))?;
-        let reference = RefLogps::load(&cache_path)?
-            .for_pairs(&tokenized.pairs)
-            .map_err(TrainError::Input)?;
-        Data::Cached(
-            tokenized
-                .pairs
-                .into_iter()
-                .zip(reference)
-                .map(
-                    |(pair, (reference_chosen, reference_rejected))| DpoExample {
-                        pair,
-                        reference_chosen,
-                        reference_rejected,
-                    },
-                )
-                .collect(),
-        )
-    };
-    let pairs = data.len();
-    let task = DpoTask {
-        ctx,
-        dir: &dir,
-        data,
-        objective,
-        cfg: runner::train_config(
-            params.learning_rate,
-            &params.train,
-            ctx.seed,
-            Some(ctx.work_dir),
-        ),
-    };
-    let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
-    tokenizer.save(ctx.out_dir)?;
-    let mut summary = report.summary();
-    summary.insert("pairs".into(), pairs as f64);
-    summary.insert("dropped".into(), tokenized.dropped as f64);
-    Ok(StageOutcome { summary })
-}
-
-/// The pairs with their cached reference log-probs, or (TR-DPO) with the reference to run.
-enum Data {
-    Cached(Vec<DpoExample>),
-    Synced {
-        pairs: Vec<TokenizedPair>,
-        reference: PathBuf,
-        mixup_alpha: f64,
-        sync_steps: u64,
-    },
-}
-
-impl Data {
-    fn len(&self) -> usize {
-        match self {
-            Data::Cached(examples) => examples.len(),
-            Data::Synced { pairs, .. } => pairs.len(),
-        }
-    }
-}
-
-/// The loss settings; RPO's `rpo_alpha` is TRL's NLL term on chosen completions, which is the
-/// `sft` loss type with that weight.
-fn loss_config(params: &DpoParams) -> DpoLossConfig {
-    let mut config = DpoLossConfig::from(params);
-    if let Some(alpha) = params.rpo_alpha {
-        config.losses.push((DpoLossType::Sft, alpha));
-    }
-    config
-}
-
-struct DpoTask<'a, 'b> {
-    ctx: &'a StageContext<'b>,
-    dir: &'a Path,
-    data: Data,
-    objective: DpoObjective,
-    cfg: TrainConfig,
-}
-
-impl AutodiffTask for DpoTask<'_, '_> {
-    type Output = Result<TrainReport, TrainError>;
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
-        match self.data {
-            Data::Cached(examples) => runner::train_causal_lm(
-                self.ctx,
-                model,
-                &model_cfg,
-                &self.objective,
-                &examples,
-                &self.cfg,
-                &device,
-            ),
-            Data::Synced {
-                pairs,
-                reference,
-                mixup_alpha,
-                sync_steps,
-            } => {
-                let (_, reference) = load_causal_lm::<B::InnerBackend>(&reference, &device)?;
-                let objective = SyncedReferenceDpo::<B> {
-                    base: self.objective,
-                    reference: RefCell::new(reference),
-                    mixup_alpha,
-                    sync_steps,
-                };
-                runner::train_causal_lm(
-                    self.ctx, model, &model_cfg, &objective, &pairs, &self.cfg, &device,
-                )
-            }
-        }
-    }
 }

@@ -1,28 +1,28 @@
-//! The reference-free preference kinds: `orpo` (odds-ratio preference optimisation) and `simpo`
-//! (SimPO, and CPO with its sigmoid, hinge and IPO losses), as TRL 1.16's experimental CPO and
-//! ORPO trainers compute them. Pairs are tokenised exactly as for DPO; chosen and rejected go
-//! through the policy in one concatenated forward pass. No reference model, so no cached part.
+//! The objective of the reference-free preference kinds, `orpo` and `simpo` (SimPO and CPO with
+//! its sigmoid, hinge and IPO losses), as TRL 1.16's experimental CPO and ORPO trainers compute
+//! them. Pairs are tokenised exactly as for DPO; chosen and rejected go through the policy in
+//! one concatenated forward pass. No reference model.
 //!
-//! Metrics use TRL's names: `rewards/*` and `logps/*` (from the log-probs the loss uses: averages
-//! for SimPO, IPO and ORPO), `nll_loss`, and for ORPO `log_odds_ratio` and `log_odds_chosen`.
-
-use std::path::Path;
+//! Metrics use TRL's names: `rewards/*` and `logps/*` (from the log-probs the loss uses:
+//! averages for SimPO, IPO and ORPO), `nll_loss`, and for ORPO `log_odds_ratio` and
+//! `log_odds_chosen`.
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use rudder_engine::runner::{Runner, StageContext, StageOutcome, StageResult};
-use rudder_schema::kinds::{OrpoParams, PreferenceTokens, SimpoParams, TrainArgs};
+use rudder_engine::runner::StageOutcome;
+use rudder_schema::kinds::{PreferenceTokens, TrainArgs};
 
-use crate::backend::{AutodiffTask, dispatch_autodiff};
+use super::pairs::{TokenizedPair, tokenize_pairs};
+use crate::artifacts::save_model;
+use crate::kind::Stage;
 use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, token_logps};
-use crate::model::{CausalLm, load_causal_lm};
-use crate::preference::loss::{
+use crate::losses::{
     CpoLossConfig, cpo_loss, cpo_uses_average_logps, orpo_loss, pair_metrics, token_mean_nll,
 };
-use crate::preference_data::{TokenizedPair, tokenize_pairs};
-use crate::runner::{self};
-use crate::train::{Forward, MetricValue, Objective, TrainConfig, TrainError, TrainReport};
+use crate::model::CausalLm;
+use crate::model::load_causal_lm;
+use crate::train::{Forward, MetricValue, Objective, TrainError};
 
 /// Which reference-free loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -160,101 +160,36 @@ where
     }
 }
 
-/// Runs `orpo` stages.
-pub struct OrpoRunner;
-
-impl Runner for OrpoRunner {
-    fn kind(&self) -> &'static str {
-        "orpo"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        let p = runner::params::<OrpoParams>(ctx)?;
-        let loss = ReferenceFreeLoss::Orpo { beta: p.beta };
-        Ok(run_stage(ctx, loss, p.learning_rate, &p.tokens, &p.train)?)
-    }
-}
-
-/// Runs `simpo` stages (SimPO and CPO).
-pub struct SimpoRunner;
-
-impl Runner for SimpoRunner {
-    fn kind(&self) -> &'static str {
-        "simpo"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        let p = runner::params::<SimpoParams>(ctx)?;
-        let loss = ReferenceFreeLoss::Cpo(CpoLossConfig::from(p));
-        Ok(run_stage(ctx, loss, p.learning_rate, &p.tokens, &p.train)?)
-    }
-}
-
-fn run_stage(
-    ctx: &StageContext<'_>,
+/// What `orpo` and `simpo` do: tokenise the pairs as for DPO, train with `loss`, save.
+pub fn train<B: AutodiffBackend, P>(
+    stage: &Stage<'_, P>,
     loss: ReferenceFreeLoss,
     learning_rate: f64,
     tokens: &PreferenceTokens,
     train_args: &TrainArgs,
+    device: &B::Device,
 ) -> Result<StageOutcome, TrainError> {
-    let (dir, tokenizer) = runner::model_with_tokenizer(ctx)?;
-    let pairs = runner::data_rows(ctx)?.preference_pairs()?;
-    let tokenized = tokenize_pairs(&tokenizer, &pairs, tokens)?;
+    let policy = stage.inputs.model("model")?;
+    let pairs = stage.inputs.rows("data")?.preference_pairs()?;
+    let tokenized = tokenize_pairs(&policy.tokenizer, &pairs, tokens)?;
     if let Some(warning) = tokenized.warning(tokens) {
-        ctx.progress.println(&warning);
+        stage.progress().println(&warning);
     }
     if tokenized.pairs.is_empty() {
         return Err(TrainError::NoData(
             ": every pair was truncated to nothing; raise max_length".into(),
         ));
     }
-    let task = ReferenceFreeTask {
-        ctx,
-        dir: &dir,
-        pairs: &tokenized.pairs,
-        objective: ReferenceFreeObjective {
-            pad_id: tokenizer.pad_id().unwrap_or(0),
-            loss,
-        },
-        cfg: runner::train_config(learning_rate, train_args, ctx.seed, Some(ctx.work_dir)),
+    let objective = ReferenceFreeObjective {
+        pad_id: policy.tokenizer.pad_id().unwrap_or(0),
+        loss,
     };
-    let report = dispatch_autodiff(runner::backend(ctx)?, task)??;
-    tokenizer.save(ctx.out_dir)?;
+    let cfg = stage.train_config(learning_rate, train_args);
+    let (config, model) = load_causal_lm::<B>(&policy.dir, device)?;
+    let (trained, report) = stage.fit(&objective, model, &tokenized.pairs, &cfg, device)?;
+    save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
     let mut summary = report.summary();
     summary.insert("pairs".into(), tokenized.pairs.len() as f64);
     summary.insert("dropped".into(), tokenized.dropped as f64);
     Ok(StageOutcome { summary })
-}
-
-struct ReferenceFreeTask<'a, 'b> {
-    ctx: &'a StageContext<'b>,
-    dir: &'a Path,
-    pairs: &'a [TokenizedPair],
-    objective: ReferenceFreeObjective,
-    cfg: TrainConfig,
-}
-
-impl AutodiffTask for ReferenceFreeTask<'_, '_> {
-    type Output = Result<TrainReport, TrainError>;
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let (model_cfg, model) = load_causal_lm::<B>(self.dir, &device)?;
-        runner::train_causal_lm(
-            self.ctx,
-            model,
-            &model_cfg,
-            &self.objective,
-            self.pairs,
-            &self.cfg,
-            &device,
-        )
-    }
 }

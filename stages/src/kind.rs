@@ -1,0 +1,225 @@
+//! The typed kind interface: how a stage kind of this crate is written and how it plugs into
+//! the engine. A kind is one type that names itself once, through its schema parameters
+//! ([`rudder_schema::kinds::Kind::NAME`]), and says what version of its implementation it is:
+//!
+//! ```text
+//!   impl StageKind for Sft {            schema: SftParams::NAME = "sft"
+//!       type Params = SftParams;        engine: runner of kind "sft", version 1
+//!       const VERSION: u32 = 1;
+//!       fn run<B>(stage, device) { ... }
+//!   }
+//! ```
+//!
+//! A part of a kind (`dpo/ref_logps`) is a kind whose `PART` names it; it is given its stage's
+//! parameters. [`runner`] and [`host_runner`] wrap a kind into the engine's `Runner`; the one
+//! list of them is `kinds::register`. Owns the adapters and [`Stage`], the typed view of the
+//! engine's `StageContext`; what a kind does is its module's.
+
+use std::marker::PhantomData;
+use std::path::Path;
+
+use burn::tensor::backend::AutodiffBackend;
+use rudder_engine::runner::{Progress, Runner, StageContext, StageOutcome, StageResult};
+use rudder_schema::kinds::{Kind as Schema, PartSpec, part_kind};
+
+use rudder_schema::kinds::TrainArgs;
+
+use crate::artifacts::METRICS_FILE;
+use crate::backend::{AutodiffTask, dispatch_autodiff};
+use crate::inputs::Inputs;
+use crate::train::{
+    MetricsWriter, Objective, StageHooks, TrainConfig, TrainError, TrainReport, train,
+};
+
+/// A stage kind (or a part of one) whose work runs on a compute backend. Inference runs on
+/// `B::InnerBackend`, training on `B`.
+pub trait StageKind: 'static {
+    /// The recipe parameters of the kind (for a part: of the stage it belongs to).
+    type Params: Schema;
+    /// `Some(name)` for a part of `Params`' kind (`ref_logps`), `None` for the stage itself.
+    const PART: Option<&'static str> = None;
+    /// Bumped whenever the implementation changes what it produces: part of every key.
+    const VERSION: u32;
+    fn run<B: AutodiffBackend>(
+        stage: &Stage<'_, Self::Params>,
+        device: &B::Device,
+    ) -> Result<StageOutcome, TrainError>;
+}
+
+/// A stage kind whose work needs no compute backend (tokenizer training, export).
+pub trait HostKind: 'static {
+    type Params: Schema;
+    const VERSION: u32;
+    fn run(stage: &Stage<'_, Self::Params>) -> Result<StageOutcome, TrainError>;
+}
+
+/// The stage being run, typed: its parameters, its inputs, and where it writes.
+pub struct Stage<'a, P> {
+    pub params: &'a P,
+    pub inputs: Inputs,
+    ctx: &'a StageContext<'a>,
+}
+
+impl<'a, P: Schema> Stage<'a, P> {
+    /// The typed view of `ctx`; its parameters must be `P`'s.
+    pub fn new(ctx: &'a StageContext<'a>) -> Result<Self, TrainError> {
+        let params = ctx.params::<P>().ok_or_else(|| {
+            TrainError::Input(format!(
+                "the parameters of `{}` are not those of kind `{}`",
+                ctx.name,
+                P::NAME
+            ))
+        })?;
+        Ok(Self {
+            params,
+            inputs: Inputs::resolve(&ctx.inputs),
+            ctx,
+        })
+    }
+}
+
+impl<P> Stage<'_, P> {
+    /// The vertex name: `stage` or `stage/part`.
+    pub fn name(&self) -> &str {
+        self.ctx.name
+    }
+
+    /// The part being run, when this is a part's vertex.
+    pub fn part(&self) -> Option<&PartSpec> {
+        self.ctx.part
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.ctx.seed
+    }
+
+    /// Where the artifact's files go.
+    pub fn out_dir(&self) -> &Path {
+        self.ctx.out_dir
+    }
+
+    /// Persistent across attempts: checkpoints to resume from.
+    pub fn work_dir(&self) -> &Path {
+        self.ctx.work_dir
+    }
+
+    /// Relative paths of the recipe (judge commands) start here.
+    pub fn recipe_dir(&self) -> &Path {
+        self.ctx.recipe_dir
+    }
+
+    pub fn progress(&self) -> &dyn Progress {
+        self.ctx.progress
+    }
+
+    /// Set on Ctrl-C: checkpoint and return.
+    pub fn is_interrupted(&self) -> bool {
+        self.ctx.is_interrupted()
+    }
+
+    /// The training loop's settings for this stage, checkpointing into its work directory.
+    pub fn train_config(&self, learning_rate: f64, args: &TrainArgs) -> TrainConfig {
+        TrainConfig::new(learning_rate, args, self.seed(), Some(self.work_dir()))
+    }
+
+    /// Trains `model` on `examples` for this stage: progress and Ctrl-C through the engine,
+    /// `metrics.jsonl` into the artifact, checkpoints as `cfg` says.
+    pub fn fit<B: AutodiffBackend, O: Objective<B>>(
+        &self,
+        objective: &O,
+        model: O::Model,
+        examples: &[O::Example],
+        cfg: &TrainConfig,
+        device: &B::Device,
+    ) -> Result<(O::Model, TrainReport), TrainError> {
+        let mut writer =
+            MetricsWriter::create(&self.out_dir().join(METRICS_FILE), cfg.logging_steps)?
+                .report_to(&cfg.report_to)?;
+        let interrupted = || self.is_interrupted();
+        let mut hooks = StageHooks::new(self.progress(), &interrupted);
+        train(
+            objective,
+            model,
+            examples,
+            cfg,
+            device,
+            Some(&mut writer),
+            &mut hooks,
+        )
+    }
+}
+
+/// The engine's runner of a [`StageKind`].
+pub fn runner<K: StageKind>() -> impl Runner {
+    DeviceRunner::<K> {
+        kind: kind_name::<K::Params>(K::PART),
+        kind_type: PhantomData,
+    }
+}
+
+/// The engine's runner of a [`HostKind`].
+pub fn host_runner<K: HostKind>() -> impl Runner {
+    HostRunner::<K> {
+        kind_type: PhantomData,
+    }
+}
+
+fn kind_name<P: Schema>(part: Option<&str>) -> String {
+    match part {
+        Some(part) => part_kind(P::NAME, part),
+        None => P::NAME.to_owned(),
+    }
+}
+
+struct DeviceRunner<K> {
+    kind: String,
+    kind_type: PhantomData<fn() -> K>,
+}
+
+impl<K: StageKind> Runner for DeviceRunner<K> {
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    fn version(&self) -> u32 {
+        K::VERSION
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        let stage = Stage::<K::Params>::new(ctx)?;
+        let job = Job::<K> { stage: &stage };
+        Ok(dispatch_autodiff(ctx.backend, job)??)
+    }
+}
+
+/// A kind's run, dispatched once onto the recipe's backend.
+struct Job<'a, 'b, K: StageKind> {
+    stage: &'a Stage<'b, K::Params>,
+}
+
+impl<K: StageKind> AutodiffTask for Job<'_, '_, K> {
+    type Output = Result<StageOutcome, TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        K::run::<B>(self.stage, &device)
+    }
+}
+
+struct HostRunner<K> {
+    kind_type: PhantomData<fn() -> K>,
+}
+
+impl<K: HostKind> Runner for HostRunner<K> {
+    fn kind(&self) -> &str {
+        K::Params::NAME
+    }
+
+    fn version(&self) -> u32 {
+        K::VERSION
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> StageResult {
+        let stage = Stage::<K::Params>::new(ctx)?;
+        Ok(K::run(&stage)?)
+    }
+}
