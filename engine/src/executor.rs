@@ -184,7 +184,8 @@ impl<'a> Run<'a> {
     }
 
     /// The plan's stages to run as jobs: one per key, in plan order, each needing the jobs of
-    /// the vertices it reads or comes after (for a key shared by two vertices, those of both).
+    /// the vertices it reads or comes after, directly or through a source (for a key shared by
+    /// two vertices, those of both).
     pub fn jobs(&self) -> Vec<Job<'a>> {
         let plan = self.plan;
         let mut by_key: BTreeMap<Key, usize> = BTreeMap::new();
@@ -218,16 +219,26 @@ impl<'a> Run<'a> {
             .collect();
         for (i, entries) in members.iter().enumerate() {
             let mut needs = BTreeSet::new();
-            for entry in entries {
+            let mut stack: Vec<_> = entries.iter().map(|e| e.index).collect();
+            let mut seen = BTreeSet::new();
+            while let Some(index) = stack.pop() {
                 for from in self
                     .graph
                     .graph
-                    .neighbors_directed(entry.index, Direction::Incoming)
+                    .neighbors_directed(index, Direction::Incoming)
                 {
-                    if let Some(&j) = job_of.get(&from)
-                        && j != i
-                    {
-                        needs.insert(j);
+                    if !seen.insert(from) {
+                        continue;
+                    }
+                    match job_of.get(&from) {
+                        Some(&j) if j != i => {
+                            needs.insert(j);
+                        }
+                        Some(_) => {}
+                        // A fresh model is a source that reads a tokenizer stage: its
+                        // readers need that stage's job.
+                        None if plan.keyed[&from].is_source => stack.push(from),
+                        None => {}
                     }
                 }
             }
