@@ -21,8 +21,9 @@ pub struct TerminalObserver {
     printer: Printer,
     /// Several stages may run at once.
     parallel: bool,
-    /// Print `[3/10] name (kind)` when a stage starts (not in a Slurm job's log, which says
-    /// what it builds itself).
+    /// Print `[3/10] name (kind)` when a stage starts, and its key and metrics when it ends
+    /// (not in a Slurm job's log: it says what it builds itself, and the run that submitted
+    /// the job prints the rest).
     numbered: bool,
     bars: MultiProgress,
 }
@@ -180,11 +181,16 @@ impl Observer for TerminalObserver {
                     1..=MAX_INLINE_METRICS => format!("  {}", metrics.join(" ")),
                     n => format!("  {n} metrics (rudder metrics shows them)"),
                 };
-                self.line(format!(
-                    "      {}done in {seconds:.1}s -> {}{metrics}",
-                    self.who(entry),
-                    entry.key.short()
-                ));
+                if self.numbered {
+                    self.line(format!(
+                        "      {}done in {seconds:.1}s -> {}{metrics}",
+                        self.who(entry),
+                        entry.key.short()
+                    ));
+                } else {
+                    // A job's log: the run that submitted it prints the key and metrics.
+                    self.line(format!("      done in {seconds:.1}s"));
+                }
             }
             Err(_) => self.line(format!(
                 "      {}failed after {seconds:.1}s",
