@@ -190,8 +190,9 @@ fn sigkill_mid_stage_leaves_no_partial_artifact() {
         "cmd = \"echo started > {{ out }}/other.txt; touch started.flag; sleep 30\"",
     );
     s.write("recipe.toml", &slow);
+    // One stage at a time, so that `upper` and `count` are done when `other` starts.
     let mut child = Command::new(env!("CARGO_BIN_EXE_rudder"))
-        .args(["run", "recipe.toml"])
+        .args(["run", "recipe.toml", "-j", "1"])
         .current_dir(s.dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -321,7 +321,15 @@ impl SlurmExecutor {
             if cancelled_at.is_some_and(|at| at.elapsed() > CANCEL_WAIT) {
                 break;
             }
-            let states = query(&ids);
+            let Some(states) = query(&ids) else {
+                for track in tracks.iter_mut() {
+                    if let Track::Live(live) = track {
+                        stream(live);
+                    }
+                }
+                sleep_unless_interrupted(run, self.poll);
+                continue;
+            };
             let mut newly_failed = false;
             for i in 0..tracks.len() {
                 let Track::Live(live) = &mut tracks[i] else {
@@ -600,23 +608,30 @@ pub fn parse_job_id(stdout: &str) -> Option<String> {
 
 /// What Slurm says of each job: `squeue` for the jobs it still has, `sacct` for the others
 /// (`--completion` when the cluster keeps no accounting database, only a completion log).
-fn query(ids: &[String]) -> BTreeMap<String, JobState> {
+/// `None` when the controller does not answer (a restart, a timeout): nothing is known then.
+fn query(ids: &[String]) -> Option<BTreeMap<String, JobState>> {
     let list = ids.join(",");
     let mut states = BTreeMap::new();
-    if let Ok(output) = Command::new("squeue")
+    let output = Command::new("squeue")
         .args(["--noheader", "--states=all", "--format=%i|%T|%R"])
         .arg(format!("--jobs={list}"))
         .output()
+        .ok()?;
+    // squeue fails when it knows none of the ids; that is an answer, unlike an unreachable
+    // controller.
+    if !output.status.success()
+        && !String::from_utf8_lossy(&output.stderr).contains("Invalid job id")
     {
-        states.extend(parse_squeue(&String::from_utf8_lossy(&output.stdout)));
+        return None;
     }
+    states.extend(parse_squeue(&String::from_utf8_lossy(&output.stdout)));
     let missing: Vec<&str> = ids
         .iter()
         .map(String::as_str)
         .filter(|id| !states.contains_key(*id))
         .collect();
     if missing.is_empty() {
-        return states;
+        return Some(states);
     }
     let sacct = |completion: bool| {
         let mut command = Command::new("sacct");
@@ -644,7 +659,7 @@ fn query(ids: &[String]) -> BTreeMap<String, JobState> {
             }
         }
     }
-    states
+    Some(states)
 }
 
 /// `squeue --format=%i|%T|%R` lines.
