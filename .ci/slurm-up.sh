@@ -33,9 +33,10 @@ memory=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.95 }' /proc/meminfo)
 
 mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm /run/slurm
 cat >/etc/slurm/slurm.conf <<EOF
-# One-node test cluster written by .ci/slurm-up.sh.
+# One-node test cluster written by .ci/slurm-up.sh. Addresses are the loopback's, so that
+# the host's name need not resolve.
 ClusterName=rudder-ci
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -59,7 +60,7 @@ JobAcctGatherType=jobacct_gather/none
 # Keep finished jobs visible to squeue and scontrol for ten minutes.
 MinJobAge=600
 KillWait=10
-NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 
