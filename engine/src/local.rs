@@ -23,6 +23,7 @@ use std::sync::mpsc;
 
 use rudder_schema::Backend;
 
+use crate::error::EngineError;
 use crate::executor::{Executor, Job, JobEnd, Run};
 
 /// Cores per concurrently running stage in the default `jobs`: small models do not train
@@ -124,7 +125,19 @@ impl Executor for LocalExecutor {
                         std::thread::Builder::new()
                             .name(format!("stage {}", job.entry.name))
                             .spawn_scoped(scope, move || {
-                                let end = run.build(job, total, threads);
+                                // Every started job must report, or the loop would wait for it
+                                // forever (`build` catches a stage's panic; this, the rest).
+                                let end =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        run.build(job, total, threads)
+                                    }))
+                                    .unwrap_or_else(|_| {
+                                        JobEnd::Failed(EngineError::StageFailed {
+                                            node: job.entry.name.clone(),
+                                            kind: job.entry.kind.clone(),
+                                            message: "panicked".into(),
+                                        })
+                                    });
                                 let _ = done.send((i, end));
                             })
                             .expect("the system can start a thread");
