@@ -38,20 +38,10 @@ pub enum Command {
         json: bool,
     },
     /// Run the stages that are not cached.
-    Run {
-        #[command(flatten)]
-        recipe: RecipeArgs,
-        #[command(flatten)]
-        selection: SelectionArgs,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Run every stage on this backend (cpu, wgpu, cuda).
-        #[arg(long)]
-        backend: Option<String>,
-        /// Show the plan and stop.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Run(RunArgs),
+    /// Build one stage's artifact by its key (what each Slurm job runs); refuses when the
+    /// recipe's plan gives the node another key.
+    Exec(ExecArgs),
     /// Print the pipeline graph.
     Dag {
         #[command(flatten)]
@@ -114,6 +104,51 @@ pub enum Command {
     },
     /// Print the JSON Schema of the recipe format.
     Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Run every stage on this backend (cpu, wgpu, cuda).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Show the plan and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stages to run at once on this machine (default: `jobs` in [recipe], else one per four
+    /// cores; GPU stages one at a time).
+    #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: Option<u32>,
+    /// After a failure, go on with the stages that do not depend on it.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Where stages run (default: the recipe's [executor], else local).
+    #[arg(long, value_parser = ["local", "slurm"])]
+    pub executor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// The stage (or part, `dpo/ref_logps`) to build.
+    pub node: String,
+    /// The key the node must have in the recipe's plan.
+    #[arg(long)]
+    pub key: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// As `rudder run --backend`.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Build it even if it is in the store.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

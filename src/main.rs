@@ -62,20 +62,8 @@ fn main() -> ExitCode {
             json,
             &printer,
         ),
-        Command::Run {
-            recipe,
-            selection,
-            store,
-            backend,
-            dry_run,
-        } => commands::run::run(
-            &recipe,
-            &selection,
-            &store,
-            backend.as_deref(),
-            dry_run,
-            &printer,
-        ),
+        Command::Run(args) => commands::run::run(&args, &printer),
+        Command::Exec(args) => commands::exec::run(&args, &printer),
         Command::Dag { recipe, format } => commands::dag::run(&recipe, &format, &printer),
         Command::Show {
             recipe,

@@ -1,41 +1,121 @@
-//! Progress bars on stderr (hidden when it is not a terminal) and per-stage status lines.
+//! Progress on stderr: one bar per running stage on a terminal (an indicatif `MultiProgress`),
+//! plain status lines otherwise. When stages may run at once, every line says which stage it
+//! is about: status lines name it, and lines a stage prints are prefixed with its name when
+//! stderr is not a terminal (on a terminal they appear above the bars, where its bar names it).
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rudder_engine::executor::Observer;
 use rudder_engine::plan::PlanEntry;
 use rudder_engine::runner::{Progress, StageOutcome};
 
 use crate::printer::Printer;
 
+/// How often a stage's position is printed as a line when stderr is not a terminal (a CI or
+/// Slurm log), where there is no bar to show it.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
 pub struct TerminalObserver {
-    pub printer: Printer,
+    printer: Printer,
+    /// Several stages may run at once.
+    parallel: bool,
+    /// Print `[3/10] name (kind)` when a stage starts, and its key and metrics when it ends
+    /// (not in a Slurm job's log: it says what it builds itself, and the run that submitted
+    /// the job prints the rest).
+    numbered: bool,
+    bars: MultiProgress,
 }
 
-struct Bar(ProgressBar);
+impl TerminalObserver {
+    pub fn new(printer: Printer, parallel: bool) -> Self {
+        let target = if printer.is_quiet() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        TerminalObserver {
+            printer,
+            parallel,
+            numbered: true,
+            bars: MultiProgress::with_draw_target(target),
+        }
+    }
+
+    /// For `rudder exec`: one stage, whose start the caller announces.
+    pub fn for_job(printer: Printer) -> Self {
+        TerminalObserver {
+            numbered: false,
+            ..Self::new(printer, false)
+        }
+    }
+
+    /// A status line, above the bars on a terminal.
+    fn line(&self, text: String) {
+        if self.bars.is_hidden() {
+            self.printer.status(text);
+        } else {
+            let _ = self.bars.println(text);
+        }
+    }
+
+    /// `name ` when stages run at once, so that an end names the stage it ends.
+    fn who(&self, entry: &PlanEntry) -> String {
+        if self.parallel {
+            format!("{} ", entry.name)
+        } else {
+            String::new()
+        }
+    }
+}
+
+struct Bar {
+    bar: ProgressBar,
+    /// Prefix of the stage's own lines when stderr is not a terminal.
+    prefix: Option<String>,
+    name: String,
+    /// When the position was last printed as a line; `None` under `--quiet`.
+    last_plain: Option<Mutex<Instant>>,
+}
 
 impl Progress for Bar {
     fn set_length(&self, length: u64) {
-        self.0.set_length(length);
-        self.0.set_style(
+        self.bar.set_length(length);
+        self.bar.set_style(
             ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
                 .expect("valid template")
                 .progress_chars("=> "),
         );
     }
     fn set_position(&self, position: u64) {
-        self.0.set_position(position);
+        self.bar.set_position(position);
+        if let Some(last) = &self.last_plain
+            && self.bar.is_hidden()
+        {
+            let mut last = last.lock().expect("progress lock");
+            if last.elapsed() >= PLAIN_PROGRESS_EVERY {
+                *last = Instant::now();
+                let length = self
+                    .bar
+                    .length()
+                    .map_or_else(String::new, |l| format!("/{l}"));
+                eprintln!("  {}: {position}{length} {}", self.name, self.bar.message());
+            }
+        }
     }
     fn set_message(&self, message: String) {
-        self.0.set_message(message);
+        self.bar.set_message(message);
     }
     fn println(&self, line: &str) {
         // A hidden bar (stderr is not a terminal) drops its printed lines; warnings must not be.
-        if self.0.is_hidden() {
-            eprintln!("{line}");
+        if self.bar.is_hidden() {
+            match &self.prefix {
+                Some(prefix) => eprintln!("{prefix}{line}"),
+                None => eprintln!("{line}"),
+            }
         } else {
-            self.0.println(line);
+            self.bar.println(line);
         }
     }
 }
@@ -46,27 +126,45 @@ impl Observer for TerminalObserver {
             || "another rudder process".to_owned(),
             |pid| format!("rudder process {pid}"),
         );
-        self.printer
-            .status(format!("waiting for {who} to release the store lock..."));
+        self.line(format!("waiting for {who} to release the store lock..."));
+    }
+
+    fn waiting_for_key(&self, entry: &PlanEntry, holder: Option<&str>) {
+        let who = holder.unwrap_or("another rudder process");
+        self.line(format!(
+            "      waiting for {who}, which is building `{}` ({})...",
+            entry.name,
+            entry.key.short()
+        ));
+    }
+
+    fn stage_queued(&self, entry: &PlanEntry, detail: &str) {
+        self.line(format!(
+            "      queued {} ({}): {detail}",
+            entry.name, entry.kind
+        ));
     }
 
     fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress> {
-        self.printer.status(format!(
-            "[{position}/{total}] {} ({})",
-            entry.name, entry.kind
-        ));
-        let target = if self.printer.is_quiet() {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        };
-        let bar = ProgressBar::with_draw_target(None, target);
+        if self.numbered {
+            self.line(format!(
+                "[{position}/{total}] {} ({})",
+                entry.name, entry.kind
+            ));
+        }
+        let bar = self.bars.add(ProgressBar::no_length());
         bar.set_style(
-            ProgressStyle::with_template("  {spinner} {elapsed} {msg}").expect("valid template"),
+            ProgressStyle::with_template("  {prefix} {spinner} {elapsed} {msg}")
+                .expect("valid template"),
         );
         bar.set_prefix(entry.name.clone());
         bar.enable_steady_tick(Duration::from_millis(200));
-        Box::new(Bar(bar))
+        Box::new(Bar {
+            bar,
+            prefix: self.parallel.then(|| format!("{}: ", entry.name)),
+            name: entry.name.clone(),
+            last_plain: (!self.printer.is_quiet()).then(|| Mutex::new(Instant::now())),
+        })
     }
 
     fn stage_finished(&self, entry: &PlanEntry, result: Result<&StageOutcome, &str>, seconds: f64) {
@@ -83,21 +181,28 @@ impl Observer for TerminalObserver {
                     1..=MAX_INLINE_METRICS => format!("  {}", metrics.join(" ")),
                     n => format!("  {n} metrics (rudder metrics shows them)"),
                 };
-                self.printer.status(format!(
-                    "      done in {seconds:.1}s -> {}{metrics}",
-                    entry.key.short()
-                ));
+                if self.numbered {
+                    self.line(format!(
+                        "      {}done in {seconds:.1}s -> {}{metrics}",
+                        self.who(entry),
+                        entry.key.short()
+                    ));
+                } else {
+                    // A job's log: the run that submitted it prints the key and metrics.
+                    self.line(format!("      done in {seconds:.1}s"));
+                }
             }
-            Err(_) => self
-                .printer
-                .status(format!("      failed after {seconds:.1}s")),
+            Err(_) => self.line(format!(
+                "      {}failed after {seconds:.1}s",
+                self.who(entry)
+            )),
         }
     }
 }
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        self.0.finish_and_clear();
+        self.bar.finish_and_clear();
     }
 }
 

@@ -190,8 +190,9 @@ fn sigkill_mid_stage_leaves_no_partial_artifact() {
         "cmd = \"echo started > {{ out }}/other.txt; touch started.flag; sleep 30\"",
     );
     s.write("recipe.toml", &slow);
+    // One stage at a time, so that `upper` and `count` are done when `other` starts.
     let mut child = Command::new(env!("CARGO_BIN_EXE_rudder"))
-        .args(["run", "recipe.toml"])
+        .args(["run", "recipe.toml", "-j", "1"])
         .current_dir(s.dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -241,18 +242,13 @@ fn concurrent_runs_on_one_store_stay_consistent() {
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(a.status.success(), "{}", stderr(&a));
     assert!(b.status.success(), "{}", stderr(&b));
-    // One built everything; the other waited for the lock and found it all cached.
-    let ran: Vec<bool> = [&a, &b]
+    // Each stage was built by exactly one of them (the other waited for its key's lock and
+    // found it built), whichever took which.
+    let built: usize = [&a, &b]
         .iter()
-        .map(|o| stderr(o).contains("ran 3 stages"))
-        .collect();
-    assert_eq!(
-        ran.iter().filter(|r| **r).count(),
-        1,
-        "{}\n---\n{}",
-        stderr(&a),
-        stderr(&b)
-    );
+        .map(|o| stderr(o).matches("done in").count())
+        .sum();
+    assert_eq!(built, 3, "{}\n---\n{}", stderr(&a), stderr(&b));
     assert_eq!(s.objects(), 3);
     assert!(s.to_run("recipe.toml").is_empty());
 }
@@ -401,4 +397,85 @@ fn identical_stages_under_two_names_build_once() {
     let out = s.rudder(&["run", "recipe.toml"]);
     assert!(stderr(&out).contains("ran 3 stages"), "{}", stderr(&out));
     assert_eq!(s.objects(), 3);
+}
+
+#[test]
+fn resources_and_the_executor_change_no_key() {
+    let s = scratch();
+    let before = s.plan("recipe.toml");
+    let text = RECIPE
+        .replace(
+            "name = \"pipeline\"",
+            "name = \"pipeline\"\njobs = 4\n\n[executor]\nkind = \"slurm\"\nresources = { partition = \"cpu\" }",
+        )
+        .replace(
+            "env = { SUFFIX = \"!\" }",
+            "env = { SUFFIX = \"!\" }\nresources = { gpus = 1, cpus = 8, mem = \"64G\", time = \"4:00:00\", extra = [\"--qos=high\"] }",
+        );
+    s.write("recipe.toml", &text);
+    let after = s.plan("recipe.toml");
+    let keys = |plan: &[(String, String, String, Vec<String>)]| {
+        plan.iter().map(|n| n.2.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&before), keys(&after));
+    // A bad value is a located recipe error.
+    s.write("recipe.toml", &text.replace("\"64G\"", "\"lots\""));
+    let out = s.rudder(&["plan", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("recipe.toml:"), "{err}");
+    assert!(
+        err.contains("`mem = \"lots\"` is not a memory size"),
+        "{err}"
+    );
+}
+
+/// `rudder exec` (what a Slurm job runs) builds one node only under the key the recipe's plan
+/// gives it, and only once its inputs are built.
+#[test]
+fn exec_builds_one_node_by_its_planned_key() {
+    let s = scratch();
+    let upper = s.key("recipe.toml", "upper");
+    let count = s.key("recipe.toml", "count");
+    let out = s.rudder(&["exec", "recipe.toml", "count", "--key", &count]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("its input `upper`") && stderr(&out).contains("is not in the store"),
+        "{}",
+        stderr(&out)
+    );
+    // A key the plan does not give the node: refused, nothing built.
+    let out = s.rudder(&["exec", "recipe.toml", "upper", "--key", &count]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the recipe's plan gives `upper` the key {upper}, not {count}"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let out = s.rudder(&["exec", "recipe.toml", "upper", "--key", "beef"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(s.objects(), 0);
+    s.ok(&["exec", "recipe.toml", "upper", "--key", &upper]);
+    assert_eq!(s.objects(), 1);
+    assert_eq!(s.to_run("recipe.toml"), ["count", "other"]);
+    let out = s.rudder(&["exec", "recipe.toml", "upper", "--key", &upper]);
+    assert!(out.status.success());
+    assert!(
+        stderr(&out).contains("is in the store already"),
+        "{}",
+        stderr(&out)
+    );
+    // The same recipe with a different setting plans another key: a job submitted for the old
+    // one cannot build the new one.
+    s.write(
+        "recipe.toml",
+        &RECIPE.replace("SUFFIX = \"!\"", "SUFFIX = \"?\""),
+    );
+    let out = s.rudder(&["exec", "recipe.toml", "upper", "--key", &upper]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(s.objects(), 1);
+    // exec writes no lockfile: the run that submitted the job does.
+    assert!(!s.path("recipe.lock").exists());
 }

@@ -38,6 +38,37 @@ pub enum EngineError {
     /// The run was interrupted (Ctrl-C); completed stages stay committed.
     #[error("interrupted")]
     Interrupted,
+
+    /// Several stages failed, or one did and others were not run because of it.
+    #[error("{}", run_failed(failures, not_run))]
+    RunFailed {
+        failures: Vec<EngineError>,
+        /// Stages that never started: they need a failed one, or the run stopped at a failure.
+        not_run: Vec<String>,
+    },
+}
+
+fn run_failed(failures: &[EngineError], not_run: &[String]) -> String {
+    let mut text = match failures {
+        [one] => one.to_string(),
+        many => {
+            let mut text = format!("{} stages failed", many.len());
+            for failure in many {
+                text.push_str("\n  ");
+                text.push_str(&failure.to_string().replace('\n', "\n  "));
+            }
+            text
+        }
+    };
+    if !not_run.is_empty() {
+        text.push_str(&format!(
+            "\n{} stage{} not run: {}",
+            not_run.len(),
+            if not_run.len() == 1 { "" } else { "s" },
+            not_run.join(", ")
+        ));
+    }
+    text
 }
 
 impl EngineError {

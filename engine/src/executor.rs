@@ -1,12 +1,24 @@
-//! Running a plan: the loop that runs each stage of the plan into a pending artifact, commits
-//! it on success, discards it on failure, and records the run and, after a successful run, the
-//! lockfile. What a stage is given and how a kind plugs in is `runner.rs`'s.
+//! Running a plan: the plan's stages become [`Job`]s (one per key, each naming the jobs it
+//! needs), an [`Executor`] carries them out (on threads of this process, `local.rs`, or as Slurm
+//! jobs, `slurm.rs`), and [`Run`] records the run and the lockfile. [`Run::build`] is how one
+//! key is built wherever a job runs: take the key's lock, run the stage into a pending
+//! artifact, commit it on success, discard it on failure.
+//!
+//! ```text
+//!   plan ──► jobs (deduplicated by key) ──► Executor::execute ──► ends ──► lockfile, run record
+//!                                             │ local: threads calling Run::build
+//!                                             │ slurm: sbatch jobs running `rudder exec`,
+//!                                             │        which calls Run::build
+//! ```
+//!
+//! What a stage is given and how a kind plugs in is `runner.rs`'s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
+use petgraph::Direction;
 use rudder_schema::kinds::Produces;
 use rudder_schema::{DataFormat, NodeBody, Recipe};
 use serde_json::json;
@@ -15,13 +27,23 @@ use crate::error::EngineError;
 use crate::graph::{Graph, Source};
 use crate::key::Key;
 use crate::lockfile::{LOCKFILE_VERSION, LockEntry, Lockfile};
-use crate::plan::{Plan, PlanEntry, State};
+use crate::plan::{Plan, PlanEntry, Reason, State};
 use crate::runner::{InputKind, Progress, Registry, StageContext, StageInput, StageOutcome};
 use crate::store::{LAYOUT_VERSION, Manifest, Store};
 
-/// Callbacks for the user interface.
+/// Callbacks for the user interface. Stages may run at once, so each is called from the
+/// thread that runs (or watches) that stage.
 pub trait Observer: Send + Sync {
     fn waiting_for_lock(&self, holder: Option<u32>);
+    /// Another process (`holder`: `pid 12 on node3`) is building this stage's key; the run
+    /// waits for it and then uses its artifact.
+    fn waiting_for_key(&self, entry: &PlanEntry, holder: Option<&str>) {
+        let _ = (entry, holder);
+    }
+    /// The stage waits in a cluster's queue (`detail`: `submitted as Slurm job 12`).
+    fn stage_queued(&self, entry: &PlanEntry, detail: &str) {
+        let _ = (entry, detail);
+    }
     fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress>;
     fn stage_finished(&self, entry: &PlanEntry, result: Result<&StageOutcome, &str>, seconds: f64);
 }
@@ -32,78 +54,266 @@ pub struct RunReport {
     /// `(vertex name, seconds)` of every stage that ran.
     pub ran: Vec<(String, f64)>,
     pub cached: usize,
+    /// Stages another run built while this one was running.
+    pub built_elsewhere: usize,
 }
 
-pub struct Executor<'a> {
+/// One key to build: the first plan entry that has it (identical stages under two names are
+/// one job).
+#[derive(Debug)]
+pub struct Job<'p> {
+    pub entry: &'p PlanEntry,
+    /// Indices of the jobs that must succeed before this one starts.
+    pub needs: Vec<usize>,
+    /// Build even when the key is in the store: forced, or what it wrote outside the store
+    /// is gone.
+    pub rerun: bool,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum JobEnd {
+    /// Built by this run.
+    Built {
+        outcome: StageOutcome,
+        seconds: f64,
+    },
+    /// In the store already when its turn came: another run built it meanwhile.
+    Found,
+    Failed(EngineError),
+    /// Never started: an input failed, or the run stopped (a failure without `--keep-going`,
+    /// or Ctrl-C).
+    NotRun,
+}
+
+/// Where and how jobs are carried out.
+pub trait Executor {
+    /// Carries out every job after the jobs it needs, telling `run.observer` as stages start
+    /// and finish. Returns how each job ended, in the order of `jobs`. After a failure it
+    /// starts nothing more unless `run.keep_going`, then only jobs that need no failed one; on
+    /// `run.interrupted` it starts nothing more and lets running stages checkpoint and stop.
+    fn execute(&self, run: &Run<'_>, jobs: &[Job<'_>]) -> Vec<JobEnd>;
+}
+
+/// One run of a plan.
+pub struct Run<'a> {
     pub recipe: &'a Recipe,
     pub graph: &'a Graph,
     pub registry: &'a Registry,
     pub store: &'a Store,
+    pub plan: &'a Plan,
     pub observer: &'a dyn Observer,
     pub interrupted: &'a AtomicBool,
+    /// After a failure, go on with the stages that do not depend on it.
+    pub keep_going: bool,
+    /// Numbers the stages as they start (`[3/10]`).
+    started: AtomicUsize,
 }
 
-impl Executor<'_> {
-    /// Runs every `run` entry of the plan in order. The caller holds the store lock.
-    pub fn run(&self, plan: &Plan, lock: &Lockfile) -> Result<RunReport, EngineError> {
+impl<'a> Run<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        recipe: &'a Recipe,
+        graph: &'a Graph,
+        registry: &'a Registry,
+        store: &'a Store,
+        plan: &'a Plan,
+        observer: &'a dyn Observer,
+        interrupted: &'a AtomicBool,
+        keep_going: bool,
+    ) -> Self {
+        Run {
+            recipe,
+            graph,
+            registry,
+            store,
+            plan,
+            observer,
+            interrupted,
+            keep_going,
+            started: AtomicUsize::new(0),
+        }
+    }
+
+    /// Runs the plan with `executor`. The caller holds the store lock. The lockfile records what
+    /// is built: it is written after a run that succeeded, and after one that failed but built
+    /// something (a stage that failed or did not run keeps its previous entry).
+    pub fn run(&self, lock: &Lockfile, executor: &dyn Executor) -> Result<RunReport, EngineError> {
         let started = SystemTime::now();
+        let jobs = self.jobs();
+        let ends = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            executor.execute(self, &jobs)
+        };
         let mut report = RunReport::default();
-        let total = plan.to_run().count();
-        let mut outputs: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        let mut failure = None;
-        for (position, entry) in plan.to_run().enumerate() {
-            if self.interrupted.load(Ordering::Relaxed) {
-                failure = Some(EngineError::Interrupted);
-                break;
-            }
-            // Two vertices with one key (identical stages under two names) build it once;
-            // forced stages and stages whose outputs outside the store are gone run regardless.
-            let rerun = entry.reasons.iter().any(|r| {
-                matches!(
-                    r,
-                    crate::plan::Reason::Forced | crate::plan::Reason::ExternalMissing(_)
-                )
-            });
-            if !rerun && self.store.contains(&entry.key) {
-                continue;
-            }
-            let clock = Instant::now();
-            let progress = self.observer.stage_started(entry, position + 1, total);
-            let result = self.run_one(plan, entry, progress.as_ref());
-            let seconds = clock.elapsed().as_secs_f64();
-            match result {
-                Ok((outcome, files)) => {
-                    self.observer.stage_finished(entry, Ok(&outcome), seconds);
-                    report.ran.push((entry.name.clone(), seconds));
-                    outputs.insert(entry.name.clone(), files);
-                }
-                Err(err) => {
-                    self.observer
-                        .stage_finished(entry, Err(&err.to_string()), seconds);
-                    failure = Some(err);
-                    break;
-                }
+        let mut failures = Vec::new();
+        let mut not_run = Vec::new();
+        for (job, end) in jobs.iter().zip(ends) {
+            match end {
+                JobEnd::Built { seconds, .. } => report.ran.push((job.entry.name.clone(), seconds)),
+                JobEnd::Found => report.built_elsewhere += 1,
+                JobEnd::Failed(err) => failures.push(err),
+                JobEnd::NotRun => not_run.push(job.entry.name.clone()),
             }
         }
-        report.cached = plan
+        report.cached = self
+            .plan
             .entries
             .iter()
             .filter(|e| e.state == State::Cached && !e.is_source)
             .count();
-        self.record_run(plan, &report, started, failure.as_ref())?;
-        if let Some(err) = failure {
-            return Err(err);
+        let interrupted = self.interrupted.load(Ordering::Relaxed);
+        let failure = if interrupted {
+            Some(EngineError::Interrupted)
+        } else if failures.is_empty() {
+            None
+        } else if failures.len() == 1 && not_run.is_empty() {
+            failures.pop()
+        } else {
+            Some(EngineError::RunFailed { failures, not_run })
+        };
+        self.record_run(&report, started, failure.as_ref())?;
+        if failure.is_none() || !report.ran.is_empty() {
+            self.write_lockfile(lock)?;
         }
-        self.write_lockfile(plan, lock)?;
-        Ok(report)
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(report),
+        }
+    }
+
+    /// The plan's stages to run as jobs: one per key, in plan order, each needing the jobs of
+    /// the vertices it reads or comes after, directly or through a source (for a key shared by
+    /// two vertices, those of both).
+    pub fn jobs(&self) -> Vec<Job<'a>> {
+        let plan = self.plan;
+        let mut by_key: BTreeMap<Key, usize> = BTreeMap::new();
+        let mut jobs: Vec<Job<'a>> = Vec::new();
+        let mut members: Vec<Vec<&PlanEntry>> = Vec::new();
+        for entry in plan.to_run() {
+            let rerun = entry
+                .reasons
+                .iter()
+                .any(|r| matches!(r, Reason::Forced | Reason::ExternalMissing(_)));
+            match by_key.get(&entry.key) {
+                Some(&i) => {
+                    jobs[i].rerun |= rerun;
+                    members[i].push(entry);
+                }
+                None => {
+                    by_key.insert(entry.key, jobs.len());
+                    jobs.push(Job {
+                        entry,
+                        needs: Vec::new(),
+                        rerun,
+                    });
+                    members.push(vec![entry]);
+                }
+            }
+        }
+        let job_of: BTreeMap<_, usize> = members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, entries)| entries.iter().map(move |e| (e.index, i)))
+            .collect();
+        for (i, entries) in members.iter().enumerate() {
+            let mut needs = BTreeSet::new();
+            let mut stack: Vec<_> = entries.iter().map(|e| e.index).collect();
+            let mut seen = BTreeSet::new();
+            while let Some(index) = stack.pop() {
+                for from in self
+                    .graph
+                    .graph
+                    .neighbors_directed(index, Direction::Incoming)
+                {
+                    if !seen.insert(from) {
+                        continue;
+                    }
+                    match job_of.get(&from) {
+                        Some(&j) if j != i => {
+                            needs.insert(j);
+                        }
+                        Some(_) => {}
+                        // A fresh model is a source that reads a tokenizer stage: its
+                        // readers need that stage's job.
+                        None if plan.keyed[&from].is_source => stack.push(from),
+                        None => {}
+                    }
+                }
+            }
+            jobs[i].needs = needs.into_iter().collect();
+        }
+        jobs
+    }
+
+    /// The number of the next stage to start (`[3/10]`).
+    pub fn next_position(&self) -> usize {
+        self.started.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Builds one job's key on this thread with `threads` threads: waits for the key's lock,
+    /// and builds it unless it is in the store by then (another process built it).
+    pub fn build(&self, job: &Job<'_>, total: usize, threads: usize) -> JobEnd {
+        let entry = job.entry;
+        let _key_lock = match self.store.lock_key(&entry.key, |holder| {
+            self.observer.waiting_for_key(entry, holder.as_deref());
+        }) {
+            Ok(lock) => lock,
+            Err(err) => return JobEnd::Failed(err),
+        };
+        if !job.rerun && self.store.contains(&entry.key) {
+            return JobEnd::Found;
+        }
+        if self.interrupted.load(Ordering::Relaxed) {
+            return JobEnd::NotRun;
+        }
+        let position = self.next_position();
+        let clock = Instant::now();
+        let progress = self.observer.stage_started(entry, position, total);
+        // A panicking stage fails alone; the others keep running.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_one(entry, progress.as_ref(), threads)
+        }))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "a panic".to_owned());
+            Err(EngineError::StageFailed {
+                node: entry.name.clone(),
+                kind: entry.kind.clone(),
+                message: format!("panicked: {message}"),
+            })
+        });
+        let seconds = clock.elapsed().as_secs_f64();
+        match result {
+            Ok(outcome) => {
+                self.observer.stage_finished(entry, Ok(&outcome), seconds);
+                drop(progress);
+                JobEnd::Built { outcome, seconds }
+            }
+            Err(err) => {
+                self.observer
+                    .stage_finished(entry, Err(&err.to_string()), seconds);
+                drop(progress);
+                if matches!(err, EngineError::Interrupted) {
+                    JobEnd::NotRun
+                } else {
+                    JobEnd::Failed(err)
+                }
+            }
+        }
     }
 
     fn run_one(
         &self,
-        plan: &Plan,
         entry: &PlanEntry,
         progress: &dyn Progress,
-    ) -> Result<(StageOutcome, BTreeMap<String, String>), EngineError> {
+        threads: usize,
+    ) -> Result<StageOutcome, EngineError> {
+        let plan = self.plan;
         let vertex = self.graph.vertex(entry.index);
         let node = &self.recipe.nodes[vertex.node];
         let NodeBody::Stage(stage) = &node.body else {
@@ -121,7 +331,20 @@ impl Executor<'_> {
             ))
         })?;
         let keyed = &plan.keyed[&entry.index];
-        let inputs = self.inputs(plan, entry)?;
+        // A job started on its own (`rudder exec`) relies on its inputs being built.
+        for input in &vertex.inputs {
+            if let Source::Vertex { index, .. } = input.source {
+                let from = &plan.keyed[&index];
+                if !from.is_source && !self.store.contains(&from.key) {
+                    return Err(fail(format!(
+                        "its input `{}` ({}) is not in the store",
+                        self.graph.vertex(index).name,
+                        from.key.short()
+                    )));
+                }
+            }
+        }
+        let inputs = self.inputs(entry)?;
         let work_dir = self.store.work_dir(&entry.key);
         std::fs::create_dir_all(&work_dir)
             .map_err(|e| EngineError::io(format!("creating {}", work_dir.display()), e))?;
@@ -141,6 +364,7 @@ impl Executor<'_> {
             seed: stage.seed,
             backend: keyed.backend,
             precision: stage.precision,
+            threads,
             progress,
             interrupted: self.interrupted,
         };
@@ -194,7 +418,7 @@ impl Executor<'_> {
             seed: stage.seed,
             backend: keyed.backend.as_str().into(),
             precision: stage.precision.as_str().into(),
-            files: files.clone(),
+            files,
             summary: outcome.summary.clone(),
             rudder_version: env!("CARGO_PKG_VERSION").into(),
             started: humantime::format_rfc3339_seconds(started).to_string(),
@@ -202,12 +426,12 @@ impl Executor<'_> {
         };
         self.store.commit(pending, &manifest)?;
         let _ = std::fs::remove_dir_all(&work_dir);
-        let digests = files.into_iter().map(|f| (f.name, f.blake3)).collect();
-        Ok((outcome, digests))
+        Ok(outcome)
     }
 
     /// Each input's path and description.
-    fn inputs(&self, plan: &Plan, entry: &PlanEntry) -> Result<Vec<StageInput>, EngineError> {
+    fn inputs(&self, entry: &PlanEntry) -> Result<Vec<StageInput>, EngineError> {
+        let plan = self.plan;
         let vertex = self.graph.vertex(entry.index);
         let mut inputs = Vec::new();
         for input in &vertex.inputs {
@@ -242,7 +466,7 @@ impl Executor<'_> {
                                 None,
                                 InputKind::FreshModel {
                                     spec: model.spec.clone(),
-                                    tokenizer: self.tokenizer_of(plan, from),
+                                    tokenizer: self.tokenizer_of(from),
                                 },
                             ),
                         },
@@ -299,20 +523,22 @@ impl Executor<'_> {
 
     /// Where a fresh model's tokenizer is: its tokenizer input's file, or the artifact of the
     /// tokenizer stage it names.
-    fn tokenizer_of(&self, plan: &Plan, model: &crate::graph::Vertex) -> Option<PathBuf> {
+    fn tokenizer_of(&self, model: &crate::graph::Vertex) -> Option<PathBuf> {
         let input = model.inputs.iter().find(|i| i.role == "tokenizer")?;
         match &input.source {
             Source::File(path) => Some(path.clone()),
-            Source::Vertex { index, .. } => Some(self.store.object_dir(&plan.keyed[index].key)),
+            Source::Vertex { index, .. } => {
+                Some(self.store.object_dir(&self.plan.keyed[index].key))
+            }
         }
     }
 
-    /// The lockfile after a successful run: every vertex whose artifact is now in the store
-    /// (and every source); vertices outside the selection keep their previous entries.
-    fn write_lockfile(&self, plan: &Plan, previous: &Lockfile) -> Result<(), EngineError> {
+    /// The lockfile after a run: every vertex whose artifact is now in the store (and every
+    /// source); other vertices keep their previous entries.
+    fn write_lockfile(&self, previous: &Lockfile) -> Result<(), EngineError> {
         let mut nodes: Vec<LockEntry> = Vec::new();
         for &index in &self.graph.order {
-            let keyed = &plan.keyed[&index];
+            let keyed = &self.plan.keyed[&index];
             let mut entry = keyed.entry.clone();
             if keyed.is_source {
                 nodes.push(entry);
@@ -344,11 +570,11 @@ impl Executor<'_> {
 
     fn record_run(
         &self,
-        plan: &Plan,
         report: &RunReport,
         started: SystemTime,
         failure: Option<&EngineError>,
     ) -> Result<(), EngineError> {
+        let plan = self.plan;
         let record = json!({
             "recipe": std::path::absolute(&self.recipe.file).unwrap_or_else(|_| self.recipe.file.clone()).display().to_string(),
             "lockfile": std::path::absolute(self.recipe.lockfile_path()).unwrap_or_else(|_| self.recipe.lockfile_path()).display().to_string(),

@@ -19,3 +19,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
         .map_err(|e| EngineError::io(format!("replacing {}", path.display()), e.error))?;
     Ok(())
 }
+
+/// This machine's name, for saying who holds a lock on a shared filesystem.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "an unknown host".to_owned())
+}

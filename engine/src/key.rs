@@ -15,7 +15,8 @@
 //! | each input's key, by role (`model`, `data`, ...),  | modification times, file names of    |
 //! |  and the output selected (`prep.train`)            |  inputs (only their content)         |
 //! | digests of plain files the stage reads (`deps`)    | thread counts, progress settings     |
-//! | seed, backend, precision                           |                                      |
+//! | seed, backend, precision                           | where a stage runs: the executor,    |
+//! |                                                    |  `jobs`, Slurm `resources`           |
 //!
 //! Dataset keys cover the file's content, format and column mapping; `hf` model keys cover
 //! config.json, the weights and the tokenizer files.

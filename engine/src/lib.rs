@@ -1,6 +1,8 @@
 //! The rudder engine: the pipeline graph, content keys, the artifact store, lockfiles, plans
 //! and the executor. It knows no machine learning: stage kinds plug in through
-//! [`runner::Runner`], and only the `command` kind is built in ([`command::register`]).
+//! [`runner::Runner`], and only the `command` kind is built in ([`command::register`]). Stages
+//! run on threads of this process ([`local`]) or as Slurm jobs ([`slurm`]), behind
+//! [`executor::Executor`].
 
 pub mod command;
 pub mod dag;
@@ -12,15 +14,18 @@ pub mod graph;
 pub mod key;
 pub mod keying;
 pub mod live;
+pub mod local;
 pub mod lockfile;
 pub mod plan;
 pub mod project;
 pub mod report;
 pub mod runner;
+pub mod slurm;
 pub mod store;
 pub mod tfevents;
 
 pub use error::EngineError;
+pub use executor::{Executor, Run};
 pub use key::Key;
 pub use plan::{Plan, Selection};
 pub use project::Project;

@@ -6,14 +6,16 @@
 //! ```text
 //! .rudder/runs/<started ms>-<pid>.live.json  the run going on: recipe, pid, its stages so far
 //!                                            (removed when the run ends; left by a killed run)
+//! .rudder/runs/<started ms>-<pid>.live.lock  held by the run's process while it goes on
 //! .rudder/work/<key>/status.json             a stage's progress: position/length, message,
 //!                                            rate and ETA (at most one write a second)
 //! .rudder/runs/<started ms>-<pid>.json       a finished run's record (`executor.rs`)
 //! ```
 //!
-//! A run is live while its process holds the store's writer lock. A live record whose process
-//! does not hold it belongs to a run that was killed; the status file of the stage it was in
-//! stays in that stage's work directory beside its checkpoints.
+//! A run is live while its process holds the lock beside its live record (writers share the
+//! store's lock, so that one cannot tell runs apart; the operating system drops this one with the
+//! process). A live record whose lock is free belongs to a run that was killed; the status file of
+//! the stage it was in stays in that stage's work directory beside its checkpoints.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -127,6 +129,8 @@ pub struct RanStage {
 pub struct Recorder<'a> {
     inner: &'a dyn Observer,
     path: PathBuf,
+    /// Held while the run goes on (see the module's docs).
+    _alive: Option<std::fs::File>,
     store: Store,
     run: Mutex<LiveRun>,
     /// Stages running now, by key, with the clock of each.
@@ -151,9 +155,14 @@ impl<'a> Recorder<'a> {
         let runs = store.runs_dir();
         std::fs::create_dir_all(&runs)
             .map_err(|e| EngineError::io(format!("creating {}", runs.display()), e))?;
+        let path = runs.join(format!("{stamp}-{pid}.live.json"));
+        let alive = std::fs::File::create(path.with_extension("lock"))
+            .ok()
+            .filter(|file| file.try_lock().is_ok());
         let recorder = Recorder {
             inner,
-            path: runs.join(format!("{stamp}-{pid}.live.json")),
+            path,
+            _alive: alive,
             store: store.clone(),
             run: Mutex::new(LiveRun {
                 format: LIVE_FORMAT,
@@ -172,6 +181,7 @@ impl<'a> Recorder<'a> {
     /// The run has ended: its live record goes (the executor has written the run's record).
     pub fn finish(self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.path.with_extension("lock"));
     }
 
     fn save(&self) {
@@ -183,6 +193,14 @@ impl<'a> Recorder<'a> {
 impl Observer for Recorder<'_> {
     fn waiting_for_lock(&self, holder: Option<u32>) {
         self.inner.waiting_for_lock(holder);
+    }
+
+    fn waiting_for_key(&self, entry: &PlanEntry, holder: Option<&str>) {
+        self.inner.waiting_for_key(entry, holder);
+    }
+
+    fn stage_queued(&self, entry: &PlanEntry, detail: &str) {
+        self.inner.stage_queued(entry, detail);
     }
 
     fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress> {
@@ -404,9 +422,8 @@ pub fn status(store: &Store, recipe_file: &Path) -> Result<Status, EngineError> 
             last = Some((stamp, record));
         }
     }
-    let holder = store.lock_holder();
     let live = live.and_then(|(stamp, run)| {
-        let alive = holder == Some(run.pid);
+        let alive = is_alive(store, stamp, run.pid);
         // A killed run older than the last finished one is history.
         if !alive && last.as_ref().is_some_and(|(s, _)| *s > stamp) {
             return None;
@@ -417,6 +434,19 @@ pub fn status(store: &Store, recipe_file: &Path) -> Result<Status, EngineError> 
         live,
         last: last.map(|(_, record)| record),
     })
+}
+
+/// Whether the run recorded as `<stamp>-<pid>` still goes on: its process holds its lock.
+fn is_alive(store: &Store, stamp: u128, pid: u32) -> bool {
+    let path = store.runs_dir().join(format!("{stamp}-{pid}.live.lock"));
+    match std::fs::File::open(&path) {
+        Ok(file) => match file.try_lock_shared() {
+            Ok(()) => false,
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            Err(std::fs::TryLockError::Error(_)) => false,
+        },
+        Err(_) => false,
+    }
 }
 
 fn live_status(store: &Store, run: LiveRun, alive: bool) -> LiveStatus {
@@ -590,6 +620,8 @@ mod tests {
         assert!(seen.last.is_none());
 
         // The process dies (its lock goes with it): the record stays, seen as dead.
+        drop(progress);
+        drop(recorder);
         drop(lock);
         let seen = status(&store, &recipe).unwrap();
         assert!(!seen.live.expect("the record stays").alive);
@@ -620,13 +652,18 @@ mod tests {
         let seen = status(&store, &other).unwrap();
         assert!(seen.live.is_none() && seen.last.is_none());
 
-        recorder.finish();
-        assert!(
+        // A run that ends removes its own live record (the killed run's stays).
+        let live_records = || {
             std::fs::read_dir(store.runs_dir())
                 .unwrap()
                 .flatten()
-                .all(|e| !e.file_name().to_string_lossy().ends_with(".live.json"))
-        );
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".live.json"))
+                .count()
+        };
+        let again = Recorder::start(&store, &recipe, 1, &Quiet).unwrap();
+        assert_eq!(live_records(), 2);
+        again.finish();
+        assert_eq!(live_records(), 1);
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct StageContext<'a> {
     pub seed: u64,
     pub backend: Backend,
     pub precision: Precision,
+    /// How many threads the stage may use: the executor's share of the cores for it (at least
+    /// 1). Never part of a key: a stage's result must not depend on it.
+    pub threads: usize,
     pub progress: &'a dyn Progress,
     /// Set on Ctrl-C: checkpoint and return.
     pub interrupted: &'a AtomicBool,

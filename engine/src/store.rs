@@ -2,16 +2,32 @@
 //!
 //! ```text
 //! .rudder/store.json                 layout version
-//! .rudder/lock                       writers hold an exclusive lock on this file
+//! .rudder/lock                       writers share a lock on this file; `gc` holds it alone
+//! .rudder/locks/<key>                held by whoever builds that key (pid and host inside)
 //! .rudder/objects/<key>/             one immutable artifact: its files + manifest.json
-//! .rudder/tmp/                       artifacts being built; renamed into objects/ when complete
+//! .rudder/tmp/<key>.*                artifacts being built; renamed into objects/ when complete
 //! .rudder/work/<key>/                checkpoints of an unfinished stage, and its status.json
 //! .rudder/runs/                      one JSON record per run; <ms>-<pid>.live.json while it runs
+//! .rudder/slurm/<key>.{sh,log,job}   a Slurm job's script, its output, its id (`slurm.rs`)
 //! .rudder/cache/digests.json         file digests by path, size and mtime
 //! ```
 //!
 //! An artifact becomes visible in one `rename` of a complete directory, so a crash at any point
-//! leaves either no artifact or a whole one. Stale `tmp/` entries are removed by the next writer.
+//! leaves either no artifact or a whole one. `tmp/` and `objects/` are in one directory, hence
+//! on one filesystem, so that rename is atomic on a shared filesystem as well.
+//!
+//! Locking, with `flock` (which Linux maps onto the NFS lock protocol; Lustre needs its `flock`
+//! mount option):
+//!
+//! ```text
+//!   rudder run / rudder exec     lock (shared)  ─┬─ lock_key(k1) build k1, commit
+//!                                                └─ lock_key(k2) ...
+//!   rudder gc                    lock_exclusive: no writer is running
+//! ```
+//!
+//! Any number of runs, threads and Slurm jobs write to one store at once: the per-key lock makes
+//! each key built by one of them, the others wait for it and find it built. A `tmp/` entry
+//! whose key's lock nobody holds was left by a builder that died: the next writer removes it.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -26,8 +42,13 @@ use crate::error::EngineError;
 use crate::fsutil::write_atomic;
 use crate::key::Key;
 
-/// Version of the directory layout and manifest format.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version of the directory layout and manifest format. Version 2 added per-key locks (a
+/// shared store lock) and `slurm/`; a version-1 store is read and written as it is, since a
+/// version-1 rudder's exclusive store lock still excludes every newer writer.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Layouts this rudder reads.
+const READS_LAYOUTS: std::ops::RangeInclusive<u64> = 1..=LAYOUT_VERSION as u64;
 
 /// One file of an artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,9 +88,16 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// Held while writing to the store; released on drop (and by the OS if the process dies).
+/// Held while writing to the store (shared) or collecting garbage (exclusive); released on
+/// drop (and by the OS if the process dies).
 #[derive(Debug)]
 pub struct StoreLock {
+    _file: File,
+}
+
+/// Held while building one key; released on drop (and by the OS if the process dies).
+#[derive(Debug)]
+pub struct KeyLock {
     _file: File,
 }
 
@@ -100,7 +128,7 @@ impl Store {
 
     /// Creates the layout if missing and checks its version.
     pub fn init(&self) -> Result<(), EngineError> {
-        for dir in ["objects", "tmp", "work", "runs", "cache"] {
+        for dir in ["objects", "tmp", "work", "runs", "cache", "locks"] {
             let path = self.root.join(dir);
             std::fs::create_dir_all(&path).map_err(self.io("creating", &path))?;
         }
@@ -111,7 +139,7 @@ impl Store {
                     .ok()
                     .and_then(|v| v.get("layout").and_then(Value::as_u64));
                 match layout {
-                    Some(v) if v == u64::from(LAYOUT_VERSION) => Ok(()),
+                    Some(v) if READS_LAYOUTS.contains(&v) => Ok(()),
                     Some(v) => Err(EngineError::Store {
                         path: self.root.clone(),
                         message: format!(
@@ -133,62 +161,141 @@ impl Store {
         }
     }
 
-    /// Takes the writer lock. When another process holds it, calls `on_wait` with that
-    /// process's id (if known) and waits.
+    /// Takes the writer lock, shared with other writers (runs, their threads, Slurm jobs). When
+    /// `gc` holds it, calls `on_wait` with that process's id (if known) and waits.
     pub fn lock(&self, on_wait: impl FnOnce(Option<u32>)) -> Result<StoreLock, EngineError> {
         let path = self.root.join("lock");
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(self.io("opening", &path))?;
-        match file.try_lock() {
+        let mut file = self.lock_file(&path)?;
+        match file.try_lock_shared() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 on_wait(holder.trim().parse().ok());
+                file.lock_shared().map_err(self.io("locking", &path))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(self.io("locking", &path)(e)),
+        }
+        self.sweep_tmp();
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Removes what builders that died left in `tmp/`: entries of keys whose lock nobody holds.
+    fn sweep_tmp(&self) {
+        let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(key) = name.split('.').next().and_then(Key::from_hex) else {
+                continue;
+            };
+            let lock = self.root.join("locks").join(key.to_hex());
+            let Ok(file) = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock)
+            else {
+                continue;
+            };
+            if file.try_lock().is_ok() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// Takes the store lock alone (`gc`): waits until no writer holds it, then removes every
+    /// leftover of `tmp/` and the key locks, since no build is running (keys are locked only
+    /// under the shared store lock).
+    pub fn lock_exclusive(
+        &self,
+        on_wait: impl FnOnce(Option<u32>),
+    ) -> Result<StoreLock, EngineError> {
+        let path = self.root.join("lock");
+        let mut file = self.lock_file(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                // Shared holders do not write their ids: there may be many.
+                on_wait(None);
                 file.lock().map_err(self.io("locking", &path))?;
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(self.io("locking", &path)(e)),
         }
-        // Record the holder for the message a waiting process prints.
+        // Record the holder for the message a waiting writer prints.
         let _ = file
             .set_len(0)
             .and_then(|()| file.rewind())
             .and_then(|()| write!(file, "{}", std::process::id()));
-        // Anything left in tmp/ belongs to a writer that died: no live writer holds the lock.
-        let tmp = self.root.join("tmp");
-        if let Ok(entries) = std::fs::read_dir(&tmp) {
+        if let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) {
             for entry in entries.flatten() {
                 let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.root.join("locks")) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
         Ok(StoreLock { _file: file })
     }
 
-    /// The process holding the writer lock; `None` when no process holds it (or it cannot be
-    /// told which). Taking the lock for a moment to find out would make a starting run wait, so
-    /// only a lock that is free is taken, and released at once.
-    pub fn lock_holder(&self) -> Option<u32> {
-        let path = self.root.join("lock");
-        let mut file = std::fs::OpenOptions::new().read(true).open(&path).ok()?;
-        match file.try_lock_shared() {
-            Ok(()) => None,
+    /// Takes the lock of one key, to build it. When another process holds it, calls `on_wait`
+    /// with who that is (`pid 123 on node7`) and waits. Leftovers of an earlier build of the key
+    /// in `tmp/` belong to a builder that died, and are removed.
+    pub fn lock_key(
+        &self,
+        key: &Key,
+        on_wait: impl FnOnce(Option<String>),
+    ) -> Result<KeyLock, EngineError> {
+        let dir = self.root.join("locks");
+        std::fs::create_dir_all(&dir).map_err(self.io("creating", &dir))?;
+        let path = dir.join(key.to_hex());
+        let mut file = self.lock_file(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
-                file.read_to_string(&mut holder).ok()?;
-                holder.trim().parse().ok()
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                on_wait((!holder.is_empty()).then(|| holder.to_owned()));
+                file.lock().map_err(self.io("locking", &path))?;
             }
-            Err(std::fs::TryLockError::Error(_)) => None,
+            Err(std::fs::TryLockError::Error(e)) => return Err(self.io("locking", &path)(e)),
         }
+        let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| {
+            write!(
+                file,
+                "pid {} on {}",
+                std::process::id(),
+                crate::fsutil::host_name()
+            )
+        });
+        let prefix = format!("{}.", key.to_hex());
+        if let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(KeyLock { _file: file })
+    }
+
+    fn lock_file(&self, path: &Path) -> Result<File, EngineError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(self.io("opening", path))
     }
 
     /// Directories in `tmp/` where the artifact `key` is being built now (by [`Store::begin`]).
     pub fn pending_dirs(&self, key: &Key) -> Vec<PathBuf> {
-        let prefix = format!("{}.", key.short());
+        let prefix = format!("{}.", key.to_hex());
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.root.join("tmp"))
             .into_iter()
             .flatten()
@@ -228,12 +335,13 @@ impl Store {
         }
     }
 
-    /// A fresh, empty directory for building the artifact `key`.
+    /// A fresh, empty directory for building the artifact `key` (the caller holds its
+    /// [`KeyLock`]).
     pub fn begin(&self, key: &Key) -> Result<Pending, EngineError> {
         let tmp = self.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(self.io("creating", &tmp))?;
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{}.", key.short()))
+            .prefix(&format!("{}.", key.to_hex()))
             .tempdir_in(&tmp)
             .map_err(self.io("creating a directory in", &tmp))?
             .keep();
@@ -342,6 +450,11 @@ impl Store {
         self.root.join("runs")
     }
 
+    /// Slurm jobs' scripts, logs and ids.
+    pub fn slurm_dir(&self) -> PathBuf {
+        self.root.join("slurm")
+    }
+
     /// Total size in bytes of an artifact's files.
     pub fn size_of(manifest: &Manifest) -> u64 {
         manifest.files.iter().map(|f| f.size).sum()
@@ -394,6 +507,9 @@ mod tests {
         store.init().unwrap();
         let _lock = store.lock(|_| panic!("nobody else holds it")).unwrap();
         let key = KeyBuilder::new("test").str("a").finish();
+        let _key_lock = store
+            .lock_key(&key, |_| panic!("nobody builds it"))
+            .unwrap();
         let pending = store.begin(&key).unwrap();
         std::fs::write(pending.dir.join("out.txt"), "hi").unwrap();
         assert!(!store.contains(&key));
@@ -419,6 +535,76 @@ mod tests {
         store.abandon(pending);
         assert!(!store.contains(&key));
         assert!(store.objects().unwrap().is_empty());
+    }
+
+    #[test]
+    fn writers_share_the_store_and_exclude_each_other_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join(".rudder"));
+        store.init().unwrap();
+        let _a = store
+            .lock(|_| panic!("writers share the store lock"))
+            .unwrap();
+        let _b = store
+            .lock(|_| panic!("writers share the store lock"))
+            .unwrap();
+        let key = KeyBuilder::new("test").str("c").finish();
+        let held = store.lock_key(&key, |_| panic!("free")).unwrap();
+        // A leftover of a builder that died is removed by the next holder of the key's lock.
+        let stale = store.begin(&key).unwrap();
+        drop(held);
+        let other = KeyBuilder::new("test").str("d").finish();
+        let other_pending = store.begin(&other).unwrap();
+        let held = store.lock_key(&key, |_| panic!("free again")).unwrap();
+        assert!(!stale.dir.exists());
+        assert!(
+            other_pending.dir.exists(),
+            "another key's build is left alone"
+        );
+        // While one holds the key, another waits and is told who holds it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let _lock = store
+                    .lock_key(&key, |holder| tx.send(holder).unwrap())
+                    .unwrap();
+            })
+        };
+        let holder = rx.recv().unwrap().unwrap();
+        assert!(
+            holder.starts_with(&format!("pid {} on ", std::process::id())),
+            "{holder}"
+        );
+        drop(held);
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn gc_waits_for_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join(".rudder"));
+        store.init().unwrap();
+        let writer = store.lock(|_| panic!("free")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gc = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let _lock = store.lock_exclusive(|_| tx.send(()).unwrap()).unwrap();
+            })
+        };
+        rx.recv().unwrap();
+        drop(writer);
+        gc.join().unwrap();
+    }
+
+    #[test]
+    fn version_1_stores_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join(".rudder"));
+        std::fs::create_dir_all(store.root()).unwrap();
+        std::fs::write(store.root().join("store.json"), r#"{"layout": 1}"#).unwrap();
+        store.init().unwrap();
     }
 
     #[test]

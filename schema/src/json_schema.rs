@@ -39,6 +39,7 @@ pub fn recipe_schema() -> Value {
         "additionalProperties": false,
         "properties": {
             "recipe": s.meta,
+            "executor": s.executor,
             "datasets": { "type": "object", "additionalProperties": s.dataset },
             "models": { "type": "object", "additionalProperties": s.model },
             "stages": { "type": "object", "additionalProperties": { "oneOf": stage_variants } },

@@ -15,7 +15,7 @@ pub mod validate;
 pub use diagnostic::{Diagnostic, Loc, RecipeErrors};
 pub use kinds::{KINDS, StageSpec};
 pub use recipe::{
-    Backend, DataFormat, DatasetSpec, Input, Model, ModelSpec, Node, NodeBody, Precision, Recipe,
-    Stage, Target,
+    Backend, DataFormat, DatasetSpec, ExecutorKind, ExecutorSpec, Input, Model, ModelSpec, Node,
+    NodeBody, Precision, Recipe, Resources, Stage, Target,
 };
 pub use source::{Seg, ValuePath};

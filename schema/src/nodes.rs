@@ -66,6 +66,10 @@ pub struct RecipeMeta {
     /// Default backend of every stage; the CLI's `--backend` wins.
     pub backend: Backend,
     pub precision: Precision,
+    /// How many stages run at once on this machine; the CLI's `-j` wins. Default: one per
+    /// four cores (GPU stages one at a time).
+    #[schemars(range(min = 1))]
+    pub jobs: Option<u32>,
 }
 
 impl Default for RecipeMeta {
@@ -76,8 +80,174 @@ impl Default for RecipeMeta {
             seed: 0,
             backend: Backend::Cpu,
             precision: Precision::Fp32,
+            jobs: None,
         }
     }
+}
+
+/// Where stages run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// On threads of the `rudder` process.
+    #[default]
+    Local,
+    /// One Slurm job (`sbatch`) per stage, over a store on a shared filesystem.
+    Slurm,
+}
+
+impl ExecutorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorKind::Local => "local",
+            ExecutorKind::Slurm => "slurm",
+        }
+    }
+}
+
+impl std::str::FromStr for ExecutorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" => Ok(ExecutorKind::Local),
+            "slurm" => Ok(ExecutorKind::Slurm),
+            other => Err(format!("unknown executor `{other}` (local or slurm)")),
+        }
+    }
+}
+
+/// The `[executor]` table: where stages run; the CLI's `--executor` wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutorSpec {
+    pub kind: ExecutorKind,
+    /// The `rudder` binary that Slurm jobs run, as the compute nodes see it. Default: the one
+    /// that submits them.
+    pub rudder: Option<String>,
+    /// Seconds between two polls of `squeue`.
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    pub poll_seconds: f64,
+    /// Resources of every stage's job; a stage's own `resources` win, field by field.
+    pub resources: Resources,
+}
+
+impl Default for ExecutorSpec {
+    fn default() -> Self {
+        Self {
+            kind: ExecutorKind::Local,
+            rudder: None,
+            poll_seconds: 2.0,
+            resources: Resources::default(),
+        }
+    }
+}
+
+/// What a stage asks of a cluster scheduler. Never part of a key: where and with how much a
+/// stage runs does not change what it produces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resources {
+    /// GPUs on the stage's node (`--gres=gpu:N`).
+    pub gpus: Option<u32>,
+    /// CPU cores (`--cpus-per-task`); also the stage's thread budget.
+    #[schemars(range(min = 1))]
+    pub cpus: Option<u32>,
+    /// Memory of the node (`--mem`): a whole number with an optional K, M, G or T suffix.
+    pub mem: Option<String>,
+    /// Wall-clock limit (`--time`): `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS`.
+    pub time: Option<String>,
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// Further `sbatch` options, passed as written: `["--qos=high", "--constraint=a100"]`.
+    pub extra: Vec<String>,
+}
+
+impl Resources {
+    /// These resources with `defaults` filling the fields left unset; `extra` options of both
+    /// apply, the defaults' first (so that a stage's own option comes last and wins in sbatch).
+    pub fn or(&self, defaults: &Resources) -> Resources {
+        Resources {
+            gpus: self.gpus.or(defaults.gpus),
+            cpus: self.cpus.or(defaults.cpus),
+            mem: self.mem.clone().or_else(|| defaults.mem.clone()),
+            time: self.time.clone().or_else(|| defaults.time.clone()),
+            partition: self
+                .partition
+                .clone()
+                .or_else(|| defaults.partition.clone()),
+            account: self.account.clone().or_else(|| defaults.account.clone()),
+            extra: defaults.extra.iter().chain(&self.extra).cloned().collect(),
+        }
+    }
+
+    /// Values Slurm would refuse, as `(field, index in extra, message)`.
+    pub fn check(&self) -> Vec<(&'static str, Option<usize>, String)> {
+        let mut errors = Vec::new();
+        if let Some(mem) = &self.mem
+            && !is_slurm_memory(mem)
+        {
+            errors.push((
+                "mem",
+                None,
+                format!("`mem = \"{mem}\"` is not a memory size (e.g. \"64G\", \"512M\")"),
+            ));
+        }
+        if let Some(time) = &self.time
+            && !is_slurm_time(time)
+        {
+            errors.push((
+                "time",
+                None,
+                format!("`time = \"{time}\"` is not a Slurm time limit (e.g. \"4:00:00\", \"1-12:00\", \"30\")"),
+            ));
+        }
+        for (field, value) in [("partition", &self.partition), ("account", &self.account)] {
+            if let Some(value) = value
+                && (value.is_empty() || value.chars().any(char::is_whitespace))
+            {
+                errors.push((
+                    field,
+                    None,
+                    format!("`{field}` must be one word, not \"{value}\""),
+                ));
+            }
+        }
+        for (i, option) in self.extra.iter().enumerate() {
+            if !option.starts_with('-') {
+                errors.push((
+                    "extra",
+                    Some(i),
+                    format!("`{option}` is not an sbatch option (they start with `-`, e.g. \"--qos=high\")"),
+                ));
+            }
+        }
+        errors
+    }
+}
+
+/// `--mem`: digits with an optional unit suffix.
+fn is_slurm_memory(text: &str) -> bool {
+    let digits = text.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
+    text.len() - digits.len() <= 1
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `--time`: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS` (or `UNLIMITED`).
+fn is_slurm_time(text: &str) -> bool {
+    if matches!(text, "UNLIMITED" | "INFINITE" | "unlimited" | "infinite") {
+        return true;
+    }
+    let number = |s: &str| !s.is_empty() && s.len() <= 6 && s.bytes().all(|b| b.is_ascii_digit());
+    let (days, clock) = match text.split_once('-') {
+        Some((days, clock)) => (Some(days), clock),
+        None => (None, text),
+    };
+    if days.is_some_and(|d| !number(d)) {
+        return false;
+    }
+    let parts: Vec<&str> = clock.split(':').collect();
+    parts.iter().all(|p| number(p)) && (1..=3).contains(&parts.len())
 }
 
 /// Data file formats.
@@ -196,4 +366,56 @@ pub struct StageCommon {
     /// Overrides the recipe's backend.
     pub backend: Option<Backend>,
     pub precision: Option<Precision>,
+    /// What the stage's Slurm job asks for (not in its key).
+    pub resources: Option<Resources>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_sizes_and_times() {
+        for good in ["64G", "512M", "1000", "2t"] {
+            assert!(is_slurm_memory(good), "{good}");
+        }
+        for bad in ["", "G", "64GB", "1.5G", "-1", "sixty"] {
+            assert!(!is_slurm_memory(bad), "{bad}");
+        }
+        for good in [
+            "30",
+            "30:00",
+            "4:00:00",
+            "1-12",
+            "1-12:30",
+            "2-00:00:00",
+            "UNLIMITED",
+        ] {
+            assert!(is_slurm_time(good), "{good}");
+        }
+        for bad in ["", "4h", "1:2:3:4", "-5", "1-", "a-1", "4::00"] {
+            assert!(!is_slurm_time(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_stage_s_resources_win_field_by_field() {
+        let defaults = Resources {
+            partition: Some("gpu".into()),
+            account: Some("lab".into()),
+            extra: vec!["--qos=normal".into()],
+            ..Resources::default()
+        };
+        let own = Resources {
+            gpus: Some(1),
+            partition: Some("big".into()),
+            extra: vec!["--qos=high".into()],
+            ..Resources::default()
+        };
+        let merged = own.or(&defaults);
+        assert_eq!(merged.gpus, Some(1));
+        assert_eq!(merged.partition.as_deref(), Some("big"));
+        assert_eq!(merged.account.as_deref(), Some("lab"));
+        assert_eq!(merged.extra, ["--qos=normal", "--qos=high"]);
+    }
 }

@@ -14,7 +14,8 @@ use serde_json::Value;
 use crate::diagnostic::{Diagnostic, Loc, RecipeErrors, did_you_mean};
 use crate::kinds::{Expect, FieldError, InputField, KINDS, Produces, StageSpec, kind_info};
 pub use crate::nodes::{
-    Arch, Backend, DataFormat, DatasetSpec, ModelSpec, Precision, RecipeMeta, StageCommon,
+    Arch, Backend, DataFormat, DatasetSpec, ExecutorKind, ExecutorSpec, ModelSpec, Precision,
+    RecipeMeta, Resources, StageCommon,
 };
 use crate::source::{Sources, SpanMap, Spans, ValuePath, parse_override_value, parse_toml};
 use crate::validate::{SchemaError, validate};
@@ -26,7 +27,10 @@ const COMMON_KEYS: &[&str] = &[
     "seed",
     "backend",
     "precision",
+    "resources",
 ];
+
+const TOP_LEVEL: &[&str] = &["recipe", "executor", "datasets", "models", "stages"];
 
 /// What a reference resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +63,8 @@ pub struct Stage {
     pub backend: Backend,
     pub precision: Precision,
     pub description: Option<String>,
+    /// What its Slurm job asks for, as written (the executor's defaults are not merged in).
+    pub resources: Resources,
 }
 
 #[derive(Debug)]
@@ -124,6 +130,8 @@ pub struct Recipe {
     /// Its directory, absolute: relative paths in the recipe start here.
     pub dir: PathBuf,
     pub meta: RecipeMeta,
+    /// The `[executor]` table.
+    pub executor: ExecutorSpec,
     pub name: String,
     /// Datasets, then models, then stages, each in the order written.
     pub nodes: Vec<Node>,
@@ -296,6 +304,7 @@ pub(crate) struct Schemas {
     /// Holds `$defs` for `$ref` resolution.
     pub root: Value,
     pub meta: Value,
+    pub executor: Value,
     pub dataset: Value,
     pub model: Value,
     pub common: Value,
@@ -307,6 +316,7 @@ pub(crate) fn schemas() -> &'static Schemas {
     SCHEMAS.get_or_init(|| {
         let mut generator = SchemaGenerator::new(schemars::generate::SchemaSettings::draft07());
         let meta = generator.subschema_for::<RecipeMeta>().to_value();
+        let executor = generator.subschema_for::<ExecutorSpec>().to_value();
         let dataset = generator.subschema_for::<DatasetSpec>().to_value();
         let model = generator.subschema_for::<ModelSpec>().to_value();
         let common = generator.subschema_for::<StageCommon>().to_value();
@@ -322,6 +332,7 @@ pub(crate) fn schemas() -> &'static Schemas {
         Schemas {
             root: serde_json::json!({ "definitions": definitions }),
             meta,
+            executor,
             dataset,
             model,
             common,
@@ -436,13 +447,14 @@ impl Loader<'_> {
             return None;
         };
         for key in top.keys() {
-            if !["recipe", "datasets", "models", "stages"].contains(&key.as_str()) {
+            if !TOP_LEVEL.contains(&key.as_str()) {
                 self.key_error(
                     &root.key(key),
                     format!("unknown top-level table `{key}`"),
-                    did_you_mean(key, ["recipe", "datasets", "models", "stages"]).or_else(|| {
+                    did_you_mean(key, TOP_LEVEL.iter().copied()).or_else(|| {
                         Some(
-                            "a recipe has [recipe], [datasets.*], [models.*] and [stages.*]".into(),
+                            "a recipe has [recipe], [executor], [datasets.*], [models.*] and [stages.*]"
+                                .into(),
                         )
                     }),
                 );
@@ -460,6 +472,18 @@ impl Loader<'_> {
                 "[recipe]",
             )
             .unwrap_or_default();
+        let executor_path = root.key("executor");
+        let executor: ExecutorSpec = match top.get("executor") {
+            Some(value) => self
+                .typed(&self.schemas.executor, value, &executor_path, "[executor]")
+                .unwrap_or_default(),
+            None => ExecutorSpec::default(),
+        };
+        self.resource_errors(
+            &executor.resources,
+            &executor_path.key("resources"),
+            "[executor]",
+        );
         let name = meta.name.clone().unwrap_or_else(|| {
             file.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -528,6 +552,7 @@ impl Loader<'_> {
             file: file.to_path_buf(),
             dir,
             meta,
+            executor,
             name,
             nodes,
             sources: Arc::default(),
@@ -750,6 +775,8 @@ impl Loader<'_> {
                 }
             })
             .collect();
+        let resources = common.resources.clone().unwrap_or_default();
+        self.resource_errors(&resources, &path.key("resources"), &context);
         let after = common
             .after
             .iter()
@@ -764,7 +791,19 @@ impl Loader<'_> {
             backend: common.backend.unwrap_or(meta.backend),
             precision: common.precision.unwrap_or(meta.precision),
             description: common.description,
+            resources,
         })
+    }
+
+    /// Resource values that Slurm would refuse, located at the value.
+    fn resource_errors(&mut self, resources: &Resources, path: &ValuePath, context: &str) {
+        for (field, index, message) in resources.check() {
+            let mut at = path.key(field);
+            if let Some(i) = index {
+                at = at.index(i);
+            }
+            self.error(&at, format!("{context}: {message}"), "here");
+        }
     }
 
     /// Resolve every reference: to a node (checking what it produces) or, where allowed, a file.

@@ -321,3 +321,70 @@ fn report_to_takes_known_integrations_only() {
     assert!(errors[0].contains("recipe.toml:22:14"), "{errors:?}");
     assert!(errors[0].contains("tensorboard"), "{errors:?}");
 }
+
+#[test]
+fn executor_jobs_and_resources_load() {
+    let text = BASE
+        .replace("seed = 7", "seed = 7\njobs = 3")
+        .replace(
+            "[datasets.prefs]",
+            "[executor]\nkind = \"slurm\"\npoll_seconds = 0.5\nresources = { partition = \"gpu\", extra = [\"--qos=low\"] }\n\n[datasets.prefs]",
+        )
+        .replace(
+            "beta = 0.1",
+            "beta = 0.1\n\n[stages.dpo.resources]\ngpus = 1\ncpus = 8\nmem = \"64G\"\ntime = \"4:00:00\"\naccount = \"lab\"\nextra = [\"--qos=high\"]",
+        );
+    let recipe = load(&text).unwrap();
+    assert_eq!(recipe.meta.jobs, Some(3));
+    assert_eq!(recipe.executor.kind, rudder_schema::ExecutorKind::Slurm);
+    assert_eq!(recipe.executor.poll_seconds, 0.5);
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    let merged = dpo.resources.or(&recipe.executor.resources);
+    assert_eq!(merged.gpus, Some(1));
+    assert_eq!(merged.mem.as_deref(), Some("64G"));
+    assert_eq!(merged.partition.as_deref(), Some("gpu"));
+    assert_eq!(merged.extra, ["--qos=low", "--qos=high"]);
+    // Resources are not parameters: the kind's parameters do not see them.
+    assert!(dpo.spec.params().get("resources").is_none());
+    let NodeBody::Stage(sft) = &recipe.node("sft").unwrap().body else {
+        panic!()
+    };
+    assert_eq!(sft.resources, rudder_schema::Resources::default());
+}
+
+#[test]
+fn bad_resources_are_located() {
+    let text = BASE.replace(
+        "beta = 0.1",
+        "beta = 0.1\nresources = { mem = \"64GB\", time = \"4h\", extra = [\"--qos=x\", \"qos=high\"], gpu = 1 }",
+    );
+    let errors = errors_of(&text).join("\n");
+    assert!(errors.contains("unknown key `gpu`"), "{errors}");
+    assert!(errors.contains("did you mean `gpus`?"), "{errors}");
+    let text = BASE.replace(
+        "beta = 0.1",
+        "beta = 0.1\nresources = { mem = \"64GB\", time = \"4h\", extra = [\"--qos=x\", \"qos=high\"] }",
+    );
+    let errors = errors_of(&text);
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0].contains("recipe.toml:22:21: stage `dpo`: `mem = \"64GB\"` is not a memory size"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("22:36: stage `dpo`: `time = \"4h\"` is not a Slurm time limit"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].contains("22:62: stage `dpo`: `qos=high` is not an sbatch option"),
+        "{errors:?}"
+    );
+    let errors = errors_of(&BASE.replace(
+        "[datasets.prefs]",
+        "[executor]\nkind = \"pbs\"\n\n[datasets.prefs]",
+    ));
+    assert!(errors[0].contains("[executor]"), "{errors:?}");
+    assert!(errors[0].contains("recipe.toml:7:8"), "{errors:?}");
+}

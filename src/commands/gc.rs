@@ -32,7 +32,9 @@ pub fn run(
         )
         .into());
     }
-    let _lock = store.lock(|_| printer.status("waiting for the store lock..."))?;
+    let _lock = store.lock_exclusive(|_| {
+        printer.status("waiting for running rudder processes to release the store...")
+    })?;
     let mut keep: BTreeSet<Key> = BTreeSet::new();
     for path in &lockfiles {
         if !path.exists() {

@@ -1,6 +1,7 @@
 //! One module per subcommand; each resolves its arguments, calls the engine, prints.
 
 pub mod dag;
+pub mod exec;
 pub mod export;
 pub mod gc;
 pub mod generate;

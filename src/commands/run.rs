@@ -1,39 +1,74 @@
+//! `rudder run`: plan under the store lock, then run the plan's stages on this machine's
+//! threads or as Slurm jobs.
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use rudder_engine::executor::Executor;
+use rudder_engine::executor::{Executor, Observer, Run};
 use rudder_engine::live::Recorder;
+use rudder_engine::local::LocalExecutor;
+use rudder_engine::slurm::SlurmExecutor;
+use rudder_engine::{EngineError, Project};
+use rudder_schema::{Backend, ExecutorKind};
 
 use crate::ExitStatus;
-use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
+use crate::cli::RunArgs;
 use crate::printer::Printer;
 use crate::progress::TerminalObserver;
 
-pub fn run(
-    recipe: &RecipeArgs,
-    selection: &SelectionArgs,
-    store: &StoreArgs,
-    backend: Option<&str>,
-    dry_run: bool,
-    printer: &Printer,
-) -> anyhow::Result<ExitStatus> {
-    let project = super::open(recipe, Some(store))?;
+/// Where and how the stages run, resolved from the command line over the recipe.
+struct Settings {
+    executor: ExecutorKind,
+    /// Stages at once on this machine (`-j`, else `[recipe] jobs`, else the default rule).
+    jobs: Option<usize>,
+    keep_going: bool,
+    backend: Option<Backend>,
+}
+
+impl Settings {
+    fn resolve(args: &RunArgs, project: &Project) -> anyhow::Result<Settings> {
+        let executor = match &args.executor {
+            Some(name) => name.parse().map_err(EngineError::Usage)?,
+            None => project.recipe.executor.kind,
+        };
+        Ok(Settings {
+            executor,
+            jobs: args.jobs.or(project.recipe.meta.jobs).map(|j| j as usize),
+            keep_going: args.keep_going,
+            backend: super::backend(args.backend.as_deref())?,
+        })
+    }
+}
+
+pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
+    let project = super::open(&args.recipe, Some(&args.store))?;
     let registry = super::registry();
-    let selection = super::selection(selection);
-    let backend = super::backend(backend)?;
-    if dry_run {
-        let plan = project.plan(&registry, &selection, backend)?;
+    let selection = super::selection(&args.selection);
+    let settings = Settings::resolve(args, &project)?;
+    if args.dry_run {
+        let plan = project.plan(&registry, &selection, settings.backend)?;
         super::plan::print(&plan, printer);
         return Ok(ExitStatus::Success);
     }
-    let observer = TerminalObserver { printer: *printer };
+    let local = LocalExecutor::new(settings.jobs);
+    let slurm;
+    let executor: &dyn Executor = match settings.executor {
+        ExecutorKind::Local => &local,
+        ExecutorKind::Slurm => {
+            slurm = slurm_executor(&project, args)?;
+            &slurm
+        }
+    };
+    let parallel = settings.executor == ExecutorKind::Slurm || local.jobs > 1;
+    let observer = TerminalObserver::new(*printer, parallel);
     project.store.init()?;
-    let _lock = project.store.lock(|holder| {
-        use rudder_engine::executor::Observer;
-        observer.waiting_for_lock(holder);
-    })?;
+    let _lock = project
+        .store
+        .lock(|holder| observer.waiting_for_lock(holder))?;
     // Planned under the lock, so that what another run just built counts as cached.
-    let plan = project.plan(&registry, &selection, backend)?;
+    let plan = project.plan(&registry, &selection, settings.backend)?;
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     // A second Ctrl-C while stages wind down is left to the default handling of the terminal.
@@ -45,24 +80,74 @@ pub fn run(
         plan.to_run().count(),
         &observer,
     )?;
-    let executor = Executor {
-        recipe: &project.recipe,
-        graph: &project.graph,
-        registry: &registry,
-        store: &project.store,
-        observer: &recorder,
-        interrupted: &interrupted,
-    };
+    let run = Run::new(
+        &project.recipe,
+        &project.graph,
+        &registry,
+        &project.store,
+        &plan,
+        &recorder,
+        &interrupted,
+        settings.keep_going,
+    );
     let lock = project.lockfile()?;
-    let result = executor.run(&plan, &lock);
+    let result = run.run(&lock, executor);
     recorder.finish();
-    let report = result?;
+    let report = match result {
+        Ok(report) => report,
+        Err(err) => {
+            if let EngineError::RunFailed { not_run, .. } = &err
+                && !not_run.is_empty()
+                && !settings.keep_going
+            {
+                printer.status("hint: `--keep-going` runs the stages that need no failed one");
+            }
+            return Err(err.into());
+        }
+    };
+    let elsewhere = match report.built_elsewhere {
+        0 => String::new(),
+        n => format!(", {n} built meanwhile by another run"),
+    };
     printer.status(format!(
-        "ran {} stage{}, {} cached; lockfile {}",
+        "ran {} stage{}, {} cached{elsewhere}; lockfile {}",
         report.ran.len(),
         if report.ran.len() == 1 { "" } else { "s" },
         report.cached,
         project.recipe.lockfile_path().display()
     ));
     Ok(ExitStatus::Success)
+}
+
+/// The Slurm executor: jobs run `rudder exec` with the arguments that make them plan what this
+/// run planned.
+fn slurm_executor(project: &Project, args: &RunArgs) -> anyhow::Result<SlurmExecutor> {
+    for tool in ["sbatch", "squeue", "scancel"] {
+        if which(tool).is_none() {
+            return Err(EngineError::Usage(format!(
+                "the slurm executor needs `{tool}` on PATH (run on a Slurm login node, or use --executor local)"
+            ))
+            .into());
+        }
+    }
+    let spec = &project.recipe.executor;
+    let program = match &spec.rudder {
+        Some(path) => project.recipe.dir.join(path),
+        None => std::env::current_exe()?,
+    };
+    Ok(SlurmExecutor {
+        program,
+        recipe: std::path::absolute(&project.recipe.file)?,
+        overrides: args.recipe.set.clone(),
+        backend: super::backend(args.backend.as_deref())?,
+        poll: Duration::from_secs_f64(spec.poll_seconds),
+    })
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|path| path.is_file())
+    })
 }

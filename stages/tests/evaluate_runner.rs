@@ -66,6 +66,7 @@ fn run(spec: &dyn StageSpec, inputs: Vec<StageInput>, out: &Path) -> StageResult
         seed: 7,
         backend: Backend::Cpu,
         precision: Precision::Fp32,
+        threads: 1,
         progress: &NoProgress,
         interrupted: &flag,
     };

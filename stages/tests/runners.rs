@@ -97,6 +97,7 @@ fn run(
         seed: 42,
         backend: Backend::Cpu,
         precision: Precision::Fp32,
+        threads: 1,
         progress: &NoProgress,
         interrupted: &flag,
     };
@@ -356,6 +357,7 @@ fn run_sft_in(
         seed: 5,
         backend: Backend::Cpu,
         precision: Precision::Fp32,
+        threads: 1,
         progress: &progress,
         interrupted: &flag,
     };
@@ -515,6 +517,7 @@ fn run_synced_dpo_in(
         seed: 5,
         backend: Backend::Cpu,
         precision: Precision::Fp32,
+        threads: 1,
         progress: &progress,
         interrupted: &flag,
     };

@@ -68,6 +68,7 @@ fn run(kind: &str, spec: &dyn StageSpec, inputs: Vec<StageInput>, out: &Path) ->
         seed: 7,
         backend: Backend::Cpu,
         precision: Precision::Fp32,
+        threads: 1,
         progress: &NoProgress,
         interrupted: &flag,
     };
