@@ -16,17 +16,13 @@
 use std::cell::RefCell;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rudder_stages::backend::{AutodiffTask, dispatch_autodiff};
 use rudder_stages::kinds::reward::{RewardObjective, RewardPair};
 use rudder_stages::logps::{PromptCompletion, sequence_logps};
 use rudder_stages::losses::DpoLossConfig;
-use rudder_stages::model::{
-    CausalLm, ModelConfig, RewardModel, random_causal_lm, random_reward_model,
-};
+use rudder_stages::model::{ModelConfig, random_causal_lm, random_reward_model};
 use rudder_stages::preference::{DpoExample, DpoObjective, SyncedReferenceDpo, TokenizedPair};
 use rudder_stages::train::{Hooks, Objective, StepRecord, TrainConfig, train};
 use rudder_stages::train::{SftObjective, SftSequence};
@@ -60,11 +56,11 @@ impl Hooks for Clock {
 }
 
 /// Trains `examples` (one batch, the same every step) and returns the timed steps' durations.
-fn run<B: AutodiffBackend, O: Objective<B>>(
+fn run<O: Objective>(
     objective: &O,
     model: O::Model,
     examples: &[O::Example],
-    device: &B::Device,
+    device: &Device,
 ) -> Vec<f64> {
     let cfg = TrainConfig {
         learning_rate: 1e-4,
@@ -100,22 +96,10 @@ fn pairs(rng: &mut ChaCha8Rng) -> Vec<TokenizedPair> {
         .collect()
 }
 
-struct Bench<'a>(&'a str);
-
-impl AutodiffTask for Bench<'_> {
-    type Output = (Vec<f64>, usize);
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        bench::<B>(self.0, &device)
-    }
-}
-
-/// Runs one benchmark; returns (step times, tokens per step).
-fn bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> (Vec<f64>, usize)
-where
-    CausalLm<B>: AutodiffModule<B, InnerModule = CausalLm<B::InnerBackend>>,
-    RewardModel<B>: AutodiffModule<B>,
-{
+/// Runs one benchmark on a training (autodiff) device; returns (step times, tokens per step).
+fn bench(name: &str, device: &Device) -> (Vec<f64>, usize) {
     let device = device.clone();
+    let inference = device.clone().inner();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let cfg = config();
     let dpo = DpoObjective {
@@ -133,7 +117,7 @@ where
                     segments: None,
                 })
                 .collect();
-            let model = random_causal_lm::<B>(&cfg, 0, &device);
+            let model = random_causal_lm(&cfg, 0, &device);
             (
                 run(&SftObjective { pad_id: 0 }, model, &examples, &device),
                 PAIRS * SEQ,
@@ -147,7 +131,7 @@ where
                     margin: 0.0,
                 })
                 .collect();
-            let model = random_reward_model::<B>(&cfg, 0, &device);
+            let model = random_reward_model(&cfg, 0, &device);
             let objective = RewardObjective {
                 pad_id: 0,
                 center_rewards_coefficient: None,
@@ -156,24 +140,24 @@ where
         }
         "dpo-reference-each-step" => {
             let pairs = pairs(&mut rng);
-            let objective = SyncedReferenceDpo::<B> {
+            let objective = SyncedReferenceDpo {
                 base: dpo,
-                reference: RefCell::new(random_causal_lm::<B::InnerBackend>(&cfg, 1, &device)),
+                reference: RefCell::new(random_causal_lm(&cfg, 1, &inference)),
                 mixup_alpha: 0.0,
                 sync_steps: u64::MAX,
             };
-            let model = random_causal_lm::<B>(&cfg, 0, &device);
+            let model = random_causal_lm(&cfg, 0, &device);
             (run(&objective, model, &pairs, &device), 2 * PAIRS * SEQ)
         }
         "dpo-cached-reference" => {
             let pairs = pairs(&mut rng);
-            let reference = random_causal_lm::<B::InnerBackend>(&cfg, 1, &device);
+            let reference = random_causal_lm(&cfg, 1, &inference);
             let rows: Vec<&PromptCompletion> = pairs
                 .iter()
                 .map(|p| &p.chosen)
                 .chain(pairs.iter().map(|p| &p.rejected))
                 .collect();
-            let mut chosen = sequence_logps(&reference, &rows, 0, rows.len(), &device);
+            let mut chosen = sequence_logps(&reference, &rows, 0, rows.len());
             let rejected = chosen.split_off(PAIRS);
             drop(reference);
             let examples: Vec<DpoExample> = pairs
@@ -185,7 +169,7 @@ where
                     reference_rejected: r,
                 })
                 .collect();
-            let model = random_causal_lm::<B>(&cfg, 0, &device);
+            let model = random_causal_lm(&cfg, 0, &device);
             (run(&dpo, model, &examples, &device), 2 * PAIRS * SEQ)
         }
         other => panic!("no benchmark {other}"),
@@ -212,8 +196,9 @@ fn main() {
     let kind: rudder_schema::Backend = backend.parse().expect("cpu, wgpu or cuda");
     if let Some(i) = args.iter().position(|a| a == "--one") {
         let name = &args[i + 1];
-        let (times, tokens) =
-            dispatch_autodiff(kind, Bench(name)).expect("the backend is available");
+        let device =
+            rudder_stages::backend::training_device(kind).expect("the backend is available");
+        let (times, tokens) = bench(name, &device);
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
         let max = times.iter().copied().fold(0.0, f64::max);

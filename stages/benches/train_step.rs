@@ -1,16 +1,15 @@
-//! Throughput of the model core on the CPU backends compiled in: one language-model training step
-//! (forward, cross-entropy, backward, AdamW) on the reference 4M-parameter Llama at batch 8 x 256,
-//! and greedy generation with and without the KV cache. Compare with the PyTorch numbers in
+//! Throughput of the model core: one language-model training step (forward, cross-entropy,
+//! backward, AdamW) on the reference 4M-parameter Llama at batch 8 x 256, and greedy generation
+//! with and without the KV cache. Compare with the PyTorch numbers in
 //! ../shared/fixtures/BASELINE.md (same machine, same thread count). Run on an idle machine:
 //!
-//!     cargo bench -p rudder-stages --bench train_step --features flex,ndarray
+//!     cargo bench -p rudder-stages --bench train_step [-- --backend cuda]
 
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::Device;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -33,7 +32,7 @@ fn random_ids(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<i64> {
 }
 
 /// Token-mean next-token cross-entropy.
-fn lm_loss<B: Backend>(model: &CausalLm<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+fn lm_loss(model: &CausalLm, ids: Tensor<2, Int>) -> Tensor<1> {
     let [b, l] = ids.dims();
     let logits = model.forward(ids.clone().slice([0..b, 0..l - 1]), None, None);
     let vocab = logits.dims()[2];
@@ -84,21 +83,21 @@ fn time_steps(mut step: impl FnMut(), warmup: usize, timed: usize) -> (f64, f64,
     (mean, min, max)
 }
 
-fn train_bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> Row {
+fn train_bench(name: &str, device: &Device) -> Row {
     let cfg = config();
-    let mut model = random_causal_lm::<B>(&cfg, 0, device);
+    let mut model = random_causal_lm(&cfg, 0, device);
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     // SEQ + 1 tokens per row so that SEQ positions are trained, as in the PyTorch baseline.
     let ids = random_ids(&mut rng, BATCH * (SEQ + 1), cfg.vocab_size);
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ + 1]), device);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [BATCH, SEQ + 1]), device);
     let (mean, min, max) = time_steps(
         || {
             let loss = lm_loss(&model, ids.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(1e-3, model.clone(), grads);
             // Wait for the step to finish before the clock stops.
-            let _ = B::sync(device);
+            device.sync().expect("the device finishes the step");
         },
         WARMUP,
         TIMED,
@@ -112,9 +111,9 @@ fn train_bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> Row {
     }
 }
 
-fn generate_bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> Vec<Row> {
+fn generate_bench(name: &str, device: &Device) -> Vec<Row> {
     let cfg = config();
-    let model = random_causal_lm::<B>(&cfg, 0, device).valid();
+    let model = random_causal_lm(&cfg, 0, device);
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let (batch, prompt_len, new_tokens) = (8, 32, 64);
     let prompts: Vec<Vec<u32>> = (0..batch)
@@ -125,7 +124,6 @@ fn generate_bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> Vec<Row
                 .collect()
         })
         .collect();
-    let device = device.clone();
     [true, false]
         .into_iter()
         .map(|use_cache| {
@@ -139,7 +137,7 @@ fn generate_bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> Vec<Row
             // No EOS ids: every row generates exactly `new_tokens`.
             let (mean, min, max) = time_steps(
                 || {
-                    let out = generate_ids(&model, &prompts, &[], 0, &opts, &device).unwrap();
+                    let out = generate_ids(&model, &prompts, &[], 0, &opts).unwrap();
                     assert!(out.iter().all(|g| g.ids.len() == new_tokens));
                 },
                 1,
@@ -160,18 +158,15 @@ fn generate_bench<B: AutodiffBackend>(name: &str, device: &B::Device) -> Vec<Row
 }
 
 fn main() {
-    let mut rows = Vec::new();
-    #[cfg(feature = "flex")]
-    {
-        type B = burn::backend::Autodiff<burn::backend::Flex>;
-        rows.push(train_bench::<B>("flex", &Default::default()));
-        rows.extend(generate_bench::<B>("flex", &Default::default()));
-    }
-    #[cfg(feature = "ndarray")]
-    {
-        type B = burn::backend::Autodiff<burn::backend::NdArray>;
-        rows.push(train_bench::<B>("ndarray", &Default::default()));
-        rows.extend(generate_bench::<B>("ndarray", &Default::default()));
-    }
+    let args: Vec<String> = std::env::args().collect();
+    let backend = args
+        .iter()
+        .position(|a| a == "--backend")
+        .and_then(|i| args.get(i + 1))
+        .map_or("cpu", String::as_str);
+    let kind: rudder_schema::Backend = backend.parse().expect("cpu, wgpu or cuda");
+    let device = rudder_stages::backend::training_device(kind).expect("the backend is available");
+    let mut rows = vec![train_bench(backend, &device)];
+    rows.extend(generate_bench(backend, &device.clone().inner()));
     print(&rows);
 }

@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use serde_json::Value;
 
 use crate::model::{CausalLm, ModelConfig, RewardModel, save_causal_lm, save_reward_model};
@@ -52,9 +51,9 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Value>, TrainError> {
 }
 
 /// Saves a causal LM as a Hugging Face directory with its tokenizer.
-pub fn save_model<B: Backend>(
+pub fn save_model(
     dir: &Path,
-    model: &CausalLm<B>,
+    model: &CausalLm,
     config: &ModelConfig,
     tokenizer: &Tokenizer,
 ) -> Result<(), TrainError> {
@@ -64,9 +63,9 @@ pub fn save_model<B: Backend>(
 }
 
 /// Saves a reward (or value) model as a Hugging Face directory with its tokenizer.
-pub fn save_scorer<B: Backend>(
+pub fn save_scorer(
     dir: &Path,
-    model: &RewardModel<B>,
+    model: &RewardModel,
     config: &ModelConfig,
     tokenizer: &Tokenizer,
 ) -> Result<(), TrainError> {

@@ -1,27 +1,19 @@
-//! Compute backends: which of Burn's backends a stage runs on, chosen at run time from the
-//! recipe's [`Backend`] (`cpu`, `wgpu`, `cuda`) among those compiled in as cargo features. Code
-//! is written once, generic over Burn's backend trait; this module turns the recipe's choice
-//! into a call of that generic code on a concrete backend, and a missing feature or a missing
-//! GPU driver into an error instead of a panic.
+//! Compute backends: the Burn device a stage runs on, chosen at run time from the recipe's
+//! [`Backend`] (`cpu`, `wgpu`, `cuda`) among those compiled in as cargo features. Code is written
+//! once against Burn's device-agnostic tensors; this module turns the recipe's choice into a
+//! device, and a missing feature or a missing GPU driver into an error instead of a panic.
+//! Training runs on the device's autodiff form ([`training_device`]); inference on the device
+//! itself.
 
-use burn::tensor::backend::{AutodiffBackend, Backend as BurnBackend};
+use burn::tensor::Device;
 use rudder_schema::Backend;
 
 use crate::error::StageError;
 
-/// The CPU backend of this build: Burn's flex backend. ndarray trains at about the same speed on
-/// the reference machine (see `benches/train_step.rs`), but with its SIMD feature the reciprocal
-/// that Burn's autodiff uses in the gradient of every division is approximate (~1e-4 relative),
-/// so its gradients drift from PyTorch's. ndarray is used when only it is compiled in.
-#[cfg(feature = "flex")]
-pub type CpuBackend = burn::backend::Flex;
-#[cfg(all(feature = "ndarray", not(feature = "flex")))]
-pub type CpuBackend = burn::backend::NdArray;
-
 /// Whether this binary was built with the backend's cargo feature.
 pub fn is_compiled(backend: Backend) -> bool {
     match backend {
-        Backend::Cpu => cfg!(any(feature = "flex", feature = "ndarray")),
+        Backend::Cpu => cfg!(feature = "flex"),
         Backend::Wgpu => cfg!(feature = "wgpu"),
         Backend::Cuda => cfg!(feature = "cuda"),
     }
@@ -42,34 +34,22 @@ fn not_compiled(backend: Backend) -> StageError {
     }
 }
 
-/// Work that runs on any inference backend.
-pub trait BackendTask {
-    type Output;
-    fn run<B: BurnBackend>(self, device: B::Device) -> Self::Output;
-}
-
-/// Work that needs gradients (training).
-pub trait AutodiffTask {
-    type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
-}
-
-/// Runs `task` on the backend `kind`, or says why it cannot.
-pub fn dispatch<T: BackendTask>(backend: Backend, task: T) -> Result<T::Output, StageError> {
+/// The device of `backend` (its first device, for GPUs), or why there is none.
+pub fn device(backend: Backend) -> Result<Device, StageError> {
     match backend {
         Backend::Cpu => {
-            #[cfg(any(feature = "flex", feature = "ndarray"))]
-            return Ok(task.run::<CpuBackend>(Default::default()));
+            #[cfg(feature = "flex")]
+            return Ok(Device::flex());
         }
         Backend::Wgpu => {
             #[cfg(feature = "wgpu")]
-            return Ok(task.run::<burn::backend::Wgpu>(Default::default()));
+            return Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
         }
         Backend::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 check_cuda()?;
-                return Ok(task.run::<burn::backend::Cuda>(Default::default()));
+                return Ok(Device::cuda(0));
             }
         }
     }
@@ -77,31 +57,16 @@ pub fn dispatch<T: BackendTask>(backend: Backend, task: T) -> Result<T::Output, 
     Err(not_compiled(backend))
 }
 
-/// Runs a training `task` on the autodiff version of backend `kind`, or says why it cannot.
-pub fn dispatch_autodiff<T: AutodiffTask>(
-    backend: Backend,
-    task: T,
-) -> Result<T::Output, StageError> {
-    use burn::backend::Autodiff;
-    match backend {
-        Backend::Cpu => {
-            #[cfg(any(feature = "flex", feature = "ndarray"))]
-            return Ok(task.run::<Autodiff<CpuBackend>>(Default::default()));
-        }
-        Backend::Wgpu => {
-            #[cfg(feature = "wgpu")]
-            return Ok(task.run::<Autodiff<burn::backend::Wgpu>>(Default::default()));
-        }
-        Backend::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                check_cuda()?;
-                return Ok(task.run::<Autodiff<burn::backend::Cuda>>(Default::default()));
-            }
-        }
-    }
-    #[allow(unreachable_code)]
-    Err(not_compiled(backend))
+/// The autodiff form of `backend`'s device: tensors created on it record their operations for
+/// the backward pass.
+pub fn training_device(backend: Backend) -> Result<Device, StageError> {
+    Ok(device(backend)?.autodiff())
+}
+
+/// The CPU device the unit and integration tests run on.
+#[cfg(feature = "flex")]
+pub fn cpu() -> Device {
+    Device::flex()
 }
 
 /// Checks that the NVIDIA driver library loads and sees a GPU. Burn's CUDA backend would panic
@@ -155,29 +120,21 @@ pub fn check_cuda() -> Result<(), StageError> {
 mod tests {
     use super::*;
 
-    struct Sum;
-    impl BackendTask for Sum {
-        type Output = f32;
-        fn run<B: BurnBackend>(self, device: B::Device) -> f32 {
-            burn::tensor::Tensor::<B, 1>::from_floats([1.0, 2.0], &device)
-                .sum()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32 data")[0]
-        }
-    }
-
     #[test]
-    fn cpu_dispatch_runs() {
-        assert_eq!(dispatch(Backend::Cpu, Sum).unwrap(), 3.0);
+    fn cpu_device_runs() {
+        let device = device(Backend::Cpu).unwrap();
+        let sum: f32 = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device)
+            .sum()
+            .into_scalar();
+        assert_eq!(sum, 3.0);
+        assert!(training_device(Backend::Cpu).unwrap().is_autodiff());
     }
 
     #[test]
     fn missing_backend_names_the_feature() {
         for backend in [Backend::Wgpu, Backend::Cuda] {
             if !is_compiled(backend) {
-                let err = dispatch(backend, Sum).unwrap_err().to_string();
+                let err = device(backend).unwrap_err().to_string();
                 assert!(
                     err.contains(&format!("--features {}", backend.as_str())),
                     "{err}"

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,6 @@ use serde_json::Value;
 
 use rudder_schema::Backend as Compute;
 
-use crate::backend::{BackendTask, dispatch};
 use crate::error::StageError;
 use crate::model::{CausalLm, ModelConfig, load_causal_lm};
 use crate::tokenizer::Tokenizer;
@@ -126,40 +125,10 @@ pub fn generate_with_tokenizer(
     backend: Compute,
 ) -> Result<Vec<Completion>, StageError> {
     opts.validate()?;
-    dispatch(
-        backend,
-        GenerateTask {
-            model_dir,
-            tokenizer,
-            prompts,
-            opts,
-        },
-    )?
-}
-
-struct GenerateTask<'a> {
-    model_dir: &'a Path,
-    tokenizer: &'a Tokenizer,
-    prompts: &'a [String],
-    opts: &'a GenerateOptions,
-}
-
-impl BackendTask for GenerateTask<'_> {
-    type Output = Result<Vec<Completion>, StageError>;
-
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let (config, model) = load_causal_lm::<B>(self.model_dir, &device)?;
-        let (eos_ids, pad_id) = stop_tokens(self.model_dir, &config, self.tokenizer)?;
-        generate_text(
-            &model,
-            self.tokenizer,
-            self.prompts,
-            &eos_ids,
-            pad_id,
-            self.opts,
-            &device,
-        )
-    }
+    let device = crate::backend::device(backend)?;
+    let (config, model) = load_causal_lm(model_dir, &device)?;
+    let (eos_ids, pad_id) = stop_tokens(model_dir, &config, tokenizer)?;
+    generate_text(&model, tokenizer, prompts, &eos_ids, pad_id, opts)
 }
 
 /// The tokens generation stops at (config.json's and generation_config.json's `eos_token_id`s
@@ -199,20 +168,19 @@ fn generation_config_eos(dir: &Path) -> Result<Vec<u32>, StageError> {
 }
 
 /// Encodes prompts, generates, decodes.
-pub fn generate_text<B: Backend>(
-    model: &CausalLm<B>,
+pub fn generate_text(
+    model: &CausalLm,
     tokenizer: &Tokenizer,
     prompts: &[String],
     eos_ids: &[u32],
     pad_id: u32,
     opts: &GenerateOptions,
-    device: &B::Device,
 ) -> Result<Vec<Completion>, StageError> {
     let encoded = prompts
         .iter()
         .map(|p| tokenizer.encode_prompt(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let generated = generate_ids(model, &encoded, eos_ids, pad_id, opts, device)?;
+    let generated = generate_ids(model, &encoded, eos_ids, pad_id, opts)?;
     prompts
         .iter()
         .zip(generated)
@@ -227,15 +195,15 @@ pub fn generate_text<B: Backend>(
         .collect()
 }
 
-/// Generates from tokenised prompts, `opts.batch_size` prompts at a time.
-pub fn generate_ids<B: Backend>(
-    model: &CausalLm<B>,
+/// Generates from tokenised prompts, `opts.batch_size` prompts at a time, on the model's device.
+pub fn generate_ids(
+    model: &CausalLm,
     prompts: &[Vec<u32>],
     eos_ids: &[u32],
     pad_id: u32,
     opts: &GenerateOptions,
-    device: &B::Device,
 ) -> Result<Vec<GeneratedIds>, StageError> {
+    let device = &model.device();
     opts.validate()?;
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(StageError::Generate(format!(
@@ -258,7 +226,7 @@ pub fn generate_ids<B: Backend>(
     Ok(out)
 }
 
-fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
     let batch = rows.len();
     let seq = rows.first().map_or(0, Vec::len);
     let flat: Vec<i64> = rows.iter().flatten().map(|&t| i64::from(t)).collect();
@@ -266,11 +234,11 @@ fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2,
 }
 
 /// Logits of the last position, one row per batch element.
-fn last_logits<B: Backend>(
-    model: &CausalLm<B>,
-    ids: Tensor<B, 2, Int>,
+fn last_logits(
+    model: &CausalLm,
+    ids: Tensor<2, Int>,
     padding: &[Vec<u8>],
-    cache: Option<&mut crate::model::KvCache<B>>,
+    cache: Option<&mut crate::model::KvCache>,
 ) -> Vec<Vec<f32>> {
     let [batch, seq] = ids.dims();
     let hidden = model.model.forward(ids, Some(padding), cache);
@@ -281,19 +249,19 @@ fn last_logits<B: Backend>(
     let flat: Vec<f32> = logits
         .into_data()
         .convert::<f32>()
-        .to_vec()
+        .try_to_vec::<f32>()
         .expect("converted to f32");
     flat.chunks(vocab).map(<[f32]>::to_vec).collect()
 }
 
-fn generate_batch<B: Backend>(
-    model: &CausalLm<B>,
+fn generate_batch(
+    model: &CausalLm,
     prompts: &[Vec<u32>],
     eos_ids: &[u32],
     pad_id: u32,
     opts: &GenerateOptions,
     rng: &mut ChaCha8Rng,
-    device: &B::Device,
+    device: &Device,
 ) -> Vec<GeneratedIds> {
     let batch = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -322,12 +290,7 @@ fn generate_batch<B: Backend>(
     }
 
     let mut cache = opts.use_cache.then(|| model.model.new_cache());
-    let mut logits = last_logits(
-        model,
-        ids_tensor::<B>(&rows, device),
-        &padding,
-        cache.as_mut(),
-    );
+    let mut logits = last_logits(model, ids_tensor(&rows, device), &padding, cache.as_mut());
     for step in 0..opts.max_new_tokens {
         let mut next = Vec::with_capacity(batch);
         let mut next_mask = Vec::with_capacity(batch);
@@ -362,14 +325,9 @@ fn generate_batch<B: Backend>(
             Some(cache) => {
                 let new_ids: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
                 let new_mask: Vec<Vec<u8>> = next_mask.iter().map(|&m| vec![m]).collect();
-                last_logits(
-                    model,
-                    ids_tensor::<B>(&new_ids, device),
-                    &new_mask,
-                    Some(cache),
-                )
+                last_logits(model, ids_tensor(&new_ids, device), &new_mask, Some(cache))
             }
-            None => last_logits(model, ids_tensor::<B>(&rows, device), &padding, None),
+            None => last_logits(model, ids_tensor(&rows, device), &padding, None),
         };
     }
     generated

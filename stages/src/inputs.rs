@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use burn::tensor::Device;
 use rudder_engine::Key;
 use rudder_engine::runner::{InputKind, StageInput};
 use rudder_schema::ModelSpec;
@@ -270,14 +270,14 @@ impl Inputs {
 
     /// The judge a stage names: a reward-model node (bound to `role`), a rule, or a command run
     /// in `recipe_dir`. `batch_size` is the reward model's sequences per forward pass.
-    pub fn judge<B: Backend>(
+    pub fn judge(
         &self,
         judge: &Judge,
         role: &str,
         recipe_dir: &Path,
         batch_size: usize,
-        device: &B::Device,
-    ) -> Result<Scorer<B>, TrainError> {
+        device: &Device,
+    ) -> Result<Scorer, TrainError> {
         match judge {
             Judge::Node(_) => {
                 let dir = self.model_dir(role)?;

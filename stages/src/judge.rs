@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use burn::tensor::backend::Backend;
+use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
 use regex::Regex;
 use rudder_schema::kinds::{CommandJudge, Rule, RuleJudge};
@@ -42,23 +42,23 @@ pub struct Sample<'a> {
 }
 
 /// A judge ready to score samples.
-pub struct Scorer<B: Backend> {
-    inner: Inner<B>,
+pub struct Scorer {
+    inner: Inner,
 }
 
-enum Inner<B: Backend> {
-    RewardModel(Box<RewardModelScorer<B>>),
+enum Inner {
+    RewardModel(Box<RewardModelScorer>),
     Rule(RuleScorer),
     Command(CommandScorer),
 }
 
-impl<B: Backend> Scorer<B> {
+impl Scorer {
     /// The reward model in `dir`, with the tokenizer stored beside it.
     pub fn reward_model(
         dir: &Path,
         tokenizer: Tokenizer,
         batch_size: usize,
-        device: &B::Device,
+        device: &Device,
     ) -> Result<Self, TrainError> {
         let eos = tokenizer.eos_id().ok_or_else(|| {
             TrainError::Input(format!(
@@ -66,7 +66,7 @@ impl<B: Backend> Scorer<B> {
                 dir.display()
             ))
         })?;
-        let (_, model) = load_reward_model::<B>(dir, device)?;
+        let (_, model) = load_reward_model(dir, device)?;
         Ok(Self {
             inner: Inner::RewardModel(Box::new(RewardModelScorer {
                 model,
@@ -118,16 +118,16 @@ impl<B: Backend> Scorer<B> {
     }
 }
 
-struct RewardModelScorer<B: Backend> {
-    model: RewardModel<B>,
+struct RewardModelScorer {
+    model: RewardModel,
     tokenizer: Tokenizer,
     eos: u32,
     pad_id: u32,
     batch_size: usize,
-    device: B::Device,
+    device: Device,
 }
 
-impl<B: Backend> RewardModelScorer<B> {
+impl RewardModelScorer {
     /// `[BOS] + BPE(prompt + completion) + [EOS]`, as `reward::tokenize` builds training
     /// sequences, so the model scores what it was trained to score.
     fn sequence(&self, sample: &Sample<'_>) -> Result<Vec<u32>, TrainError> {
@@ -157,13 +157,13 @@ impl<B: Backend> RewardModelScorer<B> {
                 ids.extend(std::iter::repeat_n(i64::from(self.pad_id), seq - s.len()));
                 padding.push((0..seq).map(|j| u8::from(j < s.len())).collect::<Vec<u8>>());
             }
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, seq]), &self.device);
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, seq]), &self.device);
             let rewards: Vec<f32> = self
                 .model
                 .forward(ids, Some(&padding))
                 .into_data()
                 .convert::<f32>()
-                .to_vec()
+                .try_to_vec::<f32>()
                 .expect("converted to f32");
             scores.extend(rewards.into_iter().map(f64::from));
         }
@@ -382,7 +382,6 @@ fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use serde_json::json;
 
     fn rule(
@@ -390,7 +389,7 @@ mod tests {
         column: Option<&str>,
         pattern: Option<&str>,
         target: Option<u32>,
-    ) -> Scorer<TestBackend> {
+    ) -> Scorer {
         Scorer::rule(&RuleJudge {
             rule,
             column: column.map(str::to_owned),
@@ -469,7 +468,7 @@ mod tests {
                 .unwrap(),
             vec![1.0, 0.0]
         );
-        let bad = Scorer::<TestBackend>::rule(&RuleJudge {
+        let bad = Scorer::rule(&RuleJudge {
             rule: Rule::Regex,
             column: None,
             pattern: Some("(ab".into()),
@@ -489,7 +488,7 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(scores, vec![0.0, -0.5, -1.0]);
-        let zero = Scorer::<TestBackend>::rule(&RuleJudge {
+        let zero = Scorer::rule(&RuleJudge {
             rule: Rule::Length,
             column: None,
             pattern: None,
@@ -498,7 +497,7 @@ mod tests {
         assert!(zero.is_err());
     }
 
-    fn command(cmd: &str) -> Scorer<TestBackend> {
+    fn command(cmd: &str) -> Scorer {
         Scorer::command(
             &CommandJudge {
                 command: cmd.into(),

@@ -4,9 +4,9 @@
 //!
 //! ```text
 //!   impl StageKind for Sft {            schema: SftParams::NAME = "sft"
-//!       type Params = SftParams;        engine: runner of kind "sft", version 1
-//!       const VERSION: u32 = 1;
-//!       fn run<B>(stage, device) { ... }
+//!       type Params = SftParams;        engine: runner of kind "sft", version 2
+//!       const VERSION: u32 = 2;
+//!       fn run(stage, device) { ... }
 //!   }
 //! ```
 //!
@@ -18,32 +18,30 @@
 use std::marker::PhantomData;
 use std::path::Path;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::{Progress, Runner, StageContext, StageOutcome, StageResult};
 use rudder_schema::kinds::{Kind as Schema, PartSpec, part_kind};
 
 use rudder_schema::kinds::TrainArgs;
 
 use crate::artifacts::METRICS_FILE;
-use crate::backend::{AutodiffTask, dispatch_autodiff};
+use crate::backend::training_device;
 use crate::inputs::Inputs;
 use crate::train::{
     MetricsWriter, Objective, StageHooks, TrainConfig, TrainError, TrainReport, train,
 };
 
-/// A stage kind (or a part of one) whose work runs on a compute backend. Inference runs on
-/// `B::InnerBackend`, training on `B`.
+/// A stage kind (or a part of one) whose work runs on a compute backend. `device` is the
+/// autodiff form of the recipe's device: training runs on it, inference on `device.inner()`.
 pub trait StageKind: 'static {
     /// The recipe parameters of the kind (for a part: of the stage it belongs to).
     type Params: Schema;
     /// `Some(name)` for a part of `Params`' kind (`ref_logps`), `None` for the stage itself.
     const PART: Option<&'static str> = None;
-    /// Bumped whenever the implementation changes what it produces: part of every key.
+    /// Bumped whenever the implementation changes what it produces, including through the
+    /// backend's kernels (a new Burn): part of every key.
     const VERSION: u32;
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, Self::Params>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError>;
+    fn run(stage: &Stage<'_, Self::Params>, device: &Device) -> Result<StageOutcome, TrainError>;
 }
 
 /// A stage kind whose work needs no compute backend (tokenizer training, export).
@@ -63,7 +61,7 @@ pub struct Stage<'a, P> {
 impl<'a, P: Schema> Stage<'a, P> {
     /// The typed view of `ctx`; its parameters must be `P`'s.
     pub fn new(ctx: &'a StageContext<'a>) -> Result<Self, TrainError> {
-        let params = ctx.params::<P>().ok_or_else(|| {
+        let params = ctx.params().ok_or_else(|| {
             TrainError::Input(format!(
                 "the parameters of `{}` are not those of kind `{}`",
                 ctx.name,
@@ -124,13 +122,13 @@ impl<P> Stage<'_, P> {
 
     /// Trains `model` on `examples` for this stage: progress and Ctrl-C through the engine,
     /// `metrics.jsonl` into the artifact, checkpoints as `cfg` says.
-    pub fn fit<B: AutodiffBackend, O: Objective<B>>(
+    pub fn fit<O: Objective>(
         &self,
         objective: &O,
         model: O::Model,
         examples: &[O::Example],
         cfg: &TrainConfig,
-        device: &B::Device,
+        device: &Device,
     ) -> Result<(O::Model, TrainReport), TrainError> {
         let mut writer =
             MetricsWriter::create(&self.out_dir().join(METRICS_FILE), cfg.logging_steps)?
@@ -187,21 +185,8 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
 
     fn run(&self, ctx: &StageContext<'_>) -> StageResult {
         let stage = Stage::<K::Params>::new(ctx)?;
-        let job = Job::<K> { stage: &stage };
-        Ok(dispatch_autodiff(ctx.backend, job)??)
-    }
-}
-
-/// A kind's run, dispatched once onto the recipe's backend.
-struct Job<'a, 'b, K: StageKind> {
-    stage: &'a Stage<'b, K::Params>,
-}
-
-impl<K: StageKind> AutodiffTask for Job<'_, '_, K> {
-    type Output = Result<StageOutcome, TrainError>;
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        K::run::<B>(self.stage, &device)
+        let device = training_device(ctx.backend)?;
+        Ok(K::run(&stage, &device)?)
     }
 }
 

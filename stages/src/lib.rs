@@ -35,7 +35,9 @@ pub use generate::{Completion, FinishReason, GenerateOptions, generate, generate
 pub use kinds::register;
 pub use tokenizer::Tokenizer;
 
-/// The CPU backend that unit and integration tests run on.
+/// The CPU device that unit and integration tests run on.
 #[doc(hidden)]
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-pub type TestBackend = backend::CpuBackend;
+#[cfg(feature = "flex")]
+pub fn test_device() -> burn::tensor::Device {
+    backend::cpu()
+}

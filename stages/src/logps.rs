@@ -6,8 +6,8 @@
 //! Rows are right-padded, so padding never shifts positions and a row's values do not depend on
 //! what it is batched with.
 
+use burn::tensor::Device;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::CausalLm;
@@ -30,21 +30,21 @@ impl PromptCompletion {
 }
 
 /// A right-padded batch of prompt + completion rows.
-pub struct CompletionBatch<B: Backend> {
+pub struct CompletionBatch {
     /// `[rows, seq]`
-    pub ids: Tensor<B, 2, Int>,
+    pub ids: Tensor<2, Int>,
     /// Per row: 1 on real tokens, 0 on padding.
     pub padding: Vec<Vec<u8>>,
     /// `[rows, seq - 1]`: token `j + 1` of each row.
-    pub targets: Tensor<B, 2, Int>,
+    pub targets: Tensor<2, Int>,
     /// `[rows, seq - 1]`: 1.0 where token `j + 1` belongs to the completion.
-    pub mask: Tensor<B, 2>,
+    pub mask: Tensor<2>,
     /// Completion tokens per row.
     pub lengths: Vec<usize>,
 }
 
-impl<B: Backend> CompletionBatch<B> {
-    pub fn new(rows: &[&PromptCompletion], pad_id: u32, device: &B::Device) -> Self {
+impl CompletionBatch {
+    pub fn new(rows: &[&PromptCompletion], pad_id: u32, device: &Device) -> Self {
         let n = rows.len();
         let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2);
         let mut ids = Vec::with_capacity(n * seq);
@@ -75,7 +75,7 @@ impl<B: Backend> CompletionBatch<B> {
     ///
     /// # Shapes
     /// - output: `[rows]`
-    pub fn length_tensor(&self, device: &B::Device) -> Tensor<B, 1> {
+    pub fn length_tensor(&self, device: &Device) -> Tensor<1> {
         let lengths: Vec<f32> = self.lengths.iter().map(|&l| l as f32).collect();
         let n = lengths.len();
         Tensor::from_data(TensorData::new(lengths, [n]), device)
@@ -86,35 +86,32 @@ impl<B: Backend> CompletionBatch<B> {
 ///
 /// # Shapes
 /// - output: `[values.len()]`
-pub fn vector<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+pub fn vector(values: Vec<f32>, device: &Device) -> Tensor<1> {
     let n = values.len();
     Tensor::from_data(TensorData::new(values, [n]), device)
 }
 
 /// Per-token completion log-probs of a batch, with the logits they came from.
-pub struct CompletionLogps<B: Backend> {
+pub struct CompletionLogps {
     /// `[rows, seq - 1]`: log-prob of token `j + 1`, zero outside completions.
-    pub token_logps: Tensor<B, 2>,
+    pub token_logps: Tensor<2>,
     /// `[rows, seq, vocab]`
-    pub logits: Tensor<B, 3>,
+    pub logits: Tensor<3>,
 }
 
-impl<B: Backend> CompletionLogps<B> {
+impl CompletionLogps {
     /// Sequence log-probs: the sum over each row's completion tokens.
     ///
     /// # Shapes
     /// - output: `[rows]`
-    pub fn sums(&self) -> Tensor<B, 1> {
+    pub fn sums(&self) -> Tensor<1> {
         let [n, _] = self.token_logps.dims();
         self.token_logps.clone().sum_dim(1).reshape([n])
     }
 }
 
 /// Runs `model` over the batch and takes the log-prob of every completion token.
-pub fn completion_logps<B: Backend>(
-    model: &CausalLm<B>,
-    batch: &CompletionBatch<B>,
-) -> CompletionLogps<B> {
+pub fn completion_logps(model: &CausalLm, batch: &CompletionBatch) -> CompletionLogps {
     let logits = model.forward(batch.ids.clone(), Some(&batch.padding), None);
     let token_logps = token_logps(logits.clone(), batch);
     CompletionLogps {
@@ -128,7 +125,7 @@ pub fn completion_logps<B: Backend>(
 /// # Shapes
 /// - logits: `[rows, seq, vocab]`
 /// - output: `[rows, seq - 1]`
-pub fn token_logps<B: Backend>(logits: Tensor<B, 3>, batch: &CompletionBatch<B>) -> Tensor<B, 2> {
+pub fn token_logps(logits: Tensor<3>, batch: &CompletionBatch) -> Tensor<2> {
     let [n, seq, vocab] = logits.dims();
     let logp = log_softmax(logits.slice([0..n, 0..seq - 1, 0..vocab]), 2);
     let picked = logp
@@ -147,10 +144,7 @@ pub struct PredictionStats {
 
 /// Per-row [`PredictionStats`] of `logits` against the batch's completion tokens: TRL's
 /// `mean_token_accuracy` and `entropy`. Read from values only; no gradient.
-pub fn prediction_stats<B: Backend>(
-    logits: Tensor<B, 3>,
-    batch: &CompletionBatch<B>,
-) -> Vec<PredictionStats> {
+pub fn prediction_stats(logits: Tensor<3>, batch: &CompletionBatch) -> Vec<PredictionStats> {
     let [n, seq, vocab] = logits.dims();
     let logits = logits.slice([0..n, 0..seq - 1, 0..vocab]);
     let hits = logits
@@ -166,8 +160,16 @@ pub fn prediction_stats<B: Backend>(
         .reshape([n, seq - 1])
         .neg()
         * batch.mask.clone();
-    let hits: Vec<f32> = hits.sum_dim(1).into_data().to_vec().expect("f32");
-    let entropy: Vec<f32> = entropy.sum_dim(1).into_data().to_vec().expect("f32");
+    let hits: Vec<f32> = hits
+        .sum_dim(1)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32");
+    let entropy: Vec<f32> = entropy
+        .sum_dim(1)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32");
     hits.iter()
         .zip(&entropy)
         .zip(&batch.lengths)
@@ -181,13 +183,13 @@ pub fn prediction_stats<B: Backend>(
 
 /// Per-token completion log-probs of `rows` under `model`, `batch_size` rows per forward pass: the frozen
 /// reference's values, computed without building a graph.
-pub fn sequence_logps<B: Backend>(
-    model: &CausalLm<B>,
+pub fn sequence_logps(
+    model: &CausalLm,
     rows: &[&PromptCompletion],
     pad_id: u32,
     batch_size: usize,
-    device: &B::Device,
 ) -> Vec<Vec<f32>> {
+    let device = &model.device();
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
         let batch = CompletionBatch::new(chunk, pad_id, device);
@@ -196,7 +198,7 @@ pub fn sequence_logps<B: Backend>(
         let values: Vec<f32> = logps
             .token_logps
             .into_data()
-            .to_vec()
+            .try_to_vec::<f32>()
             .expect("log-probs are f32");
         for (i, row) in chunk.iter().enumerate() {
             // Token 0 is never predicted, so a row without a prompt loses its first token.
@@ -212,7 +214,6 @@ pub fn sequence_logps<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
 
     #[test]
     fn mask_covers_exactly_the_completion() {
@@ -225,8 +226,8 @@ mod tests {
             prompt: vec![1],
             completion: vec![7],
         };
-        let batch = CompletionBatch::<TestBackend>::new(&[&a, &b], 0, &device);
-        let mask: Vec<f32> = batch.mask.clone().into_data().to_vec().unwrap();
+        let batch = CompletionBatch::new(&[&a, &b], 0, &device);
+        let mask: Vec<f32> = batch.mask.clone().into_data().try_to_vec().unwrap();
         // Targets are tokens 1..4: a = [5, 6, 2] (completion 6, 2); b = [7, pad, pad].
         assert_eq!(mask, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
         let targets: Vec<i64> = batch
@@ -234,7 +235,7 @@ mod tests {
             .clone()
             .into_data()
             .convert::<i64>()
-            .to_vec()
+            .try_to_vec()
             .unwrap();
         assert_eq!(targets, vec![5, 6, 2, 7, 0, 0]);
         assert_eq!(batch.lengths, vec![2, 1]);
@@ -248,13 +249,16 @@ mod tests {
             prompt: vec![0],
             completion: vec![1, 0],
         };
-        let batch = CompletionBatch::<TestBackend>::new(&[&row], 0, &device);
+        let batch = CompletionBatch::new(&[&row], 0, &device);
         // Position 0: logits [0, ln 3] -> p(1) = 3/4; position 1: [0, 0] -> p(0) = 1/2.
-        let logits = Tensor::<TestBackend, 3>::from_data(
+        let logits = Tensor::<3>::from_data(
             TensorData::new(vec![0.0, 3f32.ln(), 0.0, 0.0, 9.0, 9.0], [1, 3, 2]),
             &device,
         );
-        let got: Vec<f32> = token_logps(logits, &batch).into_data().to_vec().unwrap();
+        let got: Vec<f32> = token_logps(logits, &batch)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
         assert!((got[0] - 0.75f32.ln()).abs() < 1e-6);
         assert!((got[1] - 0.5f32.ln()).abs() < 1e-6);
     }

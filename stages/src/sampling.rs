@@ -5,7 +5,7 @@
 //! batches, and a batch's completions depend only on the seed and the batch's position).
 //! Decoding itself is `generate`'s.
 
-use burn::tensor::backend::Backend;
+use burn::tensor::Device;
 use rudder_engine::runner::Progress;
 use rudder_schema::kinds::Sampling;
 
@@ -42,16 +42,16 @@ pub fn generate_options(sampling: &Sampling, batch_size: u32, seed: u64) -> Gene
 }
 
 /// A model ready to sample from.
-pub struct Sampler<B: Backend> {
-    pub model: CausalLm<B>,
+pub struct Sampler {
+    pub model: CausalLm,
     pub tokenizer: Tokenizer,
     eos_ids: Vec<u32>,
     pad_id: u32,
 }
 
-impl<B: Backend> Sampler<B> {
-    pub fn load(input: &ModelInput, device: &B::Device) -> Result<Self, TrainError> {
-        let (config, model) = load_causal_lm::<B>(&input.dir, device)?;
+impl Sampler {
+    pub fn load(input: &ModelInput, device: &Device) -> Result<Self, TrainError> {
+        let (config, model) = load_causal_lm(&input.dir, device)?;
         let (eos_ids, pad_id) = stop_tokens(&input.dir, &config, &input.tokenizer)?;
         Ok(Self {
             model,
@@ -73,7 +73,6 @@ impl<B: Backend> Sampler<B> {
         progress: &dyn Progress,
         interrupted: &dyn Fn() -> bool,
         done: u64,
-        device: &B::Device,
     ) -> Result<Vec<Generated>, TrainError> {
         let num_samples = num_samples.max(1);
         let items: Vec<(usize, usize)> = (0..prompts.len())
@@ -97,7 +96,6 @@ impl<B: Backend> Sampler<B> {
                 &self.eos_ids,
                 self.pad_id,
                 &chunk_opts,
-                device,
             )?;
             for (&(row, sample), completion) in chunk.iter().zip(completions) {
                 out.push(Generated {
@@ -115,8 +113,8 @@ impl<B: Backend> Sampler<B> {
 /// The judge's score of every generated completion, in order; `rows` are the prompts' data
 /// rows (rule judges read the expected answer from them). A score that is not a finite number
 /// is an error naming the sample.
-pub fn score<B: Backend>(
-    scorer: &Scorer<B>,
+pub fn score(
+    scorer: &Scorer,
     rows: &Rows,
     generated: &[Generated],
 ) -> Result<Vec<f64>, TrainError> {

@@ -11,7 +11,6 @@ use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, Sta
 use rudder_engine::{Key, Registry};
 use rudder_schema::kinds::{EvaluateParams, Judge, Sampling, StageSpec};
 use rudder_schema::{Backend, DataFormat, Precision};
-use rudder_stages::TestBackend;
 use rudder_stages::model::load_reward_model;
 use rudder_stages::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -126,7 +125,7 @@ fn a_reward_model_judge_scores_each_answer_as_the_reward_stage_would() {
         .collect();
     assert_eq!(samples.len(), 6);
     let device = Default::default();
-    let (_, model) = load_reward_model::<TestBackend>(&rm, &device).unwrap();
+    let (_, model) = load_reward_model(&rm, &device).unwrap();
     let tokenizer = Tokenizer::from_dir(&rm).unwrap();
     let eos = tokenizer.eos_id().unwrap();
     let mut total = 0.0;
@@ -142,7 +141,7 @@ fn a_reward_model_judge_scores_each_answer_as_the_reward_stage_would() {
         }
         let n = ids.len();
         let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-        let ids = Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
         let expected: f32 = model.forward(ids, None).into_scalar();
         let got = sample["score"].as_f64().unwrap();
         assert!(

@@ -4,9 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rudder_schema::Backend;
-use rudder_stages::TestBackend;
 use rudder_stages::generate::{GenerateOptions, generate_ids};
 use rudder_stages::model::{
     CausalLm, load_causal_lm, load_reward_model, save_causal_lm, save_reward_model,
@@ -16,8 +15,6 @@ use rudder_stages::{FinishReason, StageError, generate};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-type B = TestBackend;
-
 fn fixtures() -> PathBuf {
     Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -26,8 +23,8 @@ fn fixtures() -> PathBuf {
     .to_path_buf()
 }
 
-fn device() -> burn::tensor::Device<B> {
-    Default::default()
+fn device() -> Device {
+    rudder_stages::test_device()
 }
 
 /// A tensor of a safetensors file as (shape, f32 values); int64 ids are converted.
@@ -51,7 +48,7 @@ fn read_tensor(bytes: &[u8], name: &str) -> (Vec<usize>, Vec<f64>) {
     (view.shape().to_vec(), values)
 }
 
-fn ids_tensor(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
+fn ids_tensor(rows: &[Vec<i64>]) -> Tensor<2, Int> {
     let flat: Vec<i64> = rows.iter().flatten().copied().collect();
     Tensor::from_data(
         TensorData::new(flat, [rows.len(), rows[0].len()]),
@@ -59,7 +56,7 @@ fn ids_tensor(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
     )
 }
 
-fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
@@ -104,7 +101,7 @@ fn golden(file: &str) -> Golden {
     g
 }
 
-fn check_logits(model: &CausalLm<B>, g: &Golden) -> f64 {
+fn check_logits(model: &CausalLm, g: &Golden) -> f64 {
     let mut worst = 0.0f64;
     for (i, ids) in g.ids.iter().enumerate() {
         let logits = to_vec(model.forward(ids_tensor(std::slice::from_ref(ids)), None, None));
@@ -129,7 +126,7 @@ fn check_logits(model: &CausalLm<B>, g: &Golden) -> f64 {
 
 #[test]
 fn policy_logits_and_hidden_states_match_transformers() {
-    let (cfg, model) = load_causal_lm::<B>(&fixtures().join("policy"), &device()).unwrap();
+    let (cfg, model) = load_causal_lm(&fixtures().join("policy"), &device()).unwrap();
     assert!(!cfg.tie_word_embeddings && model.lm_head.is_some());
     let worst = check_logits(&model, &golden("logits.safetensors"));
     eprintln!("policy: max abs diff {worst:e}");
@@ -137,7 +134,7 @@ fn policy_logits_and_hidden_states_match_transformers() {
 
 #[test]
 fn tied_policy_logits_match_transformers() {
-    let (cfg, model) = load_causal_lm::<B>(&fixtures().join("policy_tied"), &device()).unwrap();
+    let (cfg, model) = load_causal_lm(&fixtures().join("policy_tied"), &device()).unwrap();
     assert!(cfg.tie_word_embeddings && model.lm_head.is_none());
     let worst = check_logits(&model, &golden("logits_tied.safetensors"));
     eprintln!("policy_tied: max abs diff {worst:e}");
@@ -145,7 +142,7 @@ fn tied_policy_logits_match_transformers() {
 
 #[test]
 fn right_padded_batch_matches_single_sequences() {
-    let (_, model) = load_causal_lm::<B>(&fixtures().join("policy"), &device()).unwrap();
+    let (_, model) = load_causal_lm(&fixtures().join("policy"), &device()).unwrap();
     let g = golden("logits.safetensors");
     let longest = g.ids.iter().map(Vec::len).max().unwrap();
     let rows: Vec<Vec<i64>> = g
@@ -195,7 +192,7 @@ fn all_tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
 fn save_then_load_is_bit_identical() {
     for name in ["policy", "policy_tied"] {
         let src = fixtures().join(name);
-        let (cfg, model) = load_causal_lm::<B>(&src, &device()).unwrap();
+        let (cfg, model) = load_causal_lm(&src, &device()).unwrap();
         let out = tempfile::tempdir().unwrap();
         save_causal_lm(&model, &cfg, out.path()).unwrap();
         // Same names, shapes and bytes as the transformers-written file.
@@ -204,7 +201,7 @@ fn save_then_load_is_bit_identical() {
             all_tensors(&src.join("model.safetensors")),
             "{name}"
         );
-        let (cfg2, again) = load_causal_lm::<B>(out.path(), &device()).unwrap();
+        let (cfg2, again) = load_causal_lm(out.path(), &device()).unwrap();
         assert_eq!(cfg2.tie_word_embeddings, cfg.tie_word_embeddings);
         assert_eq!(cfg2.rope_theta, cfg.rope_theta);
         let ids = ids_tensor(&[vec![1, 5, 9, 200, 3]]);
@@ -214,7 +211,7 @@ fn save_then_load_is_bit_identical() {
         );
     }
     let src = fixtures().join("rm_init");
-    let (cfg, rm) = load_reward_model::<B>(&src, &device()).unwrap();
+    let (cfg, rm) = load_reward_model(&src, &device()).unwrap();
     let out = tempfile::tempdir().unwrap();
     save_reward_model(&rm, &cfg, out.path()).unwrap();
     assert_eq!(
@@ -294,7 +291,7 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
     let golden = greedy_golden();
     let tok = tokenizer();
     for name in ["policy", "policy_tied"] {
-        let (_, model) = load_causal_lm::<B>(&fixtures().join(name), &device()).unwrap();
+        let (_, model) = load_causal_lm(&fixtures().join(name), &device()).unwrap();
         let rows = golden["models"][name].as_array().unwrap();
         let prompts: Vec<Vec<u32>> = rows
             .iter()
@@ -314,7 +311,7 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
                     use_cache,
                     ..Default::default()
                 };
-                let out = generate_ids(&model, &prompts, &[2], 0, &opts, &device()).unwrap();
+                let out = generate_ids(&model, &prompts, &[2], 0, &opts).unwrap();
                 let got: Vec<Vec<u32>> = out.iter().map(|g| g.ids.clone()).collect();
                 assert_eq!(
                     got, expected,
@@ -376,7 +373,7 @@ fn generate_entry_point_reads_a_model_directory() {
 
 #[test]
 fn reward_head_reads_the_last_real_token() {
-    let (_, rm) = load_reward_model::<B>(&fixtures().join("rm_init"), &device()).unwrap();
+    let (_, rm) = load_reward_model(&fixtures().join("rm_init"), &device()).unwrap();
     let tok = tokenizer();
     let a = tok.encode_prompt("The sky is blue.").unwrap();
     let b = tok
@@ -409,18 +406,15 @@ fn reward_head_reads_the_last_real_token() {
 #[test]
 fn reward_model_from_a_causal_lm_gets_a_seeded_head() {
     let dir = fixtures().join("policy");
-    let (cfg, a) =
-        rudder_stages::model::reward_model_from_causal_lm::<B>(&dir, 5, &device()).unwrap();
-    let (_, b) =
-        rudder_stages::model::reward_model_from_causal_lm::<B>(&dir, 5, &device()).unwrap();
-    let (_, c) =
-        rudder_stages::model::reward_model_from_causal_lm::<B>(&dir, 6, &device()).unwrap();
+    let (cfg, a) = rudder_stages::model::reward_model_from_causal_lm(&dir, 5, &device()).unwrap();
+    let (_, b) = rudder_stages::model::reward_model_from_causal_lm(&dir, 5, &device()).unwrap();
+    let (_, c) = rudder_stages::model::reward_model_from_causal_lm(&dir, 6, &device()).unwrap();
     assert!(cfg.architecture.is_sequence_classifier());
-    let head = |m: &rudder_stages::model::RewardModel<B>| to_vec(m.score.weight.val());
+    let head = |m: &rudder_stages::model::RewardModel| to_vec(m.score.weight.val());
     assert_eq!(head(&a), head(&b));
     assert_ne!(head(&a), head(&c));
     // The backbone is the policy's: same final hidden states.
-    let (_, policy) = load_causal_lm::<B>(&dir, &device()).unwrap();
+    let (_, policy) = load_causal_lm(&dir, &device()).unwrap();
     let ids = ids_tensor(&[vec![1, 7, 42, 300]]);
     assert_eq!(
         to_vec(policy.model.forward(ids.clone(), None, None)),
@@ -446,7 +440,7 @@ fn bad_model_directories_give_clear_errors() {
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let err = load_causal_lm::<B>(dir.path(), &device()).unwrap_err();
+    let err = load_causal_lm(dir.path(), &device()).unwrap_err();
     assert!(matches!(err, StageError::UnsupportedArchitecture { .. }));
     assert!(err.to_string().contains("GPT2LMHeadModel"));
 
@@ -458,7 +452,7 @@ fn bad_model_directories_give_clear_errors() {
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["tie_word_embeddings"] = Value::Bool(false);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let err = load_causal_lm::<B>(dir.path(), &device())
+    let err = load_causal_lm(dir.path(), &device())
         .unwrap_err()
         .to_string();
     assert!(err.contains("lm_head.weight"), "{err}");
@@ -475,7 +469,7 @@ fn bad_model_directories_give_clear_errors() {
         dir.path().join("model.safetensors"),
     )
     .unwrap();
-    let err = load_causal_lm::<B>(dir.path(), &device()).unwrap_err();
+    let err = load_causal_lm(dir.path(), &device()).unwrap_err();
     match &err {
         StageError::ShapeMismatch {
             name,
@@ -500,11 +494,11 @@ fn bad_model_directories_give_clear_errors() {
     )
     .unwrap();
     assert!(matches!(
-        load_causal_lm::<B>(empty.path(), &device()).unwrap_err(),
+        load_causal_lm(empty.path(), &device()).unwrap_err(),
         StageError::MissingWeights { .. }
     ));
     assert!(matches!(
-        load_causal_lm::<B>(Path::new("/nonexistent/model"), &device()).unwrap_err(),
+        load_causal_lm(Path::new("/nonexistent/model"), &device()).unwrap_err(),
         StageError::Io { .. }
     ));
 }

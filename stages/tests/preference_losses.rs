@@ -6,15 +6,12 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 use rudder_schema::kinds::{CpoLossType, DpoLossType, FDivergenceType, KtoLossType};
-use rudder_stages::TestBackend;
 use rudder_stages::losses::{
     CpoLossConfig, DpoLossConfig, KtoLossConfig, PairLogps, cpo_loss, cpo_uses_average_logps,
     dpo_loss, kto_kl, kto_loss, kto_metrics, kto_uses_kl, ld_logps, orpo_loss, pair_metrics,
     token_mean_nll,
 };
 use serde_json::Value;
-
-type B = TestBackend;
 
 /// Relative tolerance on losses, rewards and metrics; absolute below [`ABS`].
 const REL: f64 = 1e-5;
@@ -33,12 +30,15 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-fn tensor(v: &[f32]) -> Tensor<B, 1> {
+fn tensor(v: &[f32]) -> Tensor<1> {
     Tensor::from_floats(v, &Default::default())
 }
 
-fn values(x: Tensor<B, 1>) -> Vec<f64> {
-    x.into_data().convert::<f64>().into_vec::<f64>().unwrap()
+fn values(x: Tensor<1>) -> Vec<f64> {
+    x.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .unwrap()
 }
 
 /// Per-example golden values of the 16 pairs.
@@ -286,8 +286,8 @@ fn ld_logps_from_token_logps_match_trl() {
         let shape = [rows.len(), width];
         let device = Default::default();
         (
-            Tensor::<B, 2>::from_data(TensorData::new(logps, shape), &device),
-            Tensor::<B, 2>::from_data(TensorData::new(mask, shape), &device),
+            Tensor::<2>::from_data(TensorData::new(logps, shape), &device),
+            Tensor::<2>::from_data(TensorData::new(mask, shape), &device),
         )
     };
     let mut checks = Checks::default();

@@ -15,9 +15,9 @@ use rudder_schema::kinds::{
 };
 use rudder_schema::recipe::{Arch, ModelSpec};
 use rudder_schema::{Backend, DataFormat, Precision};
+use rudder_stages::GenerateOptions;
 use rudder_stages::model::load_causal_lm;
 use rudder_stages::tokenizer::Tokenizer;
-use rudder_stages::{GenerateOptions, TestBackend};
 use serde_json::Value;
 
 fn corpus() -> PathBuf {
@@ -282,7 +282,7 @@ fn pretrain_trains_a_fresh_model_that_loads_generates_and_reproduces() {
 
     // A Hugging Face directory: config with the tokenizer's vocabulary and special ids.
     let device = Default::default();
-    let (cfg, _model) = load_causal_lm::<TestBackend>(&out, &device).unwrap();
+    let (cfg, _model) = load_causal_lm(&out, &device).unwrap();
     assert_eq!(cfg.vocab_size, vocab as usize);
     assert_eq!(cfg.hidden_size, 32);
     assert_eq!(cfg.num_key_value_heads, 2);

@@ -3,19 +3,14 @@
 //! reported (pre-clip) norm, a diverging run stops with the step and the quantity, and chat data
 //! is trained on the assistant turns only.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-use burn::backend::Autodiff;
-use rudder_stages::TestBackend;
 use rudder_stages::data::{Format, Message, SftExample, read_rows};
 use rudder_stages::kinds::sft::{self, SftTokenization};
 use rudder_stages::model::load_causal_lm;
 use rudder_stages::tokenizer::Tokenizer;
 use rudder_stages::train::{NoHooks, TrainConfig, TrainError, TrainReport, train};
 use rudder_stages::train::{SftObjective, SftSequence};
-
-type AB = Autodiff<TestBackend>;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(
@@ -38,8 +33,8 @@ fn sequences() -> Vec<SftSequence> {
 }
 
 fn run(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
-    let device = Default::default();
-    let (_, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
+    let device = rudder_stages::test_device().autodiff();
+    let (_, model) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
     let seqs = sequences();
     let (_, report) = train(
         &SftObjective { pad_id: 0 },
@@ -180,8 +175,8 @@ fn run_to_files(
     dir: &Path,
     hooks: &mut dyn rudder_stages::train::Hooks,
 ) -> Result<(Vec<u8>, String), TrainError> {
-    let device = Default::default();
-    let (model_cfg, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
+    let device = rudder_stages::test_device().autodiff();
+    let (model_cfg, model) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
     let seqs = sequences();
     let metrics_path = dir.join("metrics.jsonl");
     let mut writer = rudder_stages::train::MetricsWriter::create(&metrics_path, 2).unwrap();

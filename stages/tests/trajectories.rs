@@ -4,12 +4,6 @@
 //! Every step's loss and gradient norm and the final parameters are compared with the
 //! reference run, and the tokenised rows with TRL's.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-use burn::backend::Autodiff;
-use burn::tensor::ElementConversion;
-use rudder_stages::TestBackend;
 use rudder_stages::data::{Format, read_rows};
 use rudder_stages::kinds::reward::{self, RewardObjective, pair_rewards};
 use rudder_stages::kinds::sft::{self, SftTokenization};
@@ -19,8 +13,8 @@ use rudder_stages::train::SftObjective;
 use rudder_stages::train::{MetricsWriter, NoHooks, ScheduleKind, TrainConfig, train};
 use safetensors::SafeTensors;
 use serde_json::Value;
-
-type AB = Autodiff<TestBackend>;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(
@@ -48,16 +42,16 @@ fn config() -> TrainConfig {
 
 /// Per-tensor (L2, sum) of the gradient of `loss`, by Hugging Face parameter name (Burn's module
 /// paths are the same names; the transposed Linear layout changes neither statistic).
-fn grad_summary<M: burn::module::AutodiffModule<AB>>(
+fn grad_summary<M: burn::module::Module>(
     model: &M,
-    loss: burn::tensor::Tensor<AB, 1>,
+    loss: burn::tensor::Tensor<1>,
 ) -> BTreeMap<String, (f64, f64)> {
     struct Summary<'a> {
         grads: &'a burn::optim::GradientsParams,
         path: Vec<String>,
         out: BTreeMap<String, (f64, f64)>,
     }
-    impl burn::module::ModuleVisitor<AB> for Summary<'_> {
+    impl burn::module::ModuleVisitor for Summary<'_> {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.path.push(name.to_string());
         }
@@ -66,15 +60,15 @@ fn grad_summary<M: burn::module::AutodiffModule<AB>>(
         }
         fn visit_float<const D: usize>(
             &mut self,
-            param: &burn::module::Param<burn::tensor::Tensor<AB, D>>,
+            param: &burn::module::Param<burn::tensor::Tensor<D>>,
         ) {
             let g = self
                 .grads
-                .get::<TestBackend, D>(param.id)
+                .get::<D>(param.id)
                 .expect("every parameter has a gradient");
             let values: Vec<f64> = g
                 .into_data()
-                .to_vec::<f32>()
+                .try_to_vec::<f32>()
                 .unwrap()
                 .into_iter()
                 .map(f64::from)
@@ -156,13 +150,13 @@ fn sft_reproduces_trl_trajectory() {
         traj["total_completion_tokens"].as_u64().unwrap()
     );
 
-    let device = Default::default();
-    let (cfg, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
+    let device = rudder_stages::test_device().autodiff();
+    let (cfg, model) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
     let objective = SftObjective { pad_id: 0 };
     let refs: Vec<&_> = seqs.iter().collect();
     let step1 = {
         use rudder_stages::train::Objective;
-        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
+        let out = Objective::forward(&objective, &model, &refs, &device).unwrap();
         grad_summary(&model, out.loss_sum.div_scalar(targets as f64))
     };
     let (g_l2, g_sum) = compare_params(&step1, &traj["step1_param_grad"]);
@@ -219,8 +213,8 @@ fn sft_reproduces_trl_trajectory() {
     // The final loss, evaluated after the last update.
     let final_loss = {
         use rudder_stages::train::Objective;
-        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
-        out.loss_sum.into_scalar().elem::<f64>() / targets as f64
+        let out = Objective::forward(&objective, &model, &refs, &device).unwrap();
+        out.loss_sum.into_scalar::<f64>() / targets as f64
     };
     let expect = traj["final_loss_after_20_updates"].as_f64().unwrap();
     assert!(rel(final_loss, expect) < 1e-4, "{final_loss} vs {expect}");
@@ -268,13 +262,13 @@ fn reward_model_reproduces_trl_trajectory() {
         assert_eq!(pair.rejected, rejected);
     }
 
-    let device = Default::default();
-    let (cfg, model) = load_reward_model::<AB>(&fixtures().join("rm_init"), &device).unwrap();
+    let device = rudder_stages::test_device().autodiff();
+    let (cfg, model) = load_reward_model(&fixtures().join("rm_init"), &device).unwrap();
     let refs: Vec<&_> = pairs.iter().collect();
-    let rewards_err = |model: &rudder_stages::model::RewardModel<AB>, expect: &Value| -> f64 {
-        let (c, r) = pair_rewards(model, &refs, 0, &device);
-        let c: Vec<f32> = c.into_data().to_vec().unwrap();
-        let r: Vec<f32> = r.into_data().to_vec().unwrap();
+    let rewards_err = |model: &rudder_stages::model::RewardModel, expect: &Value| -> f64 {
+        let (c, r) = pair_rewards(model, &refs, 0);
+        let c: Vec<f32> = c.into_data().try_to_vec().unwrap();
+        let r: Vec<f32> = r.into_data().try_to_vec().unwrap();
         let mut err = 0f64;
         for (ours, key) in [(c, "chosen_rewards"), (r, "rejected_rewards")] {
             for (a, b) in ours.iter().zip(expect[key].as_array().unwrap()) {
@@ -289,7 +283,7 @@ fn reward_model_reproduces_trl_trajectory() {
         "initial rewards differ by {initial_err:e}"
     );
     let step1 = {
-        let (c, r) = pair_rewards(&model, &refs, 0, &device);
+        let (c, r) = pair_rewards(&model, &refs, 0);
         let loss = rudder_stages::losses::bradley_terry(c, r, None, None).mean();
         grad_summary(&model, loss)
     };
@@ -402,16 +396,15 @@ fn dpo_reproduces_trl_trajectory() {
     }
 
     // The reference's cached log-probs, as the `ref_logps` part computes them, against TRL's.
-    let device = Default::default();
-    let (_, reference) =
-        load_causal_lm::<TestBackend>(&fixtures().join("reference"), &device).unwrap();
+    let device = rudder_stages::test_device();
+    let (_, reference) = load_causal_lm(&fixtures().join("reference"), &device).unwrap();
     let sides: Vec<&PromptCompletion> = tokenized
         .pairs
         .iter()
         .map(|p| &p.chosen)
         .chain(tokenized.pairs.iter().map(|p| &p.rejected))
         .collect();
-    let mut reference_logps = sequence_logps(&reference, &sides, 0, 16, &device);
+    let mut reference_logps = sequence_logps(&reference, &sides, 0, 16);
     let reference_rejected = reference_logps.split_off(16);
     let mut logp_err = 0f64;
     for (ours, key) in [
@@ -445,11 +438,12 @@ fn dpo_reproduces_trl_trajectory() {
         ld_alpha: None,
         use_weighting: false,
     };
-    let (cfg, model) = load_causal_lm::<AB>(&fixtures().join("policy"), &device).unwrap();
+    let train_device = device.clone().autodiff();
+    let (cfg, model) = load_causal_lm(&fixtures().join("policy"), &train_device).unwrap();
     let refs: Vec<&_> = examples.iter().collect();
     let step1 = {
         use rudder_stages::train::Objective;
-        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
+        let out = Objective::forward(&objective, &model, &refs, &train_device).unwrap();
         grad_summary(&model, out.loss_sum.div_scalar(16.0))
     };
     let (g_l2, g_sum) = compare_params(&step1, &traj["step1_param_grad"]);
@@ -464,7 +458,7 @@ fn dpo_reproduces_trl_trajectory() {
         model,
         &examples,
         &config(),
-        &device,
+        &train_device,
         None,
         &mut NoHooks,
     )
@@ -514,8 +508,8 @@ fn dpo_reproduces_trl_trajectory() {
     );
     let final_loss = {
         use rudder_stages::train::Objective;
-        let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
-        out.loss_sum.into_scalar().elem::<f64>() / 16.0
+        let out = Objective::forward(&objective, &model, &refs, &train_device).unwrap();
+        out.loss_sum.into_scalar::<f64>() / 16.0
     };
     let expect = traj["final_loss_after_20_updates"].as_f64().unwrap();
     assert!(rel(final_loss, expect) < 1e-4, "{final_loss} vs {expect}");

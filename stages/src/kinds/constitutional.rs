@@ -34,7 +34,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Device;
 use minijinja::Environment;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -85,19 +85,19 @@ pub struct Constitutional;
 
 impl StageKind for Constitutional {
     type Params = ConstitutionalParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
+    fn run(
         stage: &Stage<'_, ConstitutionalParams>,
-        device: &B::Device,
+        device: &Device,
     ) -> Result<StageOutcome, TrainError> {
-        run_stage::<B::InnerBackend>(stage, device)
+        run_stage(stage, &device.clone().inner())
     }
 }
 
-fn run_stage<B: Backend>(
+fn run_stage(
     stage: &Stage<'_, ConstitutionalParams>,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<StageOutcome, TrainError> {
     let params = stage.params;
     let principles = principles(stage)?;
@@ -115,7 +115,7 @@ fn run_stage<B: Backend>(
 
     let samples = if params.ai_feedback { 2 } else { 1 };
     stage.progress().set_length((n * (1 + 2 * passes)) as u64);
-    let sampler = Sampler::<B>::load(&model, device)?;
+    let sampler = Sampler::load(&model, device)?;
     let interrupted = || stage.is_interrupted();
     let generate = |inputs: &[String], count: usize, phase: u64, done: usize| {
         let opts = generate_options(
@@ -130,7 +130,6 @@ fn run_stage<B: Backend>(
             stage.progress(),
             &interrupted,
             done as u64,
-            device,
         )
     };
 
@@ -296,12 +295,12 @@ fn run_stage<B: Backend>(
 
 /// The model's answer to each question pair (asked in both orders): `Some(true)` when the
 /// first response wins, `None` on an exact tie, with the log-prob margin of the first.
-fn feedback<B: Backend>(
-    model: &CausalLm<B>,
+fn feedback(
+    model: &CausalLm,
     tokenizer: &Tokenizer,
     questions: &[[String; 2]],
     batch_size: usize,
-    device: &B::Device,
+    _device: &Device,
 ) -> Result<Vec<(Option<bool>, f64)>, TrainError> {
     let answers = ANSWERS
         .iter()
@@ -322,7 +321,7 @@ fn feedback<B: Backend>(
     }
     let refs: Vec<&PromptCompletion> = rows.iter().collect();
     let pad_id = tokenizer.pad_id().unwrap_or(0);
-    let logps = sequence_logps(model, &refs, pad_id, batch_size, device);
+    let logps = sequence_logps(model, &refs, pad_id, batch_size);
     let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
     Ok(logps
         .chunks(4)

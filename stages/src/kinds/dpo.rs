@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{DpoParams, REF_LOGPS_PART};
 
@@ -22,12 +22,9 @@ pub struct Dpo;
 
 impl StageKind for Dpo {
     type Params = DpoParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, DpoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, DpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let policy = stage.inputs.model("model")?;
         let pairs = stage.inputs.rows("data")?.preference_pairs()?;
@@ -52,9 +49,9 @@ impl StageKind for Dpo {
             // TR-DPO: the reference moves towards the policy, so it is run on every batch.
             let reference_dir = stage.inputs.model_dir("reference")?;
             check_vocab(&reference_dir, &policy.tokenizer)?;
-            let (config, model) = load_causal_lm::<B>(&policy.dir, device)?;
-            let (_, reference) = load_causal_lm::<B::InnerBackend>(&reference_dir, device)?;
-            let objective = SyncedReferenceDpo::<B> {
+            let (config, model) = load_causal_lm(&policy.dir, device)?;
+            let (_, reference) = load_causal_lm(&reference_dir, &device.clone().inner())?;
+            let objective = SyncedReferenceDpo {
                 base: objective,
                 reference: RefCell::new(reference),
                 mixup_alpha: p.ref_model_mixup_alpha,
@@ -79,7 +76,7 @@ impl StageKind for Dpo {
                     },
                 )
                 .collect();
-            let (config, model) = load_causal_lm::<B>(&policy.dir, device)?;
+            let (config, model) = load_causal_lm(&policy.dir, device)?;
             (
                 config,
                 stage.fit(&objective, model, &examples, &cfg, device)?,
@@ -99,18 +96,15 @@ pub struct DpoRefLogps;
 impl StageKind for DpoRefLogps {
     type Params = DpoParams;
     const PART: Option<&'static str> = Some(REF_LOGPS_PART);
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, DpoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, DpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let tokens = &stage.params.tokens;
-        reference::run_part::<B::InnerBackend, _>(
+        reference::run_part(
             stage,
             tokens,
             |tokenizer, rows| tokenize_pairs(tokenizer, &rows.preference_pairs()?, tokens),
-            device,
+            &device.clone().inner(),
         )
     }
 }

@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Device;
 use rudder_engine::Key;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::EvaluateParams;
@@ -47,13 +47,10 @@ pub struct Evaluate;
 
 impl StageKind for Evaluate {
     type Params = EvaluateParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, EvaluateParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
-        run_stage::<B::InnerBackend>(stage, device)
+    fn run(stage: &Stage<'_, EvaluateParams>, device: &Device) -> Result<StageOutcome, TrainError> {
+        run_stage(stage, &device.clone().inner())
     }
 }
 
@@ -114,9 +111,9 @@ fn mean(values: &[f64]) -> f64 {
     }
 }
 
-fn run_stage<B: Backend>(
+fn run_stage(
     stage: &Stage<'_, EvaluateParams>,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<StageOutcome, TrainError> {
     let params = stage.params;
     let rows = stage.inputs.rows("data")?;
@@ -185,7 +182,7 @@ fn run_stage<B: Backend>(
         stage
             .progress()
             .set_message(format!("generating with {}", g.model.node));
-        let sampler = Sampler::<B>::load(&g.model, device)?;
+        let sampler = Sampler::load(&g.model, device)?;
         generations.push(sampler.samples(
             &prompts,
             params.num_samples as usize,
@@ -193,11 +190,10 @@ fn run_stage<B: Backend>(
             stage.progress(),
             &interrupted,
             (i * prompts.len()) as u64,
-            device,
         )?);
     }
 
-    let judged = judge::<B>(
+    let judged = judge(
         stage,
         &rows,
         &generators,
@@ -351,17 +347,17 @@ struct Judged {
 
 /// Scores every generation with the stage's judge, and each listed model's log-ratio to the
 /// reference on its own samples.
-fn judge<B: Backend>(
+fn judge(
     stage: &Stage<'_, EvaluateParams>,
     rows: &Rows,
     generators: &[Generator],
     generations: &[Vec<Generated>],
     reference: Option<&Path>,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<Judged, TrainError> {
     let batch_size = stage.params.batch_size.max(1) as usize;
     stage.progress().set_message("scoring".into());
-    let scorer = stage.inputs.judge::<B>(
+    let scorer = stage.inputs.judge(
         &stage.params.judge,
         "judge",
         stage.recipe_dir(),
@@ -378,7 +374,7 @@ fn judge<B: Backend>(
     let mut kls = vec![None; generations.len()];
     if let Some(reference_dir) = reference {
         stage.progress().set_message("KL to the reference".into());
-        let (_, reference) = load_causal_lm::<B>(reference_dir, device)?;
+        let (_, reference) = load_causal_lm(reference_dir, device)?;
         for (i, (g, generated)) in generators.iter().zip(generations).enumerate() {
             if !g.listed {
                 continue;
@@ -397,10 +393,10 @@ fn judge<B: Backend>(
                 .collect::<Result<Vec<_>, TrainError>>()?;
             let refs: Vec<&PromptCompletion> = rows.iter().collect();
             let pad_id = g.model.tokenizer.pad_id().unwrap_or(0);
-            let (_, model) = load_causal_lm::<B>(&g.model.dir, device)?;
-            let policy = sequence_logps(&model, &refs, pad_id, batch_size, device);
+            let (_, model) = load_causal_lm(&g.model.dir, device)?;
+            let policy = sequence_logps(&model, &refs, pad_id, batch_size);
             drop(model);
-            let base = sequence_logps(&reference, &refs, pad_id, batch_size, device);
+            let base = sequence_logps(&reference, &refs, pad_id, batch_size);
             let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
             kls[i] = Some(
                 policy

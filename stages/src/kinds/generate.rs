@@ -2,7 +2,7 @@
 //! `completions.jsonl`, a dataset that later stages read (`prompt`, `completion`, `sample`,
 //! `finish_reason`, and `row`, the 0-based position of the prompt's row in the source data).
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::GenerateParams;
 use serde_json::json;
@@ -19,18 +19,15 @@ pub struct Generate;
 
 impl StageKind for Generate {
     type Params = GenerateParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, GenerateParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, GenerateParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let model = stage.inputs.model("model")?;
         let prompts = stage.inputs.rows("data")?.prompts()?;
         let opts = generate_options(&p.sampling, p.batch_size, stage.seed());
         stage.progress().set_length(prompts.len() as u64);
-        let sampler = Sampler::<B::InnerBackend>::load(&model, device)?;
+        let sampler = Sampler::load(&model, &device.clone().inner())?;
         let interrupted = || stage.is_interrupted();
         let generated = sampler.samples(
             &prompts,
@@ -39,7 +36,6 @@ impl StageKind for Generate {
             stage.progress(),
             &interrupted,
             0,
-            device,
         )?;
         let lines: Vec<_> = generated
             .iter()

@@ -8,8 +8,8 @@
 //! `dr_grpo` (token sum over rows times `response_length`). The loop is `rl`'s; the artifact is
 //! the policy with its tokenizer, `metrics.jsonl` and, with `save_rollouts`, `rollouts.jsonl`.
 
+use burn::tensor::Device;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{GrpoLossType, GrpoParams, KlEstimator};
 
@@ -26,14 +26,11 @@ pub struct GrpoKind;
 
 impl StageKind for GrpoKind {
     type Params = GrpoParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, GrpoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, GrpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
-        group::run_stage::<B, _, _>(
+        group::run_stage::<_, _>(
             stage,
             &p.policy,
             &p.rollout,
@@ -69,13 +66,12 @@ pub struct Grpo {
 }
 
 /// Old and reference log-probs (k3 KL), then the group-normalised advantages.
-pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
-    policy: &CausalLm<P>,
-    reference: Option<&CausalLm<B>>,
+pub fn prepare(
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
     samples: Samples,
     s: &Grpo,
     iteration: u64,
-    device: &B::Device,
 ) -> GroupBatch {
     let (logps, ref_logps, kl) = group::rollout_logps(
         policy,
@@ -84,7 +80,6 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
         &s.settings,
         KlEstimator::K3,
         iteration,
-        device,
     );
     let (advantages, group_std) =
         group_advantages(&samples.scores, s.num_generations, s.scale_rewards);
@@ -98,20 +93,19 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
     }
 }
 
-impl<B: AutodiffBackend> GroupAlgorithm<B> for Grpo {
+impl GroupAlgorithm for Grpo {
     fn generations(&self) -> usize {
         self.num_generations
     }
 
     fn prepare(
         &self,
-        policy: &CausalLm<B>,
-        reference: Option<&CausalLm<B::InnerBackend>>,
+        policy: &CausalLm,
+        reference: Option<&CausalLm>,
         samples: Samples,
         iteration: u64,
-        device: &B::Device,
     ) -> GroupBatch {
-        prepare(policy, reference, samples, self, iteration, device)
+        prepare(policy, reference, samples, self, iteration)
     }
 
     /// What the minibatch's summed per-token losses are divided by, by `loss_type`.
@@ -126,19 +120,19 @@ impl<B: AutodiffBackend> GroupAlgorithm<B> for Grpo {
 
     fn micro_loss(
         &self,
-        t: &Trainees<B>,
+        t: &Trainees,
         b: &GroupBatch,
         micro: &[usize],
         weight: f64,
         acc: &mut GroupMicro,
-        device: &B::Device,
-    ) -> Tensor<B, 1> {
+        device: &Device,
+    ) -> Tensor<1> {
         let s = &self.settings;
         let rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &b.samples.rows[i]).collect();
-        let batch = CompletionBatch::<B>::new(&rows, s.pad_id, device);
+        let batch = CompletionBatch::new(&rows, s.pad_id, device);
         let mask = batch.mask.clone();
         let old_rows = pick(&b.logps, micro);
-        let old = dense::<B>(&rows, &refs(&old_rows), device);
+        let old = dense(&rows, &refs(&old_rows), device);
         let new = rollout::policy_token_logps(&t.policy, &batch, s.temperature);
         let adv: Vec<f32> = micro.iter().map(|&i| b.advantages[i] as f32).collect();
         let adv_rows: Vec<Vec<f32>> = rows
@@ -146,12 +140,12 @@ impl<B: AutodiffBackend> GroupAlgorithm<B> for Grpo {
             .zip(&adv)
             .map(|(r, &a)| vec![a; r.completion.len()])
             .collect();
-        let adv = dense::<B>(&rows, &refs(&adv_rows), device);
+        let adv = dense(&rows, &refs(&adv_rows), device);
         let ratio = ((new.clone() - old) * mask.clone()).exp();
         let (mut loss, l1, l2) = clipped_policy_loss(ratio.clone(), adv, self.epsilon);
         if self.beta > 0.0 {
             let ref_rows = pick(&b.ref_logps, micro);
-            let reference = dense::<B>(&rows, &refs(&ref_rows), device);
+            let reference = dense(&rows, &refs(&ref_rows), device);
             let logr = reference - new;
             let k3 = logr.clone().exp() - logr - 1.0;
             loss = loss + k3.mul_scalar(self.beta);
@@ -162,7 +156,7 @@ impl<B: AutodiffBackend> GroupAlgorithm<B> for Grpo {
                 .iter()
                 .map(|r| vec![1.0 / r.completion.len().max(1) as f32; r.completion.len()])
                 .collect();
-            loss = loss * dense::<B>(&rows, &refs(&inv), device);
+            loss = loss * dense(&rows, &refs(&inv), device);
         }
         let mask_i = mask.inner();
         let clipped =
@@ -181,26 +175,22 @@ impl<B: AutodiffBackend> GroupAlgorithm<B> for Grpo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use crate::model::{ModelConfig, random_causal_lm};
     use crate::rl::group::fixtures;
     use crate::train::AdamWConfig;
-    use burn::backend::Autodiff;
     use burn::module::Module;
-
-    type AB = Autodiff<TestBackend>;
 
     #[test]
     fn first_update_ratio_is_exactly_one_for_every_loss_type() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = ModelConfig::llama(32, 16, 24, 2, 4, 2);
-        let reference = random_causal_lm::<TestBackend>(&cfg, 2, &device);
+        let reference = random_causal_lm(&cfg, 2, &device);
         for (loss_type, scale_rewards, beta) in [
             (GrpoLossType::Grpo, true, 0.04),
             (GrpoLossType::Dapo, false, 0.0),
             (GrpoLossType::DrGrpo, true, 0.0),
         ] {
-            let policy = random_causal_lm::<AB>(&cfg, 1, &device);
+            let policy = random_causal_lm(&cfg, 1, &device.clone().autodiff());
             let s = Grpo {
                 settings: fixtures::settings(),
                 num_generations: 4,
@@ -217,7 +207,6 @@ mod tests {
                 fixtures::samples(),
                 &s,
                 0,
-                &device,
             );
             let t = Trainees::policy(policy, AdamWConfig::default());
             let (t, update) = crate::rl::update(
@@ -227,7 +216,7 @@ mod tests {
                 &s.settings,
                 0,
                 1e-2,
-                &device,
+                &device.clone().autodiff(),
             )
             .unwrap();
             assert_eq!(update.steps[0].stats.deviation, 0.0, "{loss_type:?}");

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{IterativeDpoParams, Pairing, ROUND_PART, RoundReference, TrainArgs};
 use serde_json::{Value, json};
@@ -50,7 +50,7 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const PAIRS_FILE: &str = "pairs.jsonl";
 
 /// What a round produces; bumped for the rounds and the stage (its last round) together.
-const ROUND_VERSION: u32 = 1;
+const ROUND_VERSION: u32 = 2;
 
 /// The stage itself: its last round.
 pub struct IterativeDpo;
@@ -59,11 +59,11 @@ impl StageKind for IterativeDpo {
     type Params = IterativeDpoParams;
     const VERSION: u32 = ROUND_VERSION;
 
-    fn run<B: AutodiffBackend>(
+    fn run(
         stage: &Stage<'_, IterativeDpoParams>,
-        device: &B::Device,
+        device: &Device,
     ) -> Result<StageOutcome, TrainError> {
-        let outcome = run_round::<B>(stage, stage.params.rounds, device)?;
+        let outcome = run_round(stage, stage.params.rounds, device)?;
         Ok(outcome)
     }
 }
@@ -76,23 +76,23 @@ impl StageKind for Round {
     const PART: Option<&'static str> = Some(ROUND_PART);
     const VERSION: u32 = ROUND_VERSION;
 
-    fn run<B: AutodiffBackend>(
+    fn run(
         stage: &Stage<'_, IterativeDpoParams>,
-        device: &B::Device,
+        device: &Device,
     ) -> Result<StageOutcome, TrainError> {
         let n = stage
             .params
             .round_of(stage.part())
             .ok_or_else(|| TrainError::Input(format!("{}: no round number", stage.name())))?;
-        run_round::<B>(stage, n, device)
+        run_round(stage, n, device)
     }
 }
 
 /// Round `n`: sample, judge, pair, update.
-fn run_round<B: AutodiffBackend>(
+fn run_round(
     stage: &Stage<'_, IterativeDpoParams>,
     n: u32,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<StageOutcome, TrainError> {
     let params = stage.params;
     let round = params.round_settings(n);
@@ -121,24 +121,23 @@ fn run_round<B: AutodiffBackend>(
         round.num_samples
     ));
     let interrupted = || stage.is_interrupted();
-    let generated = Sampler::<B::InnerBackend>::load(&start, device)?.samples(
+    let generated = Sampler::load(&start, &device.clone().inner())?.samples(
         &prompts,
         round.num_samples as usize,
         &opts,
         stage.progress(),
         &interrupted,
         0,
-        device,
     )?;
 
     // Judge.
     stage.progress().set_message(format!("round {n}: scoring"));
-    let scorer = stage.inputs.judge::<B::InnerBackend>(
+    let scorer = stage.inputs.judge(
         &params.judge,
         "judge",
         stage.recipe_dir(),
         batch_size as usize,
-        device,
+        &device.clone().inner(),
     )?;
     let scores = sampling::score(&scorer, &rows, &generated)?;
     drop(scorer);
@@ -183,7 +182,7 @@ fn run_round<B: AutodiffBackend>(
         ld_alpha: params.loss.ld_alpha,
         use_weighting: params.loss.use_weighting,
     };
-    let (config, model) = load_causal_lm::<B>(&start.dir, device)?;
+    let (config, model) = load_causal_lm(&start.dir, device)?;
     let report = if tokenized.pairs.is_empty() {
         // Nothing to learn from: the round keeps its starting model.
         let metrics = stage.out_dir().join(METRICS_FILE);
@@ -196,7 +195,7 @@ fn run_round<B: AutodiffBackend>(
         Default::default()
     } else {
         stage.progress().set_message("reference log-probs".into());
-        let (_, reference_model) = load_causal_lm::<B::InnerBackend>(&reference_dir, device)?;
+        let (_, reference_model) = load_causal_lm(&reference_dir, &device.clone().inner())?;
         let cache = reference::compute(
             &reference_model,
             &tokenized.pairs,

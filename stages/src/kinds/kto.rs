@@ -7,9 +7,9 @@
 //! Metrics use TRL's names: `kl`, `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
 //! `logps/chosen`, `logps/rejected` (over the desirable and undesirable rows of each batch).
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
+use burn::tensor::Device;
 use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{KtoParams, REF_LOGPS_PART};
 
@@ -25,12 +25,9 @@ pub struct Kto;
 
 impl StageKind for Kto {
     type Params = KtoParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, KtoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, KtoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let policy = stage.inputs.model("model")?;
         let examples = stage.inputs.rows("data")?.unpaired_examples()?;
@@ -64,7 +61,7 @@ impl StageKind for Kto {
             loss: KtoLossConfig::from(p),
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
-        let (config, model) = load_causal_lm::<B>(&policy.dir, device)?;
+        let (config, model) = load_causal_lm(&policy.dir, device)?;
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
         save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
         let mut summary = report.summary();
@@ -81,14 +78,11 @@ pub struct KtoRefLogps;
 impl StageKind for KtoRefLogps {
     type Params = KtoParams;
     const PART: Option<&'static str> = Some(REF_LOGPS_PART);
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, KtoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, KtoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let tokens = &stage.params.tokens;
-        reference::run_part::<B::InnerBackend, _>(
+        reference::run_part(
             stage,
             tokens,
             |tokenizer, rows| {
@@ -99,7 +93,7 @@ impl StageKind for KtoRefLogps {
                     dropped,
                 })
             },
-            device,
+            &device.clone().inner(),
         )
     }
 }
@@ -118,11 +112,8 @@ pub struct KtoObjective {
     pub loss: KtoLossConfig,
 }
 
-impl<B: AutodiffBackend> Objective<B> for KtoObjective
-where
-    CausalLm<B>: AutodiffModule<B, InnerModule = CausalLm<B::InnerBackend>>,
-{
-    type Model = CausalLm<B>;
+impl Objective for KtoObjective {
+    type Model = CausalLm;
     type Example = KtoExample;
 
     fn length(&self, example: &KtoExample) -> usize {
@@ -135,23 +126,22 @@ where
 
     fn forward(
         &self,
-        model: &CausalLm<B>,
+        model: &CausalLm,
         examples: &[&KtoExample],
-        device: &B::Device,
-    ) -> Result<Forward<B>, TrainError> {
+        device: &Device,
+    ) -> Result<Forward, TrainError> {
         let rows: Vec<&PromptCompletion> = examples.iter().map(|e| &e.row.sequence).collect();
-        let batch = CompletionBatch::<B>::new(&rows, self.pad_id, device);
+        let batch = CompletionBatch::new(&rows, self.pad_id, device);
         let policy = completion_logps(model, &batch).sums();
-        let reference = vector::<B>(examples.iter().map(|e| e.reference).collect(), device);
+        let reference = vector(examples.iter().map(|e| e.reference).collect(), device);
         let desirable: Vec<bool> = examples.iter().map(|e| e.row.desirable).collect();
         // The KL estimate carries no gradient (TRL computes it under no_grad).
         let kl = kto_uses_kl(self.loss.loss_type).then(|| {
             let inner = model.valid();
             let kl_rows: Vec<&PromptCompletion> = examples.iter().map(|e| &e.row.kl).collect();
-            let kl_batch = CompletionBatch::<B::InnerBackend>::new(&kl_rows, self.pad_id, device);
-            let policy_kl = Tensor::<B, 1>::from_inner(completion_logps(&inner, &kl_batch).sums());
-            let reference_kl =
-                vector::<B>(examples.iter().map(|e| e.reference_kl).collect(), device);
+            let kl_batch = CompletionBatch::new(&kl_rows, self.pad_id, &inner.device());
+            let policy_kl = Tensor::<1>::from_inner(completion_logps(&inner, &kl_batch).sums());
+            let reference_kl = vector(examples.iter().map(|e| e.reference_kl).collect(), device);
             kto_kl(policy_kl, reference_kl)
         });
         let losses = kto_loss(

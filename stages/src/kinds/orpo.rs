@@ -3,7 +3,7 @@
 //! chosen and rejected completions' average log-probs. No reference model; the objective is
 //! `preference::reference_free`'s.
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::OrpoParams;
 
@@ -15,14 +15,11 @@ pub struct Orpo;
 
 impl StageKind for Orpo {
     type Params = OrpoParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, OrpoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, OrpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let loss = ReferenceFreeLoss::Orpo { beta: p.beta };
-        reference_free::train::<B, _>(stage, loss, p.learning_rate, &p.tokens, &p.train, device)
+        reference_free::train::<_>(stage, loss, p.learning_rate, &p.tokens, &p.train, device)
     }
 }

@@ -28,8 +28,8 @@
 //! `value/`, `metrics.jsonl` (one line per iteration) and, with `save_rollouts`,
 //! `rollouts.jsonl`.
 
+use burn::tensor::Device;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{AdaptiveKl, Judge, KlEstimator, PpoParams};
 
@@ -46,12 +46,9 @@ pub struct PpoKind;
 
 impl StageKind for PpoKind {
     type Params = PpoParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, PpoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, PpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let data = RlData::load(&stage.inputs)?;
         let reference_dir = data.model_or_policy(&stage.inputs, "reference")?;
@@ -60,16 +57,16 @@ impl StageKind for PpoKind {
             (false, Judge::Node(_)) => data.model_or_policy(&stage.inputs, "reward")?,
             (false, _) => data.policy_dir.clone(),
         };
-        let (policy_cfg, policy) = load_causal_lm::<B>(&data.policy_dir, device)?;
-        let (_, reference) = load_causal_lm::<B::InnerBackend>(&reference_dir, device)?;
-        let (value_cfg, value) =
-            reward_model_from_causal_lm::<B>(&value_dir, stage.seed(), device)?;
-        let scorer = stage.inputs.judge::<B::InnerBackend>(
+        let (policy_cfg, policy) = load_causal_lm(&data.policy_dir, device)?;
+        let inference = device.clone().inner();
+        let (_, reference) = load_causal_lm(&reference_dir, &inference)?;
+        let (value_cfg, value) = reward_model_from_causal_lm(&value_dir, stage.seed(), device)?;
+        let scorer = stage.inputs.judge(
             &p.policy.reward,
             "reward",
             stage.recipe_dir(),
             p.train.batch_size as usize,
-            device,
+            &inference,
         )?;
         let settings = LoopSettings::new(
             &p.rollout,
@@ -154,24 +151,23 @@ pub struct PpoBatch {
 /// Per-token log-probs, references and values of a rollout, then rewards, GAE and whitening.
 /// `policy` must be on the backend the update runs on (see [`rollout::old_logps`]).
 #[allow(clippy::too_many_arguments)]
-pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
-    policy: &CausalLm<P>,
-    reference: &CausalLm<B>,
-    value: &RewardModel<B>,
+pub fn prepare(
+    policy: &CausalLm,
+    reference: &CausalLm,
+    value: &RewardModel,
     samples: Samples,
     s: &Ppo,
     kl_coef: f64,
     iteration: u64,
-    device: &B::Device,
 ) -> PpoBatch {
     let n = samples.rows.len();
     let l = &s.settings;
-    let old = rollout::old_logps(policy, Some(reference), &samples.rows, l, iteration, device);
+    let old = rollout::old_logps(policy, Some(reference), &samples.rows, l, iteration);
     let (partition, logps, ref_logps) = (old.partition, old.policy, old.reference);
     let mut values = vec![Vec::new(); n];
     for micro in partition.iter().flatten() {
         let rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &samples.rows[i]).collect();
-        let batch = CompletionBatch::<B>::new(&rows, l.pad_id, device);
+        let batch = CompletionBatch::new(&rows, l.pad_id, &value.device());
         let [m, width] = batch.mask.dims();
         // V(s_t) is read at the position that predicts token t, as TRL's
         // `full_value[:, context_length - 1 : -1]`.
@@ -270,7 +266,7 @@ fn pick<'a>(values: &'a [Vec<f32>], micro: &[usize]) -> Vec<&'a [f32]> {
     micro.iter().map(|&i| &values[i][..]).collect()
 }
 
-impl<B: AutodiffBackend> Algorithm<B> for Ppo {
+impl Algorithm for Ppo {
     type Batch = PpoBatch;
     type Micro = PpoMicro;
     type Step = PpoStep;
@@ -281,13 +277,12 @@ impl<B: AutodiffBackend> Algorithm<B> for Ppo {
 
     fn prepare(
         &self,
-        policy: &CausalLm<B>,
-        value: Option<&RewardModel<B::InnerBackend>>,
-        reference: Option<&CausalLm<B::InnerBackend>>,
+        policy: &CausalLm,
+        value: Option<&RewardModel>,
+        reference: Option<&CausalLm>,
         samples: Samples,
         kl_coef: f64,
         iteration: u64,
-        device: &B::Device,
     ) -> PpoBatch {
         prepare(
             policy,
@@ -297,7 +292,6 @@ impl<B: AutodiffBackend> Algorithm<B> for Ppo {
             self,
             kl_coef,
             iteration,
-            device,
         )
     }
 
@@ -309,24 +303,24 @@ impl<B: AutodiffBackend> Algorithm<B> for Ppo {
     /// tokens, divided by the minibatch's tokens.
     fn micro_loss(
         &self,
-        t: &Trainees<B>,
+        t: &Trainees,
         batch_data: &PpoBatch,
         micro: &[usize],
         weight: f64,
         acc: &mut PpoMicro,
-        device: &B::Device,
-    ) -> Tensor<B, 1> {
+        device: &Device,
+    ) -> Tensor<1> {
         let s = &self.settings;
         let (value, _) = t.value.as_ref().expect("PPO trains a value model");
         let rows: Vec<&PromptCompletion> =
             micro.iter().map(|&i| &batch_data.samples.rows[i]).collect();
-        let batch = CompletionBatch::<B>::new(&rows, s.pad_id, device);
+        let batch = CompletionBatch::new(&rows, s.pad_id, device);
         let [m, width] = batch.mask.dims();
         let mask = batch.mask.clone();
-        let old = dense::<B>(&rows, &pick(&batch_data.logps, micro), device);
-        let adv = dense::<B>(&rows, &pick(&batch_data.advantages, micro), device);
-        let ret = dense::<B>(&rows, &pick(&batch_data.returns, micro), device);
-        let old_v = dense::<B>(&rows, &pick(&batch_data.values, micro), device);
+        let old = dense(&rows, &pick(&batch_data.logps, micro), device);
+        let adv = dense(&rows, &pick(&batch_data.advantages, micro), device);
+        let ret = dense(&rows, &pick(&batch_data.returns, micro), device);
+        let old_v = dense(&rows, &pick(&batch_data.values, micro), device);
 
         let new = rollout::policy_token_logps(&t.policy, &batch, s.temperature);
         let diff = (new - old) * mask.clone();
@@ -345,7 +339,7 @@ impl<B: AutodiffBackend> Algorithm<B> for Ppo {
         let loss = pg_sum.clone() + vf_sum.clone().mul_scalar(self.vf_coef);
 
         let mask_i = mask.inner();
-        let count = |a: Tensor<B::InnerBackend, 2>, b: Tensor<B::InnerBackend, 2>| -> f64 {
+        let count = |a: Tensor<2>, b: Tensor<2>| -> f64 {
             let hits = a.greater(b).float() * mask_i.clone();
             f64::from(host(hits.sum())[0])
         };
@@ -488,13 +482,9 @@ pub fn adapt_kl(coef: f64, kl: f64, target: f64, horizon: u64, batch: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use crate::model::{ModelConfig, random_causal_lm, random_reward_model};
     use crate::train::AdamWConfig;
-    use burn::backend::Autodiff;
-    use burn::module::{AutodiffModule, Module};
-
-    type AB = Autodiff<TestBackend>;
+    use burn::module::Module;
 
     fn settings() -> Ppo {
         Ppo {
@@ -538,11 +528,11 @@ mod tests {
 
     #[test]
     fn first_update_ratio_is_exactly_one() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = ModelConfig::llama(32, 16, 24, 2, 4, 2);
-        let policy = random_causal_lm::<AB>(&cfg, 1, &device);
-        let reference = random_causal_lm::<TestBackend>(&cfg, 2, &device);
-        let value = random_reward_model::<AB>(&cfg, 3, &device);
+        let policy = random_causal_lm(&cfg, 1, &device.clone().autodiff());
+        let reference = random_causal_lm(&cfg, 2, &device);
+        let value = random_reward_model(&cfg, 3, &device.clone().autodiff());
         let s = settings();
         let batch = prepare(
             &policy.clone().no_grad(),
@@ -552,10 +542,18 @@ mod tests {
             &s,
             0.05,
             0,
-            &device,
         );
         let t = Trainees::with_value(policy, value, AdamWConfig::default());
-        let (_, update) = crate::rl::update(&s, t, &batch, &s.settings, 0, 1e-2, &device).unwrap();
+        let (_, update) = crate::rl::update(
+            &s,
+            t,
+            &batch,
+            &s.settings,
+            0,
+            1e-2,
+            &device.clone().autodiff(),
+        )
+        .unwrap();
         let steps = &update.steps;
         assert_eq!(steps[0].stats.deviation, 0.0);
         assert_eq!(steps[0].stats.pg_clipfrac, 0.0);
@@ -568,15 +566,15 @@ mod tests {
 
     #[test]
     fn rewards_put_the_score_on_the_last_token() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = ModelConfig::llama(32, 16, 24, 2, 4, 2);
-        let policy = random_causal_lm::<TestBackend>(&cfg, 1, &device);
-        let value = random_reward_model::<TestBackend>(&cfg, 3, &device);
+        let policy = random_causal_lm(&cfg, 1, &device);
+        let value = random_reward_model(&cfg, 3, &device);
         let mut s = settings();
         s.lam = 1.0;
         // Reference = policy: zero KL, so with gamma = lam = 1 the unwhitened advantage of
         // token t is score - V_t.
-        let batch = prepare(&policy, &policy, &value, samples(), &s, 0.05, 0, &device);
+        let batch = prepare(&policy, &policy, &value, samples(), &s, 0.05, 0);
         assert!(batch.kl.iter().all(|&k| k == 0.0));
         for (i, ret) in batch.returns.iter().enumerate() {
             for r in ret {

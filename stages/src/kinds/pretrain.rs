@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::ModelSpec;
 use rudder_schema::kinds::PretrainParams;
@@ -36,12 +36,9 @@ enum Start {
 
 impl StageKind for Pretrain {
     type Params = PretrainParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, PretrainParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, PretrainParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let start = match stage.inputs.fresh_model("model")? {
             Some(fresh) => Start::Fresh(fresh),
@@ -67,10 +64,10 @@ impl StageKind for Pretrain {
         let (config, model) = match &start {
             Start::Fresh(fresh) => {
                 let config = fresh_config(&fresh.spec, tokenizer)?;
-                let model = random_causal_lm::<B>(&config, stage.seed(), device);
+                let model = random_causal_lm(&config, stage.seed(), device);
                 (config, model)
             }
-            Start::Weights(input) => load_causal_lm::<B>(&input.dir, device)?,
+            Start::Weights(input) => load_causal_lm(&input.dir, device)?,
         };
         let objective = SftObjective {
             pad_id: tokenizer.pad_id().unwrap_or(0),

@@ -7,11 +7,11 @@
 //! Metrics (TRL's names): `accuracy` (strict `r_c > r_r`), `margin` (mean `r_c - r_r`),
 //! `mean_reward`, `min_reward`, `max_reward` over both sides.
 
+use burn::module::Module;
 use std::collections::BTreeMap;
 
-use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::Device;
+use burn::tensor::{Int, Tensor, TensorData};
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::RewardParams;
 
@@ -27,15 +27,12 @@ pub struct Reward;
 
 impl StageKind for Reward {
     type Params = RewardParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
     /// Builds the reward model (a causal LM's backbone gets a fresh score head from the
     /// stage's seed), trains it on the preference pairs, evaluates the held-out fraction
     /// (`eval_ratio`, the last pairs of the file), and writes the model directory.
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, RewardParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, RewardParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let model = stage.inputs.model("model")?;
         let rows = stage.inputs.rows("data")?;
@@ -52,7 +49,7 @@ impl StageKind for Reward {
             pad_id: model.tokenizer.pad_id().unwrap_or(0),
             center_rewards_coefficient: p.center_rewards_coefficient,
         };
-        let (config, weights) = reward_model_from_causal_lm::<B>(&model.dir, stage.seed(), device)?;
+        let (config, weights) = reward_model_from_causal_lm(&model.dir, stage.seed(), device)?;
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (trained, report) = stage.fit(&objective, weights, train_pairs, &cfg, device)?;
         let eval = evaluate(&trained.valid(), &objective, eval_pairs, device);
@@ -113,12 +110,12 @@ pub struct RewardObjective {
 ///
 /// # Shapes
 /// - outputs: `[pairs]` each
-pub fn pair_rewards<B: burn::tensor::backend::Backend>(
-    model: &RewardModel<B>,
+pub fn pair_rewards(
+    model: &RewardModel,
     pairs: &[&RewardPair],
     pad_id: u32,
-    device: &B::Device,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
+) -> (Tensor<1>, Tensor<1>) {
+    let device = &model.device();
     let n = pairs.len();
     let sides: Vec<&Vec<u32>> = pairs
         .iter()
@@ -133,16 +130,13 @@ pub fn pair_rewards<B: burn::tensor::backend::Backend>(
         ids.extend(std::iter::repeat_n(i64::from(pad_id), seq - s.len()));
         padding.push((0..seq).map(|j| u8::from(j < s.len())).collect::<Vec<u8>>());
     }
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2 * n, seq]), device);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2 * n, seq]), device);
     let rewards = model.forward(ids, Some(&padding));
     (rewards.clone().slice(0..n), rewards.slice(n..2 * n))
 }
 
-impl<B: AutodiffBackend> Objective<B> for RewardObjective
-where
-    RewardModel<B>: AutodiffModule<B>,
-{
-    type Model = RewardModel<B>;
+impl Objective for RewardObjective {
+    type Model = RewardModel;
     type Example = RewardPair;
 
     fn length(&self, pair: &RewardPair) -> usize {
@@ -155,15 +149,15 @@ where
 
     fn forward(
         &self,
-        model: &RewardModel<B>,
+        model: &RewardModel,
         pairs: &[&RewardPair],
-        device: &B::Device,
-    ) -> Result<Forward<B>, TrainError> {
+        device: &Device,
+    ) -> Result<Forward, TrainError> {
         let n = pairs.len();
-        let (rc, rr) = pair_rewards(model, pairs, self.pad_id, device);
+        let (rc, rr) = pair_rewards(model, pairs, self.pad_id);
         let margin = pairs.iter().any(|p| p.margin != 0.0).then(|| {
             let m: Vec<f32> = pairs.iter().map(|p| p.margin as f32).collect();
-            Tensor::<B, 1>::from_data(TensorData::new(m, [n]), device)
+            Tensor::<1>::from_data(TensorData::new(m, [n]), device)
         });
         let loss = bradley_terry(
             rc.clone(),
@@ -171,8 +165,16 @@ where
             margin,
             self.center_rewards_coefficient,
         );
-        let c: Vec<f32> = rc.inner().into_data().to_vec().expect("rewards are f32");
-        let r: Vec<f32> = rr.inner().into_data().to_vec().expect("rewards are f32");
+        let c: Vec<f32> = rc
+            .inner()
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("rewards are f32");
+        let r: Vec<f32> = rr
+            .inner()
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("rewards are f32");
         let correct = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64;
         let gap: f64 = c.iter().zip(&r).map(|(a, b)| f64::from(a - b)).sum();
         let all = c.iter().chain(&r).map(|&x| f64::from(x));
@@ -193,18 +195,18 @@ where
 }
 
 /// The held-out pairs' loss, accuracy and margin (`eval_*`); empty without held-out pairs.
-fn evaluate<B: burn::tensor::backend::Backend>(
-    model: &RewardModel<B>,
+fn evaluate(
+    model: &RewardModel,
     objective: &RewardObjective,
     eval_pairs: &[RewardPair],
-    device: &B::Device,
+    device: &Device,
 ) -> BTreeMap<String, f64> {
     let mut eval = BTreeMap::new();
     if eval_pairs.is_empty() {
         return eval;
     }
     let refs: Vec<&RewardPair> = eval_pairs.iter().collect();
-    let (c, r) = pair_rewards(model, &refs, objective.pad_id, device);
+    let (c, r) = pair_rewards(model, &refs, objective.pad_id);
     let margin: Vec<f32> = eval_pairs.iter().map(|p| p.margin as f32).collect();
     let margin = Tensor::from_data(TensorData::new(margin, [refs.len()]), device);
     let loss = bradley_terry(
@@ -214,9 +216,9 @@ fn evaluate<B: burn::tensor::backend::Backend>(
         objective.center_rewards_coefficient,
     );
     let n = refs.len() as f64;
-    let loss: f64 = loss.sum().into_scalar().elem::<f64>() / n;
-    let c: Vec<f32> = c.into_data().to_vec().expect("rewards are f32");
-    let r: Vec<f32> = r.into_data().to_vec().expect("rewards are f32");
+    let loss: f64 = loss.sum().into_scalar::<f64>() / n;
+    let c: Vec<f32> = c.into_data().try_to_vec::<f32>().expect("rewards are f32");
+    let r: Vec<f32> = r.into_data().try_to_vec::<f32>().expect("rewards are f32");
     let correct = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64;
     let gap: f64 = c.iter().zip(&r).map(|(a, b)| f64::from(a - b)).sum();
     eval.insert("eval_loss".into(), loss);

@@ -6,8 +6,8 @@
 //! sequences. The loop is `rl`'s; the artifact is the policy with its tokenizer,
 //! `metrics.jsonl` and, with `save_rollouts`, `rollouts.jsonl`.
 
+use burn::tensor::Device;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{KlEstimator, RlooParams};
 
@@ -24,14 +24,11 @@ pub struct RlooKind;
 
 impl StageKind for RlooKind {
     type Params = RlooParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, RlooParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, RlooParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
-        group::run_stage::<B, _, _>(
+        group::run_stage::<_, _>(
             stage,
             &p.policy,
             &p.rollout,
@@ -60,13 +57,12 @@ pub struct Rloo {
 }
 
 /// Old and reference log-probs, then the KL-penalised rewards' leave-one-out advantages.
-pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
-    policy: &CausalLm<P>,
-    reference: Option<&CausalLm<B>>,
+pub fn prepare(
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
     samples: Samples,
     s: &Rloo,
     iteration: u64,
-    device: &B::Device,
 ) -> GroupBatch {
     let (logps, ref_logps, kl) = group::rollout_logps(
         policy,
@@ -75,7 +71,6 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
         &s.settings,
         KlEstimator::K1,
         iteration,
-        device,
     );
     let k = s.num_generations;
     let rewards: Vec<f64> = samples
@@ -95,20 +90,19 @@ pub fn prepare<P: Backend<Device = B::Device>, B: Backend>(
     }
 }
 
-impl<B: AutodiffBackend> GroupAlgorithm<B> for Rloo {
+impl GroupAlgorithm for Rloo {
     fn generations(&self) -> usize {
         self.num_generations
     }
 
     fn prepare(
         &self,
-        policy: &CausalLm<B>,
-        reference: Option<&CausalLm<B::InnerBackend>>,
+        policy: &CausalLm,
+        reference: Option<&CausalLm>,
         samples: Samples,
         iteration: u64,
-        device: &B::Device,
     ) -> GroupBatch {
-        prepare(policy, reference, samples, self, iteration, device)
+        prepare(policy, reference, samples, self, iteration)
     }
 
     /// The loss is a mean over the minibatch's sequences.
@@ -118,24 +112,24 @@ impl<B: AutodiffBackend> GroupAlgorithm<B> for Rloo {
 
     fn micro_loss(
         &self,
-        t: &Trainees<B>,
+        t: &Trainees,
         b: &GroupBatch,
         micro: &[usize],
         weight: f64,
         acc: &mut GroupMicro,
-        device: &B::Device,
-    ) -> Tensor<B, 1> {
+        device: &Device,
+    ) -> Tensor<1> {
         let s = &self.settings;
         let rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &b.samples.rows[i]).collect();
-        let batch = CompletionBatch::<B>::new(&rows, s.pad_id, device);
+        let batch = CompletionBatch::new(&rows, s.pad_id, device);
         let [m, _] = batch.mask.dims();
         let old_rows = pick(&b.logps, micro);
-        let old = dense::<B>(&rows, &refs(&old_rows), device);
+        let old = dense(&rows, &refs(&old_rows), device);
         let new = rollout::policy_token_logps(&t.policy, &batch, s.temperature);
         let adv: Vec<f32> = micro.iter().map(|&i| b.advantages[i] as f32).collect();
         let diff = (new - old).sum_dim(1).reshape([m]);
         let ratio = diff.exp();
-        let adv = Tensor::<B, 1>::from_floats(adv.as_slice(), device);
+        let adv = Tensor::<1>::from_floats(adv.as_slice(), device);
         let (loss, l1, l2) = clipped_policy_loss(ratio.clone(), adv, self.cliprange);
         let clipped = f64::from(host(l2.inner().greater(l1.inner()).float().sum())[0]);
         let deviation = f64::from(host(ratio.inner().sub_scalar(1.0).abs().max())[0]);
@@ -151,14 +145,10 @@ impl<B: AutodiffBackend> GroupAlgorithm<B> for Rloo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use crate::model::{ModelConfig, random_causal_lm};
     use crate::rl::group::fixtures;
     use crate::train::AdamWConfig;
-    use burn::backend::Autodiff;
     use burn::module::Module;
-
-    type AB = Autodiff<TestBackend>;
 
     fn rloo(beta: f64) -> Rloo {
         Rloo {
@@ -171,10 +161,10 @@ mod tests {
 
     #[test]
     fn first_update_ratio_is_exactly_one() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = ModelConfig::llama(32, 16, 24, 2, 4, 2);
-        let reference = random_causal_lm::<TestBackend>(&cfg, 2, &device);
-        let policy = random_causal_lm::<AB>(&cfg, 1, &device);
+        let reference = random_causal_lm(&cfg, 2, &device);
+        let policy = random_causal_lm(&cfg, 1, &device.clone().autodiff());
         let s = rloo(0.05);
         let b = prepare(
             &policy.clone().no_grad(),
@@ -182,7 +172,6 @@ mod tests {
             fixtures::samples(),
             &s,
             0,
-            &device,
         );
         let t = Trainees::policy(policy, AdamWConfig::default());
         let (t, update) = crate::rl::update(
@@ -192,7 +181,7 @@ mod tests {
             &s.settings,
             0,
             1e-2,
-            &device,
+            &device.clone().autodiff(),
         )
         .unwrap();
         assert_eq!(update.steps[0].stats.deviation, 0.0);
@@ -204,19 +193,12 @@ mod tests {
 
     #[test]
     fn rloo_penalises_kl_before_the_leave_one_out_baseline() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = ModelConfig::llama(32, 16, 24, 2, 4, 2);
-        let policy = random_causal_lm::<TestBackend>(&cfg, 1, &device);
-        let reference = random_causal_lm::<TestBackend>(&cfg, 2, &device);
+        let policy = random_causal_lm(&cfg, 1, &device);
+        let reference = random_causal_lm(&cfg, 2, &device);
         let s = rloo(0.5);
-        let b = prepare::<TestBackend, TestBackend>(
-            &policy,
-            Some(&reference),
-            fixtures::samples(),
-            &s,
-            0,
-            &device,
-        );
+        let b = prepare(&policy, Some(&reference), fixtures::samples(), &s, 0);
         let rewards: Vec<f64> = b
             .samples
             .scores

@@ -11,7 +11,7 @@
 //! `packing` packs examples into rows of `max_length` (best fit decreasing); each attends only
 //! to itself. The artifact is the model directory with its tokenizer and `metrics.jsonl`.
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::SftParams;
 
@@ -26,12 +26,9 @@ pub struct Sft;
 
 impl StageKind for Sft {
     type Params = SftParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, SftParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, SftParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let model = stage.inputs.model("model")?;
         let rows = stage.inputs.rows("data")?;
@@ -45,7 +42,7 @@ impl StageKind for Sft {
         if p.packing {
             sequences = pack(&sequences, opts.max_length);
         }
-        let (config, weights) = load_causal_lm::<B>(&model.dir, device)?;
+        let (config, weights) = load_causal_lm(&model.dir, device)?;
         let objective = SftObjective {
             pad_id: model.tokenizer.pad_id().unwrap_or(0),
         };
@@ -228,15 +225,10 @@ fn conversation(
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
-    use burn::tensor::ElementConversion;
 
     use super::*;
-    use crate::TestBackend;
     use crate::model::{ModelConfig, random_causal_lm};
     use crate::train::Objective;
-
-    type AB = Autodiff<TestBackend>;
 
     fn example(len: usize, first_target: usize, salt: u32) -> SftSequence {
         SftSequence {
@@ -268,9 +260,9 @@ mod tests {
 
     #[test]
     fn a_packed_batch_has_the_loss_of_its_examples_unpacked() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = ModelConfig::llama(64, 32, 64, 2, 4, 2);
-        let model = random_causal_lm::<AB>(&cfg, 3, &device);
+        let model = random_causal_lm(&cfg, 3, &device);
         let seqs: Vec<SftSequence> = [12, 5, 9, 7, 3]
             .iter()
             .enumerate()
@@ -281,8 +273,8 @@ mod tests {
         let objective = SftObjective { pad_id: 0 };
         let loss = |rows: &[SftSequence]| -> f64 {
             let refs: Vec<&SftSequence> = rows.iter().collect();
-            let out = Objective::<AB>::forward(&objective, &model, &refs, &device).unwrap();
-            out.loss_sum.into_scalar().elem::<f64>() / Objective::<AB>::weight(&objective, &refs)
+            let out = Objective::forward(&objective, &model, &refs, &device).unwrap();
+            out.loss_sum.into_scalar::<f64>() / Objective::weight(&objective, &refs)
         };
         let (unpacked, packed) = (loss(&seqs), loss(&packed));
         assert!(

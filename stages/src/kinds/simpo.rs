@@ -3,7 +3,7 @@
 //! `loss_type` simpo, sigmoid, hinge or ipo and an optional NLL term (`cpo_alpha`). No
 //! reference model; the objective is `preference::reference_free`'s.
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::SimpoParams;
 
@@ -16,14 +16,11 @@ pub struct Simpo;
 
 impl StageKind for Simpo {
     type Params = SimpoParams;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    fn run<B: AutodiffBackend>(
-        stage: &Stage<'_, SimpoParams>,
-        device: &B::Device,
-    ) -> Result<StageOutcome, TrainError> {
+    fn run(stage: &Stage<'_, SimpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
         let loss = ReferenceFreeLoss::Cpo(CpoLossConfig::from(p));
-        reference_free::train::<B, _>(stage, loss, p.learning_rate, &p.tokens, &p.train, device)
+        reference_free::train::<_>(stage, loss, p.learning_rate, &p.tokens, &p.train, device)
     }
 }

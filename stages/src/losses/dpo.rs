@@ -3,28 +3,27 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
-use burn::tensor::backend::Backend;
 use rudder_schema::kinds::{DpoLossArgs, DpoLossType, FDivergenceType};
 
 use super::token_mean_nll;
 
 /// The per-pair log-probs a DPO step needs. Rows are pairs, in the same order in every tensor.
 #[derive(Debug, Clone)]
-pub struct PairLogps<B: Backend> {
+pub struct PairLogps {
     /// `[n]` policy sequence log-probs (LD-weighted when `ld_alpha` is set).
-    pub policy_chosen: Tensor<B, 1>,
-    pub policy_rejected: Tensor<B, 1>,
+    pub policy_chosen: Tensor<1>,
+    pub policy_rejected: Tensor<1>,
     /// `[n]` reference sequence log-probs, same weighting as the policy's.
-    pub reference_chosen: Tensor<B, 1>,
-    pub reference_rejected: Tensor<B, 1>,
+    pub reference_chosen: Tensor<1>,
+    pub reference_rejected: Tensor<1>,
     /// `[n]` completion token counts (EOS included), as floats: `ipo`, `sigmoid_norm` and `sft`
     /// divide by them.
-    pub chosen_tokens: Tensor<B, 1>,
-    pub rejected_tokens: Tensor<B, 1>,
+    pub chosen_tokens: Tensor<1>,
+    pub rejected_tokens: Tensor<1>,
     /// `[n]` plain (unweighted) policy chosen sums for the `sft` term; `None` means
     /// `policy_chosen`. They differ only under LD-DPO, where TRL's `sft` term stays the plain
     /// cross-entropy.
-    pub sft_chosen: Option<Tensor<B, 1>>,
+    pub sft_chosen: Option<Tensor<1>>,
 }
 
 /// DPO's loss settings, TRL's names and meanings.
@@ -72,25 +71,25 @@ impl DpoLossConfig {
 
 /// What a DPO step produces.
 #[derive(Debug, Clone)]
-pub struct DpoLosses<B: Backend> {
+pub struct DpoLosses {
     /// `[n]`: `sum_i w_i * loss_i` per row; its mean is the batch loss. For `aot`/`aot_unpaired`
     /// element `k` pairs the k-th smallest values of the batch, not pair `k`; for `sft` every
     /// element is the batch's token-mean NLL.
-    pub per_example: Tensor<B, 1>,
+    pub per_example: Tensor<1>,
     /// `[n]`, detached: `beta * (policy - reference)` (the log-ratio, whatever the f-divergence).
-    pub chosen_rewards: Tensor<B, 1>,
-    pub rejected_rewards: Tensor<B, 1>,
+    pub chosen_rewards: Tensor<1>,
+    pub rejected_rewards: Tensor<1>,
 }
 
-impl<B: Backend> DpoLosses<B> {
+impl DpoLosses {
     /// The batch loss, `[1]`.
-    pub fn loss(&self) -> Tensor<B, 1> {
+    pub fn loss(&self) -> Tensor<1> {
         self.per_example.clone().mean()
     }
 }
 
 /// `-logsigmoid(x) * (1 - ls) - logsigmoid(-x) * ls`: the label-smoothed logistic loss.
-pub(crate) fn smoothed_logistic<B: Backend>(x: Tensor<B, 1>, ls: f64) -> Tensor<B, 1> {
+pub(crate) fn smoothed_logistic(x: Tensor<1>, ls: f64) -> Tensor<1> {
     let pos = log_sigmoid(x.clone()).neg().mul_scalar(1.0 - ls);
     if ls == 0.0 {
         return pos;
@@ -99,7 +98,7 @@ pub(crate) fn smoothed_logistic<B: Backend>(x: Tensor<B, 1>, ls: f64) -> Tensor<
 }
 
 /// The f-divergence's score of a log-ratio (TRL: `f'(t)` up to constants).
-fn f_score<B: Backend>(logratio: Tensor<B, 1>, kind: FDivergenceType, alpha: f64) -> Tensor<B, 1> {
+fn f_score(logratio: Tensor<1>, kind: FDivergenceType, alpha: f64) -> Tensor<1> {
     match kind {
         FDivergenceType::ReverseKl => logratio,
         FDivergenceType::ForwardKl => logratio.neg().exp().neg(),
@@ -130,11 +129,11 @@ fn f_score<B: Backend>(logratio: Tensor<B, 1>, kind: FDivergenceType, alpha: f64
 /// # Shapes
 /// - every input: `[n]`
 /// - outputs: `[n]` each
-pub fn dpo_loss<B: Backend>(
-    logps: &PairLogps<B>,
+pub fn dpo_loss(
+    logps: &PairLogps,
     config: &DpoLossConfig,
-    pair_weights: Option<Tensor<B, 1>>,
-) -> DpoLosses<B> {
+    pair_weights: Option<Tensor<1>>,
+) -> DpoLosses {
     let beta = config.beta;
     let ls = config.label_smoothing;
     let [n] = logps.policy_chosen.dims();
@@ -152,7 +151,7 @@ pub fn dpo_loss<B: Backend>(
             - rejected_scores.clone() / logps.rejected_tokens.clone().clamp_min(1.0)
     };
 
-    let mut total: Option<Tensor<B, 1>> = None;
+    let mut total: Option<Tensor<1>> = None;
     for &(loss_type, weight) in &config.losses {
         let z = delta.clone().mul_scalar(beta);
         let per_row = match loss_type {
@@ -251,18 +250,18 @@ pub fn dpo_loss<B: Backend>(
 /// - `*_mask`: `[n, T]` 1.0 on completion tokens (EOS included), 0.0 elsewhere; the two sides may
 ///   have different `T`
 /// - outputs: `[n]` chosen, `[n]` rejected
-pub fn ld_logps<B: Backend>(
-    chosen_token_logps: Tensor<B, 2>,
-    chosen_mask: Tensor<B, 2>,
-    rejected_token_logps: Tensor<B, 2>,
-    rejected_mask: Tensor<B, 2>,
+pub fn ld_logps(
+    chosen_token_logps: Tensor<2>,
+    chosen_mask: Tensor<2>,
+    rejected_token_logps: Tensor<2>,
+    rejected_mask: Tensor<2>,
     ld_alpha: f64,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
+) -> (Tensor<1>, Tensor<1>) {
     let shared = chosen_mask
         .clone()
         .sum_dim(1)
         .min_pair(rejected_mask.clone().sum_dim(1));
-    let side = |token_logps: Tensor<B, 2>, mask: Tensor<B, 2>| {
+    let side = |token_logps: Tensor<2>, mask: Tensor<2>| {
         let [n, t] = mask.dims();
         let in_completion = mask.clone().greater_elem(0.5);
         let logps = token_logps.mask_fill(in_completion.clone().bool_not(), 0.0);
@@ -291,13 +290,9 @@ pub fn ld_logps<B: Backend>(
 ///   predicts `token_logps[:, j]`)
 /// - mask: `[n, T]` 1.0 on completion tokens
 /// - output: `[n]`
-pub fn wpo_weights<B: Backend>(
-    token_logps: Tensor<B, 2>,
-    logits: Tensor<B, 3>,
-    mask: Tensor<B, 2>,
-) -> Tensor<B, 1> {
+pub fn wpo_weights(token_logps: Tensor<2>, logits: Tensor<3>, mask: Tensor<2>) -> Tensor<1> {
     let logits = logits.detach();
-    let lse = |x: Tensor<B, 3>| {
+    let lse = |x: Tensor<3>| {
         let max = x.clone().max_dim(2);
         (x - max.clone()).exp().sum_dim(2).log() + max
     };
@@ -311,20 +306,12 @@ pub fn wpo_weights<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
-    use burn::tensor::backend::Backend;
     use burn::tensor::{Tensor, TensorData};
 
     use super::*;
-    use crate::TestBackend;
     use crate::losses::test_util::*;
 
-    #[allow(dead_code)]
-    type B = TestBackend;
-    #[allow(dead_code)]
-    type A = Autodiff<TestBackend>;
-
-    fn pair<Bk: Backend>() -> PairLogps<Bk> {
+    fn pair() -> PairLogps {
         PairLogps {
             policy_chosen: t(&[-1.0, -10.0]),
             policy_rejected: t(&[-2.0, -8.0]),
@@ -341,7 +328,7 @@ mod tests {
         let beta = 0.5;
         // Log-ratios: chosen (0.5, -1), rejected (-0.5, 1).
         let sig = dpo_loss(
-            &pair::<B>(),
+            &pair(),
             &DpoLossConfig::single(DpoLossType::Sigmoid, beta),
             None,
         );
@@ -351,7 +338,7 @@ mod tests {
         assert_eq!(values(sig.chosen_rewards), vec![0.25, -0.5]);
 
         let ipo = dpo_loss(
-            &pair::<B>(),
+            &pair(),
             &DpoLossConfig::single(DpoLossType::Ipo, beta),
             None,
         );
@@ -362,15 +349,15 @@ mod tests {
         // MPO: 2 * sigmoid + sft, where sft = 11 / 6 on every row.
         let mut mix = DpoLossConfig::single(DpoLossType::Sigmoid, beta);
         mix.losses = vec![(DpoLossType::Sigmoid, 2.0), (DpoLossType::Sft, 1.0)];
-        let got = values(dpo_loss(&pair::<B>(), &mix, None).per_example);
+        let got = values(dpo_loss(&pair(), &mix, None).per_example);
         close(got[0], 2.0 * softplus(-0.5) + 11.0 / 6.0, 1e-6);
         close(got[1], 2.0 * softplus(1.0) + 11.0 / 6.0, 1e-6);
     }
     #[test]
     fn dpo_gradient_reaches_the_policy_and_weights_are_constants() {
-        let mut logps = pair::<A>();
+        let mut logps = pair();
         logps.policy_chosen = logps.policy_chosen.require_grad();
-        let weights = t::<A>(&[0.5, 2.0]).require_grad();
+        let weights = t(&[0.5, 2.0]).require_grad();
         let config = DpoLossConfig::single(DpoLossType::Sigmoid, 0.5);
         let out = dpo_loss(&logps, &config, Some(weights.clone()));
         let grads = out.loss().backward();
@@ -384,10 +371,10 @@ mod tests {
     #[test]
     fn ld_logps_weigh_the_tail() {
         // Chosen: prompt token, 2 completion tokens, padding; rejected: 3 completion tokens.
-        let chosen = t2::<B>(&[&[-7.0, -1.0, -2.0, -100.0]]);
-        let chosen_mask = t2::<B>(&[&[0.0, 1.0, 1.0, 0.0]]);
-        let rejected = t2::<B>(&[&[-7.0, -1.0, -1.0, -4.0]]);
-        let rejected_mask = t2::<B>(&[&[0.0, 1.0, 1.0, 1.0]]);
+        let chosen = t2(&[&[-7.0, -1.0, -2.0, -100.0]]);
+        let chosen_mask = t2(&[&[0.0, 1.0, 1.0, 0.0]]);
+        let rejected = t2(&[&[-7.0, -1.0, -1.0, -4.0]]);
+        let rejected_mask = t2(&[&[0.0, 1.0, 1.0, 1.0]]);
         let (c, r) = ld_logps(chosen, chosen_mask, rejected, rejected_mask, 0.5);
         assert_eq!(values(c), vec![-3.0]);
         assert_eq!(values(r), vec![-4.0]);
@@ -405,10 +392,9 @@ mod tests {
 
         let flat: Vec<f32> = logits.iter().flatten().map(|&v| v as f32).collect();
         let logits =
-            Tensor::<A, 3>::from_data(TensorData::new(flat, [1, 2, 3]), &Default::default())
-                .require_grad();
-        let token_logps = t2::<A>(&[&[token_logp as f32, -50.0]]).require_grad();
-        let mask = t2::<A>(&[&[1.0, 0.0]]);
+            Tensor::<3>::from_data(TensorData::new(flat, [1, 2, 3]), &device()).require_grad();
+        let token_logps = t2(&[&[token_logp as f32, -50.0]]).require_grad();
+        let mask = t2(&[&[1.0, 0.0]]);
         let w = wpo_weights(token_logps.clone(), logits.clone(), mask);
         close(values(w.clone())[0], expected, 1e-6);
         let grads = w.sum().backward();

@@ -1,7 +1,6 @@
 //! KTO's loss and metrics exactly as TRL 1.16's `KTOTrainer` computes them.
 
 use burn::tensor::activation::sigmoid;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorData};
 use rudder_schema::kinds::{KtoLossType, KtoParams};
 
@@ -37,22 +36,22 @@ impl From<&KtoParams> for KtoLossConfig {
 ///
 /// # Shapes
 /// - inputs: `[m]`; output: `[1]`
-pub fn kto_kl<B: Backend>(policy_kl: Tensor<B, 1>, reference_kl: Tensor<B, 1>) -> Tensor<B, 1> {
+pub fn kto_kl(policy_kl: Tensor<1>, reference_kl: Tensor<1>) -> Tensor<1> {
     (policy_kl - reference_kl).mean().detach().clamp_min(0.0)
 }
 
 /// What a KTO step produces.
 #[derive(Debug, Clone)]
-pub struct KtoLosses<B: Backend> {
+pub struct KtoLosses {
     /// `[n]`, row order kept: the weighted loss of each row; TRL's loss is their plain mean.
-    pub per_example: Tensor<B, 1>,
+    pub per_example: Tensor<1>,
     /// `[n]`, detached: `beta * (policy - reference)`.
-    pub rewards: Tensor<B, 1>,
+    pub rewards: Tensor<1>,
 }
 
-impl<B: Backend> KtoLosses<B> {
+impl KtoLosses {
     /// The batch loss, `[1]`.
-    pub fn loss(&self) -> Tensor<B, 1> {
+    pub fn loss(&self) -> Tensor<1> {
         self.per_example.clone().mean()
     }
 }
@@ -66,13 +65,13 @@ impl<B: Backend> KtoLosses<B> {
 ///
 /// # Shapes
 /// - policy, reference: `[n]`; desirable: `n` labels; kl: `[1]`
-pub fn kto_loss<B: Backend>(
-    policy: Tensor<B, 1>,
-    reference: Tensor<B, 1>,
+pub fn kto_loss(
+    policy: Tensor<1>,
+    reference: Tensor<1>,
     desirable: &[bool],
-    kl: Option<Tensor<B, 1>>,
+    kl: Option<Tensor<1>>,
     config: &KtoLossConfig,
-) -> KtoLosses<B> {
+) -> KtoLosses {
     let beta = config.beta;
     let [n] = policy.dims();
     assert_eq!(desirable.len(), n, "one label per row");
@@ -98,7 +97,7 @@ pub fn kto_loss<B: Backend>(
             (s.clone().neg().add_scalar(1.0), s)
         }
     };
-    let mask = Tensor::<B, 1, Bool>::from_data(TensorData::new(desirable.to_vec(), [n]), &device);
+    let mask = Tensor::<1, Bool>::from_data(TensorData::new(desirable.to_vec(), [n]), &device);
     let per_example = bad
         .mul_scalar(config.undesirable_weight)
         .mask_where(mask, good.mul_scalar(config.desirable_weight));
@@ -114,17 +113,17 @@ pub fn kto_loss<B: Backend>(
 ///
 /// # Shapes
 /// - rewards, policy: `[n]`; desirable: `n` labels; kl: `[1]`
-pub fn kto_metrics<B: Backend>(
-    rewards: Tensor<B, 1>,
-    policy: Tensor<B, 1>,
+pub fn kto_metrics(
+    rewards: Tensor<1>,
+    policy: Tensor<1>,
     desirable: &[bool],
-    kl: Option<Tensor<B, 1>>,
+    kl: Option<Tensor<1>>,
 ) -> Vec<(&'static str, f64)> {
-    let values = |t: Tensor<B, 1>| -> Vec<f64> {
+    let values = |t: Tensor<1>| -> Vec<f64> {
         t.detach()
             .into_data()
             .convert::<f64>()
-            .into_vec::<f64>()
+            .try_into_vec::<f64>()
             .expect("float tensor")
     };
     let (rewards, policy) = (values(rewards), values(policy));
@@ -156,22 +155,15 @@ pub fn kto_metrics<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
 
     use super::*;
-    use crate::TestBackend;
     use crate::losses::test_util::*;
-
-    #[allow(dead_code)]
-    type B = TestBackend;
-    #[allow(dead_code)]
-    type A = Autodiff<TestBackend>;
 
     #[test]
     fn kto_weights_rows_and_detaches_kl() {
-        let policy = t::<A>(&[-1.0, -2.0, -3.0]).require_grad();
-        let reference = t::<A>(&[-2.0, -2.0, -2.0]);
-        let policy_kl = t::<A>(&[-1.0, -1.0]).require_grad();
+        let policy = t(&[-1.0, -2.0, -3.0]).require_grad();
+        let reference = t(&[-2.0, -2.0, -2.0]);
+        let policy_kl = t(&[-1.0, -1.0]).require_grad();
         let kl = kto_kl(policy_kl.clone(), t(&[-1.5, -1.3]));
         close(values(kl.clone())[0], 0.4, 1e-6);
         let config = KtoLossConfig {

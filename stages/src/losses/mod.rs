@@ -17,8 +17,7 @@ pub mod kto;
 pub mod ppo;
 pub mod reference_free;
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 
 pub use advantages::{gae, group_advantages, leave_one_out, whiten};
 pub use bradley_terry::bradley_terry;
@@ -31,8 +30,8 @@ pub use reference_free::{
 };
 
 /// `x` as a host number (for metrics).
-pub(crate) fn scalar<B: Backend>(x: Tensor<B, 1>) -> f64 {
-    x.into_scalar().elem::<f64>()
+pub(crate) fn scalar(x: Tensor<1>) -> f64 {
+    x.into_scalar::<f64>()
 }
 
 /// `-sum(logps) / sum(tokens)`: the token-level mean NLL of a batch (TRL's `sft` term, CPO's and
@@ -41,7 +40,7 @@ pub(crate) fn scalar<B: Backend>(x: Tensor<B, 1>) -> f64 {
 /// # Shapes
 /// - logps, tokens: `[n]` (sequence log-prob sums and their token counts)
 /// - output: `[1]`
-pub fn token_mean_nll<B: Backend>(logps: Tensor<B, 1>, tokens: Tensor<B, 1>) -> Tensor<B, 1> {
+pub fn token_mean_nll(logps: Tensor<1>, tokens: Tensor<1>) -> Tensor<1> {
     logps.sum().neg() / tokens.sum()
 }
 
@@ -51,7 +50,7 @@ pub fn token_mean_nll<B: Backend>(logps: Tensor<B, 1>, tokens: Tensor<B, 1>) -> 
 /// # Shapes
 /// - picked, mask: `[rows, positions]`
 /// - output: `[1]`
-pub fn masked_nll_sum<B: Backend>(picked: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+pub fn masked_nll_sum(picked: Tensor<2>, mask: Tensor<2>) -> Tensor<1> {
     (picked.neg() * mask).sum()
 }
 
@@ -61,11 +60,11 @@ pub fn masked_nll_sum<B: Backend>(picked: Tensor<B, 2>, mask: Tensor<B, 2>) -> T
 ///
 /// # Shapes
 /// - every input: `[n]`
-pub fn pair_metrics<B: Backend>(
-    chosen_rewards: Tensor<B, 1>,
-    rejected_rewards: Tensor<B, 1>,
-    policy_chosen: Tensor<B, 1>,
-    policy_rejected: Tensor<B, 1>,
+pub fn pair_metrics(
+    chosen_rewards: Tensor<1>,
+    rejected_rewards: Tensor<1>,
+    policy_chosen: Tensor<1>,
+    policy_rejected: Tensor<1>,
 ) -> Vec<(&'static str, f64)> {
     let (c, r) = (chosen_rewards.detach(), rejected_rewards.detach());
     vec![
@@ -83,23 +82,30 @@ pub fn pair_metrics<B: Backend>(
 
 #[cfg(test)]
 pub(crate) mod test_util {
-    use burn::tensor::backend::Backend;
     use burn::tensor::{Tensor, TensorData};
 
-    pub fn t<Bk: Backend>(v: &[f32]) -> Tensor<Bk, 1> {
-        Tensor::from_floats(v, &Default::default())
+    /// Loss tests run on the autodiff form of the test device, so that gradients can be taken.
+    pub fn device() -> burn::tensor::Device {
+        crate::test_device().autodiff()
     }
 
-    pub fn t2<Bk: Backend>(rows: &[&[f32]]) -> Tensor<Bk, 2> {
+    pub fn t(v: &[f32]) -> Tensor<1> {
+        Tensor::from_floats(v, &device())
+    }
+
+    pub fn t2(rows: &[&[f32]]) -> Tensor<2> {
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_data(
             TensorData::new(flat, [rows.len(), rows[0].len()]),
-            &Default::default(),
+            &device(),
         )
     }
 
-    pub fn values<Bk: Backend>(x: Tensor<Bk, 1>) -> Vec<f64> {
-        x.into_data().convert::<f64>().into_vec::<f64>().unwrap()
+    pub fn values(x: Tensor<1>) -> Vec<f64> {
+        x.into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .unwrap()
     }
 
     pub fn close(a: f64, b: f64, tol: f64) {
@@ -114,22 +120,21 @@ pub(crate) mod test_util {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use test_util::*;
 
     #[test]
     fn token_mean_nll_by_hand() {
         // Two rows of 2 and 3 tokens with log-prob sums -1 and -2: 3 / 5.
-        let nll = token_mean_nll::<TestBackend>(t(&[-1.0, -2.0]), t(&[2.0, 3.0]));
+        let nll = token_mean_nll(t(&[-1.0, -2.0]), t(&[2.0, 3.0]));
         close(values(nll)[0], 0.6, 1e-6);
-        let picked = t2::<TestBackend>(&[&[-1.0, -2.0], &[-3.0, -4.0]]);
-        let mask = t2::<TestBackend>(&[&[1.0, 0.0], &[0.0, 1.0]]);
+        let picked = t2(&[&[-1.0, -2.0], &[-3.0, -4.0]]);
+        let mask = t2(&[&[1.0, 0.0], &[0.0, 1.0]]);
         close(values(masked_nll_sum(picked, mask))[0], 5.0, 1e-6);
     }
 
     #[test]
     fn pair_metrics_use_strict_accuracy() {
-        let m = pair_metrics::<TestBackend>(
+        let m = pair_metrics(
             t(&[1.0, 0.5]),
             t(&[0.0, 0.5]),
             t(&[-1.0, -3.0]),

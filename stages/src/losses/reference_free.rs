@@ -3,7 +3,6 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::{log_sigmoid, relu};
-use burn::tensor::backend::Backend;
 use rudder_schema::kinds::{CpoLossType, SimpoParams};
 
 use super::dpo::smoothed_logistic;
@@ -40,14 +39,14 @@ impl From<&SimpoParams> for CpoLossConfig {
 
 /// What a CPO/SimPO step produces.
 #[derive(Debug, Clone)]
-pub struct CpoLosses<B: Backend> {
+pub struct CpoLosses {
     /// `[n]`: the preference term per pair (without the NLL).
-    pub per_example: Tensor<B, 1>,
+    pub per_example: Tensor<1>,
     /// `[1]`: `mean(per_example) + cpo_alpha * nll`.
-    pub loss: Tensor<B, 1>,
+    pub loss: Tensor<1>,
     /// `[n]`, detached: `beta * policy logps` (averages where the loss uses them).
-    pub chosen_rewards: Tensor<B, 1>,
-    pub rejected_rewards: Tensor<B, 1>,
+    pub chosen_rewards: Tensor<1>,
+    pub rejected_rewards: Tensor<1>,
 }
 
 /// CPO and SimPO (TRL 1.16 `trl.experimental.cpo`, `cpo_loss` + `get_batch_loss_metrics`;
@@ -59,12 +58,12 @@ pub struct CpoLosses<B: Backend> {
 ///
 /// # Shapes
 /// - chosen, rejected: `[n]`; chosen_nll: `[1]`
-pub fn cpo_loss<B: Backend>(
-    chosen: Tensor<B, 1>,
-    rejected: Tensor<B, 1>,
-    chosen_nll: Option<Tensor<B, 1>>,
+pub fn cpo_loss(
+    chosen: Tensor<1>,
+    rejected: Tensor<1>,
+    chosen_nll: Option<Tensor<1>>,
     config: &CpoLossConfig,
-) -> CpoLosses<B> {
+) -> CpoLosses {
     let beta = config.beta;
     let ls = config.label_smoothing;
     let logits = chosen.clone() - rejected.clone();
@@ -95,7 +94,7 @@ pub fn cpo_loss<B: Backend>(
 /// `log(1 - exp(x))` for `x < 0`, accurate on both sides of `-ln 2` as TRL's `log1mexp`. Near 0
 /// it is `log(-x) + log((exp(x) - 1) / x)` with the second factor's Taylor series, which stays
 /// exact in f32 where `1 - exp(x)` would cancel.
-pub fn log1mexp<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+pub fn log1mexp(x: Tensor<1>) -> Tensor<1> {
     const T: f64 = -std::f64::consts::LN_2;
     // (exp(x) - 1) / x = sum_k x^k / (k + 1)!, Horner form; 14 terms reach 1e-12 at |x| = ln 2.
     const TERMS: usize = 14;
@@ -113,16 +112,16 @@ pub fn log1mexp<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
 
 /// What an ORPO step produces.
 #[derive(Debug, Clone)]
-pub struct OrpoLosses<B: Backend> {
+pub struct OrpoLosses {
     /// `[1]`: `nll - mean(per_example_or_term)`.
-    pub loss: Tensor<B, 1>,
+    pub loss: Tensor<1>,
     /// `[n]`: `beta * logsigmoid(log_odds)`, which the loss subtracts.
-    pub per_example_or_term: Tensor<B, 1>,
+    pub per_example_or_term: Tensor<1>,
     /// `[n]`: `(a_c - a_r) - (log(1 - exp(a_c)) - log(1 - exp(a_r)))`.
-    pub log_odds: Tensor<B, 1>,
+    pub log_odds: Tensor<1>,
     /// `[n]`, detached: `beta * average logps`.
-    pub chosen_rewards: Tensor<B, 1>,
-    pub rejected_rewards: Tensor<B, 1>,
+    pub chosen_rewards: Tensor<1>,
+    pub rejected_rewards: Tensor<1>,
     /// TRL's `log_odds_ratio` metric: `mean(logsigmoid(log_odds))`.
     pub log_odds_ratio: f64,
     /// TRL's `log_odds_chosen` metric: `mean(log_odds)`.
@@ -137,12 +136,12 @@ pub struct OrpoLosses<B: Backend> {
 ///
 /// # Shapes
 /// - chosen_avg, rejected_avg: `[n]`; chosen_nll: `[1]`
-pub fn orpo_loss<B: Backend>(
-    chosen_avg: Tensor<B, 1>,
-    rejected_avg: Tensor<B, 1>,
-    chosen_nll: Tensor<B, 1>,
+pub fn orpo_loss(
+    chosen_avg: Tensor<1>,
+    rejected_avg: Tensor<1>,
+    chosen_nll: Tensor<1>,
     beta: f64,
-) -> OrpoLosses<B> {
+) -> OrpoLosses {
     let log_odds = (chosen_avg.clone() - rejected_avg.clone())
         - (log1mexp(chosen_avg.clone()) - log1mexp(rejected_avg.clone()));
     let ratio = log_sigmoid(log_odds.clone());
@@ -160,21 +159,14 @@ pub fn orpo_loss<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
 
     use super::*;
-    use crate::TestBackend;
     use crate::losses::test_util::*;
-
-    #[allow(dead_code)]
-    type B = TestBackend;
-    #[allow(dead_code)]
-    type A = Autodiff<TestBackend>;
 
     #[test]
     fn log1mexp_is_accurate_near_zero_and_far() {
         let xs = [-1e-6f32, -1e-3, -0.1, -0.69, -0.7, -2.0, -9.0];
-        let got = values(log1mexp(t::<B>(&xs)));
+        let got = values(log1mexp(t(&xs)));
         for (x, g) in xs.iter().zip(got) {
             let x = *x as f64;
             close(g, (-x.exp_m1()).ln(), 1e-6);
@@ -189,7 +181,7 @@ mod tests {
             cpo_alpha: 0.5,
             label_smoothing: 0.0,
         };
-        let out = cpo_loss(t::<B>(&[-1.0]), t(&[-2.0]), Some(t(&[3.0])), &config);
+        let out = cpo_loss(t(&[-1.0]), t(&[-2.0]), Some(t(&[3.0])), &config);
         // 2 * ((-1 + 2) - 1 / 2) = 1
         close(values(out.per_example)[0], softplus(-1.0), 1e-6);
         close(values(out.loss)[0], softplus(-1.0) + 1.5, 1e-6);
@@ -197,7 +189,7 @@ mod tests {
 
         let (a, b) = (-0.5f64, -1.5f64);
         let log_odds = (a - b) - ((-a.exp_m1()).ln() - (-b.exp_m1()).ln());
-        let out = orpo_loss(t::<B>(&[a as f32]), t(&[b as f32]), t(&[2.0]), 0.1);
+        let out = orpo_loss(t(&[a as f32]), t(&[b as f32]), t(&[2.0]), 0.1);
         close(values(out.log_odds)[0], log_odds, 1e-6);
         close(values(out.loss)[0], 2.0 + 0.1 * softplus(-log_odds), 1e-6);
         close(out.log_odds_chosen, log_odds, 1e-6);

@@ -7,7 +7,7 @@ use burn::module::{Initializer, Module};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Device, Tensor};
 
 use super::cache::LayerCache;
 use super::mask::AttentionMask;
@@ -37,11 +37,11 @@ pub struct AttentionConfig {
 
 /// Multi-head attention whose key/value heads may be shared by several query heads.
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -49,7 +49,7 @@ pub struct Attention<B: Backend> {
 
 impl AttentionConfig {
     /// Initialises projections with N(0, init_std) weights and zero biases.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+    pub fn init(&self, device: &Device) -> Attention {
         let linear = |d_in: usize, d_out: usize, bias: bool| {
             let mut l = LinearConfig::new(d_in, d_out)
                 .with_bias(bias)
@@ -77,7 +77,7 @@ impl AttentionConfig {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl Attention {
     /// Attends the new tokens `x` to themselves and to any cached keys.
     ///
     /// # Shapes
@@ -87,14 +87,14 @@ impl<B: Backend> Attention<B> {
     /// - output: `[batch, seq_q, d_model]`
     pub fn forward(
         &self,
-        x: Tensor<B, 3>,
-        rope: &Rotary<B>,
-        mask: &AttentionMask<B>,
-        cache: Option<&mut LayerCache<B>>,
-    ) -> Tensor<B, 3> {
+        x: Tensor<3>,
+        rope: &Rotary,
+        mask: &AttentionMask,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
         let [batch, seq_q, _] = x.dims();
         let heads =
-            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq_q, n, self.head_dim]).swap_dims(1, 2);
+            |t: Tensor<3>, n: usize| t.reshape([batch, seq_q, n, self.head_dim]).swap_dims(1, 2);
         let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.n_heads));
         let k = rope.apply(heads(self.k_proj.forward(x.clone()), self.n_kv_heads));
         let v = heads(self.v_proj.forward(x), self.n_kv_heads);
@@ -125,7 +125,7 @@ impl<B: Backend> Attention<B> {
     }
 
     /// Expands `[batch, n_kv_heads, seq, d]` to `[batch, n_heads, seq, d]`.
-    fn repeat_kv(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
+    fn repeat_kv(&self, t: Tensor<4>) -> Tensor<4> {
         let n_rep = self.n_heads / self.n_kv_heads;
         if n_rep == 1 {
             return t;
@@ -140,23 +140,21 @@ impl<B: Backend> Attention<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use crate::model::rope::RotaryConfig;
     use burn::tensor::{Int, Tolerance};
 
     #[test]
     fn padded_keys_do_not_change_real_outputs() {
-        let device = Default::default();
-        TestBackend::seed(&device, 3);
-        let attn = AttentionConfig::new(8, 4, 2, 2).init::<TestBackend>(&device);
+        let device = crate::test_device();
+        device.seed(3);
+        let attn = AttentionConfig::new(8, 4, 2, 2).init(&device);
         let rope = RotaryConfig::new(2);
-        let x = Tensor::<TestBackend, 3>::random(
+        let x = Tensor::<3>::random(
             [1, 3, 8],
             burn::tensor::Distribution::Normal(0.0, 1.0),
             &device,
         );
-        let pos =
-            |n: i64| Tensor::<TestBackend, 1, Int>::arange(0..n, &device).reshape([1, n as usize]);
+        let pos = |n: i64| Tensor::<1, Int>::arange(0..n, &device).reshape([1, n as usize]);
         let full = attn.forward(
             x.clone(),
             &rope.at_positions(pos(3)),
@@ -164,7 +162,7 @@ mod tests {
             None,
         );
         // Append a pad token on the right: the first 3 outputs must not change.
-        let pad = Tensor::<TestBackend, 3>::ones([1, 1, 8], &device) * 5.0;
+        let pad = Tensor::<3>::ones([1, 1, 8], &device) * 5.0;
         let xp = Tensor::cat(vec![x, pad], 1);
         let mask = AttentionMask::new(&[vec![1, 1, 1, 0]], 4, None, &device);
         let padded = attn.forward(xp, &rope.at_positions(pos(4)), &mask, None);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use safetensors::{Dtype, SafeTensors};
@@ -187,22 +187,18 @@ impl WeightSource for RandomSource {
     }
 }
 
-fn tensor<B: Backend, const D: usize>(
-    values: Vec<f32>,
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D> {
+fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
-fn linear<B: Backend>(
+fn linear(
     src: &mut dyn WeightSource,
     prefix: &str,
     d_in: usize,
     d_out: usize,
     bias: bool,
-    device: &B::Device,
-) -> Result<Linear<B>, StageError> {
+    device: &Device,
+) -> Result<Linear, StageError> {
     let w = src.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
     // PyTorch [out, in] -> Burn [in, out], transposed on the host so that the parameter is a
     // contiguous buffer rather than a strided view (matmuls on views are slower on CPU).
@@ -212,10 +208,10 @@ fn linear<B: Backend>(
             t[i * d_out + o] = w[o * d_in + i];
         }
     }
-    let weight = tensor::<B, 2>(t, [d_in, d_out], device);
+    let weight = tensor::<2>(t, [d_in, d_out], device);
     let bias = if bias {
         let b = src.take(&format!("{prefix}.bias"), &[d_out])?;
-        Some(Param::from_tensor(tensor::<B, 1>(b, [d_out], device)))
+        Some(Param::from_tensor(tensor::<1>(b, [d_out], device)))
     } else {
         None
     };
@@ -225,28 +221,28 @@ fn linear<B: Backend>(
     })
 }
 
-fn norm<B: Backend>(
+fn norm(
     src: &mut dyn WeightSource,
     name: &str,
     cfg: &ModelConfig,
-    device: &B::Device,
-) -> Result<RmsNorm<B>, StageError> {
+    device: &Device,
+) -> Result<RmsNorm, StageError> {
     let w = src.take(name, &[cfg.hidden_size])?;
     Ok(RmsNorm {
-        weight: Param::from_tensor(tensor::<B, 1>(w, [cfg.hidden_size], device)),
+        weight: Param::from_tensor(tensor::<1>(w, [cfg.hidden_size], device)),
         eps: cfg.rms_norm_eps,
     })
 }
 
-fn build_backbone<B: Backend>(
+fn build_backbone(
     cfg: &ModelConfig,
     src: &mut dyn WeightSource,
-    device: &B::Device,
-) -> Result<Llama<B>, StageError> {
+    device: &Device,
+) -> Result<Llama, StageError> {
     let h = cfg.hidden_size;
     let emb = src.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
     let embed_tokens = Embedding {
-        weight: Param::from_tensor(tensor::<B, 2>(emb, [cfg.vocab_size, h], device)),
+        weight: Param::from_tensor(tensor::<2>(emb, [cfg.vocab_size, h], device)),
     };
     let q = cfg.num_attention_heads * cfg.head_dim;
     let kv = cfg.num_key_value_heads * cfg.head_dim;
@@ -295,11 +291,11 @@ fn build_backbone<B: Backend>(
     })
 }
 
-fn build_causal_lm<B: Backend>(
+fn build_causal_lm(
     cfg: &ModelConfig,
     src: &mut dyn WeightSource,
-    device: &B::Device,
-) -> Result<CausalLm<B>, StageError> {
+    device: &Device,
+) -> Result<CausalLm, StageError> {
     let model = build_backbone(cfg, src, device)?;
     let lm_head = if cfg.tie_word_embeddings {
         None
@@ -316,11 +312,11 @@ fn build_causal_lm<B: Backend>(
     Ok(CausalLm { model, lm_head })
 }
 
-fn build_reward_model<B: Backend>(
+fn build_reward_model(
     cfg: &ModelConfig,
     src: &mut dyn WeightSource,
-    device: &B::Device,
-) -> Result<RewardModel<B>, StageError> {
+    device: &Device,
+) -> Result<RewardModel, StageError> {
     let model = build_backbone(cfg, src, device)?;
     let score = linear(src, "score", cfg.hidden_size, 1, false, device)?;
     Ok(RewardModel { model, score })
@@ -335,10 +331,7 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig, StageError> {
 ///
 /// A `LlamaForSequenceClassification` directory is refused: its backbone could be read but it has
 /// no LM head, and silently inventing one would produce nonsense.
-pub fn load_causal_lm<B: Backend>(
-    dir: &Path,
-    device: &B::Device,
-) -> Result<(ModelConfig, CausalLm<B>), StageError> {
+pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(ModelConfig, CausalLm), StageError> {
     let cfg = load_config(dir)?;
     if cfg.architecture.is_sequence_classifier() {
         return Err(StageError::Config {
@@ -353,10 +346,10 @@ pub fn load_causal_lm<B: Backend>(
 
 /// Loads a reward (or value) model. A causal LM directory is accepted too: its backbone is read
 /// and the `score` head must then be present, as transformers requires.
-pub fn load_reward_model<B: Backend>(
+pub fn load_reward_model(
     dir: &Path,
-    device: &B::Device,
-) -> Result<(ModelConfig, RewardModel<B>), StageError> {
+    device: &Device,
+) -> Result<(ModelConfig, RewardModel), StageError> {
     let mut cfg = load_config(dir)?;
     let mut src = SafetensorsSource::open(dir)?;
     let model = build_reward_model(&cfg, &mut src, device)?;
@@ -367,11 +360,11 @@ pub fn load_reward_model<B: Backend>(
 /// Builds a reward model from a causal LM directory's backbone with a fresh scalar head
 /// (N(0, initializer_range) from `seed`), as transformers does when it loads a causal checkpoint
 /// into `AutoModelForSequenceClassification`.
-pub fn reward_model_from_causal_lm<B: Backend>(
+pub fn reward_model_from_causal_lm(
     dir: &Path,
     seed: u64,
-    device: &B::Device,
-) -> Result<(ModelConfig, RewardModel<B>), StageError> {
+    device: &Device,
+) -> Result<(ModelConfig, RewardModel), StageError> {
     let mut cfg = load_config(dir)?;
     let mut src = SafetensorsSource::open(dir)?;
     let model = build_backbone(&cfg, &mut src, device)?;
@@ -390,11 +383,7 @@ pub fn reward_model_from_causal_lm<B: Backend>(
 
 /// A fresh causal LM with seeded weights: N(0, initializer_range) matrices, unit norms, zero
 /// biases. The same seed gives the same weights on every backend.
-pub fn random_causal_lm<B: Backend>(
-    cfg: &ModelConfig,
-    seed: u64,
-    device: &B::Device,
-) -> CausalLm<B> {
+pub fn random_causal_lm(cfg: &ModelConfig, seed: u64, device: &Device) -> CausalLm {
     let mut src = RandomSource {
         rng: ChaCha8Rng::seed_from_u64(seed),
         std: cfg.initializer_range,
@@ -403,11 +392,7 @@ pub fn random_causal_lm<B: Backend>(
 }
 
 /// A fresh reward model with seeded weights (see [`random_causal_lm`]).
-pub fn random_reward_model<B: Backend>(
-    cfg: &ModelConfig,
-    seed: u64,
-    device: &B::Device,
-) -> RewardModel<B> {
+pub fn random_reward_model(cfg: &ModelConfig, seed: u64, device: &Device) -> RewardModel {
     let mut src = RandomSource {
         rng: ChaCha8Rng::seed_from_u64(seed),
         std: cfg.initializer_range,
@@ -421,22 +406,22 @@ struct Collected {
 }
 
 impl Collected {
-    fn push<B: Backend, const D: usize>(&mut self, name: String, t: Tensor<B, D>) {
+    fn push<const D: usize>(&mut self, name: String, t: Tensor<D>) {
         let shape = t.dims().to_vec();
         let data = t.into_data().convert::<f32>();
-        let values: Vec<f32> = data.to_vec().expect("converted to f32");
+        let values: Vec<f32> = data.try_to_vec::<f32>().expect("converted to f32");
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.tensors.push((name, shape, bytes));
     }
 
-    fn linear<B: Backend>(&mut self, prefix: &str, l: &Linear<B>) {
+    fn linear(&mut self, prefix: &str, l: &Linear) {
         self.push(format!("{prefix}.weight"), l.weight.val().transpose());
         if let Some(b) = &l.bias {
             self.push(format!("{prefix}.bias"), b.val());
         }
     }
 
-    fn backbone<B: Backend>(&mut self, m: &Llama<B>) {
+    fn backbone(&mut self, m: &Llama) {
         self.push(
             "model.embed_tokens.weight".into(),
             m.embed_tokens.weight.val(),
@@ -509,11 +494,7 @@ impl Collected {
 }
 
 /// Writes a causal LM as a Hugging Face directory (config.json + fp32 model.safetensors).
-pub fn save_causal_lm<B: Backend>(
-    model: &CausalLm<B>,
-    cfg: &ModelConfig,
-    dir: &Path,
-) -> Result<(), StageError> {
+pub fn save_causal_lm(model: &CausalLm, cfg: &ModelConfig, dir: &Path) -> Result<(), StageError> {
     let mut out = Collected {
         tensors: Vec::new(),
     };
@@ -533,8 +514,8 @@ pub fn save_causal_lm<B: Backend>(
 }
 
 /// Writes a reward model as a `LlamaForSequenceClassification` directory.
-pub fn save_reward_model<B: Backend>(
-    model: &RewardModel<B>,
+pub fn save_reward_model(
+    model: &RewardModel,
     cfg: &ModelConfig,
     dir: &Path,
 ) -> Result<(), StageError> {
@@ -552,7 +533,6 @@ pub fn save_reward_model<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
 
     fn tiny() -> ModelConfig {
         let mut cfg = ModelConfig::llama(32, 16, 24, 2, 4, 2);
@@ -560,18 +540,18 @@ mod tests {
         cfg
     }
 
-    fn values<const D: usize>(t: Tensor<TestBackend, D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec().unwrap()
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec().unwrap()
     }
 
     #[test]
     fn random_init_is_seeded_and_scaled() {
         let device = Default::default();
         let cfg = tiny();
-        let a = random_causal_lm::<TestBackend>(&cfg, 7, &device);
-        let b = random_causal_lm::<TestBackend>(&cfg, 7, &device);
-        let c = random_causal_lm::<TestBackend>(&cfg, 8, &device);
-        let emb = |m: &CausalLm<TestBackend>| values(m.model.embed_tokens.weight.val());
+        let a = random_causal_lm(&cfg, 7, &device);
+        let b = random_causal_lm(&cfg, 7, &device);
+        let c = random_causal_lm(&cfg, 8, &device);
+        let emb = |m: &CausalLm| values(m.model.embed_tokens.weight.val());
         assert_eq!(emb(&a), emb(&b));
         assert_ne!(emb(&a), emb(&c));
         // 32 x 16 draws of N(0, 0.02^2): the sample std is within 10% of 0.02.
@@ -587,15 +567,15 @@ mod tests {
         let mut cfg = tiny();
         cfg.architecture = Architecture::Qwen2ForCausalLM;
         cfg.qkv_bias = true;
-        let model = random_causal_lm::<TestBackend>(&cfg, 1, &device);
+        let model = random_causal_lm(&cfg, 1, &device);
         let dir = tempfile::tempdir().unwrap();
         save_causal_lm(&model, &cfg, dir.path()).unwrap();
         assert!(dir.path().join(GENERATION_CONFIG_FILE).is_file());
-        let (cfg2, again) = load_causal_lm::<TestBackend>(dir.path(), &device).unwrap();
+        let (cfg2, again) = load_causal_lm(dir.path(), &device).unwrap();
         assert_eq!(cfg2.architecture, Architecture::Qwen2ForCausalLM);
         assert!(again.model.layers[0].self_attn.q_proj.bias.is_some());
         assert!(again.model.layers[0].self_attn.o_proj.bias.is_none());
-        let ids = Tensor::<TestBackend, 2, burn::tensor::Int>::from_data(
+        let ids = Tensor::<2, burn::tensor::Int>::from_data(
             TensorData::new(vec![1i64, 5, 9], [1, 3]),
             &device,
         );
@@ -609,7 +589,7 @@ mod tests {
     fn sharded_bf16_weights_load_as_f32() {
         let device = Default::default();
         let cfg = tiny();
-        let model = random_causal_lm::<TestBackend>(&cfg, 3, &device);
+        let model = random_causal_lm(&cfg, 3, &device);
         let dir = tempfile::tempdir().unwrap();
         save_causal_lm(&model, &cfg, dir.path()).unwrap();
         // Rewrite the weights as two bf16 shards with an index.
@@ -649,7 +629,7 @@ mod tests {
         let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
         std::fs::write(dir.path().join(WEIGHTS_INDEX_FILE), index.to_string()).unwrap();
 
-        let (_, loaded) = load_causal_lm::<TestBackend>(dir.path(), &device).unwrap();
+        let (_, loaded) = load_causal_lm(dir.path(), &device).unwrap();
         let original = values(model.model.embed_tokens.weight.val());
         let rounded = values(loaded.model.embed_tokens.weight.val());
         for (o, r) in original.iter().zip(&rounded) {

@@ -5,7 +5,7 @@
 
 use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::attention::{Attention, AttentionConfig};
 use super::cache::KvCache;
@@ -17,25 +17,25 @@ use super::rope::RotaryConfig;
 
 /// One pre-norm decoder layer.
 #[derive(Module, Debug)]
-pub struct DecoderLayer<B: Backend> {
-    pub input_layernorm: RmsNorm<B>,
-    pub self_attn: Attention<B>,
-    pub post_attention_layernorm: RmsNorm<B>,
-    pub mlp: Mlp<B>,
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl DecoderLayer {
     /// `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
     ///
     /// # Shapes
     /// - x: `[batch, seq, d_model]`; output the same
     pub fn forward(
         &self,
-        x: Tensor<B, 3>,
-        rope: &super::rope::Rotary<B>,
-        mask: &AttentionMask<B>,
-        cache: Option<&mut super::cache::LayerCache<B>>,
-    ) -> Tensor<B, 3> {
+        x: Tensor<3>,
+        rope: &super::rope::Rotary,
+        mask: &AttentionMask,
+        cache: Option<&mut super::cache::LayerCache>,
+    ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
@@ -46,10 +46,10 @@ impl<B: Backend> DecoderLayer<B> {
 
 /// The decoder without a head (transformers' `LlamaModel`, the `model.*` tensors).
 #[derive(Module, Debug)]
-pub struct Llama<B: Backend> {
-    pub embed_tokens: Embedding<B>,
-    pub layers: Vec<DecoderLayer<B>>,
-    pub norm: RmsNorm<B>,
+pub struct Llama {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
     pub head_dim: usize,
     pub rope_theta: f64,
     /// Sliding-window span, 0 when attention is global.
@@ -57,11 +57,17 @@ pub struct Llama<B: Backend> {
 }
 
 /// Which intermediate results a forward pass returns.
-struct Trace<B: Backend> {
-    states: Option<Vec<Tensor<B, 3>>>,
+struct Trace {
+    states: Option<Vec<Tensor<3>>>,
 }
 
-impl<B: Backend> Llama<B> {
+impl Llama {
+    /// The device the parameters live on (its autodiff form when they record gradients): inputs
+    /// for this model are created there.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.val().device()
+    }
+
     /// Runs the decoder over `input_ids` and returns the final-norm hidden states.
     ///
     /// `padding_mask` has one row per batch element with 1 for real tokens and 0 for padding
@@ -73,10 +79,10 @@ impl<B: Backend> Llama<B> {
     /// - output: `[batch, seq, d_model]`
     pub fn forward(
         &self,
-        input_ids: Tensor<B, 2, Int>,
+        input_ids: Tensor<2, Int>,
         padding_mask: Option<&[Vec<u8>]>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         self.run(input_ids, padding_mask, cache, &mut Trace { states: None })
     }
 
@@ -89,9 +95,9 @@ impl<B: Backend> Llama<B> {
     /// - each output: `[batch, seq, d_model]`
     pub fn hidden_states(
         &self,
-        input_ids: Tensor<B, 2, Int>,
+        input_ids: Tensor<2, Int>,
         padding_mask: Option<&[Vec<u8>]>,
-    ) -> Vec<Tensor<B, 3>> {
+    ) -> Vec<Tensor<3>> {
         let mut trace = Trace {
             states: Some(Vec::new()),
         };
@@ -103,11 +109,11 @@ impl<B: Backend> Llama<B> {
 
     fn run(
         &self,
-        input_ids: Tensor<B, 2, Int>,
+        input_ids: Tensor<2, Int>,
         padding_mask: Option<&[Vec<u8>]>,
-        cache: Option<&mut KvCache<B>>,
-        trace: &mut Trace<B>,
-    ) -> Tensor<B, 3> {
+        cache: Option<&mut KvCache>,
+        trace: &mut Trace,
+    ) -> Tensor<3> {
         let device = input_ids.device();
         let [batch, seq_q] = input_ids.dims();
         let new_padding: Vec<Vec<u8>> = match padding_mask {
@@ -133,7 +139,7 @@ impl<B: Backend> Llama<B> {
                     .into_iter()
                     .map(|row| row[row.len() - seq_q..].to_vec())
                     .collect();
-                let rope = rotary.at_positions(positions_tensor::<B>(&positions, &device));
+                let rope = rotary.at_positions(positions_tensor(&positions, &device));
                 let mask = AttentionMask::new(&cache.padding, seq_q, window, &device);
                 for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
                     x = layer.forward(x, &rope, &mask, Some(layer_cache));
@@ -144,7 +150,7 @@ impl<B: Backend> Llama<B> {
             }
             None => {
                 let positions = positions_from_padding(&new_padding);
-                let rope = rotary.at_positions(positions_tensor::<B>(&positions, &device));
+                let rope = rotary.at_positions(positions_tensor(&positions, &device));
                 let mask = AttentionMask::new(&new_padding, seq_q, window, &device);
                 for layer in &self.layers {
                     x = layer.forward(x, &rope, &mask, None);
@@ -158,20 +164,25 @@ impl<B: Backend> Llama<B> {
     }
 
     /// An empty KV cache sized for this decoder.
-    pub fn new_cache(&self) -> KvCache<B> {
+    pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
     }
 }
 
 /// A decoder with a language-model head (`LlamaForCausalLM` and relatives).
 #[derive(Module, Debug)]
-pub struct CausalLm<B: Backend> {
-    pub model: Llama<B>,
+pub struct CausalLm {
+    pub model: Llama,
     /// `None` when the head is tied to `model.embed_tokens`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<Linear>,
 }
 
-impl<B: Backend> CausalLm<B> {
+impl CausalLm {
+    /// See [`Llama::device`].
+    pub fn device(&self) -> Device {
+        self.model.device()
+    }
+
     /// Next-token logits at every position.
     ///
     /// # Shapes
@@ -179,10 +190,10 @@ impl<B: Backend> CausalLm<B> {
     /// - output: `[batch, seq, vocab]`
     pub fn forward(
         &self,
-        input_ids: Tensor<B, 2, Int>,
+        input_ids: Tensor<2, Int>,
         padding_mask: Option<&[Vec<u8>]>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         let hidden = self.model.forward(input_ids, padding_mask, cache);
         self.head(hidden)
     }
@@ -192,7 +203,7 @@ impl<B: Backend> CausalLm<B> {
     /// # Shapes
     /// - hidden: `[batch, seq, d_model]`
     /// - output: `[batch, seq, vocab]`
-    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
@@ -206,23 +217,24 @@ impl<B: Backend> CausalLm<B> {
 /// A decoder with a scalar head (`LlamaForSequenceClassification` with one label): reward
 /// models and value models.
 #[derive(Module, Debug)]
-pub struct RewardModel<B: Backend> {
-    pub model: Llama<B>,
+pub struct RewardModel {
+    pub model: Llama,
     /// `[d_model, 1]` in Burn's layout, no bias (`score.weight` is `[1, d_model]` on disk).
-    pub score: Linear<B>,
+    pub score: Linear,
 }
 
-impl<B: Backend> RewardModel<B> {
+impl RewardModel {
+    /// See [`Llama::device`].
+    pub fn device(&self) -> Device {
+        self.model.device()
+    }
+
     /// The scalar head at every position (per-token values for PPO's value model).
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]`
     /// - output: `[batch, seq]`
-    pub fn values(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        padding_mask: Option<&[Vec<u8>]>,
-    ) -> Tensor<B, 2> {
+    pub fn values(&self, input_ids: Tensor<2, Int>, padding_mask: Option<&[Vec<u8>]>) -> Tensor<2> {
         let [batch, seq] = input_ids.dims();
         let hidden = self.model.forward(input_ids, padding_mask, None);
         self.score.forward(hidden).reshape([batch, seq])
@@ -235,9 +247,9 @@ impl<B: Backend> RewardModel<B> {
     /// - output: `[batch]`
     pub fn forward(
         &self,
-        input_ids: Tensor<B, 2, Int>,
+        input_ids: Tensor<2, Int>,
         padding_mask: Option<&[Vec<u8>]>,
-    ) -> Tensor<B, 1> {
+    ) -> Tensor<1> {
         let device = input_ids.device();
         let [batch, seq] = input_ids.dims();
         let last: Vec<i64> = match padding_mask {
@@ -247,7 +259,7 @@ impl<B: Backend> RewardModel<B> {
                 .collect(),
             None => vec![seq as i64 - 1; batch],
         };
-        let index = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [batch, 1]), &device);
+        let index = Tensor::<2, Int>::from_data(TensorData::new(last, [batch, 1]), &device);
         self.values(input_ids, padding_mask)
             .gather(1, index)
             .reshape([batch])
@@ -261,7 +273,7 @@ impl ModelConfig {
 
     /// A freshly initialised backbone (weights N(0, initializer_range), norms 1) using the
     /// backend's RNG; see `hf::random_*` for seeded, backend-independent initialisation.
-    pub fn init_backbone<B: Backend>(&self, device: &B::Device) -> Llama<B> {
+    pub fn init_backbone(&self, device: &Device) -> Llama {
         let std = self.initializer_range;
         let layers = (0..self.num_hidden_layers)
             .map(|_| DecoderLayer {
@@ -296,7 +308,7 @@ impl ModelConfig {
     }
 
     /// A freshly initialised causal LM (backend RNG).
-    pub fn init_causal_lm<B: Backend>(&self, device: &B::Device) -> CausalLm<B> {
+    pub fn init_causal_lm(&self, device: &Device) -> CausalLm {
         let lm_head = (!self.tie_word_embeddings).then(|| self.head(self.vocab_size, device));
         CausalLm {
             model: self.init_backbone(device),
@@ -305,14 +317,14 @@ impl ModelConfig {
     }
 
     /// A freshly initialised reward model (backend RNG).
-    pub fn init_reward_model<B: Backend>(&self, device: &B::Device) -> RewardModel<B> {
+    pub fn init_reward_model(&self, device: &Device) -> RewardModel {
         RewardModel {
             model: self.init_backbone(device),
             score: self.head(1, device),
         }
     }
 
-    fn head<B: Backend>(&self, d_out: usize, device: &B::Device) -> Linear<B> {
+    fn head(&self, d_out: usize, device: &Device) -> Linear {
         LinearConfig::new(self.hidden_size, d_out)
             .with_bias(false)
             .with_initializer(Initializer::Normal {

@@ -8,17 +8,17 @@
 //! examples, and a token attends only within its own segment, with positions counted from the
 //! segment's start, as transformers computes packed (padding-free) batches from position ids.
 
-use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// How attention is restricted in one forward pass.
 #[derive(Debug, Clone)]
-pub enum AttentionMask<B: Backend> {
+pub enum AttentionMask {
     /// Plain causal attention over an unpadded batch without cached keys (the fast path).
     Causal,
     /// Explicit mask, `true` where a key is hidden from a query.
     ///
     /// Shape `[batch, 1, seq_q, seq_k]`, broadcast over heads.
-    Explicit(Tensor<B, 4, Bool>),
+    Explicit(Tensor<4, Bool>),
 }
 
 /// Position ids from a padding mask: the number of real tokens of the same segment before each
@@ -77,14 +77,14 @@ pub fn attention_mask_data(
     (out, [batch, 1, seq_q, seq_k])
 }
 
-impl<B: Backend> AttentionMask<B> {
+impl AttentionMask {
     /// The mask for a forward pass, choosing the causal fast path when nothing is padded, no keys
     /// come from a cache and no sliding window applies.
     pub fn new(
         key_padding: &[Vec<u8>],
         seq_q: usize,
         sliding_window: Option<usize>,
-        device: &B::Device,
+        device: &Device,
     ) -> Self {
         let seq_k = key_padding.first().map_or(0, Vec::len);
         let unpadded = key_padding.iter().all(|r| r.iter().all(|&m| m != 0));
@@ -98,10 +98,7 @@ impl<B: Backend> AttentionMask<B> {
 }
 
 /// Uploads position ids.
-pub fn positions_tensor<B: Backend>(
-    positions: &[Vec<i64>],
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
+pub fn positions_tensor(positions: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
     let batch = positions.len();
     let seq = positions.first().map_or(0, Vec::len);
     let flat: Vec<i64> = positions.iter().flatten().copied().collect();

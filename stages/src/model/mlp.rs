@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Initializer, Module};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Tensor, activation::silu, backend::Backend};
+use burn::tensor::{Device, Tensor, activation::silu};
 
 /// Configuration of [`Mlp`].
 #[derive(Config, Debug)]
@@ -22,15 +22,15 @@ pub struct MlpConfig {
 
 /// Gated feed-forward block.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
 }
 
 impl MlpConfig {
     /// Initialises the projections with N(0, init_std) weights and zero biases.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
+    pub fn init(&self, device: &Device) -> Mlp {
         let linear = |d_in: usize, d_out: usize| {
             let mut l = LinearConfig::new(d_in, d_out)
                 .with_bias(self.bias)
@@ -52,11 +52,11 @@ impl MlpConfig {
     }
 }
 
-impl<B: Backend> Mlp<B> {
+impl Mlp {
     /// # Shapes
     /// - x: `[batch, seq, d_model]`
     /// - output: `[batch, seq, d_model]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let gate = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }

@@ -4,7 +4,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Tensor, backend::Backend};
+use burn::tensor::{DType, Device, Tensor};
 
 /// Configuration of [`RmsNorm`].
 #[derive(Config, Debug)]
@@ -18,15 +18,15 @@ pub struct RmsNormConfig {
 
 /// RMS normalisation over the last dimension with a learned per-channel weight.
 #[derive(Module, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm {
     /// Per-channel scale, initialised to ones.
-    pub weight: Param<Tensor<B, 1>>,
+    pub weight: Param<Tensor<1>>,
     pub eps: f64,
 }
 
 impl RmsNormConfig {
     /// A norm whose weight is all ones.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+    pub fn init(&self, device: &Device) -> RmsNorm {
         RmsNorm {
             weight: Param::from_tensor(Tensor::ones([self.size], device)),
             eps: self.eps,
@@ -34,13 +34,13 @@ impl RmsNormConfig {
     }
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl RmsNorm {
     /// Normalises `x` over its last dimension.
     ///
     /// # Shapes
     /// - x: `[..., size]`
     /// - output: same as x, same dtype as x
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         // Half-precision activations are normalised in fp32, as transformers does.
         let x32 = if dtype == DType::F32 {
@@ -64,18 +64,15 @@ impl<B: Backend> RmsNorm<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use burn::tensor::TensorData;
 
     #[test]
     fn matches_hand_computed_values() {
         let device = Default::default();
-        let mut norm = RmsNormConfig::new(2)
-            .with_eps(0.0)
-            .init::<TestBackend>(&device);
+        let mut norm = RmsNormConfig::new(2).with_eps(0.0).init(&device);
         norm.weight = Param::from_tensor(Tensor::from_floats([1.0, 2.0], &device));
         // rms of [3, 4] = sqrt(12.5); rms of [1, 1] = 1.
-        let x = Tensor::<TestBackend, 2>::from_floats([[3.0, 4.0], [1.0, 1.0]], &device);
+        let x = Tensor::<2>::from_floats([[3.0, 4.0], [1.0, 1.0]], &device);
         let r = 12.5f32.sqrt();
         let expected = TensorData::from([[3.0 / r, 8.0 / r], [1.0, 2.0]]);
         norm.forward(x)
@@ -86,12 +83,10 @@ mod tests {
     #[test]
     fn eps_is_applied() {
         let device = Default::default();
-        let norm = RmsNormConfig::new(1)
-            .with_eps(1.0)
-            .init::<TestBackend>(&device);
+        let norm = RmsNormConfig::new(1).with_eps(1.0).init(&device);
         // x / sqrt(x^2 + 1) with x = 1 is 1/sqrt(2).
-        let x = Tensor::<TestBackend, 1>::from_floats([1.0], &device);
-        let y: Vec<f32> = norm.forward(x).into_data().to_vec().unwrap();
+        let x = Tensor::<1>::from_floats([1.0], &device);
+        let y: Vec<f32> = norm.forward(x).into_data().try_to_vec().unwrap();
         assert!((y[0] - 0.5f32.sqrt()).abs() < 1e-6);
     }
 }

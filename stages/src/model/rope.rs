@@ -4,7 +4,7 @@
 //! left-padded batches and KV-cached decoding see the positions transformers would use.
 
 use burn::config::Config;
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData};
 
 /// Configuration of the rotary embedding.
 #[derive(Config, Debug)]
@@ -18,9 +18,9 @@ pub struct RotaryConfig {
 
 /// Cos/sin tables for one batch of positions, shared by every layer of a forward pass.
 #[derive(Debug, Clone)]
-pub struct Rotary<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+pub struct Rotary {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
 }
 
 impl RotaryConfig {
@@ -39,11 +39,11 @@ impl RotaryConfig {
     /// # Shapes
     /// - positions: `[batch, seq]`
     /// - tables inside: `[batch, 1, seq, head_dim]`, broadcast over heads
-    pub fn at_positions<B: Backend>(&self, positions: Tensor<B, 2, Int>) -> Rotary<B> {
+    pub fn at_positions(&self, positions: Tensor<2, Int>) -> Rotary {
         let device = positions.device();
         let [batch, seq] = positions.dims();
         let half = self.head_dim / 2;
-        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(self.inv_freq(), [half]), &device)
+        let inv_freq = Tensor::<1>::from_data(TensorData::new(self.inv_freq(), [half]), &device)
             .reshape([1, 1, half]);
         let freqs = positions.float().reshape([batch, seq, 1]) * inv_freq;
         let emb =
@@ -55,13 +55,13 @@ impl RotaryConfig {
     }
 }
 
-impl<B: Backend> Rotary<B> {
+impl Rotary {
     /// Rotates `x` by its positions: `x * cos + rotate_half(x) * sin`.
     ///
     /// # Shapes
     /// - x: `[batch, heads, seq, head_dim]`
     /// - output: same as x
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, h, l, d] = x.dims();
         let half = d / 2;
         let x1 = x.clone().slice([0..b, 0..h, 0..l, 0..half]);
@@ -74,7 +74,6 @@ impl<B: Backend> Rotary<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
     use burn::tensor::Tolerance;
 
     #[test]
@@ -92,11 +91,8 @@ mod tests {
         // (x1, x3) by 0.1 rad.
         let rope = RotaryConfig::new(4)
             .with_theta(100.0)
-            .at_positions::<TestBackend>(Tensor::from_ints([[0, 1]], &device));
-        let x = Tensor::<TestBackend, 4>::from_floats(
-            [[[[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]]],
-            &device,
-        );
+            .at_positions(Tensor::from_ints([[0, 1]], &device));
+        let x = Tensor::<4>::from_floats([[[[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]]], &device);
         let (c1, s1, c2, s2) = (1f32.cos(), 1f32.sin(), 0.1f32.cos(), 0.1f32.sin());
         let expected = TensorData::from([[[
             [1.0, 2.0, 3.0, 4.0],

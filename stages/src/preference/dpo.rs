@@ -12,9 +12,8 @@
 use std::cell::RefCell;
 use std::path::Path;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
-use burn::record::{BinFileRecorder, FullPrecisionSettings};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::Device;
 use burn::tensor::{Tensor, TensorData};
 
 use super::pairs::TokenizedPair;
@@ -42,7 +41,7 @@ pub struct DpoObjective {
 }
 
 /// Per-row values, left-aligned and zero-padded into `[rows, longest]` with a 0/1 mask.
-fn ragged<B: Backend>(rows: &[&[f32]], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+fn ragged(rows: &[&[f32]], device: &Device) -> (Tensor<2>, Tensor<2>) {
     let n = rows.len();
     let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
     let mut values = vec![0f32; n * width];
@@ -57,18 +56,15 @@ fn ragged<B: Backend>(rows: &[&[f32]], device: &B::Device) -> (Tensor<B, 2>, Ten
     )
 }
 
-fn host(t: Tensor<impl Backend, 1>) -> Vec<f64> {
+fn host(t: Tensor<1>) -> Vec<f64> {
     t.into_data()
         .convert::<f64>()
-        .to_vec()
+        .try_to_vec::<f64>()
         .expect("a float vector")
 }
 
-impl<B: AutodiffBackend> Objective<B> for DpoObjective
-where
-    CausalLm<B>: AutodiffModule<B>,
-{
-    type Model = CausalLm<B>;
+impl Objective for DpoObjective {
+    type Model = CausalLm;
     type Example = DpoExample;
 
     fn length(&self, example: &DpoExample) -> usize {
@@ -81,17 +77,17 @@ where
 
     fn forward(
         &self,
-        model: &CausalLm<B>,
+        model: &CausalLm,
         examples: &[&DpoExample],
-        device: &B::Device,
-    ) -> Result<Forward<B>, TrainError> {
+        device: &Device,
+    ) -> Result<Forward, TrainError> {
         let n = examples.len();
         let rows: Vec<&PromptCompletion> = examples
             .iter()
             .map(|e| &e.pair.chosen)
             .chain(examples.iter().map(|e| &e.pair.rejected))
             .collect();
-        let batch = CompletionBatch::<B>::new(&rows, self.pad_id, device);
+        let batch = CompletionBatch::new(&rows, self.pad_id, device);
         let out = completion_logps(model, &batch);
         let [_, width] = out.token_logps.dims();
         let sums = out.sums();
@@ -102,7 +98,7 @@ where
                 .iter()
                 .map(|e| side(e).iter().sum::<f32>())
                 .collect();
-            vector::<B>(values, device)
+            vector(values, device)
         };
         let (policy_chosen, policy_rejected, reference_chosen, reference_rejected) =
             match self.ld_alpha {
@@ -126,8 +122,8 @@ where
                         examples.iter().map(|e| &e.reference_chosen[..]).collect();
                     let rejected: Vec<&[f32]> =
                         examples.iter().map(|e| &e.reference_rejected[..]).collect();
-                    let (rc, rc_mask) = ragged::<B>(&chosen, device);
-                    let (rr, rr_mask) = ragged::<B>(&rejected, device);
+                    let (rc, rc_mask) = ragged(&chosen, device);
+                    let (rr, rr_mask) = ragged(&rejected, device);
                     let (rc, rr) = ld_logps(rc, rc_mask, rr, rr_mask, alpha);
                     (pc, pr, rc, rr)
                 }
@@ -185,7 +181,7 @@ where
 }
 
 /// The batch's targets and mask on the inner backend, for metrics computed without a graph.
-fn batch_inner<B: AutodiffBackend>(batch: &CompletionBatch<B>) -> CompletionBatch<B::InnerBackend> {
+fn batch_inner(batch: &CompletionBatch) -> CompletionBatch {
     CompletionBatch {
         ids: batch.ids.clone().inner(),
         padding: batch.padding.clone(),
@@ -199,20 +195,17 @@ fn batch_inner<B: AutodiffBackend>(batch: &CompletionBatch<B>) -> CompletionBatc
 /// (`reference = alpha * policy + (1 - alpha) * reference`, TRL's `SyncRefModelCallback`), so its
 /// log-probs cannot be cached and are computed for every batch, without a graph. The moving
 /// reference is saved with every checkpoint, so a resumed run continues from the same one.
-pub struct SyncedReferenceDpo<B: AutodiffBackend> {
+pub struct SyncedReferenceDpo {
     pub base: DpoObjective,
-    pub reference: RefCell<CausalLm<B::InnerBackend>>,
+    pub reference: RefCell<CausalLm>,
     pub mixup_alpha: f64,
     pub sync_steps: u64,
 }
 
-const REFERENCE_CHECKPOINT: &str = "reference";
+const REFERENCE_CHECKPOINT: &str = "reference.bpk";
 
-impl<B: AutodiffBackend> Objective<B> for SyncedReferenceDpo<B>
-where
-    CausalLm<B>: AutodiffModule<B, InnerModule = CausalLm<B::InnerBackend>>,
-{
-    type Model = CausalLm<B>;
+impl Objective for SyncedReferenceDpo {
+    type Model = CausalLm;
     type Example = TokenizedPair;
 
     fn length(&self, pair: &TokenizedPair) -> usize {
@@ -225,10 +218,10 @@ where
 
     fn forward(
         &self,
-        model: &CausalLm<B>,
+        model: &CausalLm,
         pairs: &[&TokenizedPair],
-        device: &B::Device,
-    ) -> Result<Forward<B>, TrainError> {
+        device: &Device,
+    ) -> Result<Forward, TrainError> {
         let rows: Vec<&PromptCompletion> = pairs
             .iter()
             .map(|p| &p.chosen)
@@ -239,7 +232,6 @@ where
             &rows,
             self.base.pad_id,
             rows.len(),
-            device,
         );
         let rejected = chosen.split_off(pairs.len());
         let examples: Vec<DpoExample> = pairs
@@ -254,10 +246,10 @@ where
             )
             .collect();
         let examples: Vec<&DpoExample> = examples.iter().collect();
-        Objective::<B>::forward(&self.base, model, &examples, device)
+        Objective::forward(&self.base, model, &examples, device)
     }
 
-    fn after_update(&self, model: &CausalLm<B>, step: u64) {
+    fn after_update(&self, model: &CausalLm, step: u64) {
         if step.is_multiple_of(self.sync_steps) {
             let policy = model.valid();
             let mut reference = self.reference.borrow_mut();
@@ -270,24 +262,20 @@ where
         self.reference
             .borrow()
             .clone()
-            .save_file(&path, &BinFileRecorder::<FullPrecisionSettings>::new())
+            .save_file(&path)
             .map_err(|e| TrainError::Checkpoint {
                 path,
                 message: e.to_string(),
             })
     }
 
-    fn load_state(&self, dir: &Path, device: &B::Device) -> Result<(), TrainError> {
+    fn load_state(&self, dir: &Path, _device: &Device) -> Result<(), TrainError> {
         let path = dir.join(REFERENCE_CHECKPOINT);
         let loaded = self
             .reference
             .borrow()
             .clone()
-            .load_file(
-                &path,
-                &BinFileRecorder::<FullPrecisionSettings>::new(),
-                device,
-            )
+            .try_load_file(&path)
             .map_err(|e| TrainError::Checkpoint {
                 path,
                 message: e.to_string(),
@@ -299,21 +287,21 @@ where
 
 /// `alpha * source + (1 - alpha) * target`, parameter by parameter; both modules have the same
 /// structure, so their parameters are visited in the same order.
-pub fn mix_parameters<B: Backend, M: Module<B>>(target: M, source: &M, alpha: f64) -> M {
-    struct Collect<B: Backend>(Vec<Tensor<B, 1>>);
-    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+pub fn mix_parameters<M: Module>(target: M, source: &M, alpha: f64) -> M {
+    struct Collect(Vec<Tensor<1>>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let value = param.val();
             let numel = value.shape().num_elements();
             self.0.push(value.reshape([numel]));
         }
     }
-    struct Mix<B: Backend> {
-        sources: std::vec::IntoIter<Tensor<B, 1>>,
+    struct Mix {
+        sources: std::vec::IntoIter<Tensor<1>>,
         alpha: f64,
     }
-    impl<B: Backend> ModuleMapper<B> for Mix<B> {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+    impl ModuleMapper for Mix {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let (id, tensor, mapper) = param.consume();
             let source = self
                 .sources

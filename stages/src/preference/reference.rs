@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::PreferenceTokens;
 use safetensors::{Dtype, SafeTensors};
@@ -179,11 +179,11 @@ impl RefLogps {
 
 /// The reference's per-token log-probs of `pairs`, [`PAIRS_PER_PASS`] pairs per forward pass.
 /// `interrupted` is asked before each pass; `done` is told how many pairs are done after it.
-pub fn compute<B: Backend>(
-    reference: &CausalLm<B>,
+pub fn compute(
+    reference: &CausalLm,
     pairs: &[TokenizedPair],
     pad_id: u32,
-    device: &B::Device,
+    _device: &Device,
     interrupted: &dyn Fn() -> bool,
     done: &mut dyn FnMut(usize),
 ) -> Result<RefLogps, TrainError> {
@@ -197,7 +197,7 @@ pub fn compute<B: Backend>(
             .map(|p| &p.chosen)
             .chain(chunk.iter().map(|p| &p.rejected))
             .collect();
-        let mut values = sequence_logps(reference, &rows, pad_id, rows.len(), device);
+        let mut values = sequence_logps(reference, &rows, pad_id, rows.len());
         let rejected = values.split_off(chunk.len());
         for ((pair, chosen), rejected) in chunk.iter().zip(values).zip(rejected) {
             cache.rows.insert(pair.row, (chosen, rejected));
@@ -211,11 +211,11 @@ pub fn compute<B: Backend>(
 /// tokenizer (`tokenize`: pairs, or KTO's rows with their KL rows in the two slots), run the
 /// reference over them, and write the cache with its summary (`pairs`, `dropped`, mean
 /// `logps/chosen` and `logps/rejected`).
-pub fn run_part<B: Backend, P>(
+pub fn run_part<P>(
     stage: &Stage<'_, P>,
     tokens: &PreferenceTokens,
     tokenize: impl Fn(&Tokenizer, &Rows) -> Result<TokenizedPairs, TrainError>,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<StageOutcome, TrainError> {
     let reference = stage.inputs.model("reference")?;
     let rows = stage.inputs.rows("data")?;
@@ -223,7 +223,7 @@ pub fn run_part<B: Backend, P>(
     if let Some(warning) = tokenized.warning(tokens) {
         stage.progress().println(&warning);
     }
-    let (_, model) = load_causal_lm::<B>(&reference.dir, device)?;
+    let (_, model) = load_causal_lm(&reference.dir, device)?;
     stage.progress().set_length(tokenized.pairs.len() as u64);
     let interrupted = || stage.is_interrupted();
     let cache = compute(

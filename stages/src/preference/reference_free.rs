@@ -7,9 +7,8 @@
 //! averages for SimPO, IPO and ORPO), `nll_loss`, and for ORPO `log_odds_ratio` and
 //! `log_odds_chosen`.
 
-use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Device;
+use burn::tensor::Tensor;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{PreferenceTokens, TrainArgs};
 
@@ -61,11 +60,8 @@ fn whole_sequences(pairs: &[&TokenizedPair]) -> Vec<PromptCompletion> {
         .collect()
 }
 
-impl<B: AutodiffBackend> Objective<B> for ReferenceFreeObjective
-where
-    CausalLm<B>: AutodiffModule<B>,
-{
-    type Model = CausalLm<B>;
+impl Objective for ReferenceFreeObjective {
+    type Model = CausalLm;
     type Example = TokenizedPair;
 
     fn length(&self, pair: &TokenizedPair) -> usize {
@@ -78,22 +74,22 @@ where
 
     fn forward(
         &self,
-        model: &CausalLm<B>,
+        model: &CausalLm,
         pairs: &[&TokenizedPair],
-        device: &B::Device,
-    ) -> Result<Forward<B>, TrainError> {
+        device: &Device,
+    ) -> Result<Forward, TrainError> {
         let n = pairs.len();
         let rows: Vec<&PromptCompletion> = pairs
             .iter()
             .map(|p| &p.chosen)
             .chain(pairs.iter().map(|p| &p.rejected))
             .collect();
-        let batch = CompletionBatch::<B>::new(&rows, self.pad_id, device);
+        let batch = CompletionBatch::new(&rows, self.pad_id, device);
         let out = completion_logps(model, &batch);
         let sums = out.sums();
         let lengths = batch.length_tensor(device);
         let averages = sums.clone() / lengths.clone();
-        let split = |t: &Tensor<B, 1>| (t.clone().slice(0..n), t.clone().slice(n..2 * n));
+        let split = |t: &Tensor<1>| (t.clone().slice(0..n), t.clone().slice(n..2 * n));
         let completion_nll =
             || token_mean_nll(sums.clone().slice(0..n), lengths.clone().slice(0..n));
 
@@ -118,7 +114,7 @@ where
             ReferenceFreeLoss::Orpo { beta } => {
                 let whole = whole_sequences(pairs);
                 let whole: Vec<&PromptCompletion> = whole.iter().collect();
-                let chosen_batch = CompletionBatch::<B>::new(&whole, self.pad_id, device);
+                let chosen_batch = CompletionBatch::new(&whole, self.pad_id, device);
                 let [_, seq, vocab] = out.logits.dims();
                 let width = chosen_batch.padding[0].len().min(seq);
                 let logits = out.logits.clone().slice([0..n, 0..width, 0..vocab]);
@@ -149,7 +145,7 @@ where
         for (name, mean) in pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected) {
             metrics.push(MetricValue::mean(name, mean * pairs_f, pairs_f));
         }
-        let nll: f64 = nll.into_scalar().elem();
+        let nll: f64 = nll.into_scalar::<f64>();
         metrics.push(MetricValue::mean("nll_loss", nll * pairs_f, pairs_f));
         let real_tokens: usize = rows.iter().map(|r| r.len()).sum();
         metrics.push(MetricValue::cumulative("num_tokens", real_tokens as f64));
@@ -161,13 +157,13 @@ where
 }
 
 /// What `orpo` and `simpo` do: tokenise the pairs as for DPO, train with `loss`, save.
-pub fn train<B: AutodiffBackend, P>(
+pub fn train<P>(
     stage: &Stage<'_, P>,
     loss: ReferenceFreeLoss,
     learning_rate: f64,
     tokens: &PreferenceTokens,
     train_args: &TrainArgs,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<StageOutcome, TrainError> {
     let policy = stage.inputs.model("model")?;
     let pairs = stage.inputs.rows("data")?.preference_pairs()?;
@@ -185,7 +181,7 @@ pub fn train<B: AutodiffBackend, P>(
         loss,
     };
     let cfg = stage.train_config(learning_rate, train_args);
-    let (config, model) = load_causal_lm::<B>(&policy.dir, device)?;
+    let (config, model) = load_causal_lm(&policy.dir, device)?;
     let (trained, report) = stage.fit(&objective, model, &tokenized.pairs, &cfg, device)?;
     save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
     let mut summary = report.summary();

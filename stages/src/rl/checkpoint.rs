@@ -2,10 +2,10 @@
 //! the step records, and what the loop itself carries (the adaptive KL coefficient, the saved
 //! rollouts), written together so that they always belong to the same iteration.
 
+use burn::module::Module;
 use std::path::{Path, PathBuf};
 
-use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::train::adamw::AdamW;
@@ -31,9 +31,9 @@ pub struct RlCheckpoint {
 }
 
 /// A restored module and its optimiser.
-pub struct Restored<B: AutodiffBackend, M> {
+pub struct Restored<M> {
     pub model: M,
-    pub optim: AdamW<B::InnerBackend>,
+    pub optim: AdamW,
     pub steps: Vec<StepRecord>,
 }
 
@@ -57,10 +57,10 @@ impl RlCheckpoint {
 
     /// Saves after `steps.len()` iterations.
     #[allow(clippy::too_many_arguments)]
-    pub fn save<B: AutodiffBackend, P: AutodiffModule<B>, V: AutodiffModule<B>>(
+    pub fn save<P: Module, V: Module>(
         &self,
-        policy: (&P, &AdamW<B::InnerBackend>),
-        value: Option<(&V, &AdamW<B::InnerBackend>)>,
+        policy: (&P, &AdamW),
+        value: Option<(&V, &AdamW)>,
         steps: &[StepRecord],
         prompts: usize,
         total: u64,
@@ -69,9 +69,9 @@ impl RlCheckpoint {
         let tmp = self.dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-        Self::part(&tmp, "policy").save::<B, P>(policy.0, policy.1, steps, prompts, total)?;
+        Self::part(&tmp, "policy").save::<P>(policy.0, policy.1, steps, prompts, total)?;
         if let Some((model, optim)) = value {
-            Self::part(&tmp, "value").save::<B, V>(model, optim, steps, prompts, total)?;
+            Self::part(&tmp, "value").save::<V>(model, optim, steps, prompts, total)?;
         }
         let path = tmp.join(RL_STATE_FILE);
         let text = serde_json::to_string(state).expect("the state serialises");
@@ -105,15 +105,15 @@ impl RlCheckpoint {
 
     /// Restores one module (`policy` or `value`) and its optimiser; the module is returned
     /// unchanged with a fresh optimiser when there is no checkpoint.
-    pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
+    pub fn load<M: Module>(
         &self,
         name: &str,
         model: M,
-        optim: AdamW<B::InnerBackend>,
+        optim: AdamW,
         prompts: usize,
         total: u64,
-        device: &B::Device,
-    ) -> Result<Restored<B, M>, TrainError> {
+        device: &Device,
+    ) -> Result<Restored<M>, TrainError> {
         if !self.dir.join(RL_STATE_FILE).is_file() {
             return Ok(Restored {
                 model,
@@ -122,7 +122,7 @@ impl RlCheckpoint {
             });
         }
         let (model, resumed) =
-            Self::part(&self.dir, name).load::<B, M>(model, prompts, total, device)?;
+            Self::part(&self.dir, name).load::<M>(model, prompts, total, device)?;
         let resumed = resumed.ok_or_else(|| TrainError::Checkpoint {
             path: self.dir.join(name),
             message: "missing; delete the checkpoint to start over".into(),

@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use burn::tensor::Device;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{Kind, KlEstimator, PolicyArgs, RolloutArgs, TrainArgs};
 
@@ -23,7 +23,7 @@ use crate::train::{StepRecord, TrainError};
 /// reward judge, run `algorithm` (made from the loop's settings), and save the policy with its
 /// tokenizer and, with `save_rollouts`, `rollouts.jsonl`.
 #[allow(clippy::too_many_arguments)]
-pub fn run_stage<B, A, P>(
+pub fn run_stage<A, P>(
     stage: &Stage<'_, P>,
     policy: &PolicyArgs,
     rollout_args: &RolloutArgs,
@@ -31,27 +31,26 @@ pub fn run_stage<B, A, P>(
     ppo_epochs: u32,
     kl_coef: f64,
     algorithm: impl FnOnce(LoopSettings) -> A,
-    device: &B::Device,
+    device: &Device,
 ) -> Result<StageOutcome, TrainError>
 where
-    B: AutodiffBackend,
-    A: GroupAlgorithm<B>,
+    A: GroupAlgorithm,
     P: Kind,
 {
     let data = RlData::load(&stage.inputs)?;
     let reference_dir = data.model_or_policy(&stage.inputs, "reference")?;
-    let (policy_cfg, model) = load_causal_lm::<B>(&data.policy_dir, device)?;
+    let (policy_cfg, model) = load_causal_lm(&data.policy_dir, device)?;
     let reference = if kl_coef > 0.0 {
-        Some(load_causal_lm::<B::InnerBackend>(&reference_dir, device)?.1)
+        Some(load_causal_lm(&reference_dir, &device.clone().inner())?.1)
     } else {
         None
     };
-    let scorer = stage.inputs.judge::<B::InnerBackend>(
+    let scorer = stage.inputs.judge(
         &policy.reward,
         "reward",
         stage.recipe_dir(),
         train.batch_size as usize,
-        device,
+        &device.clone().inner(),
     )?;
     let settings = LoopSettings::new(rollout_args, train, ppo_epochs, data.pad_id, stage.seed());
     let algorithm = Group(algorithm(settings.clone()));
@@ -93,36 +92,35 @@ where
 
 /// What a critic-free algorithm defines; [`Group`] makes it an [`Algorithm`] with the shared
 /// minibatch statistics, metrics and progress.
-pub trait GroupAlgorithm<B: AutodiffBackend> {
+pub trait GroupAlgorithm {
     /// Responses sampled per prompt.
     fn generations(&self) -> usize;
     /// Old and reference log-probs and the advantages (see [`Algorithm::prepare`]).
     fn prepare(
         &self,
-        policy: &CausalLm<B>,
-        reference: Option<&CausalLm<B::InnerBackend>>,
+        policy: &CausalLm,
+        reference: Option<&CausalLm>,
         samples: Samples,
         iteration: u64,
-        device: &B::Device,
     ) -> GroupBatch;
     /// See [`Algorithm::weight`].
     fn weight(&self, minibatch: &[Vec<usize>], tokens: usize) -> f64;
     /// See [`Algorithm::micro_loss`].
     fn micro_loss(
         &self,
-        trainees: &Trainees<B>,
+        trainees: &Trainees,
         batch: &GroupBatch,
         micro: &[usize],
         weight: f64,
         acc: &mut GroupMicro,
-        device: &B::Device,
-    ) -> Tensor<B, 1>;
+        device: &Device,
+    ) -> Tensor<1>;
 }
 
 /// A [`GroupAlgorithm`] as the loop's [`Algorithm`].
 pub struct Group<G>(pub G);
 
-impl<B: AutodiffBackend, G: GroupAlgorithm<B>> Algorithm<B> for Group<G> {
+impl<G: GroupAlgorithm> Algorithm for Group<G> {
     type Batch = GroupBatch;
     type Micro = GroupMicro;
     type Step = GroupStep;
@@ -133,16 +131,14 @@ impl<B: AutodiffBackend, G: GroupAlgorithm<B>> Algorithm<B> for Group<G> {
 
     fn prepare(
         &self,
-        policy: &CausalLm<B>,
-        _value: Option<&RewardModel<B::InnerBackend>>,
-        reference: Option<&CausalLm<B::InnerBackend>>,
+        policy: &CausalLm,
+        _value: Option<&RewardModel>,
+        reference: Option<&CausalLm>,
         samples: Samples,
         _kl_coef: f64,
         iteration: u64,
-        device: &B::Device,
     ) -> GroupBatch {
-        self.0
-            .prepare(policy, reference, samples, iteration, device)
+        self.0.prepare(policy, reference, samples, iteration)
     }
 
     fn weight(&self, minibatch: &[Vec<usize>], tokens: usize) -> f64 {
@@ -151,13 +147,13 @@ impl<B: AutodiffBackend, G: GroupAlgorithm<B>> Algorithm<B> for Group<G> {
 
     fn micro_loss(
         &self,
-        trainees: &Trainees<B>,
+        trainees: &Trainees,
         batch: &GroupBatch,
         micro: &[usize],
         weight: f64,
         acc: &mut GroupMicro,
-        device: &B::Device,
-    ) -> Tensor<B, 1> {
+        device: &Device,
+    ) -> Tensor<1> {
         self.0
             .micro_loss(trainees, batch, micro, weight, acc, device)
     }
@@ -218,17 +214,16 @@ impl Rollout for GroupBatch {
 /// summed KL estimate. `policy` is on the update's (autodiff) backend, so that the first
 /// ratio is exactly 1 (Burn's autodiff backend computes some operations differently from its
 /// inner backend).
-pub fn rollout_logps<P: Backend<Device = B::Device>, B: Backend>(
-    policy: &CausalLm<P>,
-    reference: Option<&CausalLm<B>>,
+pub fn rollout_logps(
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
     samples: &Samples,
     s: &LoopSettings,
     estimator: KlEstimator,
     iteration: u64,
-    device: &B::Device,
 ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<f64>) {
     let n = samples.rows.len();
-    let old = rollout::old_logps(policy, reference, &samples.rows, s, iteration, device);
+    let old = rollout::old_logps(policy, reference, &samples.rows, s, iteration);
     let (logps, ref_logps) = (old.policy, old.reference);
     let kl: Vec<f64> = (0..n)
         .map(|i| match ref_logps.get(i) {

@@ -22,10 +22,10 @@ pub mod rollout;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Device;
 use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
 use rudder_schema::kinds::{RolloutArgs, TrainArgs};
 
 pub use checkpoint::{RlCheckpoint, RlState};
@@ -44,15 +44,15 @@ pub const ROLLOUTS_FILE: &str = "rollouts.jsonl";
 
 /// The models an online-RL stage trains, each with its optimiser: the policy and, for PPO, the
 /// value model.
-pub struct Trainees<B: AutodiffBackend> {
-    pub policy: CausalLm<B>,
-    pub policy_optim: AdamW<B::InnerBackend>,
-    pub value: Option<(RewardModel<B>, AdamW<B::InnerBackend>)>,
+pub struct Trainees {
+    pub policy: CausalLm,
+    pub policy_optim: AdamW,
+    pub value: Option<(RewardModel, AdamW)>,
 }
 
-impl<B: AutodiffBackend> Trainees<B> {
+impl Trainees {
     /// The policy alone, with a fresh optimiser.
-    pub fn policy(policy: CausalLm<B>, adamw: AdamWConfig) -> Self {
+    pub fn policy(policy: CausalLm, adamw: AdamWConfig) -> Self {
         Self {
             policy,
             policy_optim: AdamW::new(adamw),
@@ -61,7 +61,7 @@ impl<B: AutodiffBackend> Trainees<B> {
     }
 
     /// The policy and a value model, each with a fresh optimiser.
-    pub fn with_value(policy: CausalLm<B>, value: RewardModel<B>, adamw: AdamWConfig) -> Self {
+    pub fn with_value(policy: CausalLm, value: RewardModel, adamw: AdamWConfig) -> Self {
         Self {
             policy,
             policy_optim: AdamW::new(adamw),
@@ -112,7 +112,7 @@ impl LoopSettings {
 }
 
 /// One online-RL algorithm: how a rollout becomes a loss and a metrics line.
-pub trait Algorithm<B: AutodiffBackend> {
+pub trait Algorithm {
     type Batch: Rollout;
     /// Statistics summed over a minibatch's micro-batches.
     type Micro: Default;
@@ -127,13 +127,12 @@ pub trait Algorithm<B: AutodiffBackend> {
     #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
-        policy: &CausalLm<B>,
-        value: Option<&RewardModel<B::InnerBackend>>,
-        reference: Option<&CausalLm<B::InnerBackend>>,
+        policy: &CausalLm,
+        value: Option<&RewardModel>,
+        reference: Option<&CausalLm>,
         samples: Samples,
         kl_coef: f64,
         iteration: u64,
-        device: &B::Device,
     ) -> Self::Batch;
 
     /// What a minibatch's loss sum is divided by; a minibatch of weight 0 is skipped.
@@ -143,13 +142,13 @@ pub trait Algorithm<B: AutodiffBackend> {
     /// One micro-batch's loss, divided by the minibatch's `weight`; its statistics go to `acc`.
     fn micro_loss(
         &self,
-        trainees: &Trainees<B>,
+        trainees: &Trainees,
         batch: &Self::Batch,
         micro: &[usize],
         weight: f64,
         acc: &mut Self::Micro,
-        device: &B::Device,
-    ) -> Tensor<B, 1>;
+        device: &Device,
+    ) -> Tensor<1>;
 
     /// The minibatch's loss (as logged) and its statistics.
     fn finish(&self, acc: Self::Micro, weight: f64) -> (f64, Self::Step);
@@ -202,19 +201,15 @@ impl<S> Default for Update<S> {
 }
 
 /// `ppo_epochs` passes of minibatch updates over a prepared rollout at learning rate `lr`.
-pub fn update<B: AutodiffBackend, A: Algorithm<B>>(
+pub fn update<A: Algorithm>(
     algorithm: &A,
-    mut t: Trainees<B>,
+    mut t: Trainees,
     batch: &A::Batch,
     s: &LoopSettings,
     iteration: u64,
     lr: f64,
-    device: &B::Device,
-) -> Result<(Trainees<B>, Update<A::Step>), TrainError>
-where
-    CausalLm<B>: AutodiffModule<B>,
-    RewardModel<B>: AutodiffModule<B>,
-{
+    device: &Device,
+) -> Result<(Trainees, Update<A::Step>), TrainError> {
     let mut out = Update::default();
     let rows = &batch.samples().rows;
     for epoch in 0..s.ppo_epochs {
@@ -236,8 +231,8 @@ where
             if weight <= 0.0 {
                 continue;
             }
-            let mut acc_policy = GradientsAccumulator::<CausalLm<B>>::new();
-            let mut acc_value = GradientsAccumulator::<RewardModel<B>>::new();
+            let mut acc_policy = GradientsAccumulator::<CausalLm>::new();
+            let mut acc_value = GradientsAccumulator::<RewardModel>::new();
             let mut acc = A::Micro::default();
             for micro in minibatch {
                 let loss = algorithm.micro_loss(&t, batch, micro, weight, &mut acc, device);
@@ -308,14 +303,14 @@ pub struct RlRun<'a> {
 
 /// What the loop leaves: the trained models, the iterations' records, the throughput and the
 /// `rollouts.jsonl` lines (when `save_rollouts`).
-pub struct RlOutcome<B: AutodiffBackend> {
-    pub trainees: Trainees<B>,
+pub struct RlOutcome {
+    pub trainees: Trainees,
     pub steps: Vec<StepRecord>,
     pub throughput: Throughput,
     pub rollouts: Vec<String>,
 }
 
-impl<B: AutodiffBackend> RlOutcome<B> {
+impl RlOutcome {
     /// The last iteration's metrics, for the manifest.
     pub fn summary(&self) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
@@ -332,25 +327,21 @@ impl<B: AutodiffBackend> RlOutcome<B> {
 
 /// Runs `run.rollout.num_iterations` iterations of `algorithm` for a stage, resuming from the
 /// stage's checkpoint when there is one; `metrics.jsonl` goes into the artifact.
-pub fn train<B: AutodiffBackend, A: Algorithm<B>, P>(
+pub fn train<A: Algorithm, P>(
     stage: &Stage<'_, P>,
     algorithm: &A,
     run: &RlRun<'_>,
-    trainees: Trainees<B>,
-    reference: Option<&CausalLm<B::InnerBackend>>,
-    scorer: &Scorer<B::InnerBackend>,
-    device: &B::Device,
-) -> Result<RlOutcome<B>, TrainError>
-where
-    CausalLm<B>: AutodiffModule<B, InnerModule = CausalLm<B::InnerBackend>>,
-    RewardModel<B>: AutodiffModule<B, InnerModule = RewardModel<B::InnerBackend>>,
-{
+    trainees: Trainees,
+    reference: Option<&CausalLm>,
+    scorer: &Scorer,
+    device: &Device,
+) -> Result<RlOutcome, TrainError> {
     let (data, s) = (run.data, &run.settings);
     let total = run.rollout.num_iterations;
     let schedule = Schedule::from_args(run.train, run.learning_rate, total);
     let checkpoint = RlCheckpoint::new(stage.work_dir(), run.train.checkpoint_every);
     let prompts = data.prompts.len();
-    let restored = checkpoint.load::<B, _>(
+    let restored = checkpoint.load::<_>(
         "policy",
         trainees.policy,
         trainees.policy_optim,
@@ -360,8 +351,7 @@ where
     )?;
     let value = match trainees.value {
         Some((value, optim)) => {
-            let restored =
-                checkpoint.load::<B, _>("value", value, optim, prompts, total, device)?;
+            let restored = checkpoint.load::<_>("value", value, optim, prompts, total, device)?;
             Some((restored.model, restored.optim))
         }
         None => None,
@@ -386,8 +376,8 @@ where
     stage.progress().set_position(steps.len() as u64);
     let batch_size = run.rollout.rollout_batch_size as usize;
     let mut throughput = Throughput::default();
-    let save = |t: &Trainees<B>, steps: &[StepRecord], kl_coef: f64, rollouts: &[String]| {
-        checkpoint.save::<B, CausalLm<B>, RewardModel<B>>(
+    let save = |t: &Trainees, steps: &[StepRecord], kl_coef: f64, rollouts: &[String]| {
+        checkpoint.save::<CausalLm, RewardModel>(
             (&t.policy, &t.policy_optim),
             t.value.as_ref().map(|(v, o)| (v, o)),
             steps,
@@ -431,7 +421,6 @@ where
             samples,
             kl_coef,
             iteration,
-            device,
         );
         drop(policy_inner);
         drop(value_inner);

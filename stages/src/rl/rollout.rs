@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::Device;
 use burn::tensor::{Tensor, TensorData};
 use rudder_schema::kinds::RolloutArgs;
 
@@ -84,11 +84,11 @@ pub fn epoch_minibatches(
 /// Per-token log-probs of the completion tokens under the sampling distribution
 /// (`logits / temperature`, as TRL scores its rollouts): `[rows, seq - 1]`, zero outside
 /// completions. The rollout and the update both call this, on identical batches.
-pub fn policy_token_logps<B: Backend>(
-    model: &CausalLm<B>,
-    batch: &CompletionBatch<B>,
+pub fn policy_token_logps(
+    model: &CausalLm,
+    batch: &CompletionBatch,
     temperature: f64,
-) -> Tensor<B, 2> {
+) -> Tensor<2> {
     let logits = model
         .forward(batch.ids.clone(), Some(&batch.padding), None)
         .div_scalar(temperature);
@@ -114,11 +114,7 @@ pub fn ragged(values: &[f32], width: usize, rows: &[&PromptCompletion]) -> Vec<V
 
 /// Places each row's completion values into a zeroed `[rows, seq - 1]` tensor, the layout of
 /// [`CompletionBatch::mask`].
-pub fn dense<B: Backend>(
-    rows: &[&PromptCompletion],
-    per_row: &[&[f32]],
-    device: &B::Device,
-) -> Tensor<B, 2> {
+pub fn dense(rows: &[&PromptCompletion], per_row: &[&[f32]], device: &Device) -> Tensor<2> {
     let n = rows.len();
     let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2) - 1;
     let mut out = vec![0f32; n * width];
@@ -130,27 +126,27 @@ pub fn dense<B: Backend>(
 }
 
 /// A float tensor's values on the host.
-pub fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
-        .to_vec()
+        .try_to_vec::<f32>()
         .expect("converted to f32")
 }
 
 /// Per-token log-probs of `rows` under `model`, evaluated micro-batch by micro-batch in the
 /// order of `partition` (each row exactly once); returned in row order.
-pub fn rollout_logps<B: Backend>(
-    model: &CausalLm<B>,
+pub fn rollout_logps(
+    model: &CausalLm,
     rows: &[PromptCompletion],
     partition: &[Vec<Vec<usize>>],
     pad_id: u32,
     temperature: f64,
-    device: &B::Device,
 ) -> Vec<Vec<f32>> {
+    let device = &model.device();
     let mut out = vec![Vec::new(); rows.len()];
     for micro in partition.iter().flatten() {
         let batch_rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &rows[i]).collect();
-        let batch = CompletionBatch::<B>::new(&batch_rows, pad_id, device);
+        let batch = CompletionBatch::new(&batch_rows, pad_id, device);
         let [_, width] = batch.mask.dims();
         let values = host(policy_token_logps(model, &batch, temperature));
         for (&i, v) in micro.iter().zip(ragged(&values, width, &batch_rows)) {
@@ -173,13 +169,12 @@ pub struct OldLogps {
 /// untracked: Burn's autodiff backend computes some operations (attention among them)
 /// differently from its inner backend, which would make the first ratio differ from 1 in the
 /// last bits.
-pub fn old_logps<P: Backend<Device = B::Device>, B: Backend>(
-    policy: &CausalLm<P>,
-    reference: Option<&CausalLm<B>>,
+pub fn old_logps(
+    policy: &CausalLm,
+    reference: Option<&CausalLm>,
     rows: &[PromptCompletion],
     s: &LoopSettings,
     iteration: u64,
-    device: &B::Device,
 ) -> OldLogps {
     let partition = epoch_minibatches(
         rows.len(),
@@ -189,9 +184,9 @@ pub fn old_logps<P: Backend<Device = B::Device>, B: Backend>(
         iteration,
         0,
     );
-    let policy = rollout_logps(policy, rows, &partition, s.pad_id, s.temperature, device);
+    let policy = rollout_logps(policy, rows, &partition, s.pad_id, s.temperature);
     let reference = match reference {
-        Some(r) => rollout_logps(r, rows, &partition, s.pad_id, s.temperature, device),
+        Some(r) => rollout_logps(r, rows, &partition, s.pad_id, s.temperature),
         None => Vec::new(),
     };
     OldLogps {
@@ -298,14 +293,14 @@ impl Samples {
 /// Generates one response per entry of `prompt_index` with the KV-cache sampler (seeded from
 /// `seed`) and scores it.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_and_score<B: Backend>(
-    policy: &CausalLm<B>,
+pub fn sample_and_score(
+    policy: &CausalLm,
     data: &RlData,
-    scorer: &Scorer<B>,
+    scorer: &Scorer,
     prompt_index: Vec<usize>,
     rollout: &RolloutArgs,
     seed: u64,
-    device: &B::Device,
+    _device: &Device,
 ) -> Result<Samples, TrainError> {
     let prompts: Vec<Vec<u32>> = prompt_index
         .iter()
@@ -320,7 +315,7 @@ pub fn sample_and_score<B: Backend>(
         batch_size: prompts.len().max(1),
         use_cache: true,
     };
-    let generated = generate_ids(policy, &prompts, &data.eos_ids, data.pad_id, &opts, device)?;
+    let generated = generate_ids(policy, &prompts, &data.eos_ids, data.pad_id, &opts)?;
     let mut rows = Vec::with_capacity(generated.len());
     let mut responses = Vec::with_capacity(generated.len());
     let mut eos = Vec::with_capacity(generated.len());
@@ -455,7 +450,7 @@ mod tests {
             completion: vec![7],
         };
         let rows = [&a, &b];
-        let t = dense::<crate::TestBackend>(&rows, &[&[0.5, 0.25], &[3.0]], &device);
+        let t = dense(&rows, &[&[0.5, 0.25], &[3.0]], &device);
         assert_eq!(t.dims(), [2, 3]);
         let values = host(t);
         assert_eq!(values, vec![0.0, 0.5, 0.25, 3.0, 0.0, 0.0]);

@@ -7,10 +7,9 @@
 
 use std::collections::HashMap;
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 
 /// AdamW hyper-parameters (PyTorch's defaults apart from the learning rate, which the schedule
 /// supplies at every step).
@@ -36,22 +35,22 @@ impl Default for AdamWConfig {
 /// The first and second moments of one parameter, flattened so that every parameter's state has
 /// the same type whatever its rank.
 #[derive(Debug, Clone)]
-pub struct Moments<B: Backend> {
-    pub exp_avg: Tensor<B, 1>,
-    pub exp_avg_sq: Tensor<B, 1>,
+pub struct Moments {
+    pub exp_avg: Tensor<1>,
+    pub exp_avg_sq: Tensor<1>,
 }
 
 /// The optimiser: its configuration, the step count and the moments by parameter.
 #[derive(Debug, Clone)]
-pub struct AdamW<B: Backend> {
+pub struct AdamW {
     pub config: AdamWConfig,
     /// Number of updates applied so far (PyTorch's `state["step"]`, shared by all parameters
     /// because every parameter receives a gradient at every step here).
     pub step: u64,
-    pub moments: HashMap<ParamId, Moments<B>>,
+    pub moments: HashMap<ParamId, Moments>,
 }
 
-impl<B: Backend> AdamW<B> {
+impl AdamW {
     pub fn new(config: AdamWConfig) -> Self {
         Self {
             config,
@@ -63,13 +62,15 @@ impl<B: Backend> AdamW<B> {
     /// Applies one update with learning rate `lr` to every parameter of `module` that has a
     /// gradient in `grads`, each gradient multiplied by `grad_scale` first (the clipping
     /// coefficient, 1 without clipping).
-    pub fn step<AB, M>(&mut self, module: M, grads: GradientsParams, lr: f64, grad_scale: f64) -> M
-    where
-        AB: AutodiffBackend<InnerBackend = B>,
-        M: burn::module::AutodiffModule<AB>,
-    {
+    pub fn step<M: Module>(
+        &mut self,
+        module: M,
+        grads: GradientsParams,
+        lr: f64,
+        grad_scale: f64,
+    ) -> M {
         self.step += 1;
-        let mut mapper = Update::<AB> {
+        let mut mapper = Update {
             optim: self,
             grads,
             lr,
@@ -86,17 +87,17 @@ pub fn decays(rank: usize) -> bool {
     rank >= 2
 }
 
-struct Update<'a, AB: AutodiffBackend> {
-    optim: &'a mut AdamW<AB::InnerBackend>,
+struct Update<'a> {
+    optim: &'a mut AdamW,
     grads: GradientsParams,
     lr: f64,
     grad_scale: f64,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+impl ModuleMapper for Update<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
+        let Some(grad) = self.grads.remove::<D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
@@ -149,36 +150,25 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
 
 /// The global L2 norm of the gradients of `module`, as `torch.nn.utils.clip_grad_norm_`
 /// computes it: each tensor's norm, then the norm of those norms. Accumulated in f64.
-pub fn global_grad_norm<AB, M>(module: &M, grads: &GradientsParams) -> f64
-where
-    AB: AutodiffBackend,
-    M: burn::module::AutodiffModule<AB>,
-{
-    let mut visitor = NormVisitor::<AB> {
-        grads,
-        sum_sq: 0.0,
-        _b: std::marker::PhantomData,
-    };
+pub fn global_grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+    let mut visitor = NormVisitor { grads, sum_sq: 0.0 };
     module.visit(&mut visitor);
     visitor.sum_sq.sqrt()
 }
 
-struct NormVisitor<'a, AB: AutodiffBackend> {
+struct NormVisitor<'a> {
     grads: &'a GradientsParams,
     sum_sq: f64,
-    _b: std::marker::PhantomData<AB>,
 }
 
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for NormVisitor<'_, AB> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-        if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-            let sq: f64 = (g.clone() * g).sum().into_scalar().elem();
+impl ModuleVisitor for NormVisitor<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let sq: f64 = (g.clone() * g).sum().into_scalar::<f64>();
             self.sum_sq += sq;
         }
     }
 }
-
-use burn::tensor::ElementConversion;
 
 /// PyTorch's clipping coefficient: `max_norm / (total_norm + 1e-6)` clamped to at most 1;
 /// 1 when clipping is off (`max_norm` 0).
@@ -194,21 +184,17 @@ pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TestBackend;
-    use burn::backend::Autodiff;
     use burn::module::Module;
     use burn::tensor::TensorData;
 
-    type AB = Autodiff<TestBackend>;
-
     #[derive(Module, Debug)]
-    struct Two<B: Backend> {
-        w: Param<Tensor<B, 2>>,
-        b: Param<Tensor<B, 1>>,
+    struct Two {
+        w: Param<Tensor<2>>,
+        b: Param<Tensor<1>>,
     }
 
-    fn model() -> Two<AB> {
-        let device = Default::default();
+    fn model() -> Two {
+        let device = crate::test_device().autodiff();
         Two {
             w: Param::from_tensor(Tensor::from_data(
                 TensorData::new(vec![1.0f32, -2.0], [1, 2]),
@@ -221,14 +207,14 @@ mod tests {
         }
     }
 
-    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().to_vec::<f32>().unwrap()
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
     }
 
     /// loss = sum(w * [3, 4]) + 2 * b, so the gradients are [3, 4] and 2.
-    fn grads(m: &Two<AB>) -> GradientsParams {
-        let device = Default::default();
-        let x = Tensor::<AB, 2>::from_data(TensorData::new(vec![3.0f32, 4.0], [1, 2]), &device);
+    fn grads(m: &Two) -> GradientsParams {
+        let device = crate::test_device().autodiff();
+        let x = Tensor::<2>::from_data(TensorData::new(vec![3.0f32, 4.0], [1, 2]), &device);
         let loss = (m.w.val() * x).sum() + m.b.val().mul_scalar(2.0).sum();
         GradientsParams::from_grads(loss.backward(), m)
     }

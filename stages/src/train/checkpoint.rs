@@ -6,27 +6,27 @@
 //! while saving leaves the previous checkpoint intact.
 //!
 //! ```text
-//! DIR/model.bin           parameters (Burn record, full precision)
+//! DIR/model.bpk           parameters (a Burn record in the burnpack format)
 //! DIR/optimizer.safetensors   "<i>.exp_avg", "<i>.exp_avg_sq" by parameter visiting order
 //! DIR/state.json          format, examples, total_steps, optimizer_step, steps (records)
 //! ```
 
+use burn::module::Module;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::record::{BinFileRecorder, FullPrecisionSettings};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::module::{ModuleVisitor, Param, ParamId};
+use burn::tensor::Device;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, Moments};
 use super::{StepRecord, TrainError};
 
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const MODEL_FILE: &str = "model";
+const MODEL_FILE: &str = "model.bpk";
 
 /// Where checkpoints go and how often (in optimiser steps; 0 saves only when interrupted).
 #[derive(Debug, Clone, PartialEq)]
@@ -45,9 +45,9 @@ struct State {
 }
 
 /// What a checkpoint restores besides the model.
-pub struct Resumed<B: Backend> {
+pub struct Resumed {
     pub optimizer_step: u64,
-    pub moments: HashMap<ParamId, Moments<B>>,
+    pub moments: HashMap<ParamId, Moments>,
     pub steps: Vec<StepRecord>,
 }
 
@@ -60,23 +60,23 @@ impl Checkpointing {
     }
 
     /// Saves the state after `steps.len()` updates.
-    pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
+    pub fn save<M: Module>(
         &self,
         model: &M,
-        optim: &AdamW<B::InnerBackend>,
+        optim: &AdamW,
         steps: &[StepRecord],
         examples: usize,
         total_steps: u64,
     ) -> Result<(), TrainError> {
-        self.save_with::<B, M>(model, optim, steps, examples, total_steps, |_| Ok(()))
+        self.save_with::<M>(model, optim, steps, examples, total_steps, |_| Ok(()))
     }
 
     /// Like [`Checkpointing::save`], with `extra` writing more state (an objective's own) into the
     /// checkpoint directory before it is renamed into place.
-    pub fn save_with<B: AutodiffBackend, M: AutodiffModule<B>>(
+    pub fn save_with<M: Module>(
         &self,
         model: &M,
-        optim: &AdamW<B::InnerBackend>,
+        optim: &AdamW,
         steps: &[StepRecord],
         examples: usize,
         total_steps: u64,
@@ -87,21 +87,18 @@ impl Checkpointing {
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         model
             .clone()
-            .save_file(
-                tmp.join(MODEL_FILE),
-                &BinFileRecorder::<FullPrecisionSettings>::new(),
-            )
+            .save_file(tmp.join(MODEL_FILE))
             .map_err(|e| self.err(e))?;
 
         let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
-        for (i, id) in param_ids::<B, M>(model).iter().enumerate() {
+        for (i, id) in param_ids::<M>(model).iter().enumerate() {
             if let Some(m) = optim.moments.get(id) {
                 for (name, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
                     let values: Vec<f32> = t
                         .clone()
                         .into_data()
                         .convert::<f32>()
-                        .to_vec()
+                        .try_to_vec::<f32>()
                         .map_err(|e| self.err(format!("{e:?}")))?;
                     let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
                     tensors.push((format!("{i}.{name}"), bytes, values.len()));
@@ -143,13 +140,13 @@ impl Checkpointing {
     /// Loads a checkpoint into `model` when one exists; returns the model unchanged otherwise.
     /// A checkpoint of another run (other data size or length) is an error, not silently used.
     #[allow(clippy::type_complexity)]
-    pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
+    pub fn load<M: Module>(
         &self,
         model: M,
         examples: usize,
         total_steps: u64,
-        device: &B::Device,
-    ) -> Result<(M, Option<Resumed<B::InnerBackend>>), TrainError> {
+        device: &Device,
+    ) -> Result<(M, Option<Resumed>), TrainError> {
         let state_path = self.dir.join(STATE_FILE);
         if !state_path.is_file() {
             return Ok((model, None));
@@ -165,18 +162,14 @@ impl Checkpointing {
             )));
         }
         let model = model
-            .load_file(
-                self.dir.join(MODEL_FILE),
-                &BinFileRecorder::<FullPrecisionSettings>::new(),
-                device,
-            )
+            .try_load_file(self.dir.join(MODEL_FILE))
             .map_err(|e| self.err(e))?;
         let opt_path = self.dir.join(OPTIMIZER_FILE);
         let bytes = std::fs::read(&opt_path).map_err(|e| TrainError::io(&opt_path, e))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| self.err(e))?;
         let mut moments = HashMap::new();
-        for (i, id) in param_ids::<B, M>(&model).iter().enumerate() {
-            let read = |name: &str| -> Result<Option<Tensor<B::InnerBackend, 1>>, TrainError> {
+        for (i, id) in param_ids::<M>(&model).iter().enumerate() {
+            let read = |name: &str| -> Result<Option<Tensor<1>>, TrainError> {
                 let Ok(view) = st.tensor(&format!("{i}.{name}")) else {
                     return Ok(None);
                 };
@@ -213,10 +206,10 @@ impl Checkpointing {
 }
 
 /// The parameters' ids in visiting order, which is stable across saving and loading.
-fn param_ids<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> Vec<ParamId> {
+fn param_ids<M: Module>(model: &M) -> Vec<ParamId> {
     struct Ids(Vec<ParamId>);
-    impl<B: Backend> ModuleVisitor<B> for Ids {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+    impl ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             self.0.push(param.id);
         }
     }

@@ -6,10 +6,9 @@
 //! Token `j` is predicted from position `j - 1` (labels are unshifted, as in transformers). A
 //! packed row carries segment ids, so each of its examples attends only to itself.
 
-use burn::module::AutodiffModule;
+use burn::tensor::Device;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::{Forward, MetricValue, Objective, TrainError};
 use crate::model::CausalLm;
@@ -46,11 +45,8 @@ pub struct SftObjective {
     pub pad_id: u32,
 }
 
-impl<B: AutodiffBackend> Objective<B> for SftObjective
-where
-    CausalLm<B>: AutodiffModule<B>,
-{
-    type Model = CausalLm<B>;
+impl Objective for SftObjective {
+    type Model = CausalLm;
     type Example = SftSequence;
 
     fn length(&self, example: &SftSequence) -> usize {
@@ -63,10 +59,10 @@ where
 
     fn forward(
         &self,
-        model: &CausalLm<B>,
+        model: &CausalLm,
         examples: &[&SftSequence],
-        device: &B::Device,
-    ) -> Result<Forward<B>, TrainError> {
+        device: &Device,
+    ) -> Result<Forward, TrainError> {
         let batch = Batch::new(examples, self.pad_id, device);
         let logits = model.forward(batch.ids.clone(), Some(&batch.padding), None);
         let stats = token_stats(logits, &batch);
@@ -83,19 +79,19 @@ where
 }
 
 /// A right-padded batch of sequences.
-pub struct Batch<B: AutodiffBackend> {
-    pub ids: Tensor<B, 2, Int>,
+pub struct Batch {
+    pub ids: Tensor<2, Int>,
     /// 1 on real tokens, 0 on padding.
     pub padding: Vec<Vec<u8>>,
     /// `[batch, seq - 1]`: 1.0 where token `j + 1` is trained on.
-    pub target_mask: Tensor<B::InnerBackend, 2>,
+    pub target_mask: Tensor<2>,
     /// `[batch, seq - 1]`: token `j + 1`.
-    pub targets: Tensor<B::InnerBackend, 2, Int>,
+    pub targets: Tensor<2, Int>,
     pub seq: usize,
 }
 
-impl<B: AutodiffBackend> Batch<B> {
-    pub fn new(examples: &[&SftSequence], pad_id: u32, device: &B::Device) -> Self {
+impl Batch {
+    pub fn new(examples: &[&SftSequence], pad_id: u32, device: &Device) -> Self {
         let n = examples.len();
         let seq = examples
             .iter()
@@ -140,9 +136,9 @@ impl<B: AutodiffBackend> Batch<B> {
 }
 
 /// Per-batch token statistics of next-token prediction.
-pub struct TokenStats<B: AutodiffBackend> {
+pub struct TokenStats {
     /// Sum of the NLL over trained tokens (differentiable).
-    pub nll_sum: Tensor<B, 1>,
+    pub nll_sum: Tensor<1>,
     pub correct: f64,
     pub targets: f64,
     /// Sum over the positions that predict a trained token of the predictive entropy.
@@ -150,12 +146,12 @@ pub struct TokenStats<B: AutodiffBackend> {
 }
 
 /// NLL, accuracy and entropy of `logits` (`[batch, seq, vocab]`) against the batch's targets.
-pub fn token_stats<B: AutodiffBackend>(logits: Tensor<B, 3>, batch: &Batch<B>) -> TokenStats<B> {
+pub fn token_stats(logits: Tensor<3>, batch: &Batch) -> TokenStats {
     let [n, seq, vocab] = logits.dims();
     let logp = log_softmax(logits.clone(), 2);
     let shifted = logp.slice([0..n, 0..seq - 1, 0..vocab]);
-    let targets = Tensor::<B, 2, Int>::from_inner(batch.targets.clone());
-    let mask = Tensor::<B, 2>::from_inner(batch.target_mask.clone());
+    let targets = Tensor::<2, Int>::from_inner(batch.targets.clone());
+    let mask = Tensor::<2>::from_inner(batch.target_mask.clone());
     let picked = shifted
         .clone()
         .gather(2, targets.clone().unsqueeze_dim(2))
@@ -171,9 +167,8 @@ pub fn token_stats<B: AutodiffBackend>(logits: Tensor<B, 3>, batch: &Batch<B>) -
         .reshape([n, seq - 1]);
     let correct: f64 = (argmax.equal(batch.targets.clone()).float() * batch.target_mask.clone())
         .sum()
-        .into_scalar()
-        .elem();
-    let targets_count: f64 = batch.target_mask.clone().sum().into_scalar().elem();
+        .into_scalar::<f64>();
+    let targets_count: f64 = batch.target_mask.clone().sum().into_scalar::<f64>();
     // TRL 1.16 averages the predictive entropy over the trained positions.
     let logp_inner = log_softmax(logits_inner.slice([0..n, 0..seq - 1, 0..vocab]), 2);
     let entropy = (logp_inner.clone().exp() * logp_inner)
@@ -182,8 +177,7 @@ pub fn token_stats<B: AutodiffBackend>(logits: Tensor<B, 3>, batch: &Batch<B>) -
         .neg();
     let entropy_sum: f64 = (entropy * batch.target_mask.clone())
         .sum()
-        .into_scalar()
-        .elem();
+        .into_scalar::<f64>();
     TokenStats {
         nll_sum,
         correct,
@@ -194,16 +188,12 @@ pub fn token_stats<B: AutodiffBackend>(logits: Tensor<B, 3>, batch: &Batch<B>) -
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::Autodiff;
 
     use super::*;
-    use crate::TestBackend;
-
-    type AB = Autodiff<TestBackend>;
 
     #[test]
     fn nll_accuracy_and_entropy_on_hand_computed_logits() {
-        let device = Default::default();
+        let device = crate::test_device();
         // Sequence [1, 0, 1] over a vocabulary of 2: tokens 0 and 1 at positions 1 and 2 are
         // trained.
         let seq = SftSequence {
@@ -211,15 +201,15 @@ mod tests {
             target: vec![false, true, true],
             segments: None,
         };
-        let batch = Batch::<AB>::new(&[&seq], 0, &device);
+        let batch = Batch::new(&[&seq], 0, &device);
         // Position 0 predicts token 0 with logits [ln 3, 0] -> p = [0.75, 0.25];
         // position 1 predicts token 1 with logits [0, 0] -> p = [0.5, 0.5].
-        let logits = Tensor::<AB, 3>::from_data(
+        let logits = Tensor::<3>::from_data(
             TensorData::new(vec![3f32.ln(), 0.0, 0.0, 0.0, 5.0, 5.0], [1, 3, 2]),
             &device,
         );
         let stats = token_stats(logits, &batch);
-        let nll: f64 = stats.nll_sum.into_scalar().elem();
+        let nll: f64 = stats.nll_sum.into_scalar::<f64>();
         let expect = -(0.75f64.ln()) - 0.5f64.ln();
         assert!((nll - expect).abs() < 1e-6, "{nll} vs {expect}");
         // argmax at position 0 is 0 (correct); at position 1 a tie resolves to 0 (wrong).
@@ -232,7 +222,7 @@ mod tests {
 
     #[test]
     fn padding_and_untrained_tokens_do_not_count() {
-        let device = Default::default();
+        let device = crate::test_device();
         let a = SftSequence {
             input_ids: vec![1, 1],
             target: vec![false, false],
@@ -245,13 +235,13 @@ mod tests {
         };
         assert_eq!(a.num_targets() + b.num_targets(), 1);
         assert_eq!(b.labels(), vec![-100, -100, 1]);
-        let batch = Batch::<AB>::new(&[&a, &b], 0, &device);
+        let batch = Batch::new(&[&a, &b], 0, &device);
         assert_eq!(batch.padding, vec![vec![1, 1, 0], vec![1, 1, 1]]);
-        let mask: Vec<f32> = batch.target_mask.clone().into_data().to_vec().unwrap();
+        let mask: Vec<f32> = batch.target_mask.clone().into_data().try_to_vec().unwrap();
         assert_eq!(mask, vec![0.0, 0.0, 0.0, 1.0]);
-        let logits = Tensor::<AB, 3>::zeros([2, 3, 2], &device);
+        let logits = Tensor::<3>::zeros([2, 3, 2], &device);
         let stats = token_stats(logits, &batch);
-        let nll: f64 = stats.nll_sum.into_scalar().elem();
+        let nll: f64 = stats.nll_sum.into_scalar::<f64>();
         assert!((nll - 2f64.ln()).abs() < 1e-6);
     }
 }

@@ -19,13 +19,13 @@ pub mod lm;
 pub mod metrics;
 pub mod schedule;
 
+use burn::module::Module;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Device;
+use burn::tensor::Tensor;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use checkpoint::Checkpointing;
@@ -130,15 +130,15 @@ impl Default for TrainConfig {
 
 /// One micro-batch's contribution: the sum of its per-item losses (divided by the window's total
 /// weight by the loop) and its metric sums.
-pub struct Forward<B: AutodiffBackend> {
+pub struct Forward {
     /// A one-element tensor.
-    pub loss_sum: Tensor<B, 1>,
+    pub loss_sum: Tensor<1>,
     pub metrics: Vec<MetricValue>,
 }
 
 /// A training objective: how a stage turns examples into a loss.
-pub trait Objective<B: AutodiffBackend> {
-    type Model: AutodiffModule<B>;
+pub trait Objective {
+    type Model: Module;
     type Example;
 
     /// What the loss sum of these examples is divided by (completion tokens for SFT, pairs for
@@ -156,8 +156,8 @@ pub trait Objective<B: AutodiffBackend> {
         &self,
         model: &Self::Model,
         examples: &[&Self::Example],
-        device: &B::Device,
-    ) -> Result<Forward<B>, TrainError>;
+        device: &Device,
+    ) -> Result<Forward, TrainError>;
 
     /// Called after update `step` with the updated model: an objective whose own state follows
     /// the model (TR-DPO's reference) moves it here.
@@ -169,7 +169,7 @@ pub trait Objective<B: AutodiffBackend> {
     }
 
     /// Restores the state [`Objective::save_state`] wrote, when resuming from `dir`.
-    fn load_state(&self, _dir: &Path, _device: &B::Device) -> Result<(), TrainError> {
+    fn load_state(&self, _dir: &Path, _device: &Device) -> Result<(), TrainError> {
         Ok(())
     }
 }
@@ -287,18 +287,17 @@ fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Vec<usize> {
 
 /// Trains `model` on `examples` and returns it with the per-step records. `metrics` receives the
 /// logged lines when given.
-pub fn train<B, O>(
+pub fn train<O>(
     objective: &O,
     mut model: O::Model,
     examples: &[O::Example],
     cfg: &TrainConfig,
-    device: &B::Device,
+    device: &Device,
     mut metrics: Option<&mut MetricsWriter>,
     hooks: &mut dyn Hooks,
 ) -> Result<(O::Model, TrainReport), TrainError>
 where
-    B: AutodiffBackend,
-    O: Objective<B>,
+    O: Objective,
 {
     let lengths: Vec<usize> = examples.iter().map(|e| objective.length(e)).collect();
     let plan = Plan::with_lengths(&lengths, cfg)?;
@@ -310,11 +309,11 @@ where
         cfg.warmup_ratio,
         total,
     );
-    let mut optim = AdamW::<B::InnerBackend>::new(cfg.adamw);
+    let mut optim = AdamW::new(cfg.adamw);
     let mut report = TrainReport::default();
     let mut totals: BTreeMap<String, f64> = BTreeMap::new();
     if let Some(ck) = &cfg.checkpoint {
-        let (loaded, resumed) = ck.load::<B, O::Model>(model, examples.len(), total, device)?;
+        let (loaded, resumed) = ck.load::<O::Model>(model, examples.len(), total, device)?;
         model = loaded;
         if let Some(resumed) = resumed {
             objective.load_state(&ck.dir, device)?;
@@ -343,7 +342,7 @@ where
             if let Some(ck) = &cfg.checkpoint
                 && k > 0
             {
-                ck.save_with::<B, O::Model>(
+                ck.save_with::<O::Model>(
                     &model,
                     &optim,
                     &report.steps,
@@ -370,7 +369,7 @@ where
         for batch in &batches {
             let out = objective.forward(&model, batch, device)?;
             let scaled = out.loss_sum.div_scalar(total_weight);
-            loss += scaled.clone().into_scalar().elem::<f64>();
+            loss += scaled.clone().into_scalar::<f64>();
             let grads = GradientsParams::from_grads(scaled.backward(), &model);
             accumulator.accumulate(&model, grads);
             for m in out.metrics {
@@ -443,7 +442,7 @@ where
             && step.is_multiple_of(ck.every)
             && step < total
         {
-            ck.save_with::<B, O::Model>(
+            ck.save_with::<O::Model>(
                 &model,
                 &optim,
                 &report.steps,
