@@ -57,7 +57,7 @@ fn ids_tensor(rows: &[Vec<i64>]) -> Tensor<2, Int> {
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
+    t.into_data().convert::<f32>().try_to_vec().unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {

@@ -11,6 +11,8 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// How attention is restricted in one forward pass.
+// One value per forward pass: a boxed tensor would save nothing worth an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum AttentionMask {
     /// Plain causal attention over an unpadded batch without cached keys (the fast path).

@@ -228,7 +228,7 @@ impl Objective for SyncedReferenceDpo {
             .chain(pairs.iter().map(|p| &p.rejected))
             .collect();
         let mut chosen = sequence_logps(
-            &*self.reference.borrow(),
+            &self.reference.borrow(),
             &rows,
             self.base.pad_id,
             rows.len(),
