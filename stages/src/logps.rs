@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn mask_covers_exactly_the_completion() {
-        let device = Default::default();
+        let device = crate::test_device();
         let a = PromptCompletion {
             prompt: vec![1, 5],
             completion: vec![6, 2],
@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn token_logps_pick_the_target_under_log_softmax() {
-        let device = Default::default();
+        let device = crate::test_device();
         let row = PromptCompletion {
             prompt: vec![0],
             completion: vec![1, 0],

@@ -40,7 +40,7 @@ mod tests {
 
     #[test]
     fn clipped_losses_match_hand_values() {
-        let device = Default::default();
+        let device = crate::test_device();
         let t = |v: [f32; 3]| Tensor::<1>::from_floats(v, &device);
         // Ratios 1.5, 0.5, 1.1 with advantages 1, 1, -2 and cliprange 0.2:
         // max(-1.5, -1.2) = -1.2 (clipped); max(-0.5, -0.8) = -0.5; max(2.2, 2.2) = 2.2.

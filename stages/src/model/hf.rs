@@ -546,7 +546,7 @@ mod tests {
 
     #[test]
     fn random_init_is_seeded_and_scaled() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = tiny();
         let a = random_causal_lm(&cfg, 7, &device);
         let b = random_causal_lm(&cfg, 7, &device);
@@ -563,7 +563,7 @@ mod tests {
 
     #[test]
     fn fresh_model_round_trips_through_a_directory() {
-        let device = Default::default();
+        let device = crate::test_device();
         let mut cfg = tiny();
         cfg.architecture = Architecture::Qwen2ForCausalLM;
         cfg.qkv_bias = true;
@@ -587,7 +587,7 @@ mod tests {
 
     #[test]
     fn sharded_bf16_weights_load_as_f32() {
-        let device = Default::default();
+        let device = crate::test_device();
         let cfg = tiny();
         let model = random_causal_lm(&cfg, 3, &device);
         let dir = tempfile::tempdir().unwrap();

@@ -68,7 +68,7 @@ mod tests {
 
     #[test]
     fn matches_hand_computed_values() {
-        let device = Default::default();
+        let device = crate::test_device();
         let mut norm = RmsNormConfig::new(2).with_eps(0.0).init(&device);
         norm.weight = Param::from_tensor(Tensor::from_floats([1.0, 2.0], &device));
         // rms of [3, 4] = sqrt(12.5); rms of [1, 1] = 1.
@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn eps_is_applied() {
-        let device = Default::default();
+        let device = crate::test_device();
         let norm = RmsNormConfig::new(1).with_eps(1.0).init(&device);
         // x / sqrt(x^2 + 1) with x = 1 is 1/sqrt(2).
         let x = Tensor::<1>::from_floats([1.0], &device);

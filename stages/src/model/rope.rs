@@ -86,7 +86,7 @@ mod tests {
 
     #[test]
     fn rotates_halves_not_pairs() {
-        let device = Default::default();
+        let device = crate::test_device();
         // head_dim 4, theta 100: frequencies [1, 0.1]; position 1 rotates (x0, x2) by 1 rad and
         // (x1, x3) by 0.1 rad.
         let rope = RotaryConfig::new(4)

@@ -440,7 +440,7 @@ mod tests {
 
     #[test]
     fn dense_and_ragged_are_inverse() {
-        let device = Default::default();
+        let device = crate::test_device();
         let a = PromptCompletion {
             prompt: vec![1, 5],
             completion: vec![6, 2],
