@@ -1,6 +1,10 @@
 //! Running a plan: the loop that runs each stage of the plan into a pending artifact, commits
 //! it on success, discards it on failure, and records the run and, after a successful run, the
 //! lockfile. What a stage is given and how a kind plugs in is `runner.rs`'s.
+//!
+//! Every artifact is checked against its manifest just before a stage reads it; a corrupted
+//! one is moved to quarantine, never read (the plan already sends corrupted artifacts it finds
+//! to be rebuilt; this catches those that changed since).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,17 +17,27 @@ use serde_json::json;
 
 use crate::error::EngineError;
 use crate::graph::{Graph, Source};
+use crate::integrity::{Problem, VerifyMode};
 use crate::key::Key;
 use crate::lockfile::{LOCKFILE_VERSION, LockEntry, Lockfile};
 use crate::plan::{Plan, PlanEntry, State};
 use crate::runner::{InputKind, Progress, Registry, StageContext, StageInput, StageOutcome};
-use crate::store::{LAYOUT_VERSION, Manifest, Store};
+use crate::store::{Health, LAYOUT_VERSION, Manifest, Store};
 
 /// Callbacks for the user interface.
 pub trait Observer: Send + Sync {
     fn waiting_for_lock(&self, holder: Option<u32>);
     fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress>;
     fn stage_finished(&self, entry: &PlanEntry, result: Result<&StageOutcome, &str>, seconds: f64);
+    /// A corrupted artifact was moved to `place` (a directory in the store's quarantine).
+    fn quarantined(&self, node: &str, place: &std::path::Path, problems: &[Problem]) {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            "artifact of `{node}` is corrupted ({}): moved to {}",
+            problems.join(", "),
+            place.display()
+        );
+    }
 }
 
 /// What a run did.
@@ -41,6 +55,8 @@ pub struct Executor<'a> {
     pub store: &'a Store,
     pub observer: &'a dyn Observer,
     pub interrupted: &'a AtomicBool,
+    /// How inputs are checked before a stage reads them.
+    pub verify: VerifyMode,
 }
 
 impl Executor<'_> {
@@ -64,6 +80,15 @@ impl Executor<'_> {
                     crate::plan::Reason::Forced | crate::plan::Reason::ExternalMissing(_)
                 )
             });
+            if entry
+                .reasons
+                .iter()
+                .any(|r| matches!(r, crate::plan::Reason::Corrupted(_)))
+                && let Err(err) = self.quarantine_if_corrupted(&entry.key, &entry.name)
+            {
+                failure = Some(err);
+                break;
+            }
             if !rerun && self.store.contains(&entry.key) {
                 continue;
             }
@@ -144,8 +169,8 @@ impl Executor<'_> {
             progress,
             interrupted: self.interrupted,
         };
-        let result = runner.run(&ctx);
-        let outcome = match result {
+        let result = runner.run_noted(&ctx);
+        let (outcome, notes) = match result {
             Ok(outcome) if !self.interrupted.load(Ordering::Relaxed) => outcome,
             Ok(_) => {
                 self.store.abandon(pending);
@@ -196,6 +221,7 @@ impl Executor<'_> {
             precision: stage.precision.as_str().into(),
             files: files.clone(),
             summary: outcome.summary.clone(),
+            sandbox: notes.sandbox,
             rudder_version: env!("CARGO_PKG_VERSION").into(),
             started: humantime::format_rfc3339_seconds(started).to_string(),
             seconds: clock.elapsed().as_secs_f64(),
@@ -242,11 +268,12 @@ impl Executor<'_> {
                                 None,
                                 InputKind::FreshModel {
                                     spec: model.spec.clone(),
-                                    tokenizer: self.tokenizer_of(plan, from),
+                                    tokenizer: self.tokenizer_of(plan, entry, from)?,
                                 },
                             ),
                         },
                         (NodeBody::Stage(stage), part) => {
+                            self.check_input(entry, &keyed.key, &from.name)?;
                             let dir = self.store.object_dir(&keyed.key);
                             let produces = if part.is_some() {
                                 Produces::Files(Vec::new())
@@ -299,11 +326,55 @@ impl Executor<'_> {
 
     /// Where a fresh model's tokenizer is: its tokenizer input's file, or the artifact of the
     /// tokenizer stage it names.
-    fn tokenizer_of(&self, plan: &Plan, model: &crate::graph::Vertex) -> Option<PathBuf> {
-        let input = model.inputs.iter().find(|i| i.role == "tokenizer")?;
+    fn tokenizer_of(
+        &self,
+        plan: &Plan,
+        entry: &PlanEntry,
+        model: &crate::graph::Vertex,
+    ) -> Result<Option<PathBuf>, EngineError> {
+        let Some(input) = model.inputs.iter().find(|i| i.role == "tokenizer") else {
+            return Ok(None);
+        };
         match &input.source {
-            Source::File(path) => Some(path.clone()),
-            Source::Vertex { index, .. } => Some(self.store.object_dir(&plan.keyed[index].key)),
+            Source::File(path) => Ok(Some(path.clone())),
+            Source::Vertex { index, .. } => {
+                let key = plan.keyed[index].key;
+                self.check_input(entry, &key, &self.graph.vertex(*index).name)?;
+                Ok(Some(self.store.object_dir(&key)))
+            }
+        }
+    }
+
+    /// Moves the artifact `key` to quarantine if it does not match its manifest.
+    fn quarantine_if_corrupted(&self, key: &Key, node: &str) -> Result<(), EngineError> {
+        if let Health::Corrupted(problems) = self.store.check(key, self.verify) {
+            let place = self.store.quarantine(key, &problems)?;
+            self.observer.quarantined(node, &place, &problems);
+        }
+        Ok(())
+    }
+
+    /// Checks the artifact of an input before `entry` reads it: a corrupted one is moved to
+    /// quarantine and fails the stage, and the next run builds it again.
+    fn check_input(&self, entry: &PlanEntry, key: &Key, node: &str) -> Result<(), EngineError> {
+        let fail = |message: String| EngineError::StageFailed {
+            node: entry.name.clone(),
+            kind: entry.kind.clone(),
+            message,
+        };
+        match self.store.check(key, self.verify) {
+            Health::Intact => Ok(()),
+            Health::Missing => Err(fail(format!("input `{node}` is not in the store"))),
+            Health::Corrupted(problems) => {
+                let place = self.store.quarantine(key, &problems)?;
+                self.observer.quarantined(node, &place, &problems);
+                let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                Err(fail(format!(
+                    "input `{node}` is corrupted ({}); it was moved to {} and is not read: run again to rebuild it",
+                    shown.join(", "),
+                    place.display()
+                )))
+            }
         }
     }
 
