@@ -53,12 +53,14 @@ fn main() -> ExitCode {
             store,
             backend,
             json,
+            verify,
         } => commands::plan::run(
             &recipe,
             &selection,
             &store,
             backend.as_deref(),
             json,
+            verify.verify.into(),
             &printer,
         ),
         Command::Run {
@@ -67,12 +69,14 @@ fn main() -> ExitCode {
             store,
             backend,
             dry_run,
+            verify,
         } => commands::run::run(
             &recipe,
             &selection,
             &store,
             backend.as_deref(),
             dry_run,
+            verify.verify.into(),
             &printer,
         ),
         Command::Dag { recipe, format } => commands::dag::run(&recipe, &format, &printer),
@@ -99,6 +103,12 @@ fn main() -> ExitCode {
             store,
             dry_run,
         } => commands::gc::run(&lockfiles, &store, dry_run, &printer),
+        Command::Verify {
+            recipe,
+            all,
+            set,
+            store,
+        } => commands::verify::run(recipe.as_deref(), all, &set, store, &printer),
         Command::Schema => commands::schema::run(&printer),
     };
     match result {

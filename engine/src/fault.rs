@@ -14,7 +14,7 @@
 //!           enospc   the step fails with "No space left on device"
 //!           eio      the step fails with an I/O error
 //!           short    a write stops halfway through the bytes, then fails with an I/O error
-//!   POINT   commit.manifest  commit.sync  commit.rename  commit.published
+//!   POINT   commit.hash  commit.manifest  commit.sync  commit.rename  commit.published
 //!           atomic.write  atomic.sync  atomic.rename  (write_atomic; FILE picks the file by name)
 //!           sandbox.abi      (any error: behave as a kernel without Landlock)
 //! ```

@@ -358,6 +358,7 @@ impl Store {
 
     /// Describes the pending artifact's files (every file but the manifest).
     pub fn describe_files(&self, pending: &Pending) -> Result<Vec<FileEntry>, EngineError> {
+        fault::hit("commit.hash", None).map_err(self.io("reading", &pending.dir))?;
         let cache = DigestCache::in_memory();
         let mut files = Vec::new();
         for name in list_files(&pending.dir)? {

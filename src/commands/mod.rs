@@ -10,6 +10,7 @@ pub mod run;
 pub mod schema;
 pub mod show;
 pub mod validate;
+pub mod verify;
 
 use rudder_engine::{Project, Registry, Selection};
 use rudder_schema::Backend;

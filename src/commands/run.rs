@@ -1,6 +1,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rudder_engine::VerifyMode;
 use rudder_engine::executor::Executor;
 
 use crate::ExitStatus;
@@ -14,9 +15,11 @@ pub fn run(
     store: &StoreArgs,
     backend: Option<&str>,
     dry_run: bool,
+    verify: VerifyMode,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
-    let project = super::open(recipe, Some(store))?;
+    let mut project = super::open(recipe, Some(store))?;
+    project.verify = verify;
     let registry = super::registry();
     let selection = super::selection(selection);
     let backend = super::backend(backend)?;
@@ -44,6 +47,7 @@ pub fn run(
         store: &project.store,
         observer: &observer,
         interrupted: &interrupted,
+        verify,
     };
     let lock = project.lockfile()?;
     let report = executor.run(&plan, &lock)?;
