@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use super::{Expect, FieldError, InputField, Kind, Produces, StageSpec, inputs_list, stage_common};
 use crate::source::ValuePath;
 
+/// The instructions (and, at about 64 bytes each, the memory) a `cmd` template may use.
+const COMMAND_TEMPLATE_FUEL: u64 = 1_000_000;
+
 /// Run a shell command that writes declared files into `{{ out }}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
@@ -92,6 +95,9 @@ impl CommandParams {
     pub fn render(&self, input_paths: &[String], out: &str) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        // A command is a line or two: a template that loops or grows without end is an error,
+        // not a hang (fuel bounds both the instructions run and the memory allocated).
+        env.set_fuel(Some(COMMAND_TEMPLATE_FUEL));
         let inputs: BTreeMap<String, String> = self
             .inputs
             .iter()
@@ -280,6 +286,16 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(parsed.sandbox.as_str(), "off");
+    }
+
+    #[test]
+    fn runaway_command_templates_are_errors() {
+        let p = params(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            &[],
+        );
+        let err = p.render(&[], "/out").unwrap_err();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]
