@@ -45,6 +45,24 @@ pub struct Message {
     pub content: String,
 }
 
+/// Reads a tokenizer.json. The `tokenizers` crate panics on some malformed files (its decoder
+/// deserializer unwraps syntax errors), so the JSON is checked here first, and a panic that
+/// still escapes is turned into an error naming the file.
+fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer, StageError> {
+    let fail = |message: String| StageError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| fail(format!("invalid JSON: {e}")))?;
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(Ok(tokenizer)) => Ok(tokenizer),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail("the tokenizers library could not read it".into())),
+    }
+}
+
 /// A special token in tokenizer_config.json is either a string or an AddedToken object.
 fn special_token(config: &Value, key: &str) -> Option<String> {
     match config.get(key)? {
@@ -72,12 +90,7 @@ impl Tokenizer {
                 message: "file not found".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            StageError::Tokenizer {
-                path: tokenizer_json.to_path_buf(),
-                message: e.to_string(),
-            }
-        })?;
+        let inner = parse_tokenizer_json(tokenizer_json)?;
         let mut tok = Self {
             inner,
             path: tokenizer_json.to_path_buf(),
@@ -276,10 +289,27 @@ impl Tokenizer {
             self.bos_token.as_deref().unwrap_or(""),
             self.eos_token.as_deref().unwrap_or(""),
         )
+        .map_err(|e| match e {
+            // Say whose template failed: the tokenizer's directory holds it.
+            StageError::ChatTemplate(message) => StageError::ChatTemplate(format!(
+                "the chat template of {}: {message}",
+                self.path.display()
+            )),
+            other => other,
+        })
     }
 }
 
-/// Renders a Hugging Face chat template with the variables transformers provides.
+/// The instructions a chat template may run for one conversation (minijinja fuel, which also
+/// charges about 64 bytes per unit of memory the template allocates): far above what real
+/// templates use on long conversations, far below a template that never ends.
+const CHAT_TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// How deep macros and recursive loops may nest in a chat template.
+const CHAT_TEMPLATE_RECURSION: usize = 100;
+
+/// Renders a Hugging Face chat template with the variables transformers provides. A template
+/// that runs too long, allocates too much or recurses too deep is an error.
 pub fn render_chat_template(
     template: &str,
     messages: &[Message],
@@ -288,6 +318,8 @@ pub fn render_chat_template(
     eos_token: &str,
 ) -> Result<String, StageError> {
     let mut env = Environment::new();
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+    env.set_recursion_limit(CHAT_TEMPLATE_RECURSION);
     // transformers compiles templates with trim_blocks and lstrip_blocks.
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
@@ -313,15 +345,25 @@ pub fn render_chat_template(
         }
         StageError::ChatTemplate(message)
     };
-    env.add_template("chat", template).map_err(render_err)?;
-    let tmpl = env.get_template("chat").map_err(render_err)?;
-    tmpl.render(context! {
-        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token,
-        eos_token => eos_token,
+    // minijinja's lexer counts columns in 16 bits and overflows (a panic in debug builds) on a
+    // line of more than 65,535 characters: any panic in there is this template's error.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        env.add_template("chat", template).map_err(render_err)?;
+        let tmpl = env.get_template("chat").map_err(render_err)?;
+        tmpl.render(context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        })
+        .map_err(render_err)
+    }))
+    .unwrap_or_else(|_| {
+        Err(StageError::ChatTemplate(
+            "the template engine failed on this template (is a line longer than 65,535 characters?)"
+                .into(),
+        ))
     })
-    .map_err(render_err)
 }
 
 #[cfg(test)]
@@ -357,6 +399,17 @@ mod tests {
             render_chat_template(t, &[msg("user", "x")], false, "", "").unwrap(),
             "ok"
         );
+    }
+
+    #[test]
+    fn runaway_templates_are_errors() {
+        for t in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% macro m(d) %}{{ m(d + 1) }}{% endmacro %}{{ m(0) }}",
+            "{% set s = 'x' * 99999999 %}{% for i in range(1000) %}{{ s }}{% endfor %}",
+        ] {
+            assert!(render_chat_template(t, &[msg("user", "x")], false, "", "").is_err());
+        }
     }
 
     #[test]
