@@ -56,12 +56,21 @@ fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer, StageError
     let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
     serde_json::from_str::<serde::de::IgnoredAny>(&text)
         .map_err(|e| fail(format!("invalid JSON: {e}")))?;
-    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
-        Ok(Ok(tokenizer)) => Ok(tokenizer),
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(fail("the tokenizers library could not read it".into())),
+    let tokenizer = match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(Ok(tokenizer)) => tokenizer,
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => return Err(fail("the tokenizers library could not read it".into())),
+    };
+    // Its tables are not checked against each other when read; encoding once finds a
+    // tokenizer that would fail on every example, before any stage starts.
+    let probe = std::panic::AssertUnwindSafe(&tokenizer);
+    match std::panic::catch_unwind(|| probe.encode("a b", true)) {
+        Ok(_) => Ok(tokenizer),
+        Err(_) => Err(fail(INCONSISTENT.into())),
     }
 }
+
+const INCONSISTENT: &str = "the tokenizers library failed on it: its parts do not agree (a post-processor naming a special token the file does not define?)";
 
 /// A special token in tokenizer_config.json is either a string or an AddedToken object.
 fn special_token(config: &Value, key: &str) -> Option<String> {
@@ -184,8 +193,10 @@ impl Tokenizer {
 
     /// Encodes text, optionally with the post-processor's special tokens.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, StageError> {
-        self.inner
-            .encode(text, add_special_tokens)
+        // The tokenizers crate indexes its own tables without checking them (a post-processor
+        // template naming a special token it does not define panics): see `parse_tokenizer_json`.
+        std::panic::catch_unwind(|| self.inner.encode(text, add_special_tokens))
+            .map_err(|_| self.err(INCONSISTENT))?
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| self.err(e))
     }
@@ -264,8 +275,8 @@ impl Tokenizer {
 
     /// Decodes ids to text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, StageError> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        std::panic::catch_unwind(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|_| self.err(INCONSISTENT))?
             .map_err(|e| self.err(e))
     }
 
@@ -308,9 +319,59 @@ const CHAT_TEMPLATE_FUEL: u64 = 2_000_000;
 /// How deep macros and recursive loops may nest in a chat template.
 const CHAT_TEMPLATE_RECURSION: usize = 100;
 
+/// The largest chat template accepted. Real ones are a few kilobytes (tool-calling templates
+/// reach tens); the limit keeps the depth of an expression bounded, see [`RENDER_STACK`].
+const CHAT_TEMPLATE_MAX_BYTES: usize = 128 << 10;
+
+/// minijinja parses and evaluates chains of operators (`not not ... x`, `a + b + ...`) by
+/// recursion that its recursion limit does not count, about 450 bytes of stack per level: a
+/// template of the largest size needs about 60 MiB, so templates render on a thread of their
+/// own with this much stack (reserved, not used, for ordinary templates).
+const RENDER_STACK: usize = 256 << 20;
+
 /// Renders a Hugging Face chat template with the variables transformers provides. A template
-/// that runs too long, allocates too much or recurses too deep is an error.
+/// that is too large, runs too long, allocates too much or recurses too deep is an error.
 pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, StageError> {
+    if template.len() > CHAT_TEMPLATE_MAX_BYTES {
+        return Err(StageError::ChatTemplate(format!(
+            "the template is {} bytes; at most {CHAT_TEMPLATE_MAX_BYTES} are supported",
+            template.len()
+        )));
+    }
+    std::thread::scope(|scope| {
+        let rendering = std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(RENDER_STACK)
+            .spawn_scoped(scope, || {
+                render_with_limits(
+                    template,
+                    messages,
+                    add_generation_prompt,
+                    bos_token,
+                    eos_token,
+                )
+            })
+            .map_err(|e| {
+                StageError::ChatTemplate(format!("cannot start the template renderer: {e}"))
+            })?;
+        // minijinja's lexer counts columns in 16 bits and overflows (a panic in debug builds) on
+        // a line of more than 65,535 characters: a panic in there is this template's error.
+        rendering.join().unwrap_or_else(|_| {
+            Err(StageError::ChatTemplate(
+                "the template engine failed on this template (is a line longer than 65,535 characters?)"
+                    .into(),
+            ))
+        })
+    })
+}
+
+fn render_with_limits(
     template: &str,
     messages: &[Message],
     add_generation_prompt: bool,
@@ -345,25 +406,15 @@ pub fn render_chat_template(
         }
         StageError::ChatTemplate(message)
     };
-    // minijinja's lexer counts columns in 16 bits and overflows (a panic in debug builds) on a
-    // line of more than 65,535 characters: any panic in there is this template's error.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        env.add_template("chat", template).map_err(render_err)?;
-        let tmpl = env.get_template("chat").map_err(render_err)?;
-        tmpl.render(context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token,
-            eos_token => eos_token,
-        })
-        .map_err(render_err)
-    }))
-    .unwrap_or_else(|_| {
-        Err(StageError::ChatTemplate(
-            "the template engine failed on this template (is a line longer than 65,535 characters?)"
-                .into(),
-        ))
+    env.add_template("chat", template).map_err(render_err)?;
+    let tmpl = env.get_template("chat").map_err(render_err)?;
+    tmpl.render(context! {
+        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
     })
+    .map_err(render_err)
 }
 
 #[cfg(test)]
@@ -407,8 +458,23 @@ mod tests {
             "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
             "{% macro m(d) %}{{ m(d + 1) }}{% endmacro %}{{ m(0) }}",
             "{% set s = 'x' * 99999999 %}{% for i in range(1000) %}{{ s }}{% endfor %}",
+            &format!("{{{{ {}x }}}}", "-".repeat(CHAT_TEMPLATE_MAX_BYTES + 1)),
         ] {
             assert!(render_chat_template(t, &[msg("user", "x")], false, "", "").is_err());
+        }
+    }
+
+    /// Chains of operators as long as the largest template allows parse without exhausting
+    /// the renderer's stack.
+    #[test]
+    fn the_deepest_expressions_a_template_can_hold_render() {
+        let n = CHAT_TEMPLATE_MAX_BYTES - 16;
+        for t in [
+            format!("{{{{ {}1 }}}}", "-".repeat(n)),
+            format!("{{{{ {}1 }}}}", "not ".repeat(n / 4)),
+            format!("{{{{ 1{} }}}}", " + 1".repeat(n / 4)),
+        ] {
+            let _ = render_chat_template(&t, &[msg("user", "x")], false, "", "");
         }
     }
 
