@@ -96,7 +96,8 @@ fn an_edited_artifact_is_never_consumed_but_quarantined_and_rebuilt() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("corrupted") && text.contains("upper (command)  file upper.txt: digest mismatch"),
+        text.contains("corrupted")
+            && text.contains("upper (command)  file upper.txt: digest mismatch"),
         "{text}"
     );
     assert!(stderr(&out).contains("1 corrupted"), "{}", stderr(&out));
@@ -106,7 +107,9 @@ fn an_edited_artifact_is_never_consumed_but_quarantined_and_rebuilt() {
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("warning: the artifact of `upper` is corrupted (file upper.txt: digest mismatch)"),
+        err.contains(
+            "warning: the artifact of `upper` is corrupted (file upper.txt: digest mismatch)"
+        ),
         "{err}"
     );
     assert!(err.contains("ran 1 stage, 1 cached"), "{err}");
@@ -159,14 +162,9 @@ fn verify_full_hashes_what_the_cheap_check_trusts() {
     std::fs::set_permissions(&manifest_path, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
     assert!(s.to_run("recipe.toml").is_empty());
-    let full: serde_json::Value = serde_json::from_str(&s.ok(&[
-        "plan",
-        "recipe.toml",
-        "--json",
-        "--verify",
-        "full",
-    ]))
-    .unwrap();
+    let full: serde_json::Value =
+        serde_json::from_str(&s.ok(&["plan", "recipe.toml", "--json", "--verify", "full"]))
+            .unwrap();
     let upper = full["nodes"]
         .as_array()
         .unwrap()
@@ -207,7 +205,11 @@ fn an_input_damaged_during_the_run_fails_its_reader_and_is_rebuilt_next_time() {
     s.write("recipe.toml", &vandal.replace("sandbox = false\n", ""));
     let out = s.rudder(&["run", "recipe.toml", "--force", "vandal"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
     s.write(
         "recipe.toml",
         &vandal.replace("echo oops >> {{ inputs.upper }}/upper.txt && ", ""),
