@@ -32,6 +32,7 @@ pub fn run(
             recipe.recipe.display()
         );
     };
+    super::refuse_corrupted(entry)?;
     let source = project.store.object_dir(&entry.key);
     for file in &manifest.files {
         let target = dir.join(&file.name);

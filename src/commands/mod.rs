@@ -49,3 +49,17 @@ pub fn backend(name: Option<&str>) -> anyhow::Result<Option<Backend>> {
     })
     .transpose()
 }
+
+/// Refuses to read an artifact that the plan found corrupted: `rudder run` quarantines and
+/// rebuilds it.
+pub fn refuse_corrupted(entry: &rudder_engine::plan::PlanEntry) -> anyhow::Result<()> {
+    for reason in &entry.reasons {
+        if let rudder_engine::plan::Reason::Corrupted(problems) = reason {
+            anyhow::bail!(
+                "the artifact of `{}` is corrupted ({problems}); `rudder run` moves it to quarantine and builds it again",
+                entry.name
+            );
+        }
+    }
+    Ok(())
+}
