@@ -64,6 +64,7 @@ impl Fault {
         })
     }
 
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     fn applies(&self, point: &str, file: Option<&Path>) -> bool {
         self.point == point
             && match &self.file {

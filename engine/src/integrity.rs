@@ -121,6 +121,20 @@ pub fn check_files(
 ) -> FileCheck {
     let mut check = FileCheck::default();
     for entry in files {
+        // A manifest from elsewhere must not make the check read outside the directory.
+        let plain = !entry.name.is_empty()
+            && Path::new(&entry.name)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            check.problems.push(Problem::Manifest {
+                message: format!(
+                    "file name `{}` is not a path inside the artifact",
+                    entry.name
+                ),
+            });
+            continue;
+        }
         let path = dir.join(&entry.name);
         let metadata = match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => m,
@@ -357,6 +371,20 @@ mod tests {
         let again = check_files(dir.path(), &files, VerifyMode::Cheap, &|_| Some(stat), &[]);
         assert!(again.problems.is_empty());
         assert_eq!(again.hashed_bytes, 0);
+    }
+
+    #[test]
+    fn manifests_cannot_point_outside_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = FileEntry {
+            name: "../secret".into(),
+            size: 1,
+            blake3: "0".repeat(64),
+            stat: None,
+        };
+        let check = check_files(dir.path(), &[outside], VerifyMode::Full, &none, &[]);
+        assert_eq!(check.hashed_bytes, 0);
+        assert!(matches!(check.problems[0], Problem::Manifest { .. }));
     }
 
     #[test]
