@@ -391,15 +391,24 @@ fn ctrl_c_cancels_the_run_s_jobs() {
         return;
     }
     let s = Scratch::new();
+    // Confined, `slow` says it started in its own output, still being built in `tmp/`.
     s.write(
         "recipe.toml",
         &format!(
             "{SLURM}{}",
-            CHAIN.replace("sleep 4", "touch slow.started; sleep 60")
+            CHAIN.replace("sleep 4", "touch {{ out }}/started; sleep 60")
         ),
     );
+    let slow = s.key("recipe.toml", "slow");
     let mut child = spawn(&s, &["run", "recipe.toml"], "run.log");
-    wait_for("`slow` to start", 60, || s.path("slow.started").exists());
+    wait_for("`slow` to start", 60, || {
+        std::fs::read_dir(s.path(".rudder/tmp")).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with(&slow)
+                    && e.path().join("started").exists()
+            })
+        })
+    });
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
