@@ -224,6 +224,63 @@ fn an_input_damaged_during_the_run_fails_its_reader_and_is_rebuilt_next_time() {
     );
 }
 
+/// Two stages that read one input at once, both after it was damaged: the input is moved to
+/// quarantine once (under its key's lock), both stages fail without reading it, and the next
+/// run builds it again.
+#[test]
+fn readers_at_once_quarantine_a_damaged_input_once() {
+    let s = scratch();
+    let text = RECIPE.replace(
+        "[stages.count]\nkind = \"command\"",
+        "[stages.vandal]\nkind = \"command\"\ninputs = [\"upper\"]\ncmd = \"echo oops >> {{ inputs.upper }}/upper.txt && touch {{ out }}/done\"\noutputs = { done = \"done\" }\nsandbox = false\n\n[stages.count]\nkind = \"command\"\nafter = [\"vandal\"]",
+    ) + "\n[stages.chars]\nkind = \"command\"\ninputs = [\"upper.text\"]\nafter = [\"vandal\"]\ncmd = \"wc -c < {{ inputs['upper.text'] }} > {{ out }}/chars.txt\"\noutputs = { chars = \"chars.txt\" }\n";
+    s.write("recipe.toml", &text);
+    let out = s.rudder(&["run", "recipe.toml", "-j", "2", "--keep-going"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // One finds it corrupted and moves it; the other then finds it gone (or, first, corrupted).
+    for stage in ["count", "chars"] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!("stage `{stage}` (command) failed: ")))
+            .unwrap_or_else(|| panic!("{stage} did not fail: {err}"));
+        assert!(line.contains("input `upper`"), "{err}");
+    }
+    assert_eq!(quarantined(&s).len(), 1, "{err}");
+    assert_eq!(
+        err.matches("warning: the artifact of `upper` is corrupted")
+            .count(),
+        1,
+        "{err}"
+    );
+    s.write(
+        "recipe.toml",
+        &text.replace("echo oops >> {{ inputs.upper }}/upper.txt && ", ""),
+    );
+    s.ok(&["run", "recipe.toml", "-j", "2"]);
+    s.ok(&["verify", "recipe.toml"]);
+}
+
+/// `rudder exec` (what a Slurm job runs) checks the inputs it reads like `rudder run` does.
+#[test]
+fn exec_refuses_a_corrupted_input() {
+    let s = scratch();
+    s.ok(&["run", "recipe.toml"]);
+    append(&artifact(&s, "upper").join("upper.txt"), "extra\n");
+    let key = s.key("recipe.toml", "count");
+    let out = s.rudder(&["exec", "recipe.toml", "count", "--key", &key, "--force"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("input `upper` is corrupted (file upper.txt: digest mismatch)"),
+        "{err}"
+    );
+    assert_eq!(quarantined(&s).len(), 1);
+    // Its artifact from before stays, intact.
+    s.ok(&["verify", "recipe.toml"]);
+    assert_eq!(s.to_run("recipe.toml"), ["upper"]);
+}
+
 #[test]
 fn a_store_from_a_newer_rudder_is_refused() {
     let s = scratch();

@@ -238,6 +238,20 @@ fn a_slurm_run_builds_what_a_local_run_builds_with_one_job_per_stage() {
     };
     assert_eq!(lock(&local), lock(&cluster));
     assert_eq!(artifacts(&local), artifacts(&cluster));
+    // The command stages were confined inside their jobs as they are on this machine.
+    let sandbox = |s: &Scratch, node: &str| {
+        let path = s.path(&format!(
+            ".rudder/objects/{}/manifest.json",
+            s.key("recipe.toml", node)
+        ));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        manifest["sandbox"].clone()
+    };
+    for node in ["prep", "size"] {
+        assert_eq!(sandbox(&local, node), sandbox(&cluster, node), "{node}");
+        assert_eq!(sandbox(&cluster, node)["mode"], "on", "{node}");
+    }
     // One job per stage, each with the stage's name, each completed.
     let ids = job_ids(&err);
     assert_eq!(ids.len(), 3, "{err}");
@@ -430,6 +444,50 @@ fn ctrl_c_cancels_the_run_s_jobs() {
     }
     assert_eq!(s.objects(), 1);
     assert_eq!(s.to_run("recipe.toml"), ["slow", "last"]);
+}
+
+/// An artifact edited in the store is moved to quarantine by the run that submits the jobs, and
+/// one Slurm job builds it again; what was built from it stays cached.
+#[test]
+fn a_corrupted_artifact_is_quarantined_and_rebuilt_by_a_job() {
+    if !slurm() {
+        return;
+    }
+    let s = Scratch::new();
+    s.write(
+        "recipe.toml",
+        &format!("{SLURM}{}", CHAIN.replace("sleep 4", "true")),
+    );
+    s.ok(&["run", "recipe.toml"]);
+    let first = s.path(&format!(
+        ".rudder/objects/{}/first.txt",
+        s.key("recipe.toml", "first")
+    ));
+    std::fs::write(&first, "edited\n").unwrap();
+    let out = s.rudder(&["run", "recipe.toml", "--verify", "full"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "warning: the artifact of `first` is corrupted (file first.txt: digest mismatch): moved to"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("ran 1 stage, 2 cached"), "{err}");
+    assert_eq!(job_ids(&err).len(), 1, "{err}");
+    let script = s.read(&format!(
+        ".rudder/slurm/{}.sh",
+        s.key("recipe.toml", "first")
+    ));
+    assert!(script.contains("--verify full"), "{script}");
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), "1\n");
+    assert_eq!(
+        std::fs::read_dir(s.path(".rudder/quarantine"))
+            .unwrap()
+            .count(),
+        1
+    );
+    s.ok(&["verify", "recipe.toml"]);
 }
 
 /// A training job that Slurm requeues mid-stage (as a preemption or a node failure would)
