@@ -188,7 +188,7 @@ impl Store {
     /// its exclusive store lock and `tmp/` names, which holding the lock alone makes moot.
     fn upgrade_from_1(&self, marker: &Path) -> Result<(), EngineError> {
         let _alone = self.lock_exclusive(|_| {
-            tracing::info!(
+            tracing::warn!(
                 "waiting for another rudder to finish with {} before upgrading it to layout {LAYOUT_VERSION}",
                 self.root.display()
             );
