@@ -36,6 +36,8 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        verify: VerifyArgs,
     },
     /// Run the stages that are not cached.
     Run(RunArgs),
@@ -102,6 +104,20 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check artifacts against their manifests (every file hashed); exit 1 if any is corrupted.
+    Verify {
+        /// Check the artifacts this recipe uses (default: every artifact in the store).
+        recipe: Option<PathBuf>,
+        /// Check every artifact in the store, even with a recipe.
+        #[arg(long)]
+        all: bool,
+        /// Override a value of the recipe: `--set stages.dpo.beta=0.2`.
+        #[arg(long = "set", value_name = "KEY=VALUE", requires = "recipe")]
+        set: Vec<String>,
+        /// The artifact store (default: `.rudder/` beside the recipe, or `.rudder`).
+        #[arg(long, env = "RUDDER_STORE")]
+        store: Option<PathBuf>,
+    },
     /// Print the JSON Schema of the recipe format.
     Schema,
 }
@@ -130,6 +146,8 @@ pub struct RunArgs {
     /// Where stages run (default: the recipe's [executor], else local).
     #[arg(long, value_parser = ["local", "slurm"])]
     pub executor: Option<String>,
+    #[command(flatten)]
+    pub verify: VerifyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +167,31 @@ pub struct ExecArgs {
     /// Build it even if it is in the store.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub verify: VerifyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// How artifacts are checked before use: `cheap` compares sizes and file stats with the
+    /// manifest and hashes only what changed; `full` hashes every file.
+    #[arg(long, value_enum, default_value = "cheap")]
+    pub verify: VerifyLevel,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum VerifyLevel {
+    Cheap,
+    Full,
+}
+
+impl From<VerifyLevel> for rudder_engine::VerifyMode {
+    fn from(level: VerifyLevel) -> Self {
+        match level {
+            VerifyLevel::Cheap => rudder_engine::VerifyMode::Cheap,
+            VerifyLevel::Full => rudder_engine::VerifyMode::Full,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

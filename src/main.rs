@@ -54,12 +54,14 @@ fn main() -> ExitCode {
             store,
             backend,
             json,
+            verify,
         } => commands::plan::run(
             &recipe,
             &selection,
             &store,
             backend.as_deref(),
             json,
+            verify.verify.into(),
             &printer,
         ),
         Command::Run(args) => commands::run::run(&args, &printer),
@@ -94,6 +96,12 @@ fn main() -> ExitCode {
             store,
             dry_run,
         } => commands::gc::run(&lockfiles, &store, dry_run, &printer),
+        Command::Verify {
+            recipe,
+            all,
+            set,
+            store,
+        } => commands::verify::run(recipe.as_deref(), all, &set, store, &printer),
         Command::Schema => commands::schema::run(&printer),
     };
     match result {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rudder_engine::executor::Observer;
+use rudder_engine::integrity::Problem;
 use rudder_engine::plan::PlanEntry;
 use rudder_engine::runner::{Progress, StageOutcome};
 
@@ -121,6 +122,16 @@ impl Progress for Bar {
 }
 
 impl Observer for TerminalObserver {
+    fn quarantined(&self, node: &str, place: &std::path::Path, problems: &[Problem]) {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        // A warning, shown even with --quiet: something changed an artifact behind rudder's back.
+        eprintln!(
+            "warning: the artifact of `{node}` is corrupted ({}): moved to {}",
+            problems.join(", "),
+            place.display()
+        );
+    }
+
     fn waiting_for_lock(&self, holder: Option<u32>) {
         let who = holder.map_or_else(
             || "another rudder process".to_owned(),

@@ -187,7 +187,7 @@ fn sigkill_mid_stage_leaves_no_partial_artifact() {
     let s = scratch();
     let slow = RECIPE.replace(
         "cmd = \"echo independent > {{ out }}/other.txt\"",
-        "cmd = \"echo started > {{ out }}/other.txt; touch started.flag; sleep 30\"",
+        "cmd = \"echo started > {{ out }}/other.txt; touch started.flag; sleep 30\"\nsandbox = false",
     );
     s.write("recipe.toml", &slow);
     // One stage at a time, so that `upper` and `count` are done when `other` starts.

@@ -11,7 +11,9 @@ use std::time::Instant;
 use common::{Scratch, stderr};
 
 /// `left` and `right` each wait (up to 3 s) for the other to have started: they succeed only
-/// when they run at once. `join` reads both; `twin` is `join` under another name.
+/// when they run at once. `join` reads both; `twin` is `join` under another name. The two meet
+/// through marker files in the recipe's directory, which a sandboxed command may not write: they
+/// opt out of the sandbox.
 const FAN: &str = r#"
 [recipe]
 name = "fan"
@@ -19,11 +21,13 @@ jobs = 2
 
 [stages.left]
 kind = "command"
+sandbox = false
 cmd = "touch left.started; i=0; while [ ! -e right.started ]; do i=$((i+1)); [ $i -gt 60 ] && exit 9; sleep 0.05; done; echo l > {{ out }}/l.txt"
 outputs = { l = "l.txt" }
 
 [stages.right]
 kind = "command"
+sandbox = false
 cmd = "touch right.started; i=0; while [ ! -e left.started ]; do i=$((i+1)); [ $i -gt 60 ] && exit 9; sleep 0.05; done; echo r > {{ out }}/r.txt"
 outputs = { r = "r.txt" }
 
@@ -77,7 +81,9 @@ fn independent_stages_run_at_once_and_dependents_after_them() {
     assert_eq!(s.read("recipe.lock"), lock);
 }
 
-/// `bad` fails while `slow` runs beside it; `later` and `after_bad` wait for a free slot.
+/// `bad` fails while `slow` runs beside it; `later` and `after_bad` wait for a free slot. `slow`
+/// tells `bad` it has started with a marker file in the recipe's directory (outside the sandbox,
+/// like `left` and `right` above); `bad` gives up after a minute rather than hang the suite.
 const FAILING: &str = r#"
 [recipe]
 name = "failing"
@@ -85,12 +91,14 @@ jobs = 2
 
 [stages.slow]
 kind = "command"
+sandbox = false
 cmd = "touch slow.started; sleep 1; echo s > {{ out }}/s.txt"
 outputs = { s = "s.txt" }
 
 [stages.bad]
 kind = "command"
-cmd = "while [ ! -e slow.started ]; do sleep 0.02; done; echo boom >&2; exit 3"
+sandbox = false
+cmd = "i=0; while [ ! -e slow.started ]; do i=$((i+1)); [ $i -gt 3000 ] && exit 9; sleep 0.02; done; echo boom >&2; exit 3"
 outputs = { b = "b.txt" }
 
 [stages.later]

@@ -238,6 +238,20 @@ fn a_slurm_run_builds_what_a_local_run_builds_with_one_job_per_stage() {
     };
     assert_eq!(lock(&local), lock(&cluster));
     assert_eq!(artifacts(&local), artifacts(&cluster));
+    // The command stages were confined inside their jobs as they are on this machine.
+    let sandbox = |s: &Scratch, node: &str| {
+        let path = s.path(&format!(
+            ".rudder/objects/{}/manifest.json",
+            s.key("recipe.toml", node)
+        ));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        manifest["sandbox"].clone()
+    };
+    for node in ["prep", "size"] {
+        assert_eq!(sandbox(&local, node), sandbox(&cluster, node), "{node}");
+        assert_eq!(sandbox(&cluster, node)["mode"], "on", "{node}");
+    }
     // One job per stage, each with the stage's name, each completed.
     let ids = job_ids(&err);
     assert_eq!(ids.len(), 3, "{err}");
@@ -331,7 +345,8 @@ fn a_failing_job_fails_the_run_with_its_slurm_state_and_log() {
     assert_eq!(state("after_bad").as_deref(), Some("CANCELLED"), "{jobs:?}");
 }
 
-/// `first` is quick, `slow` reads it and takes a few seconds, `last` reads `slow`.
+/// `first` is quick, `slow` reads it and waits (WAIT, which each test fills in), `last` reads
+/// `slow`. Every command runs in the sandbox, inside its Slurm job.
 const CHAIN: &str = r#"
 [stages.first]
 kind = "command"
@@ -341,7 +356,8 @@ outputs = { first = "first.txt" }
 [stages.slow]
 kind = "command"
 inputs = ["first.first"]
-cmd = "sleep 4; cp {{ inputs['first.first'] }} {{ out }}/slow.txt"
+read_paths = ["gate"]
+cmd = "WAIT; cp {{ inputs['first.first'] }} {{ out }}/slow.txt"
 outputs = { slow = "slow.txt" }
 
 [stages.last]
@@ -357,7 +373,15 @@ fn a_killed_run_is_picked_up_from_the_store_and_the_queue_without_resubmitting()
         return;
     }
     let s = Scratch::new();
-    s.write("recipe.toml", &format!("{SLURM}{CHAIN}"));
+    // `slow` runs until the test opens its gate (at most two minutes), not for a time that a
+    // loaded machine could outlast before the re-run looks at the queue.
+    let wait =
+        "i=0; while [ ! -e gate/open ]; do i=$((i+1)); [ $i -gt 1200 ] && exit 9; sleep 0.1; done";
+    s.write(
+        "recipe.toml",
+        &format!("{SLURM}{}", CHAIN.replace("WAIT", wait)),
+    );
+    std::fs::create_dir(s.path("gate")).unwrap();
     let mut child = spawn(&s, &["run", "recipe.toml"], "first.log");
     wait_for("`first` to be built and `slow` to run", 60, || {
         std::fs::read_to_string(s.path("first.log")).is_ok_and(|l| l.contains("[2/3] slow"))
@@ -367,9 +391,15 @@ fn a_killed_run_is_picked_up_from_the_store_and_the_queue_without_resubmitting()
     let first = s.read("first.log");
     // The jobs outlive the killed `rudder`; a re-run finds `first` built and the other two
     // queued, and waits for them.
-    let out = s.rudder(&["run", "recipe.toml"]);
-    let err = stderr(&out);
-    assert!(out.status.success(), "{first}\n---\n{err}");
+    let mut child = spawn(&s, &["run", "recipe.toml"], "second.log");
+    wait_for("the re-run to adopt both jobs", 60, || {
+        std::fs::read_to_string(s.path("second.log"))
+            .is_ok_and(|l| l.matches("already queued as").count() == 2)
+    });
+    std::fs::write(s.path("gate/open"), "").unwrap();
+    let status = child.wait().unwrap();
+    let err = s.read("second.log");
+    assert!(status.success(), "{first}\n---\n{err}");
     assert!(err.contains("ran 2 stages, 1 cached"), "{err}");
     assert!(
         err.contains("queued slow (command): already queued as Slurm job")
@@ -391,15 +421,25 @@ fn ctrl_c_cancels_the_run_s_jobs() {
         return;
     }
     let s = Scratch::new();
+    // Confined, `slow` says it started in its own output, still being built in `tmp/`.
     s.write(
         "recipe.toml",
         &format!(
             "{SLURM}{}",
-            CHAIN.replace("sleep 4", "touch slow.started; sleep 60")
+            CHAIN.replace("WAIT", "touch {{ out }}/started; sleep 60")
         ),
     );
+    std::fs::create_dir(s.path("gate")).unwrap();
+    let slow = s.key("recipe.toml", "slow");
     let mut child = spawn(&s, &["run", "recipe.toml"], "run.log");
-    wait_for("`slow` to start", 60, || s.path("slow.started").exists());
+    wait_for("`slow` to start", 60, || {
+        std::fs::read_dir(s.path(".rudder/tmp")).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with(&slow)
+                    && e.path().join("started").exists()
+            })
+        })
+    });
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -423,8 +463,57 @@ fn ctrl_c_cancels_the_run_s_jobs() {
     assert_eq!(s.to_run("recipe.toml"), ["slow", "last"]);
 }
 
+/// An artifact edited in the store is moved to quarantine by the run that submits the jobs, and
+/// one Slurm job builds it again; what was built from it stays cached.
+#[test]
+fn a_corrupted_artifact_is_quarantined_and_rebuilt_by_a_job() {
+    if !slurm() {
+        return;
+    }
+    let s = Scratch::new();
+    s.write(
+        "recipe.toml",
+        &format!("{SLURM}{}", CHAIN.replace("WAIT", "true")),
+    );
+    std::fs::create_dir(s.path("gate")).unwrap();
+    s.ok(&["run", "recipe.toml"]);
+    let first = s.path(&format!(
+        ".rudder/objects/{}/first.txt",
+        s.key("recipe.toml", "first")
+    ));
+    std::fs::write(&first, "edited\n").unwrap();
+    let out = s.rudder(&["run", "recipe.toml", "--verify", "full"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "warning: the artifact of `first` is corrupted (file first.txt: digest mismatch): moved to"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("ran 1 stage, 2 cached"), "{err}");
+    assert_eq!(job_ids(&err).len(), 1, "{err}");
+    let script = s.read(&format!(
+        ".rudder/slurm/{}.sh",
+        s.key("recipe.toml", "first")
+    ));
+    assert!(script.contains("--verify full"), "{script}");
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), "1\n");
+    assert_eq!(
+        std::fs::read_dir(s.path(".rudder/quarantine"))
+            .unwrap()
+            .count(),
+        1
+    );
+    s.ok(&["verify", "recipe.toml"]);
+}
+
 /// A training job that Slurm requeues mid-stage (as a preemption or a node failure would)
 /// resumes from its checkpoint and ends with the weights of an uninterrupted local run.
+///
+/// The requeue must reach the job between its first checkpoint and its last step: that window
+/// is 250 of the 300 steps (several seconds here, some forty times what the requeue takes when
+/// the machine is idle), so that a loaded machine does not let the training finish first.
 #[test]
 fn a_requeued_training_job_resumes_from_its_checkpoint() {
     if !slurm() {
@@ -433,7 +522,7 @@ fn a_requeued_training_job_resumes_from_its_checkpoint() {
     let long = |s: &Scratch| {
         let text = s
             .read("recipe.toml")
-            .replace("max_steps = 3", "max_steps = 60\ncheckpoint_every = 5");
+            .replace("max_steps = 3", "max_steps = 300\ncheckpoint_every = 50");
         s.write("recipe.toml", &text);
     };
     let local = training_scratch();
@@ -454,14 +543,21 @@ fn a_requeued_training_job_resumes_from_its_checkpoint() {
         &["run", "recipe.toml", "--until", "sft"],
         "run.log",
     );
-    let checkpoint = cluster.path(&format!(".rudder/work/{key}/checkpoint"));
-    wait_for("the first checkpoint", 120, || {
-        std::fs::read_dir(&checkpoint).is_ok_and(|mut d| d.next().is_some())
+    // The job's id is known once it is submitted, so that nothing but the requeue itself
+    // stands between the first checkpoint and the requeue.
+    wait_for("the sft job to be submitted", 60, || {
+        cluster
+            .read("run.log")
+            .contains("queued sft (sft): submitted as Slurm job")
     });
     let id = job_ids(&cluster.read("run.log"))
         .into_iter()
         .last()
         .expect("the sft job's id");
+    let checkpoint = cluster.path(&format!(".rudder/work/{key}/checkpoint"));
+    wait_for("the first checkpoint", 120, || {
+        std::fs::read_dir(&checkpoint).is_ok_and(|mut d| d.next().is_some())
+    });
     let requeue = Command::new("scontrol")
         .args(["requeue", &id])
         .output()
@@ -480,7 +576,11 @@ fn a_requeued_training_job_resumes_from_its_checkpoint() {
     let err = cluster.read("run.log");
     assert!(status.success(), "{err}");
     let log = cluster.read(&format!(".rudder/slurm/{key}.log"));
-    assert_eq!(log.matches("building `sft`").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("building `sft`").count(),
+        2,
+        "the job should have been built twice (did it end before the requeue reached it?): {log}"
+    );
     assert!(log.contains("DUE TO JOB REQUEUE"), "{log}");
     let weights = |s: &Scratch| {
         let dir = s.ok(&["show", "recipe.toml", "sft", "--path"]);

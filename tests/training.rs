@@ -200,6 +200,18 @@ fn export_writes_the_model_out_and_rewrites_it_when_it_is_gone() {
     assert!(exported() == artifact);
     assert!(s.path("exported/sft/tokenizer.json").is_file());
     assert!(!s.path("exported/sft/manifest.json").exists());
+    // The store's files are read-only; the exported copies are the user's to change.
+    for file in ["model.safetensors", "tokenizer.json"] {
+        use std::os::unix::fs::PermissionsExt;
+        let stored = std::fs::metadata(Path::new(dir.trim()).join(file)).unwrap();
+        assert_eq!(
+            stored.permissions().mode() & 0o222,
+            0,
+            "{file} in the store"
+        );
+        let copy = std::fs::metadata(s.path(&format!("exported/sft/{file}"))).unwrap();
+        assert_ne!(copy.permissions().mode() & 0o200, 0, "exported {file}");
+    }
     assert!(s.to_run("recipe.toml").is_empty());
 
     std::fs::remove_dir_all(s.path("exported")).unwrap();

@@ -11,6 +11,12 @@
 //!                                             │        which calls Run::build
 //! ```
 //!
+//! Every artifact is checked against its manifest just before a stage reads it; a corrupted
+//! one is moved to quarantine, never read (the plan already sends corrupted artifacts it finds
+//! to be rebuilt, and the builder of such a key quarantines it under the key's lock; this
+//! catches those that changed since). A Slurm job checks its inputs the same way, since
+//! `rudder exec` builds through [`Run::build`] too.
+//!
 //! What a stage is given and how a kind plugs in is `runner.rs`'s.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,11 +31,12 @@ use serde_json::json;
 
 use crate::error::EngineError;
 use crate::graph::{Graph, Source};
+use crate::integrity::{Problem, VerifyMode};
 use crate::key::Key;
 use crate::lockfile::{LOCKFILE_VERSION, LockEntry, Lockfile};
 use crate::plan::{Plan, PlanEntry, Reason, State};
 use crate::runner::{InputKind, Progress, Registry, StageContext, StageInput, StageOutcome};
-use crate::store::{LAYOUT_VERSION, Manifest, Store};
+use crate::store::{Health, LAYOUT_VERSION, Manifest, Store};
 
 /// Callbacks for the user interface. Stages may run at once, so each is called from the
 /// thread that runs (or watches) that stage.
@@ -46,6 +53,15 @@ pub trait Observer: Send + Sync {
     }
     fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress>;
     fn stage_finished(&self, entry: &PlanEntry, result: Result<&StageOutcome, &str>, seconds: f64);
+    /// A corrupted artifact was moved to `place` (a directory in the store's quarantine).
+    fn quarantined(&self, node: &str, place: &std::path::Path, problems: &[Problem]) {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            "artifact of `{node}` is corrupted ({}): moved to {}",
+            problems.join(", "),
+            place.display()
+        );
+    }
 }
 
 /// What a run did.
@@ -106,6 +122,8 @@ pub struct Run<'a> {
     pub interrupted: &'a AtomicBool,
     /// After a failure, go on with the stages that do not depend on it.
     pub keep_going: bool,
+    /// How inputs are checked before a stage reads them.
+    pub verify: VerifyMode,
     /// Numbers the stages as they start (`[3/10]`).
     started: AtomicUsize,
 }
@@ -121,6 +139,7 @@ impl<'a> Run<'a> {
         observer: &'a dyn Observer,
         interrupted: &'a AtomicBool,
         keep_going: bool,
+        verify: VerifyMode,
     ) -> Self {
         Run {
             recipe,
@@ -131,6 +150,7 @@ impl<'a> Run<'a> {
             observer,
             interrupted,
             keep_going,
+            verify,
             started: AtomicUsize::new(0),
         }
     }
@@ -262,6 +282,11 @@ impl<'a> Run<'a> {
             Ok(lock) => lock,
             Err(err) => return JobEnd::Failed(err),
         };
+        if is_corrupted(entry)
+            && let Err(err) = self.quarantine_if_corrupted(&entry.key, &entry.name)
+        {
+            return JobEnd::Failed(err);
+        }
         if !job.rerun && self.store.contains(&entry.key) {
             return JobEnd::Found;
         }
@@ -368,8 +393,8 @@ impl<'a> Run<'a> {
             progress,
             interrupted: self.interrupted,
         };
-        let result = runner.run(&ctx);
-        let outcome = match result {
+        let result = runner.run_noted(&ctx);
+        let (outcome, notes) = match result {
             Ok(outcome) if !self.interrupted.load(Ordering::Relaxed) => outcome,
             Ok(_) => {
                 self.store.abandon(pending);
@@ -420,6 +445,7 @@ impl<'a> Run<'a> {
             precision: stage.precision.as_str().into(),
             files,
             summary: outcome.summary.clone(),
+            sandbox: notes.sandbox,
             rudder_version: env!("CARGO_PKG_VERSION").into(),
             started: humantime::format_rfc3339_seconds(started).to_string(),
             seconds: clock.elapsed().as_secs_f64(),
@@ -466,11 +492,12 @@ impl<'a> Run<'a> {
                                 None,
                                 InputKind::FreshModel {
                                     spec: model.spec.clone(),
-                                    tokenizer: self.tokenizer_of(from),
+                                    tokenizer: self.tokenizer_of(entry, from)?,
                                 },
                             ),
                         },
                         (NodeBody::Stage(stage), part) => {
+                            self.check_input(entry, &keyed.key, &from.name)?;
                             let dir = self.store.object_dir(&keyed.key);
                             let produces = if part.is_some() {
                                 Produces::Files(Vec::new())
@@ -523,12 +550,76 @@ impl<'a> Run<'a> {
 
     /// Where a fresh model's tokenizer is: its tokenizer input's file, or the artifact of the
     /// tokenizer stage it names.
-    fn tokenizer_of(&self, model: &crate::graph::Vertex) -> Option<PathBuf> {
-        let input = model.inputs.iter().find(|i| i.role == "tokenizer")?;
+    fn tokenizer_of(
+        &self,
+        entry: &PlanEntry,
+        model: &crate::graph::Vertex,
+    ) -> Result<Option<PathBuf>, EngineError> {
+        let Some(input) = model.inputs.iter().find(|i| i.role == "tokenizer") else {
+            return Ok(None);
+        };
         match &input.source {
-            Source::File(path) => Some(path.clone()),
+            Source::File(path) => Ok(Some(path.clone())),
             Source::Vertex { index, .. } => {
-                Some(self.store.object_dir(&self.plan.keyed[index].key))
+                let key = self.plan.keyed[index].key;
+                self.check_input(entry, &key, &self.graph.vertex(*index).name)?;
+                Ok(Some(self.store.object_dir(&key)))
+            }
+        }
+    }
+
+    /// Before a job is carried out elsewhere (a Slurm job): moves the artifact of `entry` to
+    /// quarantine if the plan found it corrupted and it still is, under the key's lock, so that
+    /// the job builds it again rather than finding it in the store.
+    pub fn quarantine_corrupted(&self, entry: &PlanEntry) -> Result<(), EngineError> {
+        if !is_corrupted(entry) {
+            return Ok(());
+        }
+        let _key_lock = self.store.lock_key(&entry.key, |holder| {
+            self.observer.waiting_for_key(entry, holder.as_deref());
+        })?;
+        self.quarantine_if_corrupted(&entry.key, &entry.name)
+    }
+
+    /// Moves the artifact `key` to quarantine if it does not match its manifest. The caller
+    /// holds the key's lock.
+    fn quarantine_if_corrupted(&self, key: &Key, node: &str) -> Result<(), EngineError> {
+        if let Health::Corrupted(problems) = self.store.check(key, self.verify) {
+            let place = self.store.quarantine(key, &problems)?;
+            self.observer.quarantined(node, &place, &problems);
+        }
+        Ok(())
+    }
+
+    /// Checks the artifact of an input before `entry` reads it: a corrupted one is moved to
+    /// quarantine and fails the stage, and the next run builds it again.
+    fn check_input(&self, entry: &PlanEntry, key: &Key, node: &str) -> Result<(), EngineError> {
+        let fail = |message: String| EngineError::StageFailed {
+            node: entry.name.clone(),
+            kind: entry.kind.clone(),
+            message,
+        };
+        let missing = || fail(format!("input `{node}` is not in the store"));
+        match self.store.check(key, self.verify) {
+            Health::Intact => Ok(()),
+            Health::Missing => Err(missing()),
+            Health::Corrupted(_) => {
+                // Stages reading the same input at once quarantine it once: under its key's
+                // lock, checked again (another run may have rebuilt it meanwhile).
+                let _key_lock = self.store.lock_key(key, |_| {})?;
+                let problems = match self.store.check(key, self.verify) {
+                    Health::Intact => return Ok(()),
+                    Health::Missing => return Err(missing()),
+                    Health::Corrupted(problems) => problems,
+                };
+                let place = self.store.quarantine(key, &problems)?;
+                self.observer.quarantined(node, &place, &problems);
+                let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                Err(fail(format!(
+                    "input `{node}` is corrupted ({}); it was moved to {} and is not read: run again to rebuild it",
+                    shown.join(", "),
+                    place.display()
+                )))
             }
         }
     }
@@ -598,4 +689,12 @@ impl<'a> Run<'a> {
                 .as_bytes(),
         )
     }
+}
+
+/// Whether the plan found the artifact of `entry` corrupted.
+fn is_corrupted(entry: &PlanEntry) -> bool {
+    entry
+        .reasons
+        .iter()
+        .any(|r| matches!(r, Reason::Corrupted(_)))
 }

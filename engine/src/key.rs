@@ -15,6 +15,8 @@
 //! | each input's key, by role (`model`, `data`, ...),  | modification times, file names of    |
 //! |  and the output selected (`prep.train`)            |  inputs (only their content)         |
 //! | digests of plain files the stage reads (`deps`)    | thread counts, progress settings     |
+//! | content of the files in a command's `read_paths`   | a command's `sandbox` and `network`  |
+//! |  (by content only: they may be absolute paths)     |  settings (they restrict, add nothing)|
 //! | seed, backend, precision                           | where a stage runs: the executor,    |
 //! |                                                    |  `jobs`, Slurm `resources`           |
 //!

@@ -187,6 +187,23 @@ impl Planner<'_> {
                         Err(_) => {}
                     }
                 }
+                // Files a sandboxed command may read enter by content, like `deps`, but not by
+                // path: `read_paths` may be absolute, and paths never enter a key.
+                let mut read = BTreeMap::new();
+                for (field, path) in stage.spec.read_paths() {
+                    let mut at = node.path.clone();
+                    at.0.extend(field.0);
+                    let full = dir.join(&path);
+                    if full.is_dir() {
+                        continue;
+                    }
+                    match self.digest_of(&full, &at, "read path") {
+                        Ok(d) => {
+                            read.insert(path, d);
+                        }
+                        Err(mut e) => errors.append(&mut e),
+                    }
+                }
                 if !errors.is_empty() {
                     return Err(errors);
                 }
@@ -209,6 +226,14 @@ impl Planner<'_> {
                 for (path, digest) in &deps {
                     builder.str(path).str(digest);
                 }
+                if !read.is_empty() {
+                    builder.str("read_paths");
+                    for digest in read.values() {
+                        builder.str(digest);
+                    }
+                }
+                // The lockfile shows both, so that `plan` names a changed read path.
+                deps.extend(read);
                 builder
                     .u64(stage.seed)
                     .str(backend.as_str())

@@ -28,6 +28,7 @@ use serde_json::Value;
 
 use crate::error::EngineError;
 use crate::executor::Observer;
+use crate::integrity::Problem;
 use crate::plan::PlanEntry;
 use crate::runner::{Progress, StageOutcome};
 use crate::store::Store;
@@ -201,6 +202,10 @@ impl Observer for Recorder<'_> {
 
     fn stage_queued(&self, entry: &PlanEntry, detail: &str) {
         self.inner.stage_queued(entry, detail);
+    }
+
+    fn quarantined(&self, node: &str, place: &Path, problems: &[Problem]) {
+        self.inner.quarantined(node, place, problems);
     }
 
     fn stage_started(&self, entry: &PlanEntry, position: usize, total: usize) -> Box<dyn Progress> {

@@ -9,7 +9,11 @@
 //!   input sft will be rebuilt         an upstream stage runs in this plan
 //!   implementation of dpo changed     the kind's implementation version changed
 //!   not in store                      same key as before, but the artifact is gone
+//!   corrupted (file x: digest mismatch)  the artifact no longer matches its manifest
 //! ```
+//!
+//! Every artifact the plan would count as cached is checked against its manifest first
+//! (cheaply, or by hashing every file with `--verify full`): a corrupted one runs again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -22,11 +26,12 @@ use serde_json::{Value, json};
 use crate::digest::DigestCache;
 use crate::error::EngineError;
 use crate::graph::{Graph, Source};
+use crate::integrity::VerifyMode;
 use crate::key::Key;
 pub use crate::keying::Keyed;
 use crate::lockfile::{LockEntry, Lockfile};
 use crate::runner::Registry;
-use crate::store::Store;
+use crate::store::{Health, Store};
 
 /// Which vertices a command acts on.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +64,8 @@ impl State {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reason {
     NotInStore,
+    /// The artifact is in the store but does not match its manifest: what is wrong.
+    Corrupted(String),
     Forced,
     /// The stage's artifact is in the store but a path it writes outside the store is gone.
     ExternalMissing(String),
@@ -105,6 +112,7 @@ impl fmt::Display for Reason {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(default)".into());
         match self {
             Reason::NotInStore => write!(f, "not in store"),
+            Reason::Corrupted(problems) => write!(f, "corrupted ({problems})"),
             Reason::Forced => write!(f, "forced"),
             Reason::ExternalMissing(path) => write!(f, "{path} is missing"),
             Reason::Param { name, old, new } => write!(f, "{name}: {} -> {}", show(old), show(new)),
@@ -170,6 +178,8 @@ pub struct Planner<'a> {
     pub digests: &'a DigestCache,
     /// `--backend`, which wins over the recipe.
     pub backend: Option<Backend>,
+    /// How cached artifacts are checked before they count as cached.
+    pub verify: VerifyMode,
 }
 
 impl Planner<'_> {
@@ -226,7 +236,17 @@ impl Planner<'_> {
         let mut states: BTreeMap<NodeIndex, State> = BTreeMap::new();
         for &index in &self.graph.order {
             let k = &keyed[&index];
-            let in_store = k.is_source || self.store.contains(&k.key);
+            let (in_store, corrupted) = if k.is_source {
+                (true, None)
+            } else if considered.contains(&index) {
+                match self.store.check(&k.key, self.verify) {
+                    Health::Intact => (true, None),
+                    Health::Missing => (false, None),
+                    Health::Corrupted(problems) => (false, Some(problems)),
+                }
+            } else {
+                (self.store.contains(&k.key), None)
+            };
             let force = !k.is_source && (selection.force_all || forced.contains(&index));
             let missing = self.missing_external_output(index);
             let state = if considered.contains(&index) && (force || !in_store || missing.is_some())
@@ -245,7 +265,10 @@ impl Planner<'_> {
                     reasons.push(Reason::Forced);
                 }
                 let old = lock.entry(&k.entry.name);
-                if let (Some(path), true, false) = (&missing, in_store, force) {
+                if let Some(problems) = &corrupted {
+                    let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                    reasons.push(Reason::Corrupted(shown.join(", ")));
+                } else if let (Some(path), true, false) = (&missing, in_store, force) {
                     // The artifact is built; only what it wrote outside the store is gone.
                     reasons.push(Reason::ExternalMissing(path.clone()));
                 } else if !force || old.is_some_and(|o| o.key != k.entry.key) {

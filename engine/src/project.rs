@@ -7,6 +7,7 @@ use rudder_schema::{Backend, Recipe};
 use crate::digest::DigestCache;
 use crate::error::EngineError;
 use crate::graph::Graph;
+use crate::integrity::VerifyMode;
 use crate::lockfile::Lockfile;
 use crate::plan::{Plan, Planner, Selection};
 use crate::runner::Registry;
@@ -16,6 +17,8 @@ pub struct Project {
     pub recipe: Recipe,
     pub graph: Graph,
     pub store: Store,
+    /// How artifacts are checked before they count as cached (`--verify`).
+    pub verify: VerifyMode,
 }
 
 impl Project {
@@ -33,6 +36,7 @@ impl Project {
             recipe,
             graph,
             store,
+            verify: VerifyMode::default(),
         })
     }
 
@@ -59,6 +63,7 @@ impl Project {
             store: &self.store,
             digests: &digests,
             backend,
+            verify: self.verify,
         };
         let plan = planner.plan(selection, &self.lockfile()?)?;
         // Only a cache: failing to save it loses nothing but time.

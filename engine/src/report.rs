@@ -972,6 +972,7 @@ mod tests {
                 precision: "fp32".into(),
                 files: Vec::new(),
                 summary: [("loss".to_string(), loss)].into(),
+                sandbox: None,
                 rudder_version: "test".into(),
                 started: String::new(),
                 seconds: 1.0,

@@ -118,6 +118,13 @@ pub struct StageOutcome {
 
 pub type StageResult = Result<StageOutcome, Box<dyn std::error::Error + Send + Sync>>;
 
+/// What the engine records in an artifact's manifest about how its stage ran, beyond the
+/// outcome: for now, how its process was confined.
+#[derive(Debug, Clone, Default)]
+pub struct RunNotes {
+    pub sandbox: Option<crate::sandbox::SandboxRecord>,
+}
+
 /// A stage kind's implementation.
 pub trait Runner: Send + Sync {
     /// The kind it runs: a stage kind (`sft`) or a part kind (`dpo/ref_logps`).
@@ -125,6 +132,14 @@ pub trait Runner: Send + Sync {
     /// Bumped whenever the implementation changes what it produces: part of every key.
     fn version(&self) -> u32;
     fn run(&self, ctx: &StageContext<'_>) -> StageResult;
+    /// [`Runner::run`], with notes for the manifest; the executor calls this one. Kinds that
+    /// confine their processes override it.
+    fn run_noted(
+        &self,
+        ctx: &StageContext<'_>,
+    ) -> Result<(StageOutcome, RunNotes), Box<dyn std::error::Error + Send + Sync>> {
+        self.run(ctx).map(|outcome| (outcome, RunNotes::default()))
+    }
 }
 
 /// The runners of this build, by kind.

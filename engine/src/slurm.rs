@@ -17,7 +17,9 @@
 //! it may run: a second `rudder run` adopts a live job rather than submitting it again).
 //!
 //! A job cannot drift from the plan: `rudder exec` plans the recipe itself and refuses to run
-//! when its plan gives the node another key. A requeued job resumes from the checkpoints in
+//! when its plan gives the node another key. It checks the artifacts it reads against their
+//! manifests as a local build does (`--verify` is passed on); an artifact this run's plan found
+//! corrupted is quarantined before its job is submitted. A requeued job resumes from the checkpoints in
 //! `work/<key>/`. What a job asks for comes from `[stages.x.resources]` over
 //! `[executor.resources]`; none of it is in any key.
 
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
 use crate::executor::{Executor, Job, JobEnd, Run};
+use crate::integrity::VerifyMode;
 use crate::plan::PlanEntry;
 use crate::runner::{Progress, StageOutcome};
 
@@ -57,6 +60,8 @@ pub struct SlurmExecutor {
     pub overrides: Vec<String>,
     /// `--backend`, passed on for the same reason.
     pub backend: Option<Backend>,
+    /// `--verify`, passed on so that each job checks its inputs as this run checks artifacts.
+    pub verify: VerifyMode,
     /// Time between two polls of `squeue`.
     pub poll: Duration,
 }
@@ -153,6 +158,12 @@ impl Executor for SlurmExecutor {
                 tracks[i] = Some(Track::Done(JobEnd::NotRun));
                 continue;
             }
+            // A corrupted artifact goes to quarantine here, so that a job builds it again.
+            if let Err(err) = run.quarantine_corrupted(job.entry) {
+                failed = true;
+                tracks[i] = Some(Track::Done(JobEnd::Failed(err)));
+                continue;
+            }
             if !job.rerun && run.store.contains(&job.entry.key) {
                 tracks[i] = Some(Track::Done(JobEnd::Found));
                 continue;
@@ -241,6 +252,10 @@ impl SlurmExecutor {
         if let Some(backend) = self.backend {
             exec.push("--backend".into());
             exec.push(backend.as_str().into());
+        }
+        if self.verify == VerifyMode::Full {
+            exec.push("--verify".into());
+            exec.push("full".into());
         }
         if job.rerun {
             exec.push("--force".into());

@@ -126,6 +126,7 @@ fn run(jobs: usize, cores: usize) -> Record {
         &Silent,
         &interrupted,
         false,
+        project.verify,
     );
     let local = LocalExecutor {
         jobs,

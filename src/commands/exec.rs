@@ -23,7 +23,8 @@ pub fn run(args: &ExecArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
             args.key
         ))
     })?;
-    let project = super::open(&args.recipe, Some(&args.store))?;
+    let mut project = super::open(&args.recipe, Some(&args.store))?;
+    project.verify = args.verify.verify.into();
     let registry = super::registry();
     let backend = super::backend(args.backend.as_deref())?;
     let observer = TerminalObserver::for_job(*printer);
@@ -69,6 +70,7 @@ pub fn run(args: &ExecArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
         &observer,
         &interrupted,
         false,
+        project.verify,
     );
     let job = Job {
         entry,

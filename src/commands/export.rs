@@ -1,3 +1,4 @@
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use rudder_engine::Selection;
@@ -31,13 +32,21 @@ pub fn run(
             recipe.recipe.display()
         );
     };
+    super::refuse_corrupted(entry)?;
     let source = project.store.object_dir(&entry.key);
     for file in &manifest.files {
         let target = dir.join(&file.name);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::copy(source.join(&file.name), &target)?;
+        // A copy out of the store is the user's: writable, unlike the read-only artifact.
+        // Written beside the target and renamed, so a read-only earlier export is replaced.
+        let partial = dir.join(format!("{}.partial", file.name));
+        std::fs::copy(source.join(&file.name), &partial)?;
+        let mut permissions = std::fs::metadata(&partial)?.permissions();
+        permissions.set_mode(permissions.mode() | 0o200);
+        std::fs::set_permissions(&partial, permissions)?;
+        std::fs::rename(&partial, &target)?;
     }
     printer.status(format!(
         "exported {} files of `{stage}` to {}",

@@ -41,6 +41,7 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
             if !project.store.contains(&entry.key) {
                 anyhow::bail!("`{}` is not in the store; run it first", args.node);
             }
+            super::refuse_corrupted(entry)?;
             project.store.object_dir(&entry.key)
         }
         _ => {

@@ -13,6 +13,7 @@ pub mod schema;
 pub mod show;
 pub mod status;
 pub mod validate;
+pub mod verify;
 
 use rudder_engine::{Project, Registry, Selection};
 use rudder_schema::Backend;
@@ -50,4 +51,18 @@ pub fn backend(name: Option<&str>) -> anyhow::Result<Option<Backend>> {
             .map_err(|e| rudder_engine::EngineError::Usage(e).into())
     })
     .transpose()
+}
+
+/// Refuses to read an artifact that the plan found corrupted: `rudder run` quarantines and
+/// rebuilds it.
+pub fn refuse_corrupted(entry: &rudder_engine::plan::PlanEntry) -> anyhow::Result<()> {
+    for reason in &entry.reasons {
+        if let rudder_engine::plan::Reason::Corrupted(problems) = reason {
+            anyhow::bail!(
+                "the artifact of `{}` is corrupted ({problems}); `rudder run` moves it to quarantine and builds it again",
+                entry.name
+            );
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
-use rudder_engine::Plan;
 use rudder_engine::plan::State;
+use rudder_engine::{Plan, VerifyMode};
 
 use crate::ExitStatus;
 use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
@@ -11,9 +11,11 @@ pub fn run(
     store: &StoreArgs,
     backend: Option<&str>,
     json: bool,
+    verify: VerifyMode,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
-    let project = super::open(recipe, Some(store))?;
+    let mut project = super::open(recipe, Some(store))?;
+    project.verify = verify;
     let plan = project.plan(
         &super::registry(),
         &super::selection(selection),

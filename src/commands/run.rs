@@ -10,7 +10,7 @@ use rudder_engine::executor::{Executor, Observer, Run};
 use rudder_engine::live::Recorder;
 use rudder_engine::local::LocalExecutor;
 use rudder_engine::slurm::SlurmExecutor;
-use rudder_engine::{EngineError, Project};
+use rudder_engine::{EngineError, Project, VerifyMode};
 use rudder_schema::{Backend, ExecutorKind};
 
 use crate::ExitStatus;
@@ -25,6 +25,8 @@ struct Settings {
     jobs: Option<usize>,
     keep_going: bool,
     backend: Option<Backend>,
+    /// How artifacts are checked before use (`--verify`).
+    verify: VerifyMode,
 }
 
 impl Settings {
@@ -38,15 +40,17 @@ impl Settings {
             jobs: args.jobs.or(project.recipe.meta.jobs).map(|j| j as usize),
             keep_going: args.keep_going,
             backend: super::backend(args.backend.as_deref())?,
+            verify: args.verify.verify.into(),
         })
     }
 }
 
 pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
-    let project = super::open(&args.recipe, Some(&args.store))?;
+    let mut project = super::open(&args.recipe, Some(&args.store))?;
     let registry = super::registry();
     let selection = super::selection(&args.selection);
     let settings = Settings::resolve(args, &project)?;
+    project.verify = settings.verify;
     if args.dry_run {
         let plan = project.plan(&registry, &selection, settings.backend)?;
         super::plan::print(&plan, printer);
@@ -89,6 +93,7 @@ pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
         &recorder,
         &interrupted,
         settings.keep_going,
+        settings.verify,
     );
     let lock = project.lockfile()?;
     let result = run.run(&lock, executor);
@@ -140,6 +145,7 @@ fn slurm_executor(project: &Project, args: &RunArgs) -> anyhow::Result<SlurmExec
         recipe: std::path::absolute(&project.recipe.file)?,
         overrides: args.recipe.set.clone(),
         backend: super::backend(args.backend.as_deref())?,
+        verify: args.verify.verify.into(),
         poll: Duration::from_secs_f64(spec.poll_seconds),
     })
 }

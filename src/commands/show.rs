@@ -113,6 +113,23 @@ pub fn run(
             manifest.seconds,
             manifest.files.len()
         ));
+        if let Some(sandbox) = &manifest.sandbox {
+            let how = if sandbox.enforced {
+                format!(
+                    "confined (Landlock ABI {}), network {}",
+                    sandbox.landlock_abi,
+                    if sandbox.network { "allowed" } else { "off" }
+                )
+            } else {
+                "not confined".to_owned()
+            };
+            let note = sandbox
+                .note
+                .as_ref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default();
+            printer.out(format!("  sandbox   {}, {how}{note}", sandbox.mode));
+        }
     }
     Ok(ExitStatus::Success)
 }

@@ -45,6 +45,33 @@ pub struct Message {
     pub content: String,
 }
 
+/// Reads a tokenizer.json. The `tokenizers` crate panics on some malformed files (its decoder
+/// deserializer unwraps syntax errors), so the JSON is checked here first, and a panic that
+/// still escapes is turned into an error naming the file.
+fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer, StageError> {
+    let fail = |message: String| StageError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| fail(format!("invalid JSON: {e}")))?;
+    let tokenizer = match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(Ok(tokenizer)) => tokenizer,
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => return Err(fail("the tokenizers library could not read it".into())),
+    };
+    // Its tables are not checked against each other when read; encoding once finds a
+    // tokenizer that would fail on every example, before any stage starts.
+    let probe = std::panic::AssertUnwindSafe(&tokenizer);
+    match std::panic::catch_unwind(|| probe.encode("a b", true)) {
+        Ok(_) => Ok(tokenizer),
+        Err(_) => Err(fail(INCONSISTENT.into())),
+    }
+}
+
+const INCONSISTENT: &str = "the tokenizers library failed on it: its parts do not agree (a post-processor naming a special token the file does not define?)";
+
 /// A special token in tokenizer_config.json is either a string or an AddedToken object.
 fn special_token(config: &Value, key: &str) -> Option<String> {
     match config.get(key)? {
@@ -72,12 +99,7 @@ impl Tokenizer {
                 message: "file not found".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            StageError::Tokenizer {
-                path: tokenizer_json.to_path_buf(),
-                message: e.to_string(),
-            }
-        })?;
+        let inner = parse_tokenizer_json(tokenizer_json)?;
         let mut tok = Self {
             inner,
             path: tokenizer_json.to_path_buf(),
@@ -171,8 +193,10 @@ impl Tokenizer {
 
     /// Encodes text, optionally with the post-processor's special tokens.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, StageError> {
-        self.inner
-            .encode(text, add_special_tokens)
+        // The tokenizers crate indexes its own tables without checking them (a post-processor
+        // template naming a special token it does not define panics): see `parse_tokenizer_json`.
+        std::panic::catch_unwind(|| self.inner.encode(text, add_special_tokens))
+            .map_err(|_| self.err(INCONSISTENT))?
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| self.err(e))
     }
@@ -251,8 +275,8 @@ impl Tokenizer {
 
     /// Decodes ids to text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, StageError> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        std::panic::catch_unwind(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|_| self.err(INCONSISTENT))?
             .map_err(|e| self.err(e))
     }
 
@@ -276,10 +300,37 @@ impl Tokenizer {
             self.bos_token.as_deref().unwrap_or(""),
             self.eos_token.as_deref().unwrap_or(""),
         )
+        .map_err(|e| match e {
+            // Say whose template failed: the tokenizer's directory holds it.
+            StageError::ChatTemplate(message) => StageError::ChatTemplate(format!(
+                "the chat template of {}: {message}",
+                self.path.display()
+            )),
+            other => other,
+        })
     }
 }
 
-/// Renders a Hugging Face chat template with the variables transformers provides.
+/// The instructions a chat template may run for one conversation (minijinja fuel, which also
+/// charges about 64 bytes per unit of memory the template allocates): far above what real
+/// templates use on long conversations, far below a template that never ends.
+const CHAT_TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// How deep macros and recursive loops may nest in a chat template.
+const CHAT_TEMPLATE_RECURSION: usize = 100;
+
+/// The largest chat template accepted. Real ones are a few kilobytes (tool-calling templates
+/// reach tens); the limit keeps the depth of an expression bounded, see [`RENDER_STACK`].
+const CHAT_TEMPLATE_MAX_BYTES: usize = 128 << 10;
+
+/// minijinja parses and evaluates chains of operators (`not not ... x`, `a + b + ...`) by
+/// recursion that its recursion limit does not count, about 450 bytes of stack per level: a
+/// template of the largest size needs about 60 MiB, so templates render on a thread of their
+/// own with this much stack (reserved, not used, for ordinary templates).
+const RENDER_STACK: usize = 256 << 20;
+
+/// Renders a Hugging Face chat template with the variables transformers provides. A template
+/// that is too large, runs too long, allocates too much or recurses too deep is an error.
 pub fn render_chat_template(
     template: &str,
     messages: &[Message],
@@ -287,7 +338,49 @@ pub fn render_chat_template(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String, StageError> {
+    if template.len() > CHAT_TEMPLATE_MAX_BYTES {
+        return Err(StageError::ChatTemplate(format!(
+            "the template is {} bytes; at most {CHAT_TEMPLATE_MAX_BYTES} are supported",
+            template.len()
+        )));
+    }
+    std::thread::scope(|scope| {
+        let rendering = std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(RENDER_STACK)
+            .spawn_scoped(scope, || {
+                render_with_limits(
+                    template,
+                    messages,
+                    add_generation_prompt,
+                    bos_token,
+                    eos_token,
+                )
+            })
+            .map_err(|e| {
+                StageError::ChatTemplate(format!("cannot start the template renderer: {e}"))
+            })?;
+        // minijinja's lexer counts columns in 16 bits and overflows (a panic in debug builds) on
+        // a line of more than 65,535 characters: a panic in there is this template's error.
+        rendering.join().unwrap_or_else(|_| {
+            Err(StageError::ChatTemplate(
+                "the template engine failed on this template (is a line longer than 65,535 characters?)"
+                    .into(),
+            ))
+        })
+    })
+}
+
+fn render_with_limits(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, StageError> {
     let mut env = Environment::new();
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+    env.set_recursion_limit(CHAT_TEMPLATE_RECURSION);
     // transformers compiles templates with trim_blocks and lstrip_blocks.
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
@@ -357,6 +450,32 @@ mod tests {
             render_chat_template(t, &[msg("user", "x")], false, "", "").unwrap(),
             "ok"
         );
+    }
+
+    #[test]
+    fn runaway_templates_are_errors() {
+        for t in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% macro m(d) %}{{ m(d + 1) }}{% endmacro %}{{ m(0) }}",
+            "{% set s = 'x' * 99999999 %}{% for i in range(1000) %}{{ s }}{% endfor %}",
+            &format!("{{{{ {}x }}}}", "-".repeat(CHAT_TEMPLATE_MAX_BYTES + 1)),
+        ] {
+            assert!(render_chat_template(t, &[msg("user", "x")], false, "", "").is_err());
+        }
+    }
+
+    /// Chains of operators as long as the largest template allows parse without exhausting
+    /// the renderer's stack.
+    #[test]
+    fn the_deepest_expressions_a_template_can_hold_render() {
+        let n = CHAT_TEMPLATE_MAX_BYTES - 16;
+        for t in [
+            format!("{{{{ {}1 }}}}", "-".repeat(n)),
+            format!("{{{{ {}1 }}}}", "not ".repeat(n / 4)),
+            format!("{{{{ 1{} }}}}", " + 1".repeat(n / 4)),
+        ] {
+            let _ = render_chat_template(&t, &[msg("user", "x")], false, "", "");
+        }
     }
 
     #[test]

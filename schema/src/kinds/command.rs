@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use super::{Expect, FieldError, InputField, Kind, Produces, StageSpec, inputs_list, stage_common};
 use crate::source::ValuePath;
 
+/// The instructions (and, at about 64 bytes each, the memory) a `cmd` template may use.
+const COMMAND_TEMPLATE_FUEL: u64 = 1_000_000;
+
 /// Run a shell command that writes declared files into `{{ out }}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
@@ -27,6 +30,57 @@ pub struct CommandParams {
     pub outputs: BTreeMap<String, String>,
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
+    /// Confine the command (Linux, Landlock): it reads only its inputs, `deps`, `read_paths`
+    /// and the system's read-only locations, and writes only `{{ out }}`, its work directory
+    /// and `$TMPDIR`. `"recipe-dir"` also lets it read the recipe's directory; `false` opts out,
+    /// and the artifact's manifest says so. Not in the key: it restricts, it adds nothing.
+    #[serde(skip_serializing_if = "SandboxSetting::is_default")]
+    pub sandbox: SandboxSetting,
+    /// More paths the sandboxed command may read, relative to the recipe or absolute. Files
+    /// among them are hashed into the key like `deps`; directories are only allowed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub read_paths: Vec<String>,
+    /// Allow TCP connections from inside the sandbox (off by default, where the kernel can
+    /// enforce it: Linux 6.7 and later).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
+}
+
+/// `sandbox = true | false | "recipe-dir"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum SandboxSetting {
+    /// `true` (the default) confines the command; `false` does not.
+    Enabled(bool),
+    /// `"recipe-dir"`: confined, but it may read anything under the recipe's directory.
+    Mode(SandboxMode),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SandboxMode {
+    #[serde(rename = "recipe-dir")]
+    RecipeDir,
+}
+
+impl Default for SandboxSetting {
+    fn default() -> Self {
+        SandboxSetting::Enabled(true)
+    }
+}
+
+impl SandboxSetting {
+    fn is_default(&self) -> bool {
+        *self == SandboxSetting::default()
+    }
+
+    /// `on`, `recipe-dir` or `off`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxSetting::Enabled(true) => "on",
+            SandboxSetting::Enabled(false) => "off",
+            SandboxSetting::Mode(SandboxMode::RecipeDir) => "recipe-dir",
+        }
+    }
 }
 
 impl Kind for CommandParams {
@@ -41,6 +95,9 @@ impl CommandParams {
     pub fn render(&self, input_paths: &[String], out: &str) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        // A command is a line or two: a template that loops or grows without end is an error,
+        // not a hang (fuel bounds both the instructions run and the memory allocated).
+        env.set_fuel(Some(COMMAND_TEMPLATE_FUEL));
         let inputs: BTreeMap<String, String> = self
             .inputs
             .iter()
@@ -93,16 +150,27 @@ impl StageSpec for CommandParams {
             .map(|(i, dep)| (ValuePath::root().key("deps").index(i), dep.clone()))
             .collect()
     }
+    fn read_paths(&self) -> Vec<(ValuePath, String)> {
+        self.read_paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (ValuePath::root().key("read_paths").index(i), p.clone()))
+            .collect()
+    }
     fn key_params(&self) -> serde_json::Value {
         let mut params = self.params();
         // Invalid templates are reported by `check`; keep the raw text so keying never fails.
         let cmd = self.key_command().unwrap_or_else(|_| self.cmd.clone());
         params["cmd"] = serde_json::Value::String(cmd);
         // Input names appear only through the template; the inputs' keys enter by position.
-        params
+        // The sandbox settings restrict the command without adding to what it reads, and the
+        // files of `read_paths` enter by content (keying.rs), never by path.
+        let map = params
             .as_object_mut()
-            .expect("struct serialises to an object")
-            .remove("inputs");
+            .expect("struct serialises to an object");
+        for field in ["inputs", "sandbox", "network", "read_paths"] {
+            map.remove(field);
+        }
         params
     }
     fn check(&self) -> Vec<FieldError> {
@@ -133,6 +201,14 @@ impl StageSpec for CommandParams {
                 errors.push(FieldError::new(
                     root.key("outputs").key(name),
                     "output names use letters, digits, `_` and `-`",
+                ));
+            }
+        }
+        for (i, path) in self.read_paths.iter().enumerate() {
+            if path.trim().is_empty() {
+                errors.push(FieldError::new(
+                    root.key("read_paths").index(i),
+                    "a read path is empty",
                 ));
             }
         }
@@ -192,6 +268,34 @@ mod tests {
         let errors = p.check();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].message.contains("invalid command template"));
+    }
+
+    #[test]
+    fn sandbox_settings_stay_out_of_the_key() {
+        let plain = params("prep {{ out }}/x", &[]);
+        let mut confined = plain.clone();
+        confined.sandbox = SandboxSetting::Mode(SandboxMode::RecipeDir);
+        confined.network = true;
+        confined.read_paths = vec!["/opt/data".into()];
+        assert_eq!(plain.key_params(), confined.key_params());
+        // Defaults are not written into the parameters the lockfile records either.
+        assert!(plain.params().get("sandbox").is_none());
+        assert_eq!(confined.params()["sandbox"], "recipe-dir");
+        let parsed: CommandParams = serde_json::from_value(serde_json::json!({
+            "cmd": "x", "outputs": {"a": "a"}, "sandbox": false
+        }))
+        .unwrap();
+        assert_eq!(parsed.sandbox.as_str(), "off");
+    }
+
+    #[test]
+    fn runaway_command_templates_are_errors() {
+        let p = params(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            &[],
+        );
+        let err = p.render(&[], "/out").unwrap_err();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]

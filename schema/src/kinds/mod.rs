@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use command::CommandParams;
+pub use command::{CommandParams, SandboxMode, SandboxSetting};
 pub use common::*;
 pub use dpo::{DpoLossArgs, DpoLossType, DpoParams, FDivergenceType};
 pub use generation::{ConstitutionalParams, EvaluateParams, ExportParams, GenerateParams};
@@ -200,6 +200,11 @@ pub trait StageSpec: fmt::Debug + Send + Sync + Any {
     /// Plain files the stage reads besides its inputs, relative to the recipe: their content
     /// is part of the stage's key. `(field path, file path)` pairs.
     fn deps(&self) -> Vec<(ValuePath, String)> {
+        Vec::new()
+    }
+    /// Paths a sandboxed stage may read besides its inputs and `deps`, relative to the recipe
+    /// or absolute: files among them are part of the key by content, directories are not.
+    fn read_paths(&self) -> Vec<(ValuePath, String)> {
         Vec::new()
     }
     /// Checks across fields that a schema cannot express.

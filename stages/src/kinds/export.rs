@@ -1,7 +1,8 @@
 //! Export (`export`): copies a model artifact (a Hugging Face directory) to `out`, a directory
 //! outside the store, relative to the recipe. Files are written to a temporary name and renamed
-//! into place one by one; nothing else in `out` is touched. The store keeps a record of what was
-//! written (`export.json`), and the engine runs the stage again when `out` is gone.
+//! into place one by one, writable by their owner (the store's copies are read-only); nothing
+//! else in `out` is touched. The store keeps a record of what was written (`export.json`), and
+//! the engine runs the stage again when `out` is gone.
 
 use std::path::{Path, PathBuf};
 
@@ -39,8 +40,11 @@ impl HostKind for Export {
             std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
             let name = to.file_name().unwrap_or_default().to_string_lossy();
             let partial = to.with_file_name(format!("{name}.partial"));
+            // A copy left by an interrupted export may be read-only: copy cannot open it.
+            let _ = std::fs::remove_file(&partial);
             bytes +=
                 std::fs::copy(source.join(file), &partial).map_err(|e| TrainError::io(&to, e))?;
+            user_writable(&partial).map_err(|e| TrainError::io(&to, e))?;
             std::fs::rename(&partial, &to).map_err(|e| TrainError::io(&to, e))?;
         }
         let record = json!({
@@ -63,6 +67,15 @@ impl HostKind for Export {
         .collect();
         Ok(StageOutcome { summary })
     }
+}
+
+/// Gives the owner write access: `std::fs::copy` keeps the mode of the store's read-only file,
+/// and an exported model is the user's to change.
+fn user_writable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut permissions = std::fs::metadata(path)?.permissions();
+    permissions.set_mode(permissions.mode() | 0o200);
+    std::fs::set_permissions(path, permissions)
 }
 
 /// Every file under `dir`, relative to it, but the store's own manifest.

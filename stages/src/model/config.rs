@@ -257,6 +257,36 @@ impl ModelConfig {
             )));
         }
 
+        // Shapes are products of these sizes; one that overflows describes no model (and would
+        // wrap or panic where the shapes are computed).
+        for (what, a, b) in [
+            (
+                "num_attention_heads x head_dim",
+                num_attention_heads,
+                head_dim,
+            ),
+            (
+                "num_key_value_heads x head_dim",
+                num_key_value_heads,
+                head_dim,
+            ),
+            ("vocab_size x hidden_size", vocab_size, hidden_size),
+            (
+                "hidden_size x intermediate_size",
+                hidden_size,
+                intermediate_size,
+            ),
+            (
+                "hidden_size x num_attention_heads x head_dim",
+                hidden_size,
+                num_attention_heads.saturating_mul(head_dim),
+            ),
+        ] {
+            if a.checked_mul(b).is_none_or(|n| n > isize::MAX as usize) {
+                return Err(bad(format!("{what} ({a} x {b}) is too large")));
+            }
+        }
+
         if let Some(act) = obj.get("hidden_act").and_then(Value::as_str)
             && act != "silu"
         {

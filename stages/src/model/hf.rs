@@ -246,7 +246,9 @@ fn build_backbone(
     };
     let q = cfg.num_attention_heads * cfg.head_dim;
     let kv = cfg.num_key_value_heads * cfg.head_dim;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    // Not `with_capacity`: the layer count comes from config.json, and a layer exists only once
+    // its weights have been read from the file.
+    let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let input_layernorm = norm(src, &format!("{p}.input_layernorm.weight"), cfg, device)?;
