@@ -124,7 +124,7 @@ fn a_reward_model_judge_scores_each_answer_as_the_reward_stage_would() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(samples.len(), 6);
-    let device = crate::test_device();
+    let device = rudder_stages::test_device();
     let (_, model) = load_reward_model(&rm, &device).unwrap();
     let tokenizer = Tokenizer::from_dir(&rm).unwrap();
     let eos = tokenizer.eos_id().unwrap();

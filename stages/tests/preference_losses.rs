@@ -284,7 +284,7 @@ fn ld_logps_from_token_logps_match_trl() {
             }
         }
         let shape = [rows.len(), width];
-        let device = crate::test_device();
+        let device = rudder_stages::test_device();
         (
             Tensor::<2>::from_data(TensorData::new(logps, shape), &device),
             Tensor::<2>::from_data(TensorData::new(mask, shape), &device),

@@ -281,7 +281,7 @@ fn pretrain_trains_a_fresh_model_that_loads_generates_and_reproduces() {
     assert!(loss(11) < loss(0) - 1.0, "loss {} -> {}", loss(0), loss(11));
 
     // A Hugging Face directory: config with the tokenizer's vocabulary and special ids.
-    let device = crate::test_device();
+    let device = rudder_stages::test_device();
     let (cfg, _model) = load_causal_lm(&out, &device).unwrap();
     assert_eq!(cfg.vocab_size, vocab as usize);
     assert_eq!(cfg.hidden_size, 32);
