@@ -14,7 +14,6 @@ use rudder_fuzz::{
     JsonEdit, Mutation, cases, edit_json, join_safetensors, json_edits, mutate, mutations, run,
     seeds, split_safetensors, write_case,
 };
-use rudder_stages::TestBackend;
 use rudder_stages::data::{Format, read_rows};
 use rudder_stages::model::hf::{load_causal_lm, load_config, load_reward_model};
 use rudder_stages::tokenizer::{Message, Tokenizer, render_chat_template};
@@ -345,7 +344,7 @@ fn model_directories() {
         .clone();
     let dir = case_dir("model");
     let meter = Meter::new();
-    let device = Default::default();
+    let device = rudder_stages::test_device();
     let ran = run("model", cases(300), model_damage(), |damage| {
         let mut config = serde_json::to_vec(&config_seed).expect("serialises");
         let mut weights = weights_seed.clone();
@@ -377,10 +376,10 @@ fn model_directories() {
             if let Err(e) = load_config(path) {
                 names(&e, path)?;
             }
-            if let Err(e) = load_causal_lm::<TestBackend>(path, &device) {
+            if let Err(e) = load_causal_lm(path, &device) {
                 names(&e, path)?;
             }
-            if let Err(e) = load_reward_model::<TestBackend>(path, &device) {
+            if let Err(e) = load_reward_model(path, &device) {
                 names(&e, path)?;
             }
             Ok(())
@@ -571,8 +570,8 @@ fn write_model_seed() {
     use rudder_stages::model::config::ModelConfig;
     use rudder_stages::model::hf::{random_causal_lm, save_causal_lm};
     let cfg = ModelConfig::llama(16, 8, 16, 1, 2, 1);
-    let device = Default::default();
-    let model = random_causal_lm::<TestBackend>(&cfg, 7, &device);
+    let device = rudder_stages::test_device();
+    let model = random_causal_lm(&cfg, 7, &device);
     let dir = rudder_fuzz::corpus_dir().join("model");
     save_causal_lm(&model, &cfg, &dir).unwrap();
 }
@@ -604,7 +603,7 @@ fn absurd_model_sizes_are_errors() {
         "max_position_embeddings",
         "sliding_window",
     ];
-    let device = Default::default();
+    let device = rudder_stages::test_device();
     let mut ran = 0;
     for field in fields {
         for value in huge {
@@ -622,7 +621,7 @@ fn absurd_model_sizes_are_errors() {
             let path = dir.path();
             meter
                 .measure(text.len() + weights.len(), || {
-                    match load_causal_lm::<TestBackend>(path, &device) {
+                    match load_causal_lm(path, &device) {
                         // Limits on positions shape no weight: the model loads.
                         Ok(_) if matches!(field, "max_position_embeddings" | "sliding_window") => {
                             Ok(())
