@@ -8,7 +8,7 @@ use crate::digest::DigestCache;
 use crate::error::EngineError;
 use crate::graph::Graph;
 use crate::lockfile::Lockfile;
-use crate::plan::{Plan, Planner, Selection};
+use crate::plan::{Plan, Planner, RemoteIndex, Selection};
 use crate::runner::Registry;
 use crate::store::Store;
 
@@ -47,6 +47,17 @@ impl Project {
         selection: &Selection,
         backend: Option<Backend>,
     ) -> Result<Plan, EngineError> {
+        self.plan_with_remote(registry, selection, backend, None)
+    }
+
+    /// [`Project::plan`], with what is missing from the store looked up on a remote.
+    pub fn plan_with_remote(
+        &self,
+        registry: &Registry,
+        selection: &Selection,
+        backend: Option<Backend>,
+        remote: Option<&dyn RemoteIndex>,
+    ) -> Result<Plan, EngineError> {
         let digests = if self.store.exists() {
             self.store.digest_cache()
         } else {
@@ -59,6 +70,7 @@ impl Project {
             store: &self.store,
             digests: &digests,
             backend,
+            remote,
         };
         let plan = planner.plan(selection, &self.lockfile()?)?;
         // Only a cache: failing to save it loses nothing but time.

@@ -10,6 +10,8 @@
 //! .rudder/runs/                      one JSON record per run; <ms>-<pid>.live.json while it runs
 //! .rudder/slurm/<key>.{sh,log,job}   a Slurm job's script, its output, its id (`slurm.rs`)
 //! .rudder/cache/digests.json         file digests by path, size and mtime
+//! .rudder/cache/pull/<blake3>        files a pull fetched and verified, until their artifact
+//!                                    is committed (`remote/pull.rs`)
 //! ```
 //!
 //! An artifact becomes visible in one `rename` of a complete directory, so a crash at any point
