@@ -54,12 +54,14 @@ fn main() -> ExitCode {
             store,
             backend,
             json,
+            remote,
         } => commands::plan::run(
             &recipe,
             &selection,
             &store,
             backend.as_deref(),
             json,
+            remote.as_deref(),
             &printer,
         ),
         Command::Run(args) => commands::run::run(&args, &printer),
@@ -89,11 +91,9 @@ fn main() -> ExitCode {
             dir,
             store,
         } => commands::export::run(&recipe, &stage, &dir, &store, &printer),
-        Command::Gc {
-            lockfiles,
-            store,
-            dry_run,
-        } => commands::gc::run(&lockfiles, &store, dry_run, &printer),
+        Command::Push(args) => commands::push::run(&args, &printer),
+        Command::Pull(args) => commands::pull::run(&args, &printer),
+        Command::Gc(args) => commands::gc::run(&args, &printer),
         Command::Schema => commands::schema::run(&printer),
     };
     match result {

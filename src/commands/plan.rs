@@ -1,5 +1,5 @@
 use rudder_engine::Plan;
-use rudder_engine::plan::State;
+use rudder_engine::plan::{RemoteIndex, State};
 
 use crate::ExitStatus;
 use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
@@ -11,14 +11,19 @@ pub fn run(
     store: &StoreArgs,
     backend: Option<&str>,
     json: bool,
+    remote: Option<&str>,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
     let project = super::open(recipe, Some(store))?;
-    let plan = project.plan(
+    let mode = super::remote_mode(None, remote, &project)?;
+    let cache = super::remote_cache(&project, remote, mode, printer)?;
+    let plan = project.plan_with_remote(
         &super::registry(),
         &super::selection(selection),
         super::backend(backend)?,
+        cache.as_ref().map(|c| c as &dyn RemoteIndex),
     )?;
+    warn_about_remote(&plan, printer);
     if json {
         printer.data(serde_json::to_string_pretty(&plan.to_json())?);
     } else {
@@ -36,6 +41,7 @@ pub fn print(plan: &Plan, printer: &Printer) {
             (_, true) => "source",
             (State::Cached, false) => "cached",
             (State::Run, false) => "run",
+            (State::Remote, false) => "remote",
         };
         let reasons = if entry.reasons.is_empty() {
             String::new()
@@ -58,11 +64,22 @@ pub fn print(plan: &Plan, printer: &Printer) {
         ));
     }
     let runs = plan.to_run().count();
+    let fetches = match plan.to_fetch().len() {
+        0 => String::new(),
+        n => format!(", {n} to fetch from the remote"),
+    };
     printer.out(format!(
-        "{runs} to run, {} cached",
+        "{runs} to run, {} cached{fetches}",
         plan.entries
             .iter()
             .filter(|e| !e.is_source && e.state == State::Cached)
             .count()
     ));
+}
+
+/// A remote the plan could not ask is a warning: the plan is the local one.
+pub fn warn_about_remote(plan: &Plan, printer: &Printer) {
+    if let Some(warning) = &plan.remote_warning {
+        printer.status(format!("warning: {warning}; planned without the remote"));
+    }
 }

@@ -34,6 +34,15 @@ pub struct PushReport {
 
 impl PushReport {
     pub fn summary(&self, remote: &str) -> String {
+        if self.pushed.is_empty() && self.raced.is_empty() {
+            let n = self.present.len();
+            return format!(
+                "nothing to push: {} {n} artifact{} {} on {remote} already",
+                if n == 1 { "the" } else { "all" },
+                plural(n),
+                if n == 1 { "is" } else { "are" }
+            );
+        }
         let mut text = format!(
             "pushed {} artifact{} to {remote}: {} file{} uploaded ({})",
             self.pushed.len(),
