@@ -561,23 +561,27 @@ fn s3_two_concurrent_pushes_of_one_recipe_both_succeed_and_one_artifact_stays_wh
     );
 }
 
-#[test]
-fn s3_a_killed_push_leaves_no_artifact_and_the_next_push_completes() {
-    let Some(moto) = moto() else { return };
-    let bucket = bucket(moto, "killed");
-    // One small file and two large ones (uploaded in parts): the small one is on the remote
-    // long before the large ones.
-    let recipe = commands_recipe(&s3_remote(&bucket)).replace(
+/// `other` holds one small file and two large ones (transferred in parts): the small one is
+/// across long before the large ones.
+fn large_site(moto: &Moto, bucket: &str) -> Site {
+    let recipe = commands_recipe(&s3_remote(bucket)).replace(
         "echo independent > {{ out }}/other.txt",
         "echo small > {{ out }}/other.txt; head -c 50000000 /dev/urandom > {{ out }}/a.bin; head -c 50000000 /dev/urandom > {{ out }}/b.bin",
     );
-    let a = Site::new(
+    Site::new(
         &[
             ("recipe.toml", recipe.as_bytes()),
             ("raw.txt", b"alpha\nbeta\n"),
         ],
         Some(moto.port),
-    );
+    )
+}
+
+#[test]
+fn s3_a_killed_push_leaves_no_artifact_and_the_next_push_completes() {
+    let Some(moto) = moto() else { return };
+    let bucket = bucket(moto, "killed");
+    let a = large_site(moto, &bucket);
     a.ok(&["run", "recipe.toml"]);
     let mut push = a
         .command(&["push", "recipe.toml", "other"])
@@ -616,6 +620,53 @@ fn s3_a_killed_push_leaves_no_artifact_and_the_next_push_completes() {
     );
     b.ok(&["pull", "recipe.toml", "other"]);
     assert_eq!(b.artifact("other", "b.bin"), a.artifact("other", "b.bin"));
+}
+
+#[test]
+fn s3_a_killed_pull_resumes_without_fetching_verified_files_again() {
+    let Some(moto) = moto() else { return };
+    let bucket = bucket(moto, "resume");
+    let a = large_site(moto, &bucket);
+    a.ok(&["run", "recipe.toml"]);
+    a.ok(&["push", "recipe.toml", "other"]);
+    let b = a.clone_checkout();
+    let mut pull = b
+        .command(&["pull", "recipe.toml", "other"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cache = b.scratch.path(".rudder/cache/pull");
+    let verified = || {
+        std::fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".part"))
+            .count()
+    };
+    let start = Instant::now();
+    while verified() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "nothing was fetched"
+        );
+        assert!(
+            pull.try_wait().unwrap().is_none(),
+            "the pull ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    assert_eq!(b.objects(), 0, "a killed pull committed an artifact");
+    let (_, stderr) = b.ok(&["pull", "recipe.toml", "other"]);
+    assert!(stderr.contains("fetched by an earlier pull"), "{stderr}");
+    assert_eq!(b.artifact("other", "a.bin"), a.artifact("other", "a.bin"));
+    assert!(
+        !cache.exists() || verified() == 0,
+        "the pull cache is emptied"
+    );
 }
 
 #[test]
@@ -691,6 +742,15 @@ fn run_with_a_remote_builds_only_what_the_remote_lacks_and_pushes_it() {
         assert_eq!(
             b.states(&["--remote", &remote_arg]),
             states(&[("upper", "remote"), ("count", "run"), ("other", "run")])
+        );
+        // A forced stage is built, not fetched; an input a selection leaves out is fetched.
+        assert_eq!(
+            b.states(&["--remote", &remote_arg, "--force", "upper"])[0],
+            ("upper".to_owned(), "run".to_owned())
+        );
+        assert_eq!(
+            b.states(&["--remote", &remote_arg, "--only", "count"]),
+            states(&[("upper", "remote"), ("count", "run")])
         );
         let (_, stderr) = b.ok(&["run", "recipe.toml", "--remote", &remote_arg]);
         assert!(stderr.contains("pulled upper from"), "{remote}: {stderr}");

@@ -113,12 +113,14 @@ pub fn remote_mode(
     })
 }
 
-/// The remote a plan or a run looks missing artifacts up on, when `mode` reads one. A remote
-/// that cannot be opened is a warning: the store works without it.
+/// The remote a plan or a run looks missing artifacts up on, when `mode` reads one (a missing
+/// directory is created when `create`). A remote that cannot be opened is a warning: the store
+/// works without it.
 pub fn remote_cache(
     project: &Project,
     asked: Option<&str>,
     mode: RemoteCacheMode,
+    create: bool,
     printer: &Printer,
 ) -> anyhow::Result<Option<RemoteCache>> {
     if !mode.reads() {
@@ -131,7 +133,7 @@ pub fn remote_cache(
         ));
         return Ok(None);
     };
-    match Remote::open(&target, mode.writes()) {
+    match Remote::open(&target, create) {
         Ok(remote) => Ok(Some(RemoteCache::new(std::sync::Arc::new(remote)))),
         Err(err) => {
             printer.status(format!("warning: {err}; going on without the remote"));

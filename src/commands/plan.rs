@@ -16,7 +16,7 @@ pub fn run(
 ) -> anyhow::Result<ExitStatus> {
     let project = super::open(recipe, Some(store))?;
     let mode = super::remote_mode(None, remote, &project)?;
-    let cache = super::remote_cache(&project, remote, mode, printer)?;
+    let cache = super::remote_cache(&project, remote, mode, false, printer)?;
     let plan = project.plan_with_remote(
         &super::registry(),
         &super::selection(selection),

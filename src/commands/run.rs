@@ -61,6 +61,7 @@ pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
         &project,
         args.remote.as_deref(),
         settings.remote_cache,
+        settings.remote_cache.writes() && !args.dry_run,
         printer,
     )?;
     let index = cache.as_ref().map(|c| c as &dyn RemoteIndex);
@@ -142,12 +143,24 @@ pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     // Even after a failure: what was built is pushed.
     let pushed = match (&uploader, &cache) {
         (Some(uploader), Some(cache)) => {
+            // Every stage the observer may not have seen end (a Slurm job done between two
+            // polls); one the remote has by now costs one request.
+            for entry in plan.to_run() {
+                if project.store.contains(&entry.key) {
+                    uploader.push(&entry.name, entry.key);
+                }
+            }
             let (report, errors) = uploader.finish();
             for error in errors {
                 printer.status(format!("warning: not pushed: {error}"));
             }
-            (!report.pushed.is_empty() || !report.raced.is_empty())
-                .then(|| report.summary(&cache.remote.describe()))
+            (!report.pushed.is_empty() || !report.raced.is_empty()).then(|| {
+                rudder_engine::remote::PushReport {
+                    present: Vec::new(),
+                    ..report
+                }
+                .summary(&cache.remote.describe())
+            })
         }
         _ => None,
     };
