@@ -55,6 +55,7 @@ fn main() -> ExitCode {
             backend,
             json,
             verify,
+            remote,
         } => commands::plan::run(
             &recipe,
             &selection,
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
             backend.as_deref(),
             json,
             verify.verify.into(),
+            remote.as_deref(),
             &printer,
         ),
         Command::Run(args) => commands::run::run(&args, &printer),
@@ -91,11 +93,9 @@ fn main() -> ExitCode {
             dir,
             store,
         } => commands::export::run(&recipe, &stage, &dir, &store, &printer),
-        Command::Gc {
-            lockfiles,
-            store,
-            dry_run,
-        } => commands::gc::run(&lockfiles, &store, dry_run, &printer),
+        Command::Push(args) => commands::push::run(&args, &printer),
+        Command::Pull(args) => commands::pull::run(&args, &printer),
+        Command::Gc(args) => commands::gc::run(&args, &printer),
         Command::Verify {
             recipe,
             all,

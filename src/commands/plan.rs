@@ -1,4 +1,4 @@
-use rudder_engine::plan::State;
+use rudder_engine::plan::{RemoteIndex, State};
 use rudder_engine::{Plan, VerifyMode};
 
 use crate::ExitStatus;
@@ -12,15 +12,20 @@ pub fn run(
     backend: Option<&str>,
     json: bool,
     verify: VerifyMode,
+    remote: Option<&str>,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
     let mut project = super::open(recipe, Some(store))?;
     project.verify = verify;
-    let plan = project.plan(
+    let mode = super::remote_mode(None, remote, &project)?;
+    let cache = super::remote_cache(&project, remote, mode, false, printer)?;
+    let plan = project.plan_with_remote(
         &super::registry(),
         &super::selection(selection),
         super::backend(backend)?,
+        cache.as_ref().map(|c| c as &dyn RemoteIndex),
     )?;
+    warn_about_remote(&plan, printer);
     if json {
         printer.data(serde_json::to_string_pretty(&plan.to_json())?);
     } else {
@@ -38,6 +43,7 @@ pub fn print(plan: &Plan, printer: &Printer) {
             (_, true) => "source",
             (State::Cached, false) => "cached",
             (State::Run, false) => "run",
+            (State::Remote, false) => "remote",
         };
         let reasons = if entry.reasons.is_empty() {
             String::new()
@@ -60,11 +66,22 @@ pub fn print(plan: &Plan, printer: &Printer) {
         ));
     }
     let runs = plan.to_run().count();
+    let fetches = match plan.to_fetch().len() {
+        0 => String::new(),
+        n => format!(", {n} to fetch from the remote"),
+    };
     printer.out(format!(
-        "{runs} to run, {} cached",
+        "{runs} to run, {} cached{fetches}",
         plan.entries
             .iter()
             .filter(|e| !e.is_source && e.state == State::Cached)
             .count()
     ));
+}
+
+/// A remote the plan could not ask is a warning: the plan is the local one.
+pub fn warn_about_remote(plan: &Plan, printer: &Printer) {
+    if let Some(warning) = &plan.remote_warning {
+        printer.status(format!("warning: {warning}; planned without the remote"));
+    }
 }
