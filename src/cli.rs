@@ -23,26 +23,7 @@ pub enum Command {
     /// Check a recipe and report every error.
     Validate(RecipeArgs),
     /// Say, for every node, whether it is cached or will run, and why.
-    Plan {
-        #[command(flatten)]
-        recipe: RecipeArgs,
-        #[command(flatten)]
-        selection: SelectionArgs,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Compute keys as if running on this backend.
-        #[arg(long)]
-        backend: Option<String>,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        verify: VerifyArgs,
-        /// Say which missing artifacts this remote has (`remote`); default: the recipe's
-        /// default remote when `remote_cache` is set.
-        #[arg(long, env = "RUDDER_REMOTE", value_name = "NAME_OR_URL")]
-        remote: Option<String>,
-    },
+    Plan(PlanArgs),
     /// Run the stages that are not cached.
     Run(RunArgs),
     /// Build one stage's artifact by its key (what each Slurm job runs); refuses when the
@@ -122,6 +103,28 @@ pub enum Command {
     },
     /// Print the JSON Schema of the recipe format.
     Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Compute keys as if running on this backend.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub verify: VerifyArgs,
+    /// Say which missing artifacts this remote has (`remote`); default: the recipe's default
+    /// remote when `remote_cache` is set.
+    #[arg(long, env = "RUDDER_REMOTE", value_name = "NAME_OR_URL")]
+    pub remote: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -48,24 +48,7 @@ fn main() -> ExitCode {
     let printer = Printer::new(cli.quiet);
     let result = match cli.command {
         Command::Validate(args) => commands::validate::run(&args, &printer),
-        Command::Plan {
-            recipe,
-            selection,
-            store,
-            backend,
-            json,
-            verify,
-            remote,
-        } => commands::plan::run(
-            &recipe,
-            &selection,
-            &store,
-            backend.as_deref(),
-            json,
-            verify.verify.into(),
-            remote.as_deref(),
-            &printer,
-        ),
+        Command::Plan(args) => commands::plan::run(&args, &printer),
         Command::Run(args) => commands::run::run(&args, &printer),
         Command::Exec(args) => commands::exec::run(&args, &printer),
         Command::Dag { recipe, format } => commands::dag::run(&recipe, &format, &printer),

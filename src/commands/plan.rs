@@ -1,32 +1,24 @@
+use rudder_engine::Plan;
 use rudder_engine::plan::{RemoteIndex, State};
-use rudder_engine::{Plan, VerifyMode};
 
 use crate::ExitStatus;
-use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
+use crate::cli::PlanArgs;
 use crate::printer::Printer;
 
-pub fn run(
-    recipe: &RecipeArgs,
-    selection: &SelectionArgs,
-    store: &StoreArgs,
-    backend: Option<&str>,
-    json: bool,
-    verify: VerifyMode,
-    remote: Option<&str>,
-    printer: &Printer,
-) -> anyhow::Result<ExitStatus> {
-    let mut project = super::open(recipe, Some(store))?;
-    project.verify = verify;
+pub fn run(args: &PlanArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
+    let mut project = super::open(&args.recipe, Some(&args.store))?;
+    project.verify = args.verify.verify.into();
+    let remote = args.remote.as_deref();
     let mode = super::remote_mode(None, remote, &project)?;
     let cache = super::remote_cache(&project, remote, mode, false, printer)?;
     let plan = project.plan_with_remote(
         &super::registry(),
-        &super::selection(selection),
-        super::backend(backend)?,
+        &super::selection(&args.selection),
+        super::backend(args.backend.as_deref())?,
         cache.as_ref().map(|c| c as &dyn RemoteIndex),
     )?;
     warn_about_remote(&plan, printer);
-    if json {
+    if args.json {
         printer.data(serde_json::to_string_pretty(&plan.to_json())?);
     } else {
         print(&plan, printer);
