@@ -121,8 +121,8 @@ pub struct PlanArgs {
     pub json: bool,
     #[command(flatten)]
     pub verify: VerifyArgs,
-    /// Say which missing artifacts this remote has (`remote`); default: the recipe's default
-    /// remote when `remote_cache` is set.
+    /// Say which missing (or corrupted) artifacts this remote has (`remote`); default: the
+    /// recipe's default remote when `remote_cache` is set.
     #[arg(long, env = "RUDDER_REMOTE", value_name = "NAME_OR_URL")]
     pub remote: Option<String>,
 }

@@ -12,6 +12,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -453,6 +454,16 @@ fn s3_push_from_one_store_pull_into_an_empty_one_then_nothing_runs() {
         b.artifact("sft", "model.safetensors"),
         a.artifact("sft", "model.safetensors")
     );
+    // Pulled artifacts are committed as built ones are: read-only, and intact when hashed.
+    let model = Path::new(b.ok(&["show", "recipe.toml", "sft", "--path"]).0.trim())
+        .join("model.safetensors");
+    let mode = std::fs::metadata(&model).unwrap().permissions().mode();
+    assert_eq!(mode & 0o222, 0, "{} is writable", model.display());
+    let (_, stderr) = b.ok(&["verify", "recipe.toml"]);
+    assert!(
+        stderr.contains("verified 3 artifacts") && stderr.contains("all intact"),
+        "{stderr}"
+    );
     assert_eq!(b.scratch.read("recipe.lock"), a.scratch.read("recipe.lock"));
     // The pulled model is a model: it generates, as the one it was built from does.
     let generate = [
@@ -827,6 +838,171 @@ fn a_shared_directory_from_the_configuration_file_round_trips() {
         text(&out.stderr)
     );
     assert_eq!(c.objects(), 0);
+}
+
+/// Appends to an artifact's file, as a user with a text editor would (root ignores the
+/// read-only bit anyway).
+fn damage(site: &Site, node: &str, file: &str) {
+    let dir = site.ok(&["show", "recipe.toml", node, "--path"]).0;
+    let path = Path::new(dir.trim()).join(file);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"SMUGGLED\n")
+        .unwrap();
+}
+
+fn quarantined(site: &Site) -> usize {
+    std::fs::read_dir(site.scratch.path(".rudder/quarantine"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `plan --json` (with `extra`): the state and reasons of `node`.
+fn planned(site: &Site, node: &str, extra: &[&str]) -> (String, Vec<String>) {
+    let mut args = vec!["plan", "recipe.toml", "--json"];
+    args.extend_from_slice(extra);
+    let json: serde_json::Value = serde_json::from_str(&site.ok(&args).0).unwrap();
+    let entry = json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()
+        .clone();
+    let reasons = entry["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    (entry["state"].as_str().unwrap().to_owned(), reasons)
+}
+
+#[test]
+fn a_corrupted_artifact_is_never_pushed_and_a_run_fetches_it_again_instead_of_building_it() {
+    let a = commands_site("", None);
+    let shared = a.scratch.path("shared").display().to_string();
+    a.ok(&["run", "recipe.toml"]);
+    a.ok(&["push", "recipe.toml", "--remote", &shared]);
+    // An artifact damaged in the store is refused by a push to a remote that lacks it, which
+    // names the file, uploads nothing, and says how to repair it.
+    damage(&a, "upper", "upper.txt");
+    let fresh = a.scratch.path("fresh");
+    let out = a.rudder(&[
+        "push",
+        "recipe.toml",
+        "--remote",
+        &fresh.display().to_string(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("corrupted in the local store, so not pushed: upper (")
+            && stderr.contains("file upper.txt: digest mismatch")
+            && stderr.contains("`rudder run` moves it to quarantine"),
+        "{stderr}"
+    );
+    assert!(
+        files_under(&fresh)
+            .iter()
+            .all(|f| !f.starts_with(fresh.join("artifacts")))
+    );
+    assert!(!fresh.join("blobs").exists(), "nothing was uploaded");
+
+    // A colleague's store, pulled whole, then damaged: the plan fetches the artifact from the
+    // remote rather than building it, and says why (in text and in JSON).
+    let b = a.clone_checkout();
+    b.ok(&["pull", "recipe.toml", "--remote", &shared]);
+    b.ok(&["verify", "recipe.toml"]);
+    damage(&b, "upper", "upper.txt");
+    assert_eq!(
+        planned(&b, "upper", &[]),
+        (
+            "run".into(),
+            vec!["corrupted (file upper.txt: digest mismatch)".into()]
+        )
+    );
+    assert_eq!(
+        planned(&b, "upper", &["--remote", &shared]),
+        (
+            "remote".into(),
+            vec![
+                "corrupted (file upper.txt: digest mismatch)".into(),
+                format!("on remote {shared}")
+            ]
+        )
+    );
+    let (plan, _) = b.ok(&["plan", "recipe.toml", "--remote", &shared]);
+    assert!(
+        plan.contains("0 to run, 2 cached, 1 to fetch from the remote"),
+        "{plan}"
+    );
+    let (_, stderr) = b.ok(&[
+        "run",
+        "recipe.toml",
+        "--remote",
+        &shared,
+        "--remote-cache",
+        "read",
+    ]);
+    assert!(
+        stderr.contains(
+            "warning: the artifact of `upper` is corrupted (file upper.txt: digest mismatch): moved to"
+        ) && stderr.contains("and pulled again"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ran 0 stages, 2 cached, 1 pulled"),
+        "{stderr}"
+    );
+    assert_eq!(b.artifact("upper", "upper.txt"), b"ALPHA\nBETA\n");
+    assert_eq!(quarantined(&b), 1);
+    b.ok(&["verify", "recipe.toml"]);
+
+    // Damage the cheap check cannot see (another digest recorded, every stat as it was) is
+    // found by --verify full, which the fetch honours too.
+    let dir = b.ok(&["show", "recipe.toml", "count", "--path"]).0;
+    let manifest_path = Path::new(dir.trim()).join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest["files"][0]["blake3"] = serde_json::Value::String("0".repeat(64));
+    std::fs::set_permissions(&manifest_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    assert_eq!(planned(&b, "count", &["--remote", &shared]).0, "cached");
+    assert_eq!(
+        planned(&b, "count", &["--remote", &shared, "--verify", "full"]),
+        (
+            "remote".into(),
+            vec![
+                "corrupted (file count.txt: digest mismatch)".into(),
+                format!("on remote {shared}")
+            ]
+        )
+    );
+    let (_, stderr) = b.ok(&[
+        "run",
+        "recipe.toml",
+        "--remote",
+        &shared,
+        "--remote-cache",
+        "read",
+        "--verify",
+        "full",
+    ]);
+    assert!(
+        stderr.contains("the artifact of `count` is corrupted (file count.txt: digest mismatch)")
+            && stderr.contains("ran 0 stages, 2 cached, 1 pulled"),
+        "{stderr}"
+    );
+    assert_eq!(quarantined(&b), 2);
+    b.ok(&["verify", "recipe.toml"]);
+    // Without the remote, a corrupted artifact is built again, as before.
+    damage(&b, "other", "other.txt");
+    let (_, stderr) = b.ok(&["run", "recipe.toml"]);
+    assert!(stderr.contains("ran 1 stage, 2 cached"), "{stderr}");
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {

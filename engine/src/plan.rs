@@ -14,9 +14,9 @@
 //!
 //! Every artifact the plan would count as cached is checked against its manifest first
 //! (cheaply, or by hashing every file with `--verify full`): a corrupted one runs again.
-//! With a remote store ([`RemoteIndex`]), a stage whose key is not in the store but on the
-//! remote is `remote`: it is fetched, not built (unless forced, or what it writes outside the
-//! store is gone). An input that a selection leaves out and that only the remote holds is
+//! With a remote store ([`RemoteIndex`]), a stage whose key is not in the store (or whose
+//! artifact there is corrupted) but on the remote is `remote`: it is fetched, not built (unless
+//! forced, or what it writes outside the store is gone). An input that a selection leaves out and that only the remote holds is
 //! fetched too, so it appears in the plan as `remote`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use crate::digest::DigestCache;
 use crate::error::EngineError;
 use crate::graph::{Graph, Source};
-use crate::integrity::VerifyMode;
+use crate::integrity::{Problem, VerifyMode};
 use crate::key::Key;
 pub use crate::keying::Keyed;
 use crate::lockfile::{LockEntry, Lockfile};
@@ -123,6 +123,13 @@ pub enum Reason {
         old: u32,
         new: u32,
     },
+}
+
+impl Reason {
+    fn corrupted(problems: &[Problem]) -> Reason {
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        Reason::Corrupted(shown.join(", "))
+    }
 }
 
 impl fmt::Display for Reason {
@@ -264,12 +271,11 @@ impl<'a> Planner<'a> {
         for name in &selection.force {
             forced.extend(self.graph.with_parts(resolve(name)?));
         }
-        let (on_remote, remote_warning) = self.ask_remote(&keyed);
-        let mut entries: Vec<PlanEntry> = Vec::new();
-        let mut states: BTreeMap<NodeIndex, State> = BTreeMap::new();
+        // Whether each vertex's artifact can be used: checked for those the plan acts on.
+        let mut usable: BTreeMap<NodeIndex, (bool, Option<Vec<Problem>>)> = BTreeMap::new();
         for &index in &self.graph.order {
             let k = &keyed[&index];
-            let (in_store, corrupted) = if k.is_source {
+            let health = if k.is_source {
                 (true, None)
             } else if considered.contains(&index) {
                 match self.store.check(&k.key, self.verify) {
@@ -280,6 +286,14 @@ impl<'a> Planner<'a> {
             } else {
                 (self.store.contains(&k.key), None)
             };
+            usable.insert(index, health);
+        }
+        let (on_remote, remote_warning) = self.ask_remote(&keyed, &usable);
+        let mut entries: Vec<PlanEntry> = Vec::new();
+        let mut states: BTreeMap<NodeIndex, State> = BTreeMap::new();
+        for &index in &self.graph.order {
+            let k = &keyed[&index];
+            let (in_store, corrupted) = usable.remove(&index).expect("every vertex checked");
             let force = !k.is_source && (selection.force_all || forced.contains(&index));
             let missing = self.missing_external_output(index);
             let state = if considered.contains(&index) && (force || !in_store || missing.is_some())
@@ -298,6 +312,10 @@ impl<'a> Planner<'a> {
             }
             let mut reasons = Vec::new();
             if state == State::Remote {
+                // A corrupted artifact is fetched whole from the remote in its place.
+                if let Some(problems) = &corrupted {
+                    reasons.push(Reason::corrupted(problems));
+                }
                 let remote = self.remote.map_or("", |r| r.name()).to_owned();
                 reasons.push(Reason::OnRemote(remote));
                 let old = lock.entry(&k.entry.name);
@@ -313,8 +331,7 @@ impl<'a> Planner<'a> {
                 }
                 let old = lock.entry(&k.entry.name);
                 if let Some(problems) = &corrupted {
-                    let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                    reasons.push(Reason::Corrupted(shown.join(", ")));
+                    reasons.push(Reason::corrupted(problems));
                 } else if let (Some(path), true, false) = (&missing, in_store, force) {
                     // The artifact is built; only what it wrote outside the store is gone.
                     reasons.push(Reason::ExternalMissing(path.clone()));
@@ -386,16 +403,20 @@ impl<'a> Planner<'a> {
         })
     }
 
-    /// The keys the remote holds among those the store lacks, and a warning if it could not
-    /// be asked.
-    fn ask_remote(&self, keyed: &BTreeMap<NodeIndex, Keyed>) -> (BTreeSet<Key>, Option<String>) {
+    /// The keys the remote holds among those the store lacks or holds corrupted, and a warning
+    /// if it could not be asked.
+    fn ask_remote(
+        &self,
+        keyed: &BTreeMap<NodeIndex, Keyed>,
+        usable: &BTreeMap<NodeIndex, (bool, Option<Vec<Problem>>)>,
+    ) -> (BTreeSet<Key>, Option<String>) {
         let Some(remote) = self.remote else {
             return (BTreeSet::new(), None);
         };
         let missing: Vec<Key> = keyed
-            .values()
-            .filter(|k| !k.is_source && !self.store.contains(&k.key))
-            .map(|k| k.key)
+            .iter()
+            .filter(|(index, k)| !k.is_source && !usable[*index].0)
+            .map(|(_, k)| k.key)
             .collect::<BTreeSet<Key>>()
             .into_iter()
             .collect();

@@ -3,14 +3,15 @@
 //! server is in the top-level `tests/remote.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rudder_engine::key::KeyBuilder;
 use rudder_engine::remote::{Remote, RemoteError, RemoteTarget, Settings, Wanted};
 use rudder_engine::runner::NoProgress;
-use rudder_engine::store::{LAYOUT_VERSION, Manifest};
-use rudder_engine::{Key, Store};
+use rudder_engine::store::{Health, LAYOUT_VERSION, Manifest};
+use rudder_engine::{Key, Store, VerifyMode};
 
 fn store_in(dir: &Path) -> Store {
     let store = Store::new(dir.join(".rudder"));
@@ -136,7 +137,12 @@ fn pushed_artifacts_pull_into_an_empty_store_and_shared_files_are_stored_once() 
     let there = store_in(&dir.path().join("b"));
     let _lock = there.lock(|_| {}).unwrap();
     let pulled = remote
-        .pull(&there, &[one.clone(), two.clone()], &NoProgress)
+        .pull(
+            &there,
+            &[one.clone(), two.clone()],
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert!(pulled.errors.is_empty(), "{:?}", pulled.errors);
     assert_eq!(pulled.pulled, ["one", "two"]);
@@ -149,9 +155,28 @@ fn pushed_artifacts_pull_into_an_empty_store_and_shared_files_are_stored_once() 
         );
     }
     assert_eq!(contents(&there, &two.key), contents(&here, &two.key));
+    // Committed as a local build is: read-only, with this store's stats, and intact when every
+    // file is hashed.
+    for wanted in [&one, &two] {
+        let dir = there.object_dir(&wanted.key);
+        for path in [dir.clone(), dir.join("tok.json"), dir.join("manifest.json")] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o222, 0, "{} is writable", path.display());
+        }
+        let manifest = there.manifest(&wanted.key).unwrap().unwrap();
+        assert!(manifest.files.iter().all(|f| f.stat.is_some()));
+        assert_eq!(there.check(&wanted.key, VerifyMode::Full), Health::Intact);
+    }
+    // The remote's manifests carry no stats: they describe the pushing machine's disk.
+    for path in manifests(&remote_dir) {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(!text.contains("inode"), "{text}");
+    }
     // Nothing waits in the pull cache once the artifacts are in.
     assert!(files_under(&there.root().join("cache/pull")).is_empty());
-    let once_more = remote.pull(&there, &[one, two], &NoProgress).unwrap();
+    let once_more = remote
+        .pull(&there, &[one, two], VerifyMode::Cheap, &NoProgress)
+        .unwrap();
     assert_eq!(once_more.present.len(), 2);
     assert_eq!(once_more.files, 0);
 }
@@ -180,7 +205,12 @@ fn a_flipped_byte_on_the_remote_is_detected_and_never_enters_the_store() {
     let there = store_in(&dir.path().join("b"));
     let _lock = there.lock(|_| {}).unwrap();
     let report = remote
-        .pull(&there, &[good.clone(), bad.clone()], &NoProgress)
+        .pull(
+            &there,
+            &[good.clone(), bad.clone()],
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert_eq!(report.pulled, ["good"], "the intact artifact is pulled");
     assert_eq!(report.errors.len(), 1);
@@ -220,7 +250,12 @@ fn an_interrupted_push_leaves_no_artifact_and_the_next_push_completes_it() {
     let there = store_in(&dir.path().join("b"));
     let _lock = there.lock(|_| {}).unwrap();
     let report = remote
-        .pull(&there, std::slice::from_ref(&item), &NoProgress)
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert_eq!(report.missing, ["x"]);
     assert!(!there.contains(&item.key));
@@ -231,7 +266,12 @@ fn an_interrupted_push_leaves_no_artifact_and_the_next_push_completes_it() {
     assert_eq!(report.pushed, ["x"]);
     assert_eq!((report.files, report.reused), (1, 1));
     let report = remote
-        .pull(&there, std::slice::from_ref(&item), &NoProgress)
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert_eq!(report.pulled, ["x"]);
 }
@@ -258,7 +298,12 @@ fn an_interrupted_pull_resumes_without_fetching_verified_files_again() {
     let there = store_in(&dir.path().join("b"));
     let _lock = there.lock(|_| {}).unwrap();
     let report = remote
-        .pull(&there, std::slice::from_ref(&item), &NoProgress)
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert!(report.pulled.is_empty());
     assert_eq!(report.files, 2);
@@ -268,15 +313,28 @@ fn an_interrupted_pull_resumes_without_fetching_verified_files_again() {
         "{message}"
     );
     assert!(!there.contains(&item.key));
-    // The blob is back: only it is fetched.
+    // The blob is back: only it is fetched, and what waited in the pull cache is hashed again
+    // (a.txt's copy there was damaged meanwhile, so it is fetched again too).
     std::fs::write(&blob, saved).unwrap();
+    let kept = there
+        .root()
+        .join("cache/pull")
+        .join(blake3::hash(b"aaaa").to_hex().as_str());
+    std::fs::write(&kept, b"aaab").unwrap();
     let report = remote
-        .pull(&there, std::slice::from_ref(&item), &NoProgress)
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.pulled, ["x"]);
-    assert_eq!((report.files, report.resumed), (1, 2));
+    assert_eq!((report.files, report.resumed), (2, 1));
     assert_eq!(read(&there, &item.key, "c.txt"), b"cccc");
+    assert_eq!(read(&there, &item.key, "a.txt"), b"aaaa");
+    assert_eq!(there.check(&item.key, VerifyMode::Full), Health::Intact);
 }
 
 #[test]
@@ -300,32 +358,138 @@ fn large_files_go_in_parts_and_come_back_in_ranges() {
     let there = store_in(&dir.path().join("b"));
     let _lock = there.lock(|_| {}).unwrap();
     let report = remote
-        .pull(&there, std::slice::from_ref(&item), &NoProgress)
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(read(&there, &item.key, "model.safetensors") == big);
+}
+
+/// Opens an artifact's file for writing, as a user with a text editor would (root ignores the
+/// read-only bit anyway).
+fn writable(store: &Store, key: &Key, file: &str) -> PathBuf {
+    let path = store.object_dir(key).join(file);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
 }
 
 #[test]
 fn a_file_changed_in_the_store_is_never_pushed() {
     let dir = tempfile::tempdir().unwrap();
     let here = store_in(&dir.path().join("a"));
+    let good = artifact(&here, "good", &[("g.txt", b"good")]);
     let item = artifact(&here, "x", &[("a.txt", b"original")]);
-    let path = here.object_dir(&item.key).join("a.txt");
-    let mut permissions = std::fs::metadata(&path).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    permissions.set_readonly(false);
-    std::fs::set_permissions(&path, permissions).unwrap();
-    std::fs::write(&path, b"tampered").unwrap();
+    std::fs::write(writable(&here, &item.key, "a.txt"), b"tampered").unwrap();
+    let remote_dir = dir.path().join("remote");
+    let remote = remote_at(&remote_dir);
+    let err = remote
+        .push(&here, &[good.clone(), item.clone()], &NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("corrupted in the local store, so not pushed: x (")
+            && err.contains("file a.txt: digest mismatch"),
+        "{err}"
+    );
+    assert!(manifests(&remote_dir).is_empty());
+    assert!(blobs(&remote_dir).is_empty(), "nothing was uploaded");
+}
+
+/// Bytes that differ from the manifest while every stat matches (a disk that rots, a digest
+/// recorded wrong) pass the cheap check; the hash taken as the file is uploaded finds them.
+#[test]
+fn a_mismatch_the_stats_do_not_show_is_found_as_the_file_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = store_in(&dir.path().join("a"));
+    let item = artifact(&here, "x", &[("a.txt", b"original")]);
+    let manifest_path = writable(&here, &item.key, "manifest.json");
+    let mut manifest = here.manifest(&item.key).unwrap().unwrap();
+    let recorded = blake3::hash(b"what the file once held")
+        .to_hex()
+        .to_string();
+    manifest.files[0].blake3 = recorded.clone();
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    assert_eq!(here.check(&item.key, VerifyMode::Cheap), Health::Intact);
     let remote_dir = dir.path().join("remote");
     let remote = remote_at(&remote_dir);
     let err = remote
         .push(&here, std::slice::from_ref(&item), &NoProgress)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("no longer matches its manifest"), "{err}");
+    assert!(
+        err.contains("x: a.txt in the local store")
+            && err.contains("no longer matches its manifest")
+            && err.contains(&recorded),
+        "{err}"
+    );
     assert!(manifests(&remote_dir).is_empty());
     assert!(blobs(&remote_dir).is_empty());
+}
+
+#[test]
+fn a_corrupted_artifact_in_the_store_is_quarantined_and_pulled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let here = store_in(&dir.path().join("a"));
+    let item = artifact(&here, "x", &[("a.txt", b"original"), ("b.txt", b"b")]);
+    let remote_dir = dir.path().join("remote");
+    let remote = remote_at(&remote_dir);
+    remote
+        .push(&here, std::slice::from_ref(&item), &NoProgress)
+        .unwrap();
+    let there = store_in(&dir.path().join("b"));
+    let _lock = there.lock(|_| {}).unwrap();
+    remote
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
+        .unwrap();
+    std::fs::write(writable(&there, &item.key, "a.txt"), b"edited").unwrap();
+    let report = remote
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
+        .unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.pulled, ["x"]);
+    assert_eq!(report.quarantined.len(), 1);
+    let moved = &report.quarantined[0];
+    assert_eq!(moved.name, "x");
+    assert_eq!(
+        moved
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["file a.txt: digest mismatch"]
+    );
+    assert!(moved.place.starts_with(there.quarantine_dir()));
+    assert_eq!(
+        std::fs::read(moved.place.join("artifact/a.txt")).unwrap(),
+        b"edited"
+    );
+    assert_eq!(read(&there, &item.key, "a.txt"), b"original");
+    assert_eq!(there.check(&item.key, VerifyMode::Full), Health::Intact);
+    // An intact artifact is left alone.
+    let report = remote
+        .pull(
+            &there,
+            std::slice::from_ref(&item),
+            VerifyMode::Full,
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!((report.present.len(), report.files), (1, 0));
+    assert!(report.quarantined.is_empty());
 }
 
 #[test]
@@ -369,7 +533,12 @@ fn racing_pushes_of_one_key_keep_the_first_artifact_whole() {
     let _lock = there.lock(|_| {}).unwrap();
     let remote = remote_at(&remote_dir);
     let report = remote
-        .pull(&there, std::slice::from_ref(&items[0]), &NoProgress)
+        .pull(
+            &there,
+            std::slice::from_ref(&items[0]),
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let stamp = String::from_utf8(read(&there, &items[0].key, "stamp.txt")).unwrap();
@@ -415,7 +584,12 @@ fn gc_keeps_what_a_lockfile_references_and_everything_young() {
     let there = store_in(&dir.path().join("b"));
     let _lock = there.lock(|_| {}).unwrap();
     let report = remote
-        .pull(&there, &[kept.clone(), gone.clone()], &NoProgress)
+        .pull(
+            &there,
+            &[kept.clone(), gone.clone()],
+            VerifyMode::Cheap,
+            &NoProgress,
+        )
         .unwrap();
     assert_eq!(report.pulled, ["kept"]);
     assert_eq!(report.missing, ["gone"]);

@@ -156,3 +156,17 @@ pub fn remote_cache(
         }
     }
 }
+
+/// Says which corrupted artifacts a pull moved to quarantine (shown even with --quiet, as a
+/// run's quarantine warnings are).
+pub fn warn_quarantined(report: &rudder_engine::remote::PullReport) {
+    for moved in &report.quarantined {
+        let problems: Vec<String> = moved.problems.iter().map(ToString::to_string).collect();
+        eprintln!(
+            "warning: the artifact of `{}` is corrupted ({}): moved to {} and pulled again",
+            moved.name,
+            problems.join(", "),
+            moved.place.display()
+        );
+    }
+}

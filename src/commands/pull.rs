@@ -1,7 +1,9 @@
 //! `rudder pull RECIPE [NODE...]`: fetch the artifacts the lockfile names (all, or the nodes
-//! and what they depend on) into the store, each file verified against its manifest.
+//! and what they depend on) into the store, each file verified against its manifest. An
+//! artifact of the store that fails its check is fetched again, and the corrupted one moved to
+//! quarantine.
 
-use rudder_engine::remote;
+use rudder_engine::{VerifyMode, remote};
 
 use crate::ExitStatus;
 use crate::cli::TransferArgs;
@@ -22,8 +24,9 @@ pub fn run(args: &TransferArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
         printer.status("waiting for `rudder gc` to release the store...");
     })?;
     let bar = TransferBar::new(*printer, "pull");
-    let report = remote.pull(&project.store, &wanted, &bar)?;
+    let report = remote.pull(&project.store, &wanted, VerifyMode::Cheap, &bar)?;
     drop(bar);
+    super::warn_quarantined(&report);
     for name in &report.pulled {
         printer.out(format!("pulled   {name}"));
     }

@@ -97,7 +97,7 @@ pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     if let Some(cache) = &cache
         && !plan.to_fetch().is_empty()
     {
-        pulled = fetch(&project, cache, &plan, printer);
+        pulled = fetch(&project, cache, &plan, settings.verify, printer);
         if pulled < plan.to_fetch().len() {
             // What could not be fetched is built here.
             plan = project.plan(&registry, &selection, settings.backend)?;
@@ -202,15 +202,23 @@ pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     Ok(ExitStatus::Success)
 }
 
-/// Fetches what the plan finds on the remote; returns how many artifacts are now in the store.
-/// A remote that fails is a warning: what it did not give is built.
-fn fetch(project: &Project, cache: &RemoteCache, plan: &Plan, printer: &Printer) -> usize {
+/// Fetches what the plan finds on the remote (also in place of corrupted artifacts, which go
+/// to quarantine); returns how many artifacts are now in the store. A remote that fails is a
+/// warning: what it did not give is built.
+fn fetch(
+    project: &Project,
+    cache: &RemoteCache,
+    plan: &Plan,
+    verify: VerifyMode,
+    printer: &Printer,
+) -> usize {
     let wanted = to_fetch(plan);
     let bar = TransferBar::new(*printer, "pull");
-    let result = cache.remote.pull(&project.store, &wanted, &bar);
+    let result = cache.remote.pull(&project.store, &wanted, verify, &bar);
     drop(bar);
     match result {
         Ok(report) => {
+            super::warn_quarantined(&report);
             for error in &report.errors {
                 printer.status(format!("warning: {error}; building it here"));
             }

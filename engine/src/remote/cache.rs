@@ -1,5 +1,6 @@
-//! A remote as `rudder run`'s cache: the plan asks it for what the store lacks
-//! ([`RemoteIndex`]), the run fetches that before it starts ([`Remote::pull`]), and with
+//! A remote as `rudder run`'s cache: the plan asks it for what the store lacks or holds
+//! corrupted ([`RemoteIndex`]), the run fetches that before it starts ([`Remote::pull`],
+//! which moves the corrupted ones to quarantine), and with
 //! `read-write` every stage this run builds is pushed as soon as it is committed, on a thread
 //! of its own while the next stages run ([`PushAfterBuild`]). The remote never stops a run:
 //! when it is unreachable, its errors are warnings and the stages are built here.

@@ -8,8 +8,9 @@
 //! rudder-remote.json             {"layout": 1}: created by the first push, read by every command
 //! blobs/<b3[..2]>/<b3>           one object per file content, named by its BLAKE3 (so a file
 //!                                that several artifacts hold is stored once)
-//! artifacts/<key>.json           an artifact's manifest.json (its files with sizes and BLAKE3),
-//!                                written after every blob it names
+//! artifacts/<key>.json           an artifact's manifest.json (its files with sizes and BLAKE3;
+//!                                not their stats, which are the pushing store's), written
+//!                                after every blob it names
 //! ```
 //!
 //! Everything is immutable and content-addressed. An artifact is on the remote when its
@@ -22,8 +23,12 @@
 //! since the name is the content's digest, the second writes the bytes the first did.
 //!
 //! Reading verifies: `pull` checks every file's size and BLAKE3 against the manifest before
-//! it enters the local store, through the store's own pending directory and rename, so a
-//! corrupt remote object never becomes a local artifact. Files fetched and verified wait in
+//! it enters the local store, through the store's own commit (read-only files, their stats
+//! recorded, a pending directory renamed into place), so a corrupt remote object never becomes
+//! a local artifact and a pulled one passes the store's checks as a built one does. Writing
+//! verifies too: `push` refuses an artifact that fails the store's check and hashes every file
+//! it uploads, so a file corrupted in the local store is never published. A local artifact
+//! that fails its check is pulled again, the corrupted one quarantined. Files fetched and verified wait in
 //! `.rudder/cache/pull/<b3>` until their artifact is complete, so an interrupted pull does
 //! not fetch them again.
 //!
@@ -55,7 +60,7 @@ use crate::project::Project;
 
 pub use config::{RemoteTarget, Remotes};
 pub use gc::GcReport;
-pub use pull::PullReport;
+pub use pull::{PullReport, Quarantined};
 pub use push::PushReport;
 
 /// Version of the remote layout.

@@ -1,8 +1,11 @@
 //! `pull`: fetch artifacts into the local store, verified. For each artifact the store lacks:
 //! its manifest, then every file it names into `.rudder/cache/pull/<b3>.part`, checked for size
-//! and BLAKE3 and renamed to `<b3>` once it matches (a file there is fetched and verified, so a
-//! pull that was interrupted does not fetch it again); when all its files are there, they move
-//! into a pending directory of the store that is committed like a stage's output.
+//! and BLAKE3 and renamed to `<b3>` once it matches (a pull that was interrupted finds it there
+//! and hashes it again instead of fetching it); when all its files are there, they move into a
+//! pending directory of the store that is committed like a stage's output (read-only, with
+//! this store's stats in its manifest). An artifact the store holds but that fails its check
+//! is fetched as if absent, and moved to quarantine, under its key's lock, just before the
+//! fetched one takes its place.
 //!
 //! ```text
 //!   artifacts/<key>.json ──► blobs/… ──► cache/pull/<b3>.part ──verify──► cache/pull/<b3>
@@ -11,7 +14,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
@@ -20,8 +23,9 @@ use object_store::{GetOptions, GetRange, ObjectStoreExt};
 use super::push::plural;
 use super::{Corruption, Remote, RemoteError, Wanted, pull_cache, show_bytes};
 use crate::error::EngineError;
+use crate::integrity::{Problem, VerifyMode};
 use crate::runner::Progress;
-use crate::store::{Manifest, Store};
+use crate::store::{Health, Manifest, Store};
 
 /// What a pull did.
 #[derive(Debug, Default)]
@@ -40,6 +44,8 @@ pub struct PullReport {
     /// Artifacts whose files differ from what the lockfile records (built again elsewhere:
     /// the key is the same, the bytes are not).
     pub differ_from_lockfile: Vec<String>,
+    /// Corrupted artifacts of the store that pulled ones replaced: moved to quarantine.
+    pub quarantined: Vec<Quarantined>,
     /// What failed; the other artifacts were pulled.
     pub errors: Vec<RemoteError>,
 }
@@ -68,6 +74,15 @@ impl PullReport {
     }
 }
 
+/// A corrupted artifact that a pull moved out of the store before committing the remote's.
+#[derive(Debug)]
+pub struct Quarantined {
+    pub name: String,
+    /// Its directory in the store's quarantine.
+    pub place: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
 /// One artifact to fetch, with its manifest.
 struct Fetch<'w> {
     wanted: &'w Wanted,
@@ -75,32 +90,34 @@ struct Fetch<'w> {
 }
 
 impl Remote {
-    /// Fetches the artifacts of `wanted` that `store` lacks. The caller holds the store's
-    /// (shared) lock. An artifact enters the store only whole and verified; what fails is in
-    /// the report's `errors`, and what did not fail is pulled all the same.
+    /// Fetches the artifacts of `wanted` that `store` lacks, or holds corrupted (checked as
+    /// `verify` says). The caller holds the store's (shared) lock. An artifact enters the store
+    /// only whole and verified; what fails is in the report's `errors`, and what did not fail
+    /// is pulled all the same.
     pub fn pull(
         &self,
         store: &Store,
         wanted: &[Wanted],
+        verify: VerifyMode,
         progress: &dyn Progress,
     ) -> Result<PullReport, RemoteError> {
         self.runtime
-            .block_on(self.pull_async(store, wanted, progress))
+            .block_on(self.pull_async(store, wanted, verify, progress))
     }
 
     async fn pull_async(
         &self,
         store: &Store,
         wanted: &[Wanted],
+        verify: VerifyMode,
         progress: &dyn Progress,
     ) -> Result<PullReport, RemoteError> {
         let mut report = PullReport::default();
         let mut absent = Vec::new();
         for item in wanted {
-            if store.contains(&item.key) {
-                report.present.push(item.name.clone());
-            } else {
-                absent.push(item);
+            match store.check(&item.key, verify) {
+                Health::Intact => report.present.push(item.name.clone()),
+                Health::Missing | Health::Corrupted(_) => absent.push(item),
             }
         }
         if absent.is_empty() {
@@ -144,9 +161,13 @@ impl Remote {
         }
         let mut to_fetch = Vec::new();
         for (size, blake3, wanted, name) in blobs.values() {
-            if cache.join(blake3).is_file() {
+            // Verified when an earlier pull fetched it, and hashed again now: it has waited on
+            // this disk since, and only verified bytes may be committed.
+            let kept = cache.join(blake3);
+            if kept.is_file() && crate::digest::hash_file(&kept).is_ok_and(|d| d == *blake3) {
                 report.resumed += 1;
             } else {
+                let _ = std::fs::remove_file(&kept);
                 to_fetch.push((*size, blake3.as_str(), *wanted, name.as_str()));
             }
         }
@@ -203,7 +224,7 @@ impl Remote {
             if !expected.is_empty() && recorded != expected {
                 report.differ_from_lockfile.push(fetch.wanted.name.clone());
             }
-            match self.commit(store, &cache, &fetch, &mut uses) {
+            match self.commit(store, &cache, &fetch, verify, &mut uses, &mut report) {
                 Ok(true) => report.pulled.push(fetch.wanted.name.clone()),
                 Ok(false) => report.present.push(fetch.wanted.name.clone()),
                 Err(err) => report.errors.push(err),
@@ -370,21 +391,35 @@ impl Remote {
     }
 
     /// Moves an artifact's verified files from the pull cache into a pending directory and
-    /// commits it. `Ok(false)` when the store has it by then (another process built it).
+    /// commits it, after moving a corrupted artifact of the same key to quarantine. `Ok(false)`
+    /// when the store has it intact by then (another process built it).
     fn commit(
         &self,
         store: &Store,
         cache: &Path,
         fetch: &Fetch<'_>,
+        verify: VerifyMode,
         uses: &mut BTreeMap<String, usize>,
+        report: &mut PullReport,
     ) -> Result<bool, RemoteError> {
         let key = fetch.wanted.key;
         let _key_lock = store.lock_key(&key, |_| {})?;
-        if store.contains(&key) {
-            for file in &fetch.manifest.files {
-                self.release(cache, &file.blake3, uses);
+        match store.check(&key, verify) {
+            Health::Intact => {
+                for file in &fetch.manifest.files {
+                    self.release(cache, &file.blake3, uses);
+                }
+                return Ok(false);
             }
-            return Ok(false);
+            Health::Missing => {}
+            Health::Corrupted(problems) => {
+                let place = store.quarantine(&key, &problems)?;
+                report.quarantined.push(Quarantined {
+                    name: fetch.wanted.name.clone(),
+                    place,
+                    problems,
+                });
+            }
         }
         let pending = store.begin(&key)?;
         let placed = (|| -> Result<(), EngineError> {

@@ -1,6 +1,10 @@
-//! `push`: upload artifacts of the local store that the remote lacks. Per artifact, every
-//! blob it names first (each checked against its manifest's BLAKE3 as it is read, so a file
-//! changed in the store is never published), then the manifest, created only if absent.
+//! `push`: upload artifacts of the local store that the remote lacks. Each of those is checked
+//! against its manifest first (cheaply: what changed since its commit is hashed), and a
+//! corrupted one stops the push before anything is uploaded. Then per artifact, every blob it
+//! names (each hashed as it is read and compared with its manifest's BLAKE3, so a file whose
+//! bytes changed in the store, even without a trace in its stat, is never published), then the
+//! manifest, created only if absent. The manifest uploaded is the local one without the files'
+//! stats, which describe this machine's disk.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -12,9 +16,10 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipa
 use tokio::io::AsyncReadExt;
 
 use super::{Remote, RemoteError, Wanted, show_bytes};
+use crate::integrity::VerifyMode;
 use crate::key::Key;
 use crate::runner::Progress;
-use crate::store::Store;
+use crate::store::{Health, Store};
 
 /// What a push did.
 #[derive(Debug, Default)]
@@ -134,6 +139,25 @@ impl Remote {
         if to_push.is_empty() {
             return Ok(report);
         }
+        let mut corrupted = Vec::new();
+        for (item, _) in &to_push {
+            if let Health::Corrupted(problems) = store.check(&item.key, VerifyMode::Cheap) {
+                let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                corrupted.push(format!(
+                    "{} ({}): {}",
+                    item.name,
+                    item.key.short(),
+                    shown.join(", ")
+                ));
+            }
+        }
+        if !corrupted.is_empty() {
+            let it = if corrupted.len() == 1 { "it" } else { "them" };
+            return Err(self.error(format!(
+                "corrupted in the local store, so not pushed: {} (nothing was uploaded; `rudder run` moves {it} to quarantine and builds {it} again)",
+                corrupted.join("; "),
+            )));
+        }
         // Each distinct content once, even when several files or artifacts hold it.
         let mut blobs: BTreeMap<String, Blob> = BTreeMap::new();
         for (item, manifest) in &to_push {
@@ -177,11 +201,12 @@ impl Remote {
             report.bytes += blob.size;
         }
         // Manifests last: an artifact appears only once all its files are there.
-        for (item, _) in &to_push {
-            let local = store.object_dir(&item.key).join("manifest.json");
-            let bytes = tokio::fs::read(&local)
-                .await
-                .map_err(|e| crate::EngineError::io(format!("reading {}", local.display()), e))?;
+        for (item, manifest) in &to_push {
+            let mut shared = (*manifest).clone();
+            for file in &mut shared.files {
+                file.stat = None;
+            }
+            let bytes = serde_json::to_vec_pretty(&shared).expect("manifest serialises");
             let path = self.manifest_path(&item.key);
             match self.create(&path, bytes.into()).await {
                 Ok(true) => report.pushed.push(item.name.clone()),
@@ -264,7 +289,7 @@ impl Remote {
         };
         let changed = |actual: &str| {
             self.error(format!(
-                "{} in the local store ({}) no longer matches its manifest (BLAKE3 {actual}, the manifest says {}): it was not pushed",
+                "{} in the local store ({}) no longer matches its manifest (BLAKE3 {actual}, the manifest says {}): it was not pushed; `rudder run --verify full` moves its artifact to quarantine and builds it again",
                 blob.label,
                 blob.local.display(),
                 blob.blake3
