@@ -23,22 +23,7 @@ pub enum Command {
     /// Check a recipe and report every error.
     Validate(RecipeArgs),
     /// Say, for every node, whether it is cached or will run, and why.
-    Plan {
-        #[command(flatten)]
-        recipe: RecipeArgs,
-        #[command(flatten)]
-        selection: SelectionArgs,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Compute keys as if running on this backend.
-        #[arg(long)]
-        backend: Option<String>,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        verify: VerifyArgs,
-    },
+    Plan(PlanArgs),
     /// Run the stages that are not cached.
     Run(RunArgs),
     /// Build one stage's artifact by its key (what each Slurm job runs); refuses when the
@@ -94,16 +79,14 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Remove artifacts that no given lockfile references.
-    Gc {
-        /// Lockfiles whose artifacts to keep; default: every lockfile that used this store.
-        lockfiles: Vec<PathBuf>,
-        #[arg(long, env = "RUDDER_STORE", default_value = ".rudder")]
-        store: PathBuf,
-        /// Say what would be removed.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    /// Upload the artifacts the recipe's lockfile names (all, or NODEs and what they need)
+    /// that the remote lacks.
+    Push(TransferArgs),
+    /// Fetch the artifacts the recipe's lockfile names (all, or NODEs and what they need)
+    /// from the remote, verified, into the store.
+    Pull(TransferArgs),
+    /// Remove artifacts that no given lockfile references (in the store, or on a remote).
+    Gc(GcArgs),
     /// Check artifacts against their manifests (every file hashed); exit 1 if any is corrupted.
     Verify {
         /// Check the artifacts this recipe uses (default: every artifact in the store).
@@ -120,6 +103,28 @@ pub enum Command {
     },
     /// Print the JSON Schema of the recipe format.
     Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Compute keys as if running on this backend.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub verify: VerifyArgs,
+    /// Say which missing (or corrupted) artifacts this remote has (`remote`); default: the
+    /// recipe's default remote when `remote_cache` is set.
+    #[arg(long, env = "RUDDER_REMOTE", value_name = "NAME_OR_URL")]
+    pub remote: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +153,51 @@ pub struct RunArgs {
     pub executor: Option<String>,
     #[command(flatten)]
     pub verify: VerifyArgs,
+    /// Fetch what the store lacks from this remote instead of building it, and push what is
+    /// built (a declared name, a URL or a path).
+    #[arg(long, env = "RUDDER_REMOTE", value_name = "NAME_OR_URL")]
+    pub remote: Option<String>,
+    /// How the run uses the remote (default: `remote_cache` in [recipe]; `read-write` with
+    /// --remote).
+    #[arg(long, value_name = "MODE", value_parser = ["off", "read", "read-write"])]
+    pub remote_cache: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Only these nodes and the nodes they depend on (default: every artifact of the lockfile).
+    pub nodes: Vec<String>,
+    /// The remote: a declared name, a URL (s3://, gs://, az://, file://) or a path (default:
+    /// the `default = true` one).
+    #[arg(long, env = "RUDDER_REMOTE", value_name = "NAME_OR_URL")]
+    pub remote: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Lockfiles whose artifacts to keep; default (in the store only): every lockfile that
+    /// used this store.
+    pub lockfiles: Vec<PathBuf>,
+    #[arg(long, env = "RUDDER_STORE", default_value = ".rudder")]
+    pub store: PathBuf,
+    /// Say what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Collect garbage on this remote instead of in the store (a name declared beside the
+    /// lockfiles or in the configuration file, a URL or a path).
+    #[arg(long, value_name = "NAME_OR_URL")]
+    pub remote: Option<String>,
+    /// With --remote: remove, rather than say what would be removed.
+    #[arg(long)]
+    pub yes: bool,
+    /// With --remote: keep everything younger than this, since a push running now may need
+    /// it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -48,22 +48,7 @@ fn main() -> ExitCode {
     let printer = Printer::new(cli.quiet);
     let result = match cli.command {
         Command::Validate(args) => commands::validate::run(&args, &printer),
-        Command::Plan {
-            recipe,
-            selection,
-            store,
-            backend,
-            json,
-            verify,
-        } => commands::plan::run(
-            &recipe,
-            &selection,
-            &store,
-            backend.as_deref(),
-            json,
-            verify.verify.into(),
-            &printer,
-        ),
+        Command::Plan(args) => commands::plan::run(&args, &printer),
         Command::Run(args) => commands::run::run(&args, &printer),
         Command::Exec(args) => commands::exec::run(&args, &printer),
         Command::Dag { recipe, format } => commands::dag::run(&recipe, &format, &printer),
@@ -91,11 +76,9 @@ fn main() -> ExitCode {
             dir,
             store,
         } => commands::export::run(&recipe, &stage, &dir, &store, &printer),
-        Command::Gc {
-            lockfiles,
-            store,
-            dry_run,
-        } => commands::gc::run(&lockfiles, &store, dry_run, &printer),
+        Command::Push(args) => commands::push::run(&args, &printer),
+        Command::Pull(args) => commands::pull::run(&args, &printer),
+        Command::Gc(args) => commands::gc::run(&args, &printer),
         Command::Verify {
             recipe,
             all,

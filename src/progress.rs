@@ -228,3 +228,56 @@ fn show_number(value: f64) -> String {
         format!("{value:.4}")
     }
 }
+
+/// A bar of bytes for a push or a pull, on stderr when it is a terminal.
+pub struct TransferBar {
+    bar: ProgressBar,
+}
+
+impl TransferBar {
+    pub fn new(printer: Printer, prefix: &str) -> Self {
+        let target = if printer.is_quiet() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        let bar = ProgressBar::with_draw_target(Some(0), target);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "  {prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ({eta}) {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix.to_owned());
+        TransferBar { bar }
+    }
+}
+
+impl Progress for TransferBar {
+    fn set_length(&self, length: u64) {
+        self.bar.set_length(length);
+    }
+    fn set_position(&self, position: u64) {
+        // Transfers run at once and report out of order: the bar only moves forward.
+        if position > self.bar.position() {
+            self.bar.set_position(position);
+        }
+    }
+    fn set_message(&self, message: String) {
+        self.bar.set_message(message);
+    }
+    fn println(&self, line: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
+impl Drop for TransferBar {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -2,7 +2,7 @@
 //! and the executor. It knows no machine learning: stage kinds plug in through
 //! [`runner::Runner`], and only the `command` kind is built in ([`command::register`]). Stages
 //! run on threads of this process ([`local`]) or as Slurm jobs ([`slurm`]), behind
-//! [`executor::Executor`].
+//! [`executor::Executor`]. Artifacts are shared through remote stores ([`remote`]).
 
 pub mod command;
 pub mod dag;
@@ -20,6 +20,7 @@ pub mod local;
 pub mod lockfile;
 pub mod plan;
 pub mod project;
+pub mod remote;
 pub mod report;
 pub mod runner;
 pub mod sandbox;

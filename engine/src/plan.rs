@@ -14,6 +14,10 @@
 //!
 //! Every artifact the plan would count as cached is checked against its manifest first
 //! (cheaply, or by hashing every file with `--verify full`): a corrupted one runs again.
+//! With a remote store ([`RemoteIndex`]), a stage whose key is not in the store (or whose
+//! artifact there is corrupted) but on the remote is `remote`: it is fetched, not built (unless
+//! forced, or what it writes outside the store is gone). An input that a selection leaves out and that only the remote holds is
+//! fetched too, so it appears in the plan as `remote`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -26,7 +30,7 @@ use serde_json::{Value, json};
 use crate::digest::DigestCache;
 use crate::error::EngineError;
 use crate::graph::{Graph, Source};
-use crate::integrity::VerifyMode;
+use crate::integrity::{Problem, VerifyMode};
 use crate::key::Key;
 pub use crate::keying::Keyed;
 use crate::lockfile::{LockEntry, Lockfile};
@@ -49,6 +53,8 @@ pub struct Selection {
 pub enum State {
     Cached,
     Run,
+    /// Not in the store, but on the remote: fetched instead of built.
+    Remote,
 }
 
 impl State {
@@ -56,8 +62,18 @@ impl State {
         match self {
             State::Cached => "cached",
             State::Run => "run",
+            State::Remote => "remote",
         }
     }
+}
+
+/// A second store that artifacts missing from the local one may be fetched from (a remote).
+pub trait RemoteIndex: Sync {
+    /// How the plan names it (`team`).
+    fn name(&self) -> &str;
+    /// Which of `keys` it holds. An error (it is unreachable) is the plan's warning, and the
+    /// stages are planned as if it held none.
+    fn holds(&self, keys: &[Key]) -> Result<BTreeSet<Key>, String>;
 }
 
 /// Why a vertex runs.
@@ -66,6 +82,8 @@ pub enum Reason {
     NotInStore,
     /// The artifact is in the store but does not match its manifest: what is wrong.
     Corrupted(String),
+    /// Not in the store; the remote of this name has it.
+    OnRemote(String),
     Forced,
     /// The stage's artifact is in the store but a path it writes outside the store is gone.
     ExternalMissing(String),
@@ -107,12 +125,20 @@ pub enum Reason {
     },
 }
 
+impl Reason {
+    fn corrupted(problems: &[Problem]) -> Reason {
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        Reason::Corrupted(shown.join(", "))
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(default)".into());
         match self {
             Reason::NotInStore => write!(f, "not in store"),
             Reason::Corrupted(problems) => write!(f, "corrupted ({problems})"),
+            Reason::OnRemote(remote) => write!(f, "on remote {remote}"),
             Reason::Forced => write!(f, "forced"),
             Reason::ExternalMissing(path) => write!(f, "{path} is missing"),
             Reason::Param { name, old, new } => write!(f, "{name}: {} -> {}", show(old), show(new)),
@@ -148,11 +174,22 @@ pub struct Plan {
     pub entries: Vec<PlanEntry>,
     /// Keys of every vertex of the graph (also those outside the selection).
     pub keyed: BTreeMap<NodeIndex, Keyed>,
+    /// Why the remote could not be asked (it is unreachable); the plan then builds locally.
+    pub remote_warning: Option<String>,
 }
 
 impl Plan {
     pub fn to_run(&self) -> impl Iterator<Item = &PlanEntry> {
         self.entries.iter().filter(|e| e.state == State::Run)
+    }
+
+    /// The entries to fetch from the remote, one per key.
+    pub fn to_fetch(&self) -> Vec<&PlanEntry> {
+        let mut seen = BTreeSet::new();
+        self.entries
+            .iter()
+            .filter(|e| e.state == State::Remote && seen.insert(e.key))
+            .collect()
     }
 
     pub fn to_json(&self) -> Value {
@@ -180,9 +217,11 @@ pub struct Planner<'a> {
     pub backend: Option<Backend>,
     /// How cached artifacts are checked before they count as cached.
     pub verify: VerifyMode,
+    /// Where artifacts missing from the store may be fetched from.
+    pub remote: Option<&'a dyn RemoteIndex>,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
     /// The first path outside the store that a stage writes and that does not exist.
     fn missing_external_output(&self, index: NodeIndex) -> Option<String> {
         let vertex = self.graph.vertex(index);
@@ -232,11 +271,11 @@ impl Planner<'_> {
         for name in &selection.force {
             forced.extend(self.graph.with_parts(resolve(name)?));
         }
-        let mut entries: Vec<PlanEntry> = Vec::new();
-        let mut states: BTreeMap<NodeIndex, State> = BTreeMap::new();
+        // Whether each vertex's artifact can be used: checked for those the plan acts on.
+        let mut usable: BTreeMap<NodeIndex, (bool, Option<Vec<Problem>>)> = BTreeMap::new();
         for &index in &self.graph.order {
             let k = &keyed[&index];
-            let (in_store, corrupted) = if k.is_source {
+            let health = if k.is_source {
                 (true, None)
             } else if considered.contains(&index) {
                 match self.store.check(&k.key, self.verify) {
@@ -247,11 +286,23 @@ impl Planner<'_> {
             } else {
                 (self.store.contains(&k.key), None)
             };
+            usable.insert(index, health);
+        }
+        let (on_remote, remote_warning) = self.ask_remote(&keyed, &usable);
+        let mut entries: Vec<PlanEntry> = Vec::new();
+        let mut states: BTreeMap<NodeIndex, State> = BTreeMap::new();
+        for &index in &self.graph.order {
+            let k = &keyed[&index];
+            let (in_store, corrupted) = usable.remove(&index).expect("every vertex checked");
             let force = !k.is_source && (selection.force_all || forced.contains(&index));
             let missing = self.missing_external_output(index);
             let state = if considered.contains(&index) && (force || !in_store || missing.is_some())
             {
-                State::Run
+                if !force && !in_store && missing.is_none() && on_remote.contains(&k.key) {
+                    State::Remote
+                } else {
+                    State::Run
+                }
             } else {
                 State::Cached
             };
@@ -260,14 +311,27 @@ impl Planner<'_> {
                 continue;
             }
             let mut reasons = Vec::new();
+            if state == State::Remote {
+                // A corrupted artifact is fetched whole from the remote in its place.
+                if let Some(problems) = &corrupted {
+                    reasons.push(Reason::corrupted(problems));
+                }
+                let remote = self.remote.map_or("", |r| r.name()).to_owned();
+                reasons.push(Reason::OnRemote(remote));
+                let old = lock.entry(&k.entry.name);
+                reasons.extend(
+                    self.reasons(index, &k.entry, old, lock, &keyed, &states)
+                        .into_iter()
+                        .filter(|r| *r != Reason::NotInStore),
+                );
+            }
             if state == State::Run {
                 if force {
                     reasons.push(Reason::Forced);
                 }
                 let old = lock.entry(&k.entry.name);
                 if let Some(problems) = &corrupted {
-                    let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                    reasons.push(Reason::Corrupted(shown.join(", ")));
+                    reasons.push(Reason::corrupted(problems));
                 } else if let (Some(path), true, false) = (&missing, in_store, force) {
                     // The artifact is built; only what it wrote outside the store is gone.
                     reasons.push(Reason::ExternalMissing(path.clone()));
@@ -285,7 +349,9 @@ impl Planner<'_> {
                 is_source: k.is_source,
             });
         }
-        // A selection that leaves out an input stage needs that input's artifact already built.
+        // A selection that leaves out an input stage needs that input's artifact already built,
+        // or on the remote (then it is fetched).
+        let mut fetched_inputs: BTreeSet<NodeIndex> = BTreeSet::new();
         for entry in entries.iter().filter(|e| e.state == State::Run) {
             for input in &self.graph.vertex(entry.index).inputs {
                 if let Source::Vertex { index, .. } = input.source
@@ -293,6 +359,10 @@ impl Planner<'_> {
                     && !keyed[&index].is_source
                     && !self.store.contains(&keyed[&index].key)
                 {
+                    if on_remote.contains(&keyed[&index].key) {
+                        fetched_inputs.insert(index);
+                        continue;
+                    }
                     return Err(EngineError::Usage(format!(
                         "`{}` needs `{}`, which is not in the store and not selected; run it first, or use --until {}",
                         entry.name,
@@ -302,11 +372,61 @@ impl Planner<'_> {
                 }
             }
         }
+        if !fetched_inputs.is_empty() {
+            let remote = self.remote.map_or("", |r| r.name()).to_owned();
+            for &index in &fetched_inputs {
+                let k = &keyed[&index];
+                entries.push(PlanEntry {
+                    index,
+                    name: k.entry.name.clone(),
+                    kind: k.entry.kind.clone(),
+                    key: k.key,
+                    state: State::Remote,
+                    reasons: vec![Reason::OnRemote(remote.clone())],
+                    is_source: false,
+                });
+            }
+            let position: BTreeMap<NodeIndex, usize> = self
+                .graph
+                .order
+                .iter()
+                .enumerate()
+                .map(|(i, &index)| (index, i))
+                .collect();
+            entries.sort_by_key(|e| position[&e.index]);
+        }
         Ok(Plan {
             recipe: self.recipe.file.clone(),
             entries,
             keyed,
+            remote_warning,
         })
+    }
+
+    /// The keys the remote holds among those the store lacks or holds corrupted, and a warning
+    /// if it could not be asked.
+    fn ask_remote(
+        &self,
+        keyed: &BTreeMap<NodeIndex, Keyed>,
+        usable: &BTreeMap<NodeIndex, (bool, Option<Vec<Problem>>)>,
+    ) -> (BTreeSet<Key>, Option<String>) {
+        let Some(remote) = self.remote else {
+            return (BTreeSet::new(), None);
+        };
+        let missing: Vec<Key> = keyed
+            .iter()
+            .filter(|(index, k)| !k.is_source && !usable[*index].0)
+            .map(|(_, k)| k.key)
+            .collect::<BTreeSet<Key>>()
+            .into_iter()
+            .collect();
+        if missing.is_empty() {
+            return (BTreeSet::new(), None);
+        }
+        match remote.holds(&missing) {
+            Ok(held) => (held, None),
+            Err(warning) => (BTreeSet::new(), Some(warning)),
+        }
     }
 
     fn reasons(

@@ -9,7 +9,7 @@ use crate::error::EngineError;
 use crate::graph::Graph;
 use crate::integrity::VerifyMode;
 use crate::lockfile::Lockfile;
-use crate::plan::{Plan, Planner, Selection};
+use crate::plan::{Plan, Planner, RemoteIndex, Selection};
 use crate::runner::Registry;
 use crate::store::Store;
 
@@ -51,6 +51,17 @@ impl Project {
         selection: &Selection,
         backend: Option<Backend>,
     ) -> Result<Plan, EngineError> {
+        self.plan_with_remote(registry, selection, backend, None)
+    }
+
+    /// [`Project::plan`], with what is missing from the store looked up on a remote.
+    pub fn plan_with_remote(
+        &self,
+        registry: &Registry,
+        selection: &Selection,
+        backend: Option<Backend>,
+        remote: Option<&dyn RemoteIndex>,
+    ) -> Result<Plan, EngineError> {
         let digests = if self.store.exists() {
             self.store.digest_cache()
         } else {
@@ -64,6 +75,7 @@ impl Project {
             digests: &digests,
             backend,
             verify: self.verify,
+            remote,
         };
         let plan = planner.plan(selection, &self.lockfile()?)?;
         // Only a cache: failing to save it loses nothing but time.

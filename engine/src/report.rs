@@ -276,7 +276,9 @@ pub fn gather(project: &Project, plan: &Plan) -> Result<Report, EngineError> {
             key: entry.key.to_hex(),
             state,
             reasons: match entry.state {
-                State::Run => entry.reasons.iter().map(ToString::to_string).collect(),
+                State::Run | State::Remote => {
+                    entry.reasons.iter().map(ToString::to_string).collect()
+                }
                 State::Cached => Vec::new(),
             },
             ran_last: ran_last.contains(&entry.key.to_hex()),

@@ -40,6 +40,7 @@ pub fn recipe_schema() -> Value {
         "properties": {
             "recipe": s.meta,
             "executor": s.executor,
+            "remotes": { "type": "object", "additionalProperties": s.remote },
             "datasets": { "type": "object", "additionalProperties": s.dataset },
             "models": { "type": "object", "additionalProperties": s.model },
             "stages": { "type": "object", "additionalProperties": { "oneOf": stage_variants } },

@@ -4,6 +4,7 @@
 //!
 //! This crate knows nothing of graphs, stores or machine learning: the engine builds on it.
 
+pub mod config;
 pub mod diagnostic;
 pub mod json_schema;
 pub mod kinds;
@@ -12,10 +13,11 @@ pub mod recipe;
 pub mod source;
 pub mod validate;
 
+pub use config::UserConfig;
 pub use diagnostic::{Diagnostic, Loc, RecipeErrors};
 pub use kinds::{KINDS, StageSpec};
 pub use recipe::{
     Backend, DataFormat, DatasetSpec, ExecutorKind, ExecutorSpec, Input, Model, ModelSpec, Node,
-    NodeBody, Precision, Recipe, Resources, Stage, Target,
+    NodeBody, Precision, Recipe, RemoteCache, RemoteSpec, Resources, Stage, Target,
 };
 pub use source::{Seg, ValuePath};

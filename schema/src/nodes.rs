@@ -70,6 +70,10 @@ pub struct RecipeMeta {
     /// four cores (GPU stages one at a time).
     #[schemars(range(min = 1))]
     pub jobs: Option<u32>,
+    /// How `rudder run` uses a remote store: `read` fetches an artifact the store lacks from
+    /// the remote instead of building it, `read-write` also pushes what it builds. The CLI's
+    /// `--remote-cache` wins; `--remote` alone means `read-write`.
+    pub remote_cache: RemoteCache,
 }
 
 impl Default for RecipeMeta {
@@ -81,8 +85,114 @@ impl Default for RecipeMeta {
             backend: Backend::Cpu,
             precision: Precision::Fp32,
             jobs: None,
+            remote_cache: RemoteCache::Off,
         }
     }
+}
+
+/// How `rudder run` uses a remote store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteCache {
+    /// The remote is not used (unless `--remote` is given).
+    #[default]
+    Off,
+    /// Fetch what the store lacks from the remote instead of building it.
+    Read,
+    /// Fetch, and push every artifact the run builds.
+    ReadWrite,
+}
+
+impl RemoteCache {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteCache::Off => "off",
+            RemoteCache::Read => "read",
+            RemoteCache::ReadWrite => "read-write",
+        }
+    }
+
+    pub fn reads(self) -> bool {
+        self != RemoteCache::Off
+    }
+
+    pub fn writes(self) -> bool {
+        self == RemoteCache::ReadWrite
+    }
+}
+
+impl std::str::FromStr for RemoteCache {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(RemoteCache::Off),
+            "read" => Ok(RemoteCache::Read),
+            "read-write" => Ok(RemoteCache::ReadWrite),
+            other => Err(format!(
+                "unknown remote cache mode `{other}` (off, read or read-write)"
+            )),
+        }
+    }
+}
+
+/// One `[remotes.NAME]` table: a remote store artifacts are pushed to and pulled from. Never
+/// credentials: those come from the environment (`AWS_*`, `GOOGLE_APPLICATION_CREDENTIALS`,
+/// `AZURE_*`). Not part of any key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteSpec {
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`, `file:///path`,
+    /// or a plain path (a shared filesystem; relative to the file that declares it).
+    pub url: String,
+    /// The remote that `push`, `pull` and `gc --remote` use when none is named.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// URL schemes a remote may have (besides a plain path).
+pub const REMOTE_SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "file"];
+
+/// Checks a remote's URL: a known scheme (or a plain path), and no credentials in it.
+pub fn check_remote_url(url: &str) -> Result<(), String> {
+    if url.trim().is_empty() {
+        return Err("the remote's `url` is empty".into());
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // A plain path to a shared directory.
+        return Ok(());
+    };
+    if !REMOTE_SCHEMES.contains(&scheme) {
+        return Err(format!(
+            "unsupported remote scheme `{scheme}://` (s3://, gs://, az://, file://, or a plain path)"
+        ));
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && userinfo.contains(':')
+    {
+        return Err(
+            "the remote's URL holds credentials: they belong in the environment, not in a file"
+                .into(),
+        );
+    }
+    if rest.contains('?') {
+        return Err(
+            "the remote's URL has a query string (a SAS token?): credentials and options come from the environment"
+                .into(),
+        );
+    }
+    if scheme == "file" {
+        if !rest.starts_with('/') {
+            return Err(
+                "a file:// URL needs an absolute path (file:///path), or write a plain path".into(),
+            );
+        }
+    } else if authority.is_empty() {
+        return Err(format!(
+            "`{scheme}://` needs a bucket or container: {scheme}://NAME/prefix"
+        ));
+    }
+    Ok(())
 }
 
 /// Where stages run.

@@ -4,7 +4,7 @@
 //! Loading never stops at the first problem: all errors are collected with their locations.
 //! Cycles are the engine's to find (it builds the graph), using [`Recipe::spans`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -15,7 +15,7 @@ use crate::diagnostic::{Diagnostic, Loc, RecipeErrors, did_you_mean};
 use crate::kinds::{Expect, FieldError, InputField, KINDS, Produces, StageSpec, kind_info};
 pub use crate::nodes::{
     Arch, Backend, DataFormat, DatasetSpec, ExecutorKind, ExecutorSpec, ModelSpec, Precision,
-    RecipeMeta, Resources, StageCommon,
+    RecipeMeta, RemoteCache, RemoteSpec, Resources, StageCommon, check_remote_url,
 };
 use crate::source::{Sources, SpanMap, Spans, ValuePath, parse_override_value, parse_toml};
 use crate::validate::{SchemaError, validate};
@@ -30,7 +30,12 @@ const COMMON_KEYS: &[&str] = &[
     "resources",
 ];
 
-const TOP_LEVEL: &[&str] = &["recipe", "executor", "datasets", "models", "stages"];
+const TOP_LEVEL: &[&str] = &[
+    "recipe", "executor", "remotes", "datasets", "models", "stages",
+];
+
+/// Keys of a `[remotes.NAME]` table.
+const REMOTE_KEYS: &[&str] = &["url", "default"];
 
 /// What a reference resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +137,8 @@ pub struct Recipe {
     pub meta: RecipeMeta,
     /// The `[executor]` table.
     pub executor: ExecutorSpec,
+    /// The `[remotes.NAME]` tables, by name.
+    pub remotes: BTreeMap<String, RemoteSpec>,
     pub name: String,
     /// Datasets, then models, then stages, each in the order written.
     pub nodes: Vec<Node>,
@@ -202,11 +209,7 @@ impl Recipe {
             })
             .unwrap_or(Path::new("."));
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-        let mut loader = Loader {
-            spans: &spans,
-            errors,
-            schemas: schemas(),
-        };
+        let mut loader = Loader::new(&spans, errors);
         let recipe = loader.recipe(&tree, file, dir, applied);
         let sources = Arc::new(sources);
         match recipe {
@@ -305,6 +308,7 @@ pub(crate) struct Schemas {
     pub root: Value,
     pub meta: Value,
     pub executor: Value,
+    pub remote: Value,
     pub dataset: Value,
     pub model: Value,
     pub common: Value,
@@ -317,6 +321,7 @@ pub(crate) fn schemas() -> &'static Schemas {
         let mut generator = SchemaGenerator::new(schemars::generate::SchemaSettings::draft07());
         let meta = generator.subschema_for::<RecipeMeta>().to_value();
         let executor = generator.subschema_for::<ExecutorSpec>().to_value();
+        let remote = generator.subschema_for::<RemoteSpec>().to_value();
         let dataset = generator.subschema_for::<DatasetSpec>().to_value();
         let model = generator.subschema_for::<ModelSpec>().to_value();
         let common = generator.subschema_for::<StageCommon>().to_value();
@@ -333,6 +338,7 @@ pub(crate) fn schemas() -> &'static Schemas {
             root: serde_json::json!({ "definitions": definitions }),
             meta,
             executor,
+            remote,
             dataset,
             model,
             common,
@@ -367,13 +373,112 @@ fn mark_required(
     definition.insert("required".into(), serde_json::json!(required));
 }
 
-struct Loader<'a> {
+pub(crate) struct Loader<'a> {
     spans: &'a SpanMap,
-    errors: Vec<Diagnostic>,
+    pub(crate) errors: Vec<Diagnostic>,
     schemas: &'static Schemas,
 }
 
-impl Loader<'_> {
+impl<'a> Loader<'a> {
+    pub(crate) fn new(spans: &'a SpanMap, errors: Vec<Diagnostic>) -> Self {
+        Loader {
+            spans,
+            errors,
+            schemas: schemas(),
+        }
+    }
+
+    /// The `[remotes.NAME]` tables at `path` (in a recipe or the user's configuration): names,
+    /// URLs without credentials, at most one `default`.
+    pub(crate) fn remotes(
+        &mut self,
+        value: &Value,
+        path: &ValuePath,
+    ) -> BTreeMap<String, RemoteSpec> {
+        let mut remotes = BTreeMap::new();
+        let Value::Object(entries) = value else {
+            self.error(
+                path,
+                "`remotes` must be a table of named remotes: [remotes.NAME] url = \"...\"",
+                "here",
+            );
+            return remotes;
+        };
+        let mut default: Option<String> = None;
+        for (name, body) in entries {
+            let at = path.key(name);
+            let context = format!("remote `{name}`");
+            if !is_valid_name(name) {
+                self.key_error(
+                    &at,
+                    format!("invalid remote name `{name}`"),
+                    Some("names use letters, digits, `_` and `-`".into()),
+                );
+                continue;
+            }
+            let Value::Object(table) = body else {
+                self.error(
+                    &at,
+                    format!("{context} must be a table with a `url`"),
+                    "here",
+                );
+                continue;
+            };
+            let mut known = serde_json::Map::new();
+            for (key, field) in table {
+                if REMOTE_KEYS.contains(&key.as_str()) {
+                    known.insert(key.clone(), field.clone());
+                    continue;
+                }
+                let help = if looks_like_a_credential(key) {
+                    Some("credentials never go in a file: rudder reads them from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY, ...)".to_owned())
+                } else {
+                    did_you_mean(key, REMOTE_KEYS.iter().copied())
+                        .or_else(|| Some("a remote has `url` and `default`; endpoints and credentials come from the environment".into()))
+                };
+                self.key_error(
+                    &at.key(key),
+                    format!("{context}: unknown key `{key}`"),
+                    help,
+                );
+            }
+            let Some(spec) = self.typed::<RemoteSpec>(
+                &self.schemas.remote,
+                &Value::Object(known),
+                &at,
+                &context,
+            ) else {
+                continue;
+            };
+            if let Err(message) = check_remote_url(&spec.url) {
+                self.error(&at.key("url"), format!("{context}: {message}"), "here");
+                continue;
+            }
+            if spec.default {
+                if let Some(first) = &default {
+                    let loc = self.spans.value(&at.key("default"));
+                    let first_loc = self.spans.value(&path.key(first).key("default"));
+                    let mut diagnostic = Diagnostic::new(format!(
+                        "remotes `{first}` and `{name}` are both the default"
+                    ))
+                    .with_optional_label(loc, "second default");
+                    if let Some(first_loc) = first_loc {
+                        diagnostic = diagnostic.with_label(first_loc, "first default");
+                    }
+                    self.errors.push(
+                        diagnostic.with_help(
+                            "one remote is the default; name another with --remote NAME",
+                        ),
+                    );
+                    continue;
+                }
+                default = Some(name.clone());
+            }
+            remotes.insert(name.clone(), spec);
+        }
+        remotes
+    }
+
     fn error(&mut self, path: &ValuePath, message: impl Into<String>, label: &str) {
         let loc = self.spans.value(path);
         self.errors
@@ -453,7 +558,7 @@ impl Loader<'_> {
                     format!("unknown top-level table `{key}`"),
                     did_you_mean(key, TOP_LEVEL.iter().copied()).or_else(|| {
                         Some(
-                            "a recipe has [recipe], [executor], [datasets.*], [models.*] and [stages.*]"
+                            "a recipe has [recipe], [executor], [remotes.*], [datasets.*], [models.*] and [stages.*]"
                                 .into(),
                         )
                     }),
@@ -484,6 +589,10 @@ impl Loader<'_> {
             &executor_path.key("resources"),
             "[executor]",
         );
+        let remotes = match top.get("remotes") {
+            Some(value) => self.remotes(value, &root.key("remotes")),
+            None => BTreeMap::new(),
+        };
         let name = meta.name.clone().unwrap_or_else(|| {
             file.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -553,6 +662,7 @@ impl Loader<'_> {
             dir,
             meta,
             executor,
+            remotes,
             name,
             nodes,
             sources: Arc::default(),
@@ -917,6 +1027,22 @@ impl Loader<'_> {
                 .with_optional_help(help),
         );
     }
+}
+
+/// Whether a key someone put in a remote's table is a secret (which never belongs in a file).
+fn looks_like_a_credential(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "secret",
+        "key",
+        "token",
+        "password",
+        "credential",
+        "sas",
+        "signature",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
 }
 
 /// Every property name a schema accepts at its top level, following `$ref` and `allOf`.

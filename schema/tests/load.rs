@@ -388,3 +388,61 @@ fn bad_resources_are_located() {
     assert!(errors[0].contains("[executor]"), "{errors:?}");
     assert!(errors[0].contains("recipe.toml:7:8"), "{errors:?}");
 }
+
+#[test]
+fn remotes_are_declared_by_name_and_are_in_no_node() {
+    let recipe = load(&format!(
+        "[remotes.team]\nurl = \"s3://bucket/rudder\"\ndefault = true\n\n[remotes.nfs]\nurl = \"../shared/store\"\n\n{}",
+        BASE.replace("seed = 7", "seed = 7\nremote_cache = \"read\"")
+    ))
+    .unwrap();
+    assert_eq!(recipe.remotes.len(), 2);
+    assert!(recipe.remotes["team"].default);
+    assert!(!recipe.remotes["nfs"].default);
+    assert_eq!(recipe.meta.remote_cache, rudder_schema::RemoteCache::Read);
+    assert_eq!(recipe.nodes.len(), 4);
+}
+
+#[test]
+fn bad_remotes_are_located() {
+    let errors = errors_of(
+        "[remotes.a]\nurl = \"s3://b/p\"\ndefault = true\n\n[remotes.b]\nurl = \"/x\"\ndefault = true\n",
+    );
+    assert!(
+        errors[0].contains("recipe.toml:7:11") && errors[0].contains("both the default"),
+        "{errors:?}"
+    );
+    let errors = errors_of("[remotes.a]\nurl = \"http://host/x\"\n");
+    assert!(
+        errors[0].contains("recipe.toml:2:7") && errors[0].contains("unsupported remote scheme"),
+        "{errors:?}"
+    );
+    let errors = errors_of("[remotes.a]\nurl = \"s3://b/p\"\naccess_key_id = \"AKIA\"\n");
+    assert!(
+        errors[0].contains("recipe.toml:3:1") && errors[0].contains("from the environment"),
+        "{errors:?}"
+    );
+    let errors = errors_of("[remotes.a]\nurl = \"s3://b/p\"\ndefualt = true\n");
+    assert!(errors[0].contains("did you mean `default`"), "{errors:?}");
+    let errors = errors_of("[remotes.a]\nurl = \"az://c/p?sv=2024&sig=abc\"\n");
+    assert!(errors[0].contains("query string"), "{errors:?}");
+    let errors = errors_of("[remotes.a]\nurl = 3\n");
+    assert!(errors[0].contains("recipe.toml:2:7"), "{errors:?}");
+    let errors = errors_of("[recipe]\nremote_cache = \"write\"\n");
+    assert!(errors[0].contains("recipe.toml:2:16"), "{errors:?}");
+}
+
+#[test]
+fn the_exported_schema_knows_remotes() {
+    let schema = rudder_schema::json_schema::recipe_schema();
+    let validator = jsonschema::draft7::new(&schema).unwrap();
+    let good = serde_json::json!({
+        "recipe": {"remote_cache": "read-write"},
+        "remotes": {"team": {"url": "s3://b/p", "default": true}}
+    });
+    assert!(validator.is_valid(&good));
+    let secret = serde_json::json!({"remotes": {"team": {"url": "s3://b/p", "secret": "x"}}});
+    assert!(!validator.is_valid(&secret));
+    let mode = serde_json::json!({"recipe": {"remote_cache": "write"}});
+    assert!(!validator.is_valid(&mode));
+}

@@ -1,27 +1,24 @@
-use rudder_engine::plan::State;
-use rudder_engine::{Plan, VerifyMode};
+use rudder_engine::Plan;
+use rudder_engine::plan::{RemoteIndex, State};
 
 use crate::ExitStatus;
-use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
+use crate::cli::PlanArgs;
 use crate::printer::Printer;
 
-pub fn run(
-    recipe: &RecipeArgs,
-    selection: &SelectionArgs,
-    store: &StoreArgs,
-    backend: Option<&str>,
-    json: bool,
-    verify: VerifyMode,
-    printer: &Printer,
-) -> anyhow::Result<ExitStatus> {
-    let mut project = super::open(recipe, Some(store))?;
-    project.verify = verify;
-    let plan = project.plan(
+pub fn run(args: &PlanArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
+    let mut project = super::open(&args.recipe, Some(&args.store))?;
+    project.verify = args.verify.verify.into();
+    let remote = args.remote.as_deref();
+    let mode = super::remote_mode(None, remote, &project)?;
+    let cache = super::remote_cache(&project, remote, mode, false, printer)?;
+    let plan = project.plan_with_remote(
         &super::registry(),
-        &super::selection(selection),
-        super::backend(backend)?,
+        &super::selection(&args.selection),
+        super::backend(args.backend.as_deref())?,
+        cache.as_ref().map(|c| c as &dyn RemoteIndex),
     )?;
-    if json {
+    warn_about_remote(&plan, printer);
+    if args.json {
         printer.data(serde_json::to_string_pretty(&plan.to_json())?);
     } else {
         print(&plan, printer);
@@ -38,6 +35,7 @@ pub fn print(plan: &Plan, printer: &Printer) {
             (_, true) => "source",
             (State::Cached, false) => "cached",
             (State::Run, false) => "run",
+            (State::Remote, false) => "remote",
         };
         let reasons = if entry.reasons.is_empty() {
             String::new()
@@ -60,11 +58,22 @@ pub fn print(plan: &Plan, printer: &Printer) {
         ));
     }
     let runs = plan.to_run().count();
+    let fetches = match plan.to_fetch().len() {
+        0 => String::new(),
+        n => format!(", {n} to fetch from the remote"),
+    };
     printer.out(format!(
-        "{runs} to run, {} cached",
+        "{runs} to run, {} cached{fetches}",
         plan.entries
             .iter()
             .filter(|e| !e.is_source && e.state == State::Cached)
             .count()
     ));
+}
+
+/// A remote the plan could not ask is a warning: the plan is the local one.
+pub fn warn_about_remote(plan: &Plan, printer: &Printer) {
+    if let Some(warning) = &plan.remote_warning {
+        printer.status(format!("warning: {warning}; planned without the remote"));
+    }
 }

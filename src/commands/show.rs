@@ -37,7 +37,7 @@ pub fn run(
     let state = match (entry.is_source, entry.state) {
         (true, _) => "source".to_owned(),
         (false, State::Cached) => "cached".to_owned(),
-        (false, State::Run) => format!(
+        (false, State::Run | State::Remote) => format!(
             "not built ({})",
             entry
                 .reasons

@@ -104,6 +104,7 @@ pub fn rudder_in(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(dir)
         .env_remove("RUDDER_STORE")
+        .env_remove("RUDDER_REMOTE")
         .output()
         .expect("rudder runs")
 }
