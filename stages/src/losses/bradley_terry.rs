@@ -28,7 +28,10 @@ mod tests {
     use super::*;
 
     fn t(v: &[f32]) -> Tensor<1> {
-        Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &crate::test_device())
+        Tensor::from_data(
+            TensorData::new(v.to_vec(), [v.len()]),
+            &crate::test_device(),
+        )
     }
 
     fn values(x: Tensor<1>) -> Vec<f32> {
