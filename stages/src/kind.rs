@@ -27,6 +27,7 @@ use rudder_schema::kinds::TrainArgs;
 use crate::artifacts::METRICS_FILE;
 use crate::backend::training_device;
 use crate::inputs::Inputs;
+use crate::model::lora::{self, Adaptable};
 use crate::train::{
     MetricsWriter, Objective, StageHooks, TrainConfig, TrainError, TrainReport, train,
 };
@@ -118,6 +119,15 @@ impl<P> Stage<'_, P> {
     /// The training loop's settings for this stage, checkpointing into its work directory.
     pub fn train_config(&self, learning_rate: f64, args: &TrainArgs) -> TrainConfig {
         TrainConfig::new(learning_rate, args, self.seed(), Some(self.work_dir()))
+    }
+
+    /// The model to train under `args`: with a `lora` table, `model` frozen with fresh adapters
+    /// (drawn from the stage's seed) on its targeted layers; otherwise `model` itself.
+    pub fn adapt<M: Adaptable>(&self, model: M, args: &TrainArgs) -> Result<M, TrainError> {
+        match &args.lora {
+            Some(lora) => Ok(lora::attach(model, lora, self.seed())?),
+            None => Ok(model),
+        }
     }
 
     /// Trains `model` on `examples` for this stage: progress and Ctrl-C through the engine,

@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{KtoParams, REF_LOGPS_PART};
 
-use crate::artifacts::save_model;
+use crate::artifacts::save_trained_model;
 use crate::kind::{Stage, StageKind};
 use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, vector};
 use crate::losses::{KtoLossConfig, kto_kl, kto_loss, kto_metrics, kto_uses_kl};
@@ -62,8 +62,15 @@ impl StageKind for Kto {
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (config, model) = load_causal_lm(&policy.dir, device)?;
+        let model = stage.adapt(model, &p.train)?;
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
+        save_trained_model(
+            stage.out_dir(),
+            &trained,
+            &config,
+            &policy.tokenizer,
+            p.train.lora.as_ref(),
+        )?;
         let mut summary = report.summary();
         summary.insert("examples".into(), examples.len() as f64);
         summary.insert("dropped".into(), dropped as f64);

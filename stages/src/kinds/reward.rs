@@ -15,7 +15,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::RewardParams;
 
-use crate::artifacts::save_scorer;
+use crate::artifacts::save_trained_scorer;
 use crate::data::PreferencePair;
 use crate::kind::{Stage, StageKind};
 use crate::losses::bradley_terry;
@@ -51,9 +51,16 @@ impl StageKind for Reward {
         };
         let (config, weights) = reward_model_from_causal_lm(&model.dir, stage.seed(), device)?;
         let cfg = stage.train_config(p.learning_rate, &p.train);
+        let weights = stage.adapt(weights, &p.train)?;
         let (trained, report) = stage.fit(&objective, weights, train_pairs, &cfg, device)?;
         let eval = evaluate(&trained.valid(), &objective, eval_pairs, device);
-        save_scorer(stage.out_dir(), &trained, &config, &model.tokenizer)?;
+        save_trained_scorer(
+            stage.out_dir(),
+            &trained,
+            &config,
+            &model.tokenizer,
+            p.train.lora.as_ref(),
+        )?;
         let mut summary = report.summary();
         summary.insert("pairs".into(), train_pairs.len() as f64);
         summary.extend(eval);
