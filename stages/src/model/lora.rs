@@ -481,15 +481,47 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraArgs, StageError> {
         Some(Value::String(s)) if s == "all-linear" => {
             TargetModules::AllLinear(rudder_schema::kinds::AllLinear::AllLinear)
         }
-        Some(v) => TargetModules::List(
-            serde_json::from_value(v.clone()).map_err(|e| bad(format!("`target_modules`: {e}")))?,
-        ),
+        // PEFT matches a name against a module's path suffix, and saves `all-linear` resolved
+        // into full paths (`model.layers.0.self_attn.q_proj`): each entry's last segment is
+        // the layer it adapts.
+        Some(Value::Array(entries)) => {
+            let mut list = Vec::new();
+            for entry in entries {
+                let name = entry.as_str().unwrap_or_default();
+                let last = name.rsplit('.').next().unwrap_or(name);
+                let module = LinearModule::ALL
+                    .into_iter()
+                    .find(|m| m.name() == last)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "`target_modules` entry {entry} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                        ))
+                    })?;
+                if !list.contains(&module) {
+                    list.push(module);
+                }
+            }
+            list.sort();
+            TargetModules::List(list)
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "`target_modules` must be a list or \"all-linear\", not {other}"
+            )));
+        }
         None => LoraArgs::default().target_modules,
     };
     let modules_to_save = match get("modules_to_save") {
-        Some(v) => {
-            serde_json::from_value(v.clone()).map_err(|e| bad(format!("`modules_to_save`: {e}")))?
-        }
+        // PEFT adds `classifier` for sequence classification; Llama-family models have none.
+        Some(Value::Array(entries)) => serde_json::from_value(Value::Array(
+            entries
+                .iter()
+                .filter(|e| e.as_str() != Some("classifier"))
+                .cloned()
+                .collect(),
+        ))
+        .map_err(|e| bad(format!("`modules_to_save`: {e}")))?,
+        Some(other) => return Err(bad(format!("`modules_to_save` must be a list, not {other}"))),
         None => Vec::new(),
     };
     Ok(LoraArgs {
