@@ -122,6 +122,48 @@ fn lora_sft_reproduces_peft_trl_trajectory() {
     assert!(norm < 1e-4, "grad_norm relative error {norm:e}");
     assert!(metrics < 1e-4, "metric error {metrics:e}");
     assert!(adapter < 1e-4, "adapter error {adapter:e}");
+    write_peft_check(&model, &args, &seqs[..4]);
+}
+
+/// Leaves the trained adapter and rudder's logits on a few sequences in the test's scratch
+/// folder, for `data/lora/check_peft.py` to load the adapter in PEFT and compare.
+fn write_peft_check(
+    model: &rudder_stages::model::CausalLm,
+    args: &rudder_schema::kinds::LoraArgs,
+    seqs: &[rudder_stages::train::SftSequence],
+) {
+    use burn::tensor::{Int, Tensor, TensorData};
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lora-peft-check");
+    lora::save_adapter(model, args, &dir).unwrap();
+    let device = model.device();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, seq) in seqs.iter().enumerate() {
+        let n = seq.input_ids.len();
+        let ids: Vec<i64> = seq.input_ids.iter().map(|&t| i64::from(t)).collect();
+        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((format!("input_ids_{i}"), vec![1, n], bytes));
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let logits = model.forward(input, None, None);
+        let shape = logits.dims().to_vec();
+        let values: Vec<f32> = logits.into_data().try_to_vec::<f32>().unwrap();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((format!("logits_{i}"), shape, bytes));
+    }
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let dtype = if name.starts_with("input_ids") {
+                safetensors::Dtype::I64
+            } else {
+                safetensors::Dtype::F32
+            };
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("rudder_logits.safetensors")).unwrap();
 }
 
 #[test]
