@@ -251,3 +251,84 @@ fn lora_dpo_reproduces_peft_trl_trajectory() {
     assert!(metrics < 1e-4, "metric error {metrics:e}");
     assert!(adapter < 1e-4, "adapter error {adapter:e}");
 }
+
+/// Stops the run once `after` steps are done.
+struct StopAfter {
+    after: u64,
+    done: u64,
+}
+
+impl rudder_stages::train::Hooks for StopAfter {
+    fn on_step(&mut self, record: &StepRecord, _: u64) {
+        self.done = record.step;
+    }
+    fn interrupted(&self) -> bool {
+        self.done >= self.after
+    }
+}
+
+#[test]
+fn resumed_lora_training_is_bit_identical_and_keeps_the_base_frozen() {
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
+    let rows = read_rows(&fixtures().join("sft.jsonl"), Format::Jsonl, &BTreeMap::new()).unwrap();
+    let seqs = sft::tokenize(
+        &tokenizer,
+        &rows.sft_examples("text").unwrap(),
+        &SftTokenization::default(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let device = rudder_stages::test_device().autodiff();
+    let run = |name: &str, hooks: &mut dyn rudder_stages::train::Hooks| {
+        let cfg = TrainConfig {
+            batch_size: 8,
+            max_steps: Some(6),
+            checkpoint: Some(rudder_stages::train::Checkpointing {
+                dir: tmp.path().join(name),
+                every: 3,
+            }),
+            ..config()
+        };
+        let (_, base) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
+        let (model, args) = lora::load_adapter(base, &data().join("sft_init")).unwrap();
+        let (model, _) = train(
+            &SftObjective { pad_id: 0 },
+            model,
+            &seqs,
+            &cfg,
+            &device,
+            None,
+            hooks,
+        )?;
+        let out = tmp.path().join(format!("{name}-adapter"));
+        lora::save_adapter(&model, &args, &out).unwrap();
+        let base_q: Vec<f32> = model.model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        Ok::<_, rudder_stages::train::TrainError>((
+            std::fs::read(out.join(ADAPTER_WEIGHTS_FILE)).unwrap(),
+            base_q,
+        ))
+    };
+    let (whole, whole_q) = run("whole", &mut NoHooks).unwrap();
+    let mut stop = StopAfter { after: 4, done: 0 };
+    assert!(run("parts", &mut stop).is_err());
+    let (parts, parts_q) = run("parts", &mut NoHooks).unwrap();
+    assert!(whole == parts, "resumed adapter differs");
+    let (_, fresh) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
+    let fresh_q: Vec<f32> = fresh.model.layers[0]
+        .self_attn
+        .q_proj
+        .weight
+        .val()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    assert_eq!(whole_q, fresh_q, "the base weight moved");
+    assert_eq!(parts_q, fresh_q, "the base weight moved after resuming");
+}
