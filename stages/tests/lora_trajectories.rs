@@ -85,7 +85,9 @@ fn compare_adapter(dir: &Path, reference: &Value) -> f64 {
         let l2 = values.iter().map(|x| x * x).sum::<f64>().sqrt();
         let sum: f64 = values.iter().sum();
         let (rl2, rsum) = (r["l2"].as_f64().unwrap(), r["sum"].as_f64().unwrap());
-        err = err.max(rel(l2, rl2)).max((sum - rsum).abs() / rsum.abs().max(rl2));
+        err = err
+            .max(rel(l2, rl2))
+            .max((sum - rsum).abs() / rsum.abs().max(rl2));
     }
     err
 }
@@ -94,7 +96,12 @@ fn compare_adapter(dir: &Path, reference: &Value) -> f64 {
 fn lora_sft_reproduces_peft_trl_trajectory() {
     let traj = golden("sft_lora_trajectory.json");
     let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
-    let rows = read_rows(&fixtures().join("sft.jsonl"), Format::Jsonl, &BTreeMap::new()).unwrap();
+    let rows = read_rows(
+        &fixtures().join("sft.jsonl"),
+        Format::Jsonl,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let examples = rows.sft_examples("text").unwrap();
     let seqs = sft::tokenize(&tokenizer, &examples, &SftTokenization::default()).unwrap();
 
@@ -104,8 +111,16 @@ fn lora_sft_reproduces_peft_trl_trajectory() {
     assert_eq!(args.r, 4);
     assert_eq!(args.scale(), 2.0);
     let objective = SftObjective { pad_id: 0 };
-    let (model, report) =
-        train(&objective, model, &seqs, &config(), &device, None, &mut NoHooks).unwrap();
+    let (model, report) = train(
+        &objective,
+        model,
+        &seqs,
+        &config(),
+        &device,
+        None,
+        &mut NoHooks,
+    )
+    .unwrap();
     let [loss, norm, metrics] = compare_steps(
         &report.steps,
         &traj["steps"],
@@ -170,7 +185,12 @@ fn write_peft_check(
 fn lora_dpo_reproduces_peft_trl_trajectory() {
     let traj = golden("dpo_lora_trajectory.json");
     let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
-    let rows = read_rows(&fixtures().join("prefs.jsonl"), Format::Jsonl, &BTreeMap::new()).unwrap();
+    let rows = read_rows(
+        &fixtures().join("prefs.jsonl"),
+        Format::Jsonl,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let tokenized = tokenize_pairs(
         &tokenizer,
         &rows.preference_pairs().unwrap(),
@@ -212,8 +232,16 @@ fn lora_dpo_reproduces_peft_trl_trajectory() {
         ld_alpha: None,
         use_weighting: false,
     };
-    let (model, report) =
-        train(&objective, model, &examples, &config(), &device, None, &mut NoHooks).unwrap();
+    let (model, report) = train(
+        &objective,
+        model,
+        &examples,
+        &config(),
+        &device,
+        None,
+        &mut NoHooks,
+    )
+    .unwrap();
     let [loss, norm, metrics] = compare_steps(
         &report.steps,
         &traj["steps"],
@@ -270,7 +298,12 @@ impl rudder_stages::train::Hooks for StopAfter {
 #[test]
 fn resumed_lora_training_is_bit_identical_and_keeps_the_base_frozen() {
     let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
-    let rows = read_rows(&fixtures().join("sft.jsonl"), Format::Jsonl, &BTreeMap::new()).unwrap();
+    let rows = read_rows(
+        &fixtures().join("sft.jsonl"),
+        Format::Jsonl,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let seqs = sft::tokenize(
         &tokenizer,
         &rows.sft_examples("text").unwrap(),

@@ -521,7 +521,11 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraArgs, StageError> {
                 .collect(),
         ))
         .map_err(|e| bad(format!("`modules_to_save`: {e}")))?,
-        Some(other) => return Err(bad(format!("`modules_to_save` must be a list, not {other}"))),
+        Some(other) => {
+            return Err(bad(format!(
+                "`modules_to_save` must be a list, not {other}"
+            )));
+        }
         None => Vec::new(),
     };
     Ok(LoraArgs {
