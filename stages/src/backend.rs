@@ -63,6 +63,22 @@ pub fn training_device(backend: Backend) -> Result<Device, StageError> {
     Ok(device(backend)?.autodiff())
 }
 
+/// `inner` moved to the autodiff side with the gradient-checkpointing strategy `like` carries
+/// (`like` being a tensor of the computation it joins): Burn refuses an operation whose tensors
+/// carry different strategies, and `Tensor::from_inner` alone gives the default one.
+pub fn lift<const D: usize, const E: usize, K: burn::tensor::kind::Autodiff>(
+    inner: burn::tensor::Tensor<D, K>,
+    like: &burn::tensor::Tensor<E>,
+) -> burn::tensor::Tensor<D, K> {
+    let tensor = burn::tensor::Tensor::from_inner(inner);
+    match like.gradient_checkpointing_strategy() {
+        Some(strategy) if like.is_autodiff() => {
+            tensor.with_gradient_checkpointing_strategy(strategy)
+        }
+        _ => tensor,
+    }
+}
+
 /// The CPU device the unit and integration tests run on.
 #[cfg(feature = "flex")]
 pub fn cpu() -> Device {

@@ -195,9 +195,21 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
 
     fn run(&self, ctx: &StageContext<'_>) -> StageResult {
         let stage = Stage::<K::Params>::new(ctx)?;
-        let device = training_device(ctx.backend)?;
+        let mut device = training_device(ctx.backend)?;
+        if gradient_checkpointing(stage.params) {
+            device = device.gradient_checkpointing();
+        }
         Ok(K::run(&stage, &device)?)
     }
+}
+
+/// Whether a training kind's parameters ask for `gradient_checkpointing` (every training kind
+/// flattens `TrainArgs` into its parameters; other kinds have no such field).
+fn gradient_checkpointing<P: serde::Serialize>(params: &P) -> bool {
+    serde_json::to_value(params)
+        .ok()
+        .and_then(|v| v.get("gradient_checkpointing")?.as_bool())
+        .unwrap_or(false)
 }
 
 struct HostRunner<K> {

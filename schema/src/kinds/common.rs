@@ -63,6 +63,11 @@ pub struct TrainArgs {
     /// of the artifact key).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub report_to: Vec<ReportTo>,
+    /// Recompute activations in the backward pass instead of keeping them (Burn's balanced
+    /// strategy: memory-bound operations are recomputed, compute-bound ones keep their output),
+    /// trading compute for memory. The gradients are the same, so it is not part of the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     /// Train low-rank adapters on a frozen base instead of every parameter (PEFT's
     /// `LoraConfig`). Absent: full fine-tuning.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -263,6 +268,7 @@ impl Default for TrainArgs {
             logging_steps: 10,
             checkpoint_every: 100,
             report_to: Vec::new(),
+            gradient_checkpointing: false,
             lora: None,
         }
     }
@@ -273,6 +279,7 @@ pub const NOT_IN_KEY: &[&str] = &[
     "logging_steps",
     "checkpoint_every",
     "report_to",
+    "gradient_checkpointing",
     "description",
 ];
 

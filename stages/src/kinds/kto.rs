@@ -9,7 +9,6 @@
 
 use burn::module::Module;
 use burn::tensor::Device;
-use burn::tensor::Tensor;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{KtoParams, REF_LOGPS_PART};
 
@@ -147,7 +146,8 @@ impl Objective for KtoObjective {
             let inner = model.valid();
             let kl_rows: Vec<&PromptCompletion> = examples.iter().map(|e| &e.row.kl).collect();
             let kl_batch = CompletionBatch::new(&kl_rows, self.pad_id, &inner.device());
-            let policy_kl = Tensor::<1>::from_inner(completion_logps(&inner, &kl_batch).sums());
+            let policy_kl =
+                crate::backend::lift(completion_logps(&inner, &kl_batch).sums(), &policy);
             let reference_kl = vector(examples.iter().map(|e| e.reference_kl).collect(), device);
             kto_kl(policy_kl, reference_kl)
         });
