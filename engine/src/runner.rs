@@ -47,6 +47,8 @@ pub enum InputKind {
     },
     /// A Hugging Face model directory from `models.X.hf`.
     Model,
+    /// A Hugging Face model directory with a PEFT LoRA adapter to apply (`models.X.adapter`).
+    AdaptedModel { adapter: PathBuf },
     /// A fresh architecture: there is no directory, only the configuration and the model's
     /// tokenizer (a tokenizer stage's artifact directory, or a tokenizer.json file).
     FreshModel {

@@ -69,9 +69,11 @@ impl<'a, P: Schema> Stage<'a, P> {
                 P::NAME
             ))
         })?;
+        let mut inputs = Inputs::resolve(&ctx.inputs);
+        inputs.merge_adapters(ctx.work_dir, ctx.backend)?;
         Ok(Self {
             params,
-            inputs: Inputs::resolve(&ctx.inputs),
+            inputs,
             ctx,
         })
     }
