@@ -108,6 +108,16 @@ fn tensor_names(path: &Path) -> Vec<String> {
 fn lora_stages_commit_peft_adapters_and_merged_models() {
     let s = scratch();
     s.ok(&["validate", "recipe.toml"]);
+    // The plan estimates each training stage's peak memory.
+    let plan = s.ok(&["plan", "recipe.toml"]);
+    assert!(plan.contains("estimated peak memory"), "{plan}");
+    for stage in ["sft", "dpo", "from_adapter"] {
+        assert!(
+            plan.lines()
+                .any(|l| l.trim_start().starts_with(stage) && l.contains(" = ")),
+            "{plan}"
+        );
+    }
     s.ok(&["run", "recipe.toml"]);
     let path = |node: &str| {
         let out = s.ok(&["show", "recipe.toml", node, "--path"]);

@@ -40,8 +40,10 @@ impl ModelShape {
             .get("architectures")
             .and_then(Value::as_array)
             .is_some_and(|a| {
-                a.iter()
-                    .any(|v| v.as_str().is_some_and(|s| s.ends_with("SequenceClassification")))
+                a.iter().any(|v| {
+                    v.as_str()
+                        .is_some_and(|s| s.ends_with("SequenceClassification"))
+                })
             });
         Some(Self {
             vocab_size: get("vocab_size")?,
@@ -181,7 +183,11 @@ pub fn estimate(model: &ModelShape, training: &TrainingShape) -> MemoryEstimate 
     };
     let copies = if training.reference_copy { 2 } else { 1 };
     // LoRA's factors are stored besides the frozen weights, in fp32.
-    let adapter_bytes = if training.lora.is_some() { trained * 4 } else { 0 };
+    let adapter_bytes = if training.lora.is_some() {
+        trained * 4
+    } else {
+        0
+    };
     MemoryEstimate {
         weights: copies * params * training.weight_bytes + adapter_bytes,
         gradients: trained * 4,
@@ -193,9 +199,118 @@ pub fn estimate(model: &ModelShape, training: &TrainingShape) -> MemoryEstimate 
     }
 }
 
-/// Bytes as GiB with one decimal.
+/// Kinds that train a model, with how many sequences one batch element is (a preference pair
+/// runs its chosen and rejected sides together).
+fn training_kind(kind: &str) -> Option<u64> {
+    match kind {
+        "pretrain" | "sft" | "ppo" | "rloo" | "grpo" => Some(1),
+        "reward" | "dpo" | "kto" | "orpo" | "simpo" | "iterative_dpo" => Some(2),
+        _ => None,
+    }
+}
+
+/// The estimate of every training stage of `recipe` whose model's shape can be read (a
+/// `models.X.hf` directory's config.json or a fresh architecture, followed through the stages
+/// that train it), in the recipe's order.
+pub fn recipe_estimates(recipe: &rudder_schema::Recipe) -> Vec<(String, MemoryEstimate)> {
+    use rudder_schema::NodeBody;
+    let mut out = Vec::new();
+    for node in &recipe.nodes {
+        let NodeBody::Stage(stage) = &node.body else {
+            continue;
+        };
+        let Some(sequences) = training_kind(stage.spec.kind()) else {
+            continue;
+        };
+        let Some(mut shape) = model_shape(recipe, &node.name, 0) else {
+            continue;
+        };
+        let params = stage.spec.params();
+        let get = |k: &str| params.get(k).and_then(Value::as_u64);
+        if stage.spec.kind() == "reward" {
+            shape.reward_head = true;
+        }
+        let lora: Option<LoraArgs> = params
+            .get("lora")
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let seq_len = get("max_length").unwrap_or_else(|| {
+            get("max_prompt_length").unwrap_or(512) + get("max_new_tokens").unwrap_or(0)
+        });
+        let reference_copy = lora.is_none()
+            && (matches!(stage.spec.kind(), "ppo" | "rloo" | "grpo")
+                || params.get("sync_ref_model").and_then(Value::as_bool) == Some(true));
+        let training = TrainingShape {
+            batch_size: get("batch_size").unwrap_or(8) * sequences,
+            seq_len,
+            weight_bytes: 4,
+            lora,
+            gradient_checkpointing: params
+                .get("gradient_checkpointing")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            reference_copy,
+        };
+        out.push((node.name.clone(), estimate(&shape, &training)));
+    }
+    out
+}
+
+/// The shape of the model a stage trains (its `model` input, followed to its source).
+fn model_shape(recipe: &rudder_schema::Recipe, name: &str, depth: usize) -> Option<ModelShape> {
+    use rudder_schema::{NodeBody, Target};
+    if depth > recipe.nodes.len() {
+        return None;
+    }
+    match &recipe.node(name)?.body {
+        NodeBody::Model(model) => match &model.spec.hf {
+            Some(hf) => {
+                let text = std::fs::read_to_string(recipe.dir.join(hf).join("config.json")).ok()?;
+                ModelShape::from_config(&serde_json::from_str(&text).ok()?)
+            }
+            None => {
+                let spec = serde_json::to_value(&model.spec).ok()?;
+                let mut config = spec.as_object()?.clone();
+                config.insert(
+                    "architectures".into(),
+                    serde_json::json!(["LlamaForCausalLM"]),
+                );
+                // A fresh model's vocabulary follows its tokenizer.
+                if config.get("vocab_size").is_none_or(Value::is_null) {
+                    let vocab = match &model.tokenizer.as_ref()?.target {
+                        Target::Node { name, .. } => match &recipe.node(name)?.body {
+                            NodeBody::Stage(t) => t.spec.params().get("vocab_size")?.as_u64()?,
+                            _ => return None,
+                        },
+                        Target::Path(path) => {
+                            let text = std::fs::read_to_string(path).ok()?;
+                            let json: Value = serde_json::from_str(&text).ok()?;
+                            json.pointer("/model/vocab")?.as_object()?.len() as u64
+                        }
+                    };
+                    config.insert("vocab_size".into(), vocab.into());
+                }
+                ModelShape::from_config(&Value::Object(config))
+            }
+        },
+        NodeBody::Stage(stage) => {
+            let input = stage.inputs.iter().find(|i| i.field.role == "model")?;
+            let Target::Node { name, .. } = &input.target else {
+                return None;
+            };
+            model_shape(recipe, name, depth + 1)
+        }
+        NodeBody::Dataset(_) => None,
+    }
+}
+
+/// Bytes in GiB with one decimal, or in MiB below 1 GiB.
 pub fn gib(bytes: u64) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 #[cfg(test)]
@@ -233,7 +348,10 @@ mod tests {
         };
         let within = |ours: u64, readme_gib: f64| {
             let ours = ours as f64 / (1u64 << 30) as f64;
-            assert!((ours - readme_gib).abs() / readme_gib < 0.10, "{ours} vs {readme_gib}");
+            assert!(
+                (ours - readme_gib).abs() / readme_gib < 0.10,
+                "{ours} vs {readme_gib}"
+            );
         };
         // Full fine-tuning in fp32: 16 bytes per parameter, 100.4 GiB, plus activations.
         let e = estimate(&model, &full);
