@@ -65,7 +65,10 @@ fn gradients(model: &CausalLm, seqs: &[SftSequence], device: &Device) -> Vec<Vec
     visitor.out
 }
 
-fn run(device: &Device, adapters: bool) -> (Vec<Vec<f32>>, Vec<(f64, f64)>, Vec<Vec<f32>>) {
+/// Step-1 gradients, per-step (loss, grad_norm), and the gradients after training.
+type Run = (Vec<Vec<f32>>, Vec<(f64, f64)>, Vec<Vec<f32>>);
+
+fn run(device: &Device, adapters: bool) -> Run {
     let seqs = sequences();
     let (_, model) = load_causal_lm(&fixtures().join("policy"), device).unwrap();
     let model = if adapters {
