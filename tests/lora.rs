@@ -47,6 +47,30 @@ max_steps = 2
 shuffle = false
 lora = { r = 2, alpha = 4, use_rslora = true }
 
+[stages.rm]
+kind = "reward"
+model = "base"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 2, alpha = 4 }
+
+[stages.grpo]
+kind = "grpo"
+model = "sft"
+reward = { rule = "length", target = 20 }
+data = "instructions"
+learning_rate = 1e-4
+beta = 0.04
+num_generations = 2
+num_iterations = 2
+rollout_batch_size = 2
+response_length = 8
+batch_size = 2
+lora = { r = 2, alpha = 4 }
+
 [stages.from_adapter]
 kind = "sft"
 model = "adapted"
@@ -118,6 +142,10 @@ fn lora_stages_commit_peft_adapters_and_merged_models() {
             "{plan}"
         );
     }
+    let json: serde_json::Value =
+        serde_json::from_str(&s.ok(&["plan", "recipe.toml", "--json"])).unwrap();
+    let sft_bytes = &json["memory"]["sft"];
+    assert!(sft_bytes["total"].as_u64().unwrap() > sft_bytes["weights"].as_u64().unwrap());
     s.ok(&["run", "recipe.toml"]);
     let path = |node: &str| {
         let out = s.ok(&["show", "recipe.toml", node, "--path"]);
@@ -154,6 +182,25 @@ fn lora_stages_commit_peft_adapters_and_merged_models() {
         dpo_names
             .iter()
             .all(|n| n.contains("q_proj") || n.contains("v_proj"))
+    );
+
+    // A reward model's adapter trains its score head in full, as PEFT's SEQ_CLS task does.
+    let rm = path("rm");
+    let rm_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(rm.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rm_config["task_type"], "SEQ_CLS");
+    assert_eq!(rm_config["modules_to_save"], serde_json::json!(["score"]));
+    let rm_names = tensor_names(&rm.join("adapter/adapter_model.safetensors"));
+    assert!(
+        rm_names.contains(&"base_model.model.score.weight".to_string()),
+        "{rm_names:?}"
+    );
+    // GRPO with a KL term trains adapters against the policy with its adapters disabled.
+    assert_eq!(
+        tensor_names(&path("grpo").join("adapter/adapter_model.safetensors")).len(),
+        8
     );
 
     // Export: the merged model without the adapter, or the adapter alone.

@@ -227,12 +227,18 @@ pub fn recipe_estimates(recipe: &rudder_schema::Recipe) -> Vec<(String, MemoryEs
         };
         let params = stage.spec.params();
         let get = |k: &str| params.get(k).and_then(Value::as_u64);
-        if stage.spec.kind() == "reward" {
-            shape.reward_head = true;
-        }
-        let lora: Option<LoraArgs> = params
+        let mut lora: Option<LoraArgs> = params
             .get("lora")
             .and_then(|v| serde_json::from_value(v.clone()).ok());
+        if stage.spec.kind() == "reward" {
+            shape.reward_head = true;
+            // A reward stage trains its head in full (see the `reward` kind).
+            if let Some(lora) = &mut lora
+                && !lora.modules_to_save.contains(&SavedModule::Score)
+            {
+                lora.modules_to_save.push(SavedModule::Score);
+            }
+        }
         let seq_len = get("max_length").unwrap_or_else(|| {
             get("max_prompt_length").unwrap_or(512) + get("max_new_tokens").unwrap_or(0)
         });

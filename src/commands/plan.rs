@@ -19,7 +19,25 @@ pub fn run(args: &PlanArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     )?;
     warn_about_remote(&plan, printer);
     if args.json {
-        printer.data(serde_json::to_string_pretty(&plan.to_json())?);
+        let mut json = plan.to_json();
+        if let Some(object) = json.as_object_mut() {
+            let memory: serde_json::Map<String, serde_json::Value> =
+                rudder_engine::memory::recipe_estimates(&project.recipe)
+                    .into_iter()
+                    .map(|(name, e)| {
+                        let value = serde_json::json!({
+                            "weights": e.weights,
+                            "gradients": e.gradients,
+                            "optimizer": e.optimizer,
+                            "activations": e.activations,
+                            "total": e.total(),
+                        });
+                        (name, value)
+                    })
+                    .collect();
+            object.insert("memory".into(), memory.into());
+        }
+        printer.data(serde_json::to_string_pretty(&json)?);
     } else {
         print(&plan, printer);
         print_memory(&project.recipe, printer);

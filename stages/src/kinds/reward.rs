@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
 use rudder_engine::runner::StageOutcome;
-use rudder_schema::kinds::RewardParams;
+use rudder_schema::kinds::{RewardParams, SavedModule};
 
 use crate::artifacts::save_trained_scorer;
 use crate::data::PreferencePair;
@@ -51,7 +51,18 @@ impl StageKind for Reward {
         };
         let (config, weights) = reward_model_from_causal_lm(&model.dir, stage.seed(), device)?;
         let cfg = stage.train_config(p.learning_rate, &p.train);
-        let weights = stage.adapt(weights, &p.train)?;
+        // PEFT trains the head of a sequence classifier in full (`task_type = "SEQ_CLS"` adds
+        // `score` to `modules_to_save`): a fresh head left frozen would score at random.
+        let lora = p.train.lora.clone().map(|mut lora| {
+            if !lora.modules_to_save.contains(&SavedModule::Score) {
+                lora.modules_to_save.push(SavedModule::Score);
+            }
+            lora
+        });
+        let weights = match &lora {
+            Some(lora) => crate::model::lora::attach(weights, lora, stage.seed())?,
+            None => weights,
+        };
         let (trained, report) = stage.fit(&objective, weights, train_pairs, &cfg, device)?;
         let eval = evaluate(&trained.valid(), &objective, eval_pairs, device);
         save_trained_scorer(
@@ -59,7 +70,7 @@ impl StageKind for Reward {
             &trained,
             &config,
             &model.tokenizer,
-            p.train.lora.as_ref(),
+            lora.as_ref(),
         )?;
         let mut summary = report.summary();
         summary.insert("pairs".into(), train_pairs.len() as f64);
