@@ -1,5 +1,5 @@
 //! LoRA through the binary: an SFT stage with a `lora` table commits the merged model and a
-//! PEFT adapter directory, a DPO stage trains fresh adapters on it, `export` writes the merged
+//! PEFT adapter directory, every other training kind trains fresh adapters on it, `export` writes the merged
 //! model or the adapter alone, and a `[models]` node starts from an existing PEFT adapter,
 //! whose files are part of its key.
 
@@ -69,6 +69,77 @@ num_iterations = 2
 rollout_batch_size = 2
 response_length = 8
 batch_size = 2
+lora = { r = 2, alpha = 4 }
+
+[stages.kto]
+kind = "kto"
+model = "sft"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 2, alpha = 4 }
+
+[stages.orpo]
+kind = "orpo"
+model = "sft"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 2, alpha = 4 }
+
+[stages.simpo]
+kind = "simpo"
+model = "sft"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 2, alpha = 4 }
+
+[stages.ppo]
+kind = "ppo"
+model = "sft"
+reward = "rm"
+data = "instructions"
+learning_rate = 1e-4
+num_iterations = 1
+rollout_batch_size = 2
+response_length = 8
+ppo_epochs = 1
+num_mini_batches = 1
+batch_size = 2
+lora = { r = 2, alpha = 4 }
+
+[stages.rloo]
+kind = "rloo"
+model = "sft"
+reward = { rule = "length", target = 20 }
+data = "instructions"
+learning_rate = 1e-4
+num_generations = 2
+num_iterations = 1
+rollout_batch_size = 2
+response_length = 8
+batch_size = 2
+lora = { r = 2, alpha = 4 }
+
+[stages.online]
+kind = "iterative_dpo"
+model = "sft"
+data = "instructions"
+judge = { rule = "length", target = 24 }
+rounds = 2
+num_samples = 3
+max_new_tokens = 8
+temperature = 1.0
+learning_rate = 1e-3
+batch_size = 4
+max_length = 64
 lora = { r = 2, alpha = 4 }
 
 [stages.from_adapter]
@@ -197,11 +268,12 @@ fn lora_stages_commit_peft_adapters_and_merged_models() {
         rm_names.contains(&"base_model.model.score.weight".to_string()),
         "{rm_names:?}"
     );
-    // GRPO with a KL term trains adapters against the policy with its adapters disabled.
-    assert_eq!(
-        tensor_names(&path("grpo").join("adapter/adapter_model.safetensors")).len(),
-        8
-    );
+    // Every other training kind commits its q/v adapters (2 layers x 2 layers x (A, B)); GRPO
+    // and PPO train them against the policy with its adapters disabled.
+    for stage in ["grpo", "kto", "orpo", "simpo", "ppo", "rloo", "online"] {
+        let names = tensor_names(&path(stage).join("adapter/adapter_model.safetensors"));
+        assert_eq!(names.len(), 8, "{stage}: {names:?}");
+    }
 
     // Export: the merged model without the adapter, or the adapter alone.
     assert!(s.path("exported/merged/model.safetensors").is_file());

@@ -272,3 +272,28 @@ fn unsupported_adapter_settings_are_refused() {
     let args = read_adapter_config(dir.path()).unwrap();
     assert!(args.targets(LinearModule::UpProj));
 }
+
+#[test]
+fn dropout_applies_to_the_adapter_input_while_training_only() {
+    let train = crate::test_device().autodiff();
+    let ones = |device: &burn::tensor::Device| Tensor::<2>::ones([64, 16], device);
+    let adapter = |device: &burn::tensor::Device| LoraAdapter {
+        lora_a: Param::from_tensor(Tensor::ones([16, 1], device)),
+        lora_b: Param::from_tensor(Tensor::ones([1, 1], device)),
+        scale: 1.0,
+        dropout: 0.5,
+    };
+    // Without dropout every row is 16; with p = 0.5 each kept input counts twice.
+    let out = values(adapter(&train).forward(ones(&train)));
+    assert!(out.iter().all(|v| (v / 2.0).fract() == 0.0 && *v <= 32.0));
+    assert!(out.iter().any(|&v| v != 16.0));
+    let mean = out.iter().sum::<f32>() / out.len() as f32;
+    assert!((mean - 16.0).abs() < 2.0, "{mean}");
+    // Inference (the plain device): no dropout.
+    let plain = crate::test_device();
+    assert!(
+        values(adapter(&plain).forward(ones(&plain)))
+            .iter()
+            .all(|&v| v == 16.0)
+    );
+}
