@@ -302,6 +302,15 @@ fn lora_stages_commit_peft_adapters_and_merged_models() {
 }
 
 #[test]
+fn generate_refuses_a_model_node_with_an_unmerged_adapter() {
+    let s = scratch();
+    let out = s.rudder(&["generate", "recipe.toml", "adapted", "--prompt", "Hello"]);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(err.contains("applies a LoRA adapter"), "{err}");
+}
+
+#[test]
 fn export_of_the_adapter_needs_a_lora_stage() {
     let s = scratch();
     let text = RECIPE.replace(
