@@ -487,7 +487,15 @@ impl<'a> Run<'a> {
                             },
                         ),
                         (NodeBody::Model(model), _) => match &model.spec.hf {
-                            Some(hf) => (Some(self.recipe.dir.join(hf)), InputKind::Model),
+                            Some(hf) => (
+                                Some(self.recipe.dir.join(hf)),
+                                match &model.spec.adapter {
+                                    Some(adapter) => InputKind::AdaptedModel {
+                                        adapter: self.recipe.dir.join(adapter),
+                                    },
+                                    None => InputKind::Model,
+                                },
+                            ),
                             None => (
                                 None,
                                 InputKind::FreshModel {

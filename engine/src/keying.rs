@@ -139,6 +139,21 @@ impl Planner<'_> {
                     for (name, digest) in &files {
                         builder.str(name).str(digest);
                     }
+                    let mut files = files;
+                    // An adapter adds its two files, by content (absent: the key is unchanged).
+                    if let Some(adapter) = &model.spec.adapter {
+                        let at = node.path.key("adapter");
+                        builder.str("adapter");
+                        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+                            let digest = self.digest_of(
+                                &dir.join(adapter).join(file),
+                                &at,
+                                &format!("model `{}`: adapter", node.name),
+                            )?;
+                            builder.str(file).str(&digest);
+                            files.push((format!("adapter/{file}"), digest));
+                        }
+                    }
                     let key = builder.finish();
                     return Ok(Some(source(
                         &node.name,

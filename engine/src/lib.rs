@@ -18,6 +18,7 @@ pub mod keying;
 pub mod live;
 pub mod local;
 pub mod lockfile;
+pub mod memory;
 pub mod plan;
 pub mod project;
 pub mod remote;

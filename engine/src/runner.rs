@@ -37,6 +37,9 @@ impl Progress for NoProgress {
 
 /// What an input is, beyond its path.
 #[derive(Debug, Clone)]
+// A fresh architecture's spec makes one variant larger than the others; an input is built once
+// per stage run, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum InputKind {
     /// A plain file named in the recipe.
     File,
@@ -47,6 +50,8 @@ pub enum InputKind {
     },
     /// A Hugging Face model directory from `models.X.hf`.
     Model,
+    /// A Hugging Face model directory with a PEFT LoRA adapter to apply (`models.X.adapter`).
+    AdaptedModel { adapter: PathBuf },
     /// A fresh architecture: there is no directory, only the configuration and the model's
     /// tokenizer (a tokenizer stage's artifact directory, or a tokenizer.json file).
     FreshModel {

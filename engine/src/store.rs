@@ -13,6 +13,7 @@
 //! .rudder/quarantine/<key>-<time>/   a corrupted artifact moved aside: note.json + artifact/
 //! .rudder/cache/digests.json         file digests by path, size and mtime
 //! .rudder/cache/verified/<key>.json  stats of artifact files re-hashed after their commit
+//! .rudder/cache/cubecl/              CubeCL's compiled kernels and autotune results (GPU backends)
 //! .rudder/cache/pull/<blake3>        files a pull fetched and verified, until their artifact
 //!                                    is committed (`remote/pull.rs`)
 //! ```

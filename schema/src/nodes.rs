@@ -430,6 +430,10 @@ pub enum Arch {
 pub struct ModelSpec {
     /// Local Hugging Face model directory, relative to the recipe.
     pub hf: Option<String>,
+    /// A PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`) to
+    /// apply to the `hf` model, relative to the recipe: stages read the merged model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
     /// A fresh architecture (trained from scratch by `pretrain`).
     pub arch: Option<Arch>,
     /// A tokenizer stage or a tokenizer.json path; a fresh model's vocab_size follows it.

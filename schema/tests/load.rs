@@ -446,3 +446,76 @@ fn the_exported_schema_knows_remotes() {
     let mode = serde_json::json!({"recipe": {"remote_cache": "write"}});
     assert!(!validator.is_valid(&mode));
 }
+
+#[test]
+fn lora_table_takes_peft_defaults_and_all_linear() {
+    let text = BASE.replace(
+        "data = \"prefs\"\n\n[stages.dpo]",
+        "data = \"prefs\"\nlora = { r = 16, alpha = 32, target_modules = \"all-linear\" }\n\n[stages.dpo]",
+    );
+    let recipe = load(&text).unwrap();
+    let NodeBody::Stage(sft) = &recipe.node("sft").unwrap().body else {
+        panic!()
+    };
+    let lora = &sft.spec.params()["lora"];
+    assert_eq!(lora["r"], 16);
+    assert_eq!(lora["alpha"], 32.0);
+    assert_eq!(lora["dropout"], 0.0);
+    assert_eq!(lora["use_rslora"], false);
+    assert_eq!(lora["target_modules"], "all-linear");
+    // Without a table the parameters (and so the keys) are what they were.
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    assert!(dpo.spec.params().get("lora").is_none());
+
+    let defaults = BASE.replace("beta = 0.1", "beta = 0.1\nlora = {}");
+    let recipe = load(&defaults).unwrap();
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    let lora = &dpo.spec.params()["lora"];
+    assert_eq!(lora["r"], 8);
+    assert_eq!(lora["alpha"], 8.0);
+    assert_eq!(
+        lora["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+}
+
+#[test]
+fn lora_errors_point_into_the_table() {
+    let errors = errors_of(&BASE.replace(
+        "beta = 0.1",
+        "beta = 0.1\nlora = { r = 0, alpah = 16, target_modules = [\"q_proj\", \"qkv\"] }",
+    ));
+    let all = errors.join("\n");
+
+    assert!(all.contains("recipe.toml:22:"), "{all}");
+    assert!(
+        all.contains("unknown key `alpah`") && all.contains("did you mean `alpha`?"),
+        "{all}"
+    );
+    assert!(
+        all.contains("22:14: stage `dpo`: must be at least 1"),
+        "{all}"
+    );
+    assert!(all.contains("found `qkv`"), "{all}");
+
+    let errors = errors_of(&BASE.replace(
+        "beta = 0.1",
+        "beta = 0.1\nlora = { modules_to_save = [\"score\"] }",
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("recipe.toml:22:") && errors[0].contains("has no `score` module"),
+        "{errors:?}"
+    );
+
+    let errors =
+        errors_of(&BASE.replace("beta = 0.1", "beta = 0.1\nsync_ref_model = true\nlora = {}"));
+    assert!(
+        errors[0].contains("cannot be combined with `lora`"),
+        "{errors:?}"
+    );
+}

@@ -25,6 +25,8 @@ pub fn run(args: &ExecArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     })?;
     let mut project = super::open(&args.recipe, Some(&args.store))?;
     project.verify = args.verify.verify.into();
+    // GPU backends keep their compiled kernels and autotune results in the store.
+    rudder_stages::backend::use_kernel_cache(&project.store.root().join("cache").join("cubecl"));
     let registry = super::registry();
     let backend = super::backend(args.backend.as_deref())?;
     let observer = TerminalObserver::for_job(*printer);

@@ -19,6 +19,10 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
         .into());
     };
     let model_dir: PathBuf = match &node.body {
+        NodeBody::Model(model) if model.spec.adapter.is_some() => anyhow::bail!(
+            "`{}` applies a LoRA adapter, which is merged when a stage reads the model; generate with a stage that trained from it, or `export` it",
+            args.node
+        ),
         NodeBody::Model(model) => match &model.spec.hf {
             Some(hf) => project.recipe.dir.join(hf),
             None => anyhow::bail!(

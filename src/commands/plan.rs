@@ -19,11 +19,75 @@ pub fn run(args: &PlanArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     )?;
     warn_about_remote(&plan, printer);
     if args.json {
-        printer.data(serde_json::to_string_pretty(&plan.to_json())?);
+        let mut json = plan.to_json();
+        if let Some(object) = json.as_object_mut() {
+            let memory: serde_json::Map<String, serde_json::Value> =
+                rudder_engine::memory::recipe_estimates(&project.recipe)
+                    .into_iter()
+                    .map(|(name, e)| {
+                        let value = serde_json::json!({
+                            "weights": e.weights,
+                            "gradients": e.gradients,
+                            "optimizer": e.optimizer,
+                            "activations": e.activations,
+                            "total": e.total(),
+                        });
+                        (name, value)
+                    })
+                    .collect();
+            object.insert("memory".into(), memory.into());
+        }
+        printer.data(serde_json::to_string_pretty(&json)?);
     } else {
         print(&plan, printer);
+        print_memory(&project.recipe, printer);
     }
     Ok(ExitStatus::Success)
+}
+
+/// Each training stage's estimated peak memory (engine::memory), with a warning when it exceeds
+/// the memory of a CPU stage's machine. A GPU's memory is not known before the stage runs.
+fn print_memory(recipe: &rudder_schema::Recipe, printer: &Printer) {
+    use rudder_engine::memory::{gib, recipe_estimates};
+    let estimates = recipe_estimates(recipe);
+    if estimates.is_empty() {
+        return;
+    }
+    let width = estimates.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    printer.out("estimated peak memory (weights + gradients + optimizer + activations):");
+    let ram = machine_memory();
+    for (name, e) in &estimates {
+        printer.out(format!(
+            "  {name:<width$}  {:>9}  = {} + {} + {} + {}",
+            gib(e.total()),
+            gib(e.weights),
+            gib(e.gradients),
+            gib(e.optimizer),
+            gib(e.activations),
+        ));
+        let cpu = matches!(
+            recipe.node(name).map(|n| &n.body),
+            Some(rudder_schema::NodeBody::Stage(s)) if s.backend == rudder_schema::Backend::Cpu
+        );
+        if let (true, Some(ram)) = (cpu, ram)
+            && e.total() > ram
+        {
+            printer.status(format!(
+                "warning: stage `{name}` may need {} but this machine has {}; consider `lora`, \
+                 `gradient_checkpointing = true` or a smaller `batch_size`",
+                gib(e.total()),
+                gib(ram)
+            ));
+        }
+    }
+}
+
+/// This machine's memory (`MemTotal` of /proc/meminfo), when it can be read.
+fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The plan as a table: state, name, kind, short key, reasons.

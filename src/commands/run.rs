@@ -59,6 +59,8 @@ pub fn run(args: &RunArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
     let mut project = super::open(&args.recipe, Some(&args.store))?;
     let registry = super::registry();
     let selection = super::selection(&args.selection);
+    // GPU backends keep their compiled kernels and autotune results in the store.
+    rudder_stages::backend::use_kernel_cache(&project.store.root().join("cache").join("cubecl"));
     let settings = Settings::resolve(args, &project)?;
     project.verify = settings.verify;
     let cache = super::remote_cache(

@@ -1,5 +1,6 @@
 //! What stages write into their artifact besides model weights: the JSONL files (metrics,
-//! completions, samples, rollouts, rounds), and model directories saved with their tokenizer.
+//! completions, samples, rollouts, rounds), and model directories saved with their tokenizer (and, for LoRA
+//! stages, their PEFT adapter).
 //! One writer per format, so every file of one kind is written the same way. The model files
 //! themselves (config.json, safetensors) are `model::hf`'s.
 
@@ -8,6 +9,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use rudder_schema::kinds::LoraArgs;
+
+use crate::model::lora::{merge, save_adapter};
 use crate::model::{CausalLm, ModelConfig, RewardModel, save_causal_lm, save_reward_model};
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainError;
@@ -60,6 +64,49 @@ pub fn save_model(
     save_causal_lm(model, config, dir)?;
     tokenizer.save(dir)?;
     Ok(())
+}
+
+/// The folder of a LoRA stage's artifact that holds its PEFT adapter.
+pub const ADAPTER_DIR: &str = "adapter";
+
+/// Saves a trained causal LM. With LoRA settings the adapters go to `DIR/adapter/` as a PEFT
+/// adapter directory (with the tokenizer), and `DIR` gets the merged model, which later stages
+/// read as any model.
+pub fn save_trained_model(
+    dir: &Path,
+    model: &CausalLm,
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+    lora: Option<&LoraArgs>,
+) -> Result<(), TrainError> {
+    match lora {
+        None => save_model(dir, model, config, tokenizer),
+        Some(args) => {
+            let adapter_dir = dir.join(ADAPTER_DIR);
+            save_adapter(model, args, &adapter_dir)?;
+            tokenizer.save(&adapter_dir)?;
+            save_model(dir, &merge(model), config, tokenizer)
+        }
+    }
+}
+
+/// [`save_trained_model`] for a reward (or value) model.
+pub fn save_trained_scorer(
+    dir: &Path,
+    model: &RewardModel,
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+    lora: Option<&LoraArgs>,
+) -> Result<(), TrainError> {
+    match lora {
+        None => save_scorer(dir, model, config, tokenizer),
+        Some(args) => {
+            let adapter_dir = dir.join(ADAPTER_DIR);
+            save_adapter(model, args, &adapter_dir)?;
+            tokenizer.save(&adapter_dir)?;
+            save_scorer(dir, &merge(model), config, tokenizer)
+        }
+    }
 }
 
 /// Saves a reward (or value) model as a Hugging Face directory with its tokenizer.

@@ -63,6 +63,46 @@ pub fn training_device(backend: Backend) -> Result<Device, StageError> {
     Ok(device(backend)?.autodiff())
 }
 
+/// `inner` moved to the autodiff side with the gradient-checkpointing strategy `like` carries
+/// (`like` being a tensor of the computation it joins): Burn refuses an operation whose tensors
+/// carry different strategies, and `Tensor::from_inner` alone gives the default one.
+pub fn lift<const D: usize, const E: usize, K: burn::tensor::kind::Autodiff>(
+    inner: burn::tensor::Tensor<D, K>,
+    like: &burn::tensor::Tensor<E>,
+) -> burn::tensor::Tensor<D, K> {
+    let tensor = burn::tensor::Tensor::from_inner(inner);
+    match like.gradient_checkpointing_strategy() {
+        Some(strategy) if like.is_autodiff() => {
+            tensor.with_gradient_checkpointing_strategy(strategy)
+        }
+        _ => tensor,
+    }
+}
+
+/// Points CubeCL's environment (its compiled kernels and autotune results) at `dir`, so that a
+/// second run on a GPU backend compiles and tunes nothing again; the store passes
+/// `.rudder/cache/cubecl/`. CubeCL reads its configuration once per process: this must come
+/// before the first GPU device is used, and a `cubecl.toml` that names its own directory wins.
+/// Returns whether the location was set. Without a GPU backend compiled in, it does nothing.
+pub fn use_kernel_cache(dir: &std::path::Path) -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        use cubecl_runtime::config::cache::CacheConfig;
+        use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if matches!(config.environment.path, CacheConfig::Directory(_)) {
+            return false;
+        }
+        config.environment.path = CacheConfig::Directory(dir.to_path_buf());
+        CubeClRuntimeConfig::try_set(config)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = dir;
+        false
+    }
+}
+
 /// The CPU device the unit and integration tests run on.
 #[cfg(feature = "flex")]
 pub fn cpu() -> Device {

@@ -57,6 +57,10 @@ pub enum StageError {
         backend: &'static str,
         feature: &'static str,
     },
+    #[error("LoRA: {0}")]
+    Lora(String),
+    #[error("invalid PEFT adapter config {path}: {message}")]
+    AdapterConfig { path: PathBuf, message: String },
     #[error("backend `{backend}` is unavailable: {message}")]
     BackendUnavailable {
         backend: &'static str,

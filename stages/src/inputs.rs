@@ -27,6 +27,8 @@ use crate::train::TrainError;
 enum Binding {
     /// A model directory: `models.X.hf` or a model-producing stage's artifact.
     Model(PathBuf),
+    /// `models.X.hf` with a PEFT adapter, not yet merged (see [`Inputs::merge_adapters`]).
+    Adapted { base: PathBuf, adapter: PathBuf },
     /// A fresh architecture: no weights yet, its configuration and its tokenizer's location.
     Fresh {
         spec: Box<ModelSpec>,
@@ -91,6 +93,10 @@ impl Inputs {
                     },
                     (_, None) => Binding::Missing,
                     (InputKind::Model, Some(path)) => Binding::Model(path.clone()),
+                    (InputKind::AdaptedModel { adapter }, Some(path)) => Binding::Adapted {
+                        base: path.clone(),
+                        adapter: adapter.clone(),
+                    },
                     (InputKind::Dataset { format, columns }, Some(path)) => Binding::Data {
                         path: path.clone(),
                         format: Format::from_name(format.as_str()),
@@ -109,6 +115,37 @@ impl Inputs {
             })
             .collect();
         Self { by_role }
+    }
+
+    /// Merges every model bound with a PEFT adapter into a model directory under `scratch`
+    /// (the stage's work directory, which is keyed, so a merge left by an earlier attempt is
+    /// the same and is reused), so that kinds read it as any model.
+    pub fn merge_adapters(
+        &mut self,
+        scratch: &Path,
+        backend: rudder_schema::Backend,
+    ) -> Result<(), TrainError> {
+        for (role, input) in &mut self.by_role {
+            let Binding::Adapted { base, adapter } = &input.binding else {
+                continue;
+            };
+            let merged = scratch.join("adapted").join(role);
+            if !merged.join(crate::model::hf::CONFIG_FILE).is_file() {
+                let partial = scratch.join("adapted").join(format!("{role}.partial"));
+                let _ = std::fs::remove_dir_all(&partial);
+                let device = crate::backend::device(backend)?;
+                merge_adapter(base, adapter, &partial, &device).map_err(|e| {
+                    TrainError::Input(format!(
+                        "model `{}`: adapter {}: {e}",
+                        input.node,
+                        adapter.display()
+                    ))
+                })?;
+                std::fs::rename(&partial, &merged).map_err(|e| TrainError::io(&merged, e))?;
+            }
+            input.binding = Binding::Model(merged);
+        }
+        Ok(())
     }
 
     fn get(&self, role: &str) -> Result<&Resolved, TrainError> {
@@ -155,6 +192,10 @@ impl Inputs {
             }
             Binding::Missing => Err(TrainError::Input(format!(
                 "model `{}` has no directory",
+                input.node
+            ))),
+            Binding::Adapted { .. } => Err(TrainError::Input(format!(
+                "model `{}`: its adapter was not merged",
                 input.node
             ))),
         }
@@ -212,7 +253,7 @@ impl Inputs {
                     BTreeMap::new(),
                 )
             }
-            Binding::Fresh { .. } | Binding::Missing => {
+            Binding::Fresh { .. } | Binding::Missing | Binding::Adapted { .. } => {
                 return Err(TrainError::Input(format!(
                     "data `{}` has no file",
                     input.node
@@ -241,10 +282,9 @@ impl Inputs {
             Binding::Path(path) | Binding::Model(path) | Binding::Data { path, .. } => {
                 Ok(path.clone())
             }
-            Binding::Fresh { .. } | Binding::Missing => Err(TrainError::Input(format!(
-                "`{}` has no artifact",
-                input.node
-            ))),
+            Binding::Fresh { .. } | Binding::Missing | Binding::Adapted { .. } => Err(
+                TrainError::Input(format!("`{}` has no artifact", input.node)),
+            ),
         }
     }
 
@@ -258,7 +298,7 @@ impl Inputs {
                 let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
                 (path, Format::from_name(&ext.to_ascii_lowercase()))
             }
-            Binding::Fresh { .. } | Binding::Missing => {
+            Binding::Fresh { .. } | Binding::Missing | Binding::Adapted { .. } => {
                 return Err(TrainError::Input(format!("`{}` is not a file", input.node)));
             }
         };
@@ -335,4 +375,32 @@ fn tokenizer_at(path: &Path) -> Result<Tokenizer, TrainError> {
         path,
         config.is_file().then_some(config.as_path()),
     )?)
+}
+
+/// Writes `base` with the PEFT adapter `adapter` merged into it as a model directory `out`,
+/// with the base's tokenizer files. A `SEQ_CLS` adapter is applied to a reward model.
+fn merge_adapter(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<(), TrainError> {
+    use crate::model::{hf, lora};
+    let config_path = adapter.join(lora::ADAPTER_CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| TrainError::io(&config_path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Input(format!("{}: {e}", config_path.display())))?;
+    let reward = config.get("task_type").and_then(serde_json::Value::as_str) == Some("SEQ_CLS");
+    if reward {
+        let (cfg, model) = hf::load_reward_model(base, device)?;
+        let (model, _) = lora::load_adapter(model, adapter)?;
+        hf::save_reward_model(&lora::merge(&model), &cfg, out)?;
+    } else {
+        let (cfg, model) = hf::load_causal_lm(base, device)?;
+        let (model, _) = lora::load_adapter(model, adapter)?;
+        hf::save_causal_lm(&lora::merge(&model), &cfg, out)?;
+    }
+    model_tokenizer(base)?.save(out)?;
+    Ok(())
 }

@@ -27,6 +27,7 @@ use rudder_schema::kinds::TrainArgs;
 use crate::artifacts::METRICS_FILE;
 use crate::backend::training_device;
 use crate::inputs::Inputs;
+use crate::model::lora::{self, Adaptable};
 use crate::train::{
     MetricsWriter, Objective, StageHooks, TrainConfig, TrainError, TrainReport, train,
 };
@@ -68,9 +69,11 @@ impl<'a, P: Schema> Stage<'a, P> {
                 P::NAME
             ))
         })?;
+        let mut inputs = Inputs::resolve(&ctx.inputs);
+        inputs.merge_adapters(ctx.work_dir, ctx.backend)?;
         Ok(Self {
             params,
-            inputs: Inputs::resolve(&ctx.inputs),
+            inputs,
             ctx,
         })
     }
@@ -118,6 +121,15 @@ impl<P> Stage<'_, P> {
     /// The training loop's settings for this stage, checkpointing into its work directory.
     pub fn train_config(&self, learning_rate: f64, args: &TrainArgs) -> TrainConfig {
         TrainConfig::new(learning_rate, args, self.seed(), Some(self.work_dir()))
+    }
+
+    /// The model to train under `args`: with a `lora` table, `model` frozen with fresh adapters
+    /// (drawn from the stage's seed) on its targeted layers; otherwise `model` itself.
+    pub fn adapt<M: Adaptable>(&self, model: M, args: &TrainArgs) -> Result<M, TrainError> {
+        match &args.lora {
+            Some(lora) => Ok(lora::attach(model, lora, self.seed())?),
+            None => Ok(model),
+        }
     }
 
     /// Trains `model` on `examples` for this stage: progress and Ctrl-C through the engine,
@@ -185,9 +197,21 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
 
     fn run(&self, ctx: &StageContext<'_>) -> StageResult {
         let stage = Stage::<K::Params>::new(ctx)?;
-        let device = training_device(ctx.backend)?;
+        let mut device = training_device(ctx.backend)?;
+        if gradient_checkpointing(stage.params) {
+            device = device.gradient_checkpointing();
+        }
         Ok(K::run(&stage, &device)?)
     }
+}
+
+/// Whether a training kind's parameters ask for `gradient_checkpointing` (every training kind
+/// flattens `TrainArgs` into its parameters; other kinds have no such field).
+fn gradient_checkpointing<P: serde::Serialize>(params: &P) -> bool {
+    serde_json::to_value(params)
+        .ok()
+        .and_then(|v| v.get("gradient_checkpointing")?.as_bool())
+        .unwrap_or(false)
 }
 
 struct HostRunner<K> {

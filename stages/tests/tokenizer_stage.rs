@@ -194,6 +194,7 @@ fn tokenizer_stage_refuses_bad_settings() {
 fn tiny_spec() -> ModelSpec {
     ModelSpec {
         hf: None,
+        adapter: None,
         arch: Some(Arch::Llama),
         tokenizer: Some("tok".into()),
         vocab_size: None,

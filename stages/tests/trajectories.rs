@@ -41,7 +41,8 @@ fn config() -> TrainConfig {
 }
 
 /// Per-tensor (L2, sum) of the gradient of `loss`, by Hugging Face parameter name (Burn's module
-/// paths are the same names; the transposed Linear layout changes neither statistic).
+/// paths are the same names but for the `base` of each linear layer; the transposed Linear
+/// layout changes neither statistic).
 fn grad_summary<M: burn::module::Module>(
     model: &M,
     loss: burn::tensor::Tensor<1>,
@@ -74,8 +75,9 @@ fn grad_summary<M: burn::module::Module>(
                 .map(f64::from)
                 .collect();
             let l2 = values.iter().map(|x| x * x).sum::<f64>().sqrt();
-            self.out
-                .insert(self.path.join("."), (l2, values.iter().sum()));
+            // A linear layer's weight sits under its `LoraLinear`'s `base`.
+            let name = self.path.join(".").replace(".base.", ".");
+            self.out.insert(name, (l2, values.iter().sum()));
         }
     }
     let grads = burn::optim::GradientsParams::from_grads(loss.backward(), model);

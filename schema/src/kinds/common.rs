@@ -63,6 +63,148 @@ pub struct TrainArgs {
     /// of the artifact key).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub report_to: Vec<ReportTo>,
+    /// Recompute activations in the backward pass instead of keeping them (Burn's balanced
+    /// strategy: memory-bound operations are recomputed, compute-bound ones keep their output),
+    /// trading compute for memory. The gradients are the same, so it is not part of the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
+    /// Train low-rank adapters on a frozen base instead of every parameter (PEFT's
+    /// `LoraConfig`). Absent: full fine-tuning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraArgs>,
+}
+
+/// LoRA (Hu et al. 2021) as PEFT's `LoraConfig` defines it: each targeted linear layer computes
+/// `W x + scale * B(A(dropout(x)))` with `W` frozen, `A` Kaiming-uniform and `B` zero at the
+/// start, `scale = alpha / r` (or `alpha / sqrt(r)` with `use_rslora`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraArgs {
+    /// Rank of the update (PEFT's `r`).
+    #[schemars(range(min = 1))]
+    pub r: u32,
+    /// Scaling numerator (PEFT's `lora_alpha`).
+    #[schemars(extend("exclusiveMinimum" = 0.0))]
+    pub alpha: f64,
+    /// Dropout on the adapter's input (PEFT's `lora_dropout`).
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1.0))]
+    pub dropout: f64,
+    /// The linear layers that get adapters: a list of names, or `"all-linear"` (every linear
+    /// layer of the decoder, the output head excepted). PEFT's default for Llama-family models
+    /// is `["q_proj", "v_proj"]`.
+    pub target_modules: TargetModules,
+    /// Scale by `alpha / sqrt(r)` (rank-stabilised LoRA) instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// Modules trained in full and saved beside the adapters (`score` for reward models).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<SavedModule>,
+}
+
+impl Default for LoraArgs {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::List(vec![LinearModule::QProj, LinearModule::VProj]),
+            use_rslora: false,
+            modules_to_save: Vec::new(),
+        }
+    }
+}
+
+impl LoraArgs {
+    /// The adapter's scale: `alpha / r`, or `alpha / sqrt(r)` with `use_rslora`.
+    pub fn scale(&self) -> f64 {
+        let r = f64::from(self.r);
+        if self.use_rslora {
+            self.alpha / r.sqrt()
+        } else {
+            self.alpha / r
+        }
+    }
+
+    /// Whether the linear layer `module` gets an adapter.
+    pub fn targets(&self, module: LinearModule) -> bool {
+        match &self.target_modules {
+            TargetModules::AllLinear(_) => true,
+            TargetModules::List(list) => list.contains(&module),
+        }
+    }
+}
+
+/// `target_modules`: `"all-linear"` or a list of layer names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TargetModules {
+    AllLinear(AllLinear),
+    List(Vec<LinearModule>),
+}
+
+/// PEFT's shorthand for every linear layer but the output head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AllLinear {
+    #[serde(rename = "all-linear")]
+    AllLinear,
+}
+
+/// The linear layers of a Llama-family decoder layer, by their transformers names.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearModule {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl LinearModule {
+    pub const ALL: [LinearModule; 7] = [
+        Self::QProj,
+        Self::KProj,
+        Self::VProj,
+        Self::OProj,
+        Self::GateProj,
+        Self::UpProj,
+        Self::DownProj,
+    ];
+
+    /// The transformers name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::QProj => "q_proj",
+            Self::KProj => "k_proj",
+            Self::VProj => "v_proj",
+            Self::OProj => "o_proj",
+            Self::GateProj => "gate_proj",
+            Self::UpProj => "up_proj",
+            Self::DownProj => "down_proj",
+        }
+    }
+}
+
+/// A module that `modules_to_save` trains in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SavedModule {
+    /// The scalar head of a reward model.
+    Score,
+    /// The language-model head (untied models only).
+    LmHead,
+}
+
+impl SavedModule {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Score => "score",
+            Self::LmHead => "lm_head",
+        }
+    }
 }
 
 /// A logging integration of `report_to`.
@@ -71,6 +213,39 @@ pub struct TrainArgs {
 pub enum ReportTo {
     /// TensorBoard event files (`events.out.tfevents.*`) beside `metrics.jsonl`.
     Tensorboard,
+}
+
+impl TrainArgs {
+    /// Checks the `lora` table against what the stage trains: `score` exists only on reward
+    /// models, `lm_head` only on language models.
+    pub fn check_lora(&self, produces: super::Produces) -> Vec<super::FieldError> {
+        let Some(lora) = &self.lora else {
+            return Vec::new();
+        };
+        let reward = matches!(produces, super::Produces::RewardModel);
+        lora.modules_to_save
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| matches!(m, SavedModule::Score) != reward)
+            .map(|(i, m)| {
+                super::FieldError::new(
+                    crate::source::ValuePath::root()
+                        .key("lora")
+                        .key("modules_to_save")
+                        .index(i),
+                    format!(
+                        "this stage trains a {}, which has no `{}` module",
+                        if reward {
+                            "reward model"
+                        } else {
+                            "language model"
+                        },
+                        m.name()
+                    ),
+                )
+            })
+            .collect()
+    }
 }
 
 impl Default for TrainArgs {
@@ -93,6 +268,8 @@ impl Default for TrainArgs {
             logging_steps: 10,
             checkpoint_every: 100,
             report_to: Vec::new(),
+            gradient_checkpointing: false,
+            lora: None,
         }
     }
 }
@@ -102,6 +279,7 @@ pub const NOT_IN_KEY: &[&str] = &[
     "logging_steps",
     "checkpoint_every",
     "report_to",
+    "gradient_checkpointing",
     "description",
 ];
 

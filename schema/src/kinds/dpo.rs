@@ -195,6 +195,14 @@ impl StageSpec for DpoParams {
     fn check(&self) -> Vec<FieldError> {
         let mut errors = self.tokens.check();
         errors.extend(self.loss.check());
+        errors.extend(self.train.check_lora(Produces::Model));
+        if self.sync_ref_model && self.train.lora.is_some() {
+            // As in TRL: a reference that mixes towards the policy needs a second full model.
+            errors.push(FieldError::new(
+                ValuePath::root().key("sync_ref_model"),
+                "`sync_ref_model` (TR-DPO) cannot be combined with `lora`: the reference of a LoRA stage is its base with the adapters disabled",
+            ));
+        }
         errors
     }
 }

@@ -253,12 +253,32 @@ impl StageSpec for ConstitutionalParams {
 }
 
 /// Copy a model out of the store as a Hugging Face directory.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ExportParams {
     pub model: String,
     /// Destination directory, relative to the recipe.
     pub out: String,
+    /// For a model trained with LoRA: `true` writes the merged model, `false` the PEFT adapter
+    /// alone (`adapter_config.json`, `adapter_model.safetensors`, the tokenizer).
+    #[serde(skip_serializing_if = "is_true")]
+    pub merge: bool,
+}
+
+impl Default for ExportParams {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            out: String::new(),
+            merge: true,
+        }
+    }
+}
+
+// `merge = true` is left out of the parameters, so that exports keep the keys they had before
+// the field existed.
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 impl Kind for ExportParams {

@@ -251,6 +251,7 @@ impl StageSpec for IterativeDpoParams {
     fn check(&self) -> Vec<FieldError> {
         let mut errors = self.tokens.check();
         errors.extend(check_judge(&self.judge));
+        errors.extend(self.train.check_lora(Produces::Model));
         errors.extend(self.loss.check());
         for key in self.round.keys() {
             let valid = key

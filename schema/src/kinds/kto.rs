@@ -75,6 +75,8 @@ impl StageSpec for KtoParams {
         ref_logps_expansion::<Self>(&self.tokens)
     }
     fn check(&self) -> Vec<FieldError> {
-        self.tokens.check()
+        let mut errors = self.tokens.check();
+        errors.extend(self.train.check_lora(Produces::Model));
+        errors
     }
 }

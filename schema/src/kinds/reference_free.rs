@@ -54,7 +54,9 @@ impl StageSpec for OrpoParams {
         Produces::Model
     }
     fn check(&self) -> Vec<FieldError> {
-        self.tokens.check()
+        let mut errors = self.tokens.check();
+        errors.extend(self.train.check_lora(Produces::Model));
+        errors
     }
 }
 
@@ -123,6 +125,8 @@ impl StageSpec for SimpoParams {
         Produces::Model
     }
     fn check(&self) -> Vec<FieldError> {
-        self.tokens.check()
+        let mut errors = self.tokens.check();
+        errors.extend(self.train.check_lora(Produces::Model));
+        errors
     }
 }

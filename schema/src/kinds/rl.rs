@@ -131,6 +131,7 @@ fn check_online(
             e
         })
         .collect();
+    errors.extend(train.check_lora(Produces::Model));
     let rows = rollout.rollout_batch_size * generations;
     if !rows.is_multiple_of(rollout.num_mini_batches) {
         errors.push(FieldError::new(

@@ -119,6 +119,16 @@ impl StageSpec for PretrainParams {
     fn produces(&self) -> Produces {
         Produces::Model
     }
+    fn check(&self) -> Vec<FieldError> {
+        // A fresh model has no pretrained base for adapters to adapt.
+        match self.train.lora {
+            Some(_) => vec![FieldError::new(
+                ValuePath::root().key("lora"),
+                "`pretrain` trains a fresh model in full; LoRA adapters need a pretrained base (use them in `sft` and later stages)",
+            )],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// Supervised fine-tuning on text, prompt/completion, Alpaca or conversational data.
@@ -174,6 +184,9 @@ impl StageSpec for SftParams {
     fn produces(&self) -> Produces {
         Produces::Model
     }
+    fn check(&self) -> Vec<FieldError> {
+        self.train.check_lora(Produces::Model)
+    }
 }
 
 /// Bradley-Terry reward model on preference data (`margin` column optional).
@@ -226,5 +239,8 @@ impl StageSpec for RewardParams {
     }
     fn produces(&self) -> Produces {
         Produces::RewardModel
+    }
+    fn check(&self) -> Vec<FieldError> {
+        self.train.check_lora(Produces::RewardModel)
     }
 }

@@ -356,6 +356,13 @@ impl<'a> Loader<'a> {
     fn model(&mut self, body: &Value, path: &ValuePath, name: &str) -> Option<Model> {
         let context = format!("model `{name}`");
         let spec: ModelSpec = self.typed(&self.schemas.model, body, path, &context)?;
+        if spec.adapter.is_some() && spec.hf.is_none() {
+            self.error(
+                &path.key("adapter"),
+                format!("{context}: an `adapter` applies to a pretrained `hf` model"),
+                "here",
+            );
+        }
         match (&spec.hf, &spec.arch) {
             (Some(_), Some(_)) => self.error(
                 &path.key("arch"),

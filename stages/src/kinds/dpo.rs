@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{DpoParams, REF_LOGPS_PART};
 
-use crate::artifacts::save_model;
+use crate::artifacts::save_trained_model;
 use crate::inputs::check_vocab;
 use crate::kind::{Stage, StageKind};
 use crate::losses::DpoLossConfig;
@@ -77,12 +77,19 @@ impl StageKind for Dpo {
                 )
                 .collect();
             let (config, model) = load_causal_lm(&policy.dir, device)?;
+            let model = stage.adapt(model, &p.train)?;
             (
                 config,
                 stage.fit(&objective, model, &examples, &cfg, device)?,
             )
         };
-        save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
+        save_trained_model(
+            stage.out_dir(),
+            &trained,
+            &config,
+            &policy.tokenizer,
+            p.train.lora.as_ref(),
+        )?;
         let mut summary = report.summary();
         summary.insert("pairs".into(), pairs as f64);
         summary.insert("dropped".into(), tokenized.dropped as f64);

@@ -1,5 +1,6 @@
 //! Export (`export`): copies a model artifact (a Hugging Face directory) to `out`, a directory
-//! outside the store, relative to the recipe. Files are written to a temporary name and renamed
+//! outside the store, relative to the recipe; for a LoRA stage's artifact, its merged model, or
+//! with `merge = false` its PEFT adapter. Files are written to a temporary name and renamed
 //! into place one by one, writable by their owner (the store's copies are read-only); nothing
 //! else in `out` is touched. The store keeps a record of what was written (`export.json`), and
 //! the engine runs the stage again when `out` is gone.
@@ -10,6 +11,7 @@ use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::ExportParams;
 use serde_json::json;
 
+use crate::artifacts::ADAPTER_DIR;
 use crate::kind::{HostKind, Stage};
 use crate::train::TrainError;
 
@@ -24,7 +26,18 @@ impl HostKind for Export {
 
     fn run(stage: &Stage<'_, ExportParams>) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
-        let source = stage.inputs.model_dir("model")?;
+        let model_dir = stage.inputs.model_dir("model")?;
+        let adapter_dir = model_dir.join(ADAPTER_DIR);
+        let source = if p.merge {
+            model_dir
+        } else if adapter_dir.is_dir() {
+            adapter_dir
+        } else {
+            return Err(TrainError::Input(format!(
+                "`merge = false` exports a LoRA adapter, but model `{}` was not trained with `lora`",
+                stage.inputs.node("model")?
+            )));
+        };
         let target = stage.recipe_dir().join(&p.out);
         if target.exists() && !target.is_dir() {
             return Err(TrainError::Input(format!(
@@ -32,7 +45,9 @@ impl HostKind for Export {
                 target.display()
             )));
         }
-        let files = files(&source)?;
+        let mut files = files(&source)?;
+        // The merged model: the adapter it was merged from is not part of it.
+        files.retain(|f| !f.starts_with(ADAPTER_DIR));
         let mut bytes = 0u64;
         for file in &files {
             let to = target.join(file);

@@ -32,7 +32,7 @@ use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{IterativeDpoParams, Pairing, ROUND_PART, RoundReference, TrainArgs};
 use serde_json::{Value, json};
 
-use crate::artifacts::{METRICS_FILE, read_jsonl, save_model, write_jsonl};
+use crate::artifacts::{METRICS_FILE, read_jsonl, save_model, save_trained_model, write_jsonl};
 use crate::data::PreferencePair;
 use crate::kind::{Stage, StageKind};
 use crate::losses::DpoLossConfig;
@@ -223,8 +223,19 @@ fn run_round(
             )
             .collect();
         stage.progress().set_message(String::new());
+        // Each round trains fresh adapters on the previous round's (merged) model.
+        let model = match &train_args.lora {
+            Some(lora) => crate::model::lora::attach(model, lora, cfg.seed)?,
+            None => model,
+        };
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, tokenizer)?;
+        save_trained_model(
+            stage.out_dir(),
+            &trained,
+            &config,
+            tokenizer,
+            train_args.lora.as_ref(),
+        )?;
         report
     };
 

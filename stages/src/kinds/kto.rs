@@ -9,11 +9,10 @@
 
 use burn::module::Module;
 use burn::tensor::Device;
-use burn::tensor::Tensor;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{KtoParams, REF_LOGPS_PART};
 
-use crate::artifacts::save_model;
+use crate::artifacts::save_trained_model;
 use crate::kind::{Stage, StageKind};
 use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, vector};
 use crate::losses::{KtoLossConfig, kto_kl, kto_loss, kto_metrics, kto_uses_kl};
@@ -62,8 +61,15 @@ impl StageKind for Kto {
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (config, model) = load_causal_lm(&policy.dir, device)?;
+        let model = stage.adapt(model, &p.train)?;
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
+        save_trained_model(
+            stage.out_dir(),
+            &trained,
+            &config,
+            &policy.tokenizer,
+            p.train.lora.as_ref(),
+        )?;
         let mut summary = report.summary();
         summary.insert("examples".into(), examples.len() as f64);
         summary.insert("dropped".into(), dropped as f64);
@@ -140,7 +146,8 @@ impl Objective for KtoObjective {
             let inner = model.valid();
             let kl_rows: Vec<&PromptCompletion> = examples.iter().map(|e| &e.row.kl).collect();
             let kl_batch = CompletionBatch::new(&kl_rows, self.pad_id, &inner.device());
-            let policy_kl = Tensor::<1>::from_inner(completion_logps(&inner, &kl_batch).sums());
+            let policy_kl =
+                crate::backend::lift(completion_logps(&inner, &kl_batch).sums(), &policy);
             let reference_kl = vector(examples.iter().map(|e| e.reference_kl).collect(), device);
             kto_kl(policy_kl, reference_kl)
         });

@@ -33,14 +33,15 @@ use burn::tensor::Tensor;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{AdaptiveKl, Judge, KlEstimator, PpoParams};
 
-use crate::artifacts::{save_model, save_scorer, write_lines};
+use crate::artifacts::{save_scorer, save_trained_model, write_lines};
 use crate::kind::{Stage, StageKind};
 use crate::logps::{CompletionBatch, PromptCompletion};
 use crate::losses::{clipped_policy_loss, clipped_value_loss, gae, kl_k1, kl_k3, whiten};
-use crate::model::{CausalLm, RewardModel, load_causal_lm, reward_model_from_causal_lm};
+use crate::model::{CausalLm, RewardModel, load_causal_lm, lora, reward_model_from_causal_lm};
 use crate::rl::rollout::{self, dense, host};
 use crate::rl::{Algorithm, LoopSettings, RlData, RlRun, Rollout, Samples, Trainees, Update, mean};
 use crate::train::{StepRecord, TrainError};
+use burn::module::Module;
 
 pub struct PpoKind;
 
@@ -58,8 +59,14 @@ impl StageKind for PpoKind {
             (false, _) => data.policy_dir.clone(),
         };
         let (policy_cfg, policy) = load_causal_lm(&data.policy_dir, device)?;
+        let policy = stage.adapt(policy, &p.train)?;
         let inference = device.clone().inner();
-        let (_, reference) = load_causal_lm(&reference_dir, &inference)?;
+        let reference = if p.train.lora.is_some() && reference_dir == data.policy_dir {
+            // TRL with PEFT: the reference is the policy with its adapters disabled.
+            lora::without_adapters(&policy).valid()
+        } else {
+            load_causal_lm(&reference_dir, &inference)?.1
+        };
         let (value_cfg, value) = reward_model_from_causal_lm(&value_dir, stage.seed(), device)?;
         let scorer = stage.inputs.judge(
             &p.policy.reward,
@@ -105,7 +112,13 @@ impl StageKind for PpoKind {
             device,
         )?;
         let out = stage.out_dir();
-        save_model(out, &outcome.trainees.policy, &policy_cfg, &data.tokenizer)?;
+        save_trained_model(
+            out,
+            &outcome.trainees.policy,
+            &policy_cfg,
+            &data.tokenizer,
+            p.train.lora.as_ref(),
+        )?;
         let (value, _) = outcome
             .trainees
             .value

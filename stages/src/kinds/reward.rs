@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
 use rudder_engine::runner::StageOutcome;
-use rudder_schema::kinds::RewardParams;
+use rudder_schema::kinds::{RewardParams, SavedModule};
 
-use crate::artifacts::save_scorer;
+use crate::artifacts::save_trained_scorer;
 use crate::data::PreferencePair;
 use crate::kind::{Stage, StageKind};
 use crate::losses::bradley_terry;
@@ -51,9 +51,27 @@ impl StageKind for Reward {
         };
         let (config, weights) = reward_model_from_causal_lm(&model.dir, stage.seed(), device)?;
         let cfg = stage.train_config(p.learning_rate, &p.train);
+        // PEFT trains the head of a sequence classifier in full (`task_type = "SEQ_CLS"` adds
+        // `score` to `modules_to_save`): a fresh head left frozen would score at random.
+        let lora = p.train.lora.clone().map(|mut lora| {
+            if !lora.modules_to_save.contains(&SavedModule::Score) {
+                lora.modules_to_save.push(SavedModule::Score);
+            }
+            lora
+        });
+        let weights = match &lora {
+            Some(lora) => crate::model::lora::attach(weights, lora, stage.seed())?,
+            None => weights,
+        };
         let (trained, report) = stage.fit(&objective, weights, train_pairs, &cfg, device)?;
         let eval = evaluate(&trained.valid(), &objective, eval_pairs, device);
-        save_scorer(stage.out_dir(), &trained, &config, &model.tokenizer)?;
+        save_trained_scorer(
+            stage.out_dir(),
+            &trained,
+            &config,
+            &model.tokenizer,
+            lora.as_ref(),
+        )?;
         let mut summary = report.summary();
         summary.insert("pairs".into(), train_pairs.len() as f64);
         summary.extend(eval);

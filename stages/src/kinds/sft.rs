@@ -9,13 +9,14 @@
 //!   `assistant_only_loss`.
 //!
 //! `packing` packs examples into rows of `max_length` (best fit decreasing); each attends only
-//! to itself. The artifact is the model directory with its tokenizer and `metrics.jsonl`.
+//! to itself. The artifact is the model directory with its tokenizer and `metrics.jsonl` (with
+//! `lora`, the merged model and its PEFT adapter in `adapter/`).
 
 use burn::tensor::Device;
 use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::SftParams;
 
-use crate::artifacts::save_model;
+use crate::artifacts::save_trained_model;
 use crate::data::{Message as DataMessage, SftExample};
 use crate::kind::{Stage, StageKind};
 use crate::model::load_causal_lm;
@@ -47,8 +48,15 @@ impl StageKind for Sft {
             pad_id: model.tokenizer.pad_id().unwrap_or(0),
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
+        let weights = stage.adapt(weights, &p.train)?;
         let (trained, report) = stage.fit(&objective, weights, &sequences, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, &model.tokenizer)?;
+        save_trained_model(
+            stage.out_dir(),
+            &trained,
+            &config,
+            &model.tokenizer,
+            p.train.lora.as_ref(),
+        )?;
         let mut summary = report.summary();
         summary.insert("examples".into(), examples.len() as f64);
         if p.packing {

@@ -4,12 +4,13 @@
 
 use burn::config::Config;
 use burn::module::{Initializer, Module};
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::LinearConfig;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use super::cache::LayerCache;
+use super::lora::LoraLinear;
 use super::mask::AttentionMask;
 use super::rope::Rotary;
 
@@ -38,10 +39,10 @@ pub struct AttentionConfig {
 /// Multi-head attention whose key/value heads may be shared by several query heads.
 #[derive(Module, Debug)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -66,10 +67,10 @@ impl AttentionConfig {
         let q = self.n_heads * self.head_dim;
         let kv = self.n_kv_heads * self.head_dim;
         Attention {
-            q_proj: linear(self.d_model, q, self.qkv_bias),
-            k_proj: linear(self.d_model, kv, self.qkv_bias),
-            v_proj: linear(self.d_model, kv, self.qkv_bias),
-            o_proj: linear(q, self.d_model, self.o_bias),
+            q_proj: linear(self.d_model, q, self.qkv_bias).into(),
+            k_proj: linear(self.d_model, kv, self.qkv_bias).into(),
+            v_proj: linear(self.d_model, kv, self.qkv_bias).into(),
+            o_proj: linear(q, self.d_model, self.o_bias).into(),
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,

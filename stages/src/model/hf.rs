@@ -254,10 +254,10 @@ fn build_backbone(
         let input_layernorm = norm(src, &format!("{p}.input_layernorm.weight"), cfg, device)?;
         let a = format!("{p}.self_attn");
         let self_attn = Attention {
-            q_proj: linear(src, &format!("{a}.q_proj"), h, q, cfg.qkv_bias, device)?,
-            k_proj: linear(src, &format!("{a}.k_proj"), h, kv, cfg.qkv_bias, device)?,
-            v_proj: linear(src, &format!("{a}.v_proj"), h, kv, cfg.qkv_bias, device)?,
-            o_proj: linear(src, &format!("{a}.o_proj"), q, h, cfg.o_bias, device)?,
+            q_proj: linear(src, &format!("{a}.q_proj"), h, q, cfg.qkv_bias, device)?.into(),
+            k_proj: linear(src, &format!("{a}.k_proj"), h, kv, cfg.qkv_bias, device)?.into(),
+            v_proj: linear(src, &format!("{a}.v_proj"), h, kv, cfg.qkv_bias, device)?.into(),
+            o_proj: linear(src, &format!("{a}.o_proj"), q, h, cfg.o_bias, device)?.into(),
             n_heads: cfg.num_attention_heads,
             n_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -271,9 +271,9 @@ fn build_backbone(
         let m = format!("{p}.mlp");
         let ff = cfg.intermediate_size;
         let mlp = Mlp {
-            gate_proj: linear(src, &format!("{m}.gate_proj"), h, ff, cfg.mlp_bias, device)?,
-            up_proj: linear(src, &format!("{m}.up_proj"), h, ff, cfg.mlp_bias, device)?,
-            down_proj: linear(src, &format!("{m}.down_proj"), ff, h, cfg.mlp_bias, device)?,
+            gate_proj: linear(src, &format!("{m}.gate_proj"), h, ff, cfg.mlp_bias, device)?.into(),
+            up_proj: linear(src, &format!("{m}.up_proj"), h, ff, cfg.mlp_bias, device)?.into(),
+            down_proj: linear(src, &format!("{m}.down_proj"), ff, h, cfg.mlp_bias, device)?.into(),
         };
         layers.push(DecoderLayer {
             input_layernorm,

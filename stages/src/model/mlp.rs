@@ -2,8 +2,10 @@
 
 use burn::config::Config;
 use burn::module::{Initializer, Module};
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::LinearConfig;
 use burn::tensor::{Device, Tensor, activation::silu};
+
+use super::lora::LoraLinear;
 
 /// Configuration of [`Mlp`].
 #[derive(Config, Debug)]
@@ -23,9 +25,9 @@ pub struct MlpConfig {
 /// Gated feed-forward block.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
 }
 
 impl MlpConfig {
@@ -45,9 +47,9 @@ impl MlpConfig {
             l
         };
         Mlp {
-            gate_proj: linear(self.d_model, self.d_ff),
-            up_proj: linear(self.d_model, self.d_ff),
-            down_proj: linear(self.d_ff, self.d_model),
+            gate_proj: linear(self.d_model, self.d_ff).into(),
+            up_proj: linear(self.d_model, self.d_ff).into(),
+            down_proj: linear(self.d_ff, self.d_model).into(),
         }
     }
 }

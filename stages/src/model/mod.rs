@@ -6,6 +6,7 @@ pub mod cache;
 pub mod config;
 pub mod hf;
 pub mod llama;
+pub mod lora;
 pub mod mask;
 pub mod mlp;
 pub mod rms_norm;

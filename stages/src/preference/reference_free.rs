@@ -13,7 +13,7 @@ use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{PreferenceTokens, TrainArgs};
 
 use super::pairs::{TokenizedPair, tokenize_pairs};
-use crate::artifacts::save_model;
+use crate::artifacts::save_trained_model;
 use crate::kind::Stage;
 use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, token_logps};
 use crate::losses::{
@@ -182,8 +182,15 @@ pub fn train<P>(
     };
     let cfg = stage.train_config(learning_rate, train_args);
     let (config, model) = load_causal_lm(&policy.dir, device)?;
+    let model = stage.adapt(model, train_args)?;
     let (trained, report) = stage.fit(&objective, model, &tokenized.pairs, &cfg, device)?;
-    save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
+    save_trained_model(
+        stage.out_dir(),
+        &trained,
+        &config,
+        &policy.tokenizer,
+        train_args.lora.as_ref(),
+    )?;
     let mut summary = report.summary();
     summary.insert("pairs".into(), tokenized.pairs.len() as f64);
     summary.insert("dropped".into(), tokenized.dropped as f64);

@@ -12,11 +12,12 @@ use rudder_schema::kinds::{Kind, KlEstimator, PolicyArgs, RolloutArgs, TrainArgs
 
 use super::rollout::{self, Samples};
 use super::{Algorithm, LoopSettings, RlData, RlRun, Rollout, Trainees, Update, mean};
-use crate::artifacts::{save_model, write_lines};
+use crate::artifacts::{save_trained_model, write_lines};
 use crate::kind::Stage;
 use crate::losses::{kl_k1, kl_k3};
-use crate::model::{CausalLm, RewardModel, load_causal_lm};
+use crate::model::{CausalLm, RewardModel, load_causal_lm, lora};
 use crate::train::{StepRecord, TrainError};
+use burn::module::Module;
 
 /// What `rloo` and `grpo` do around the loop: read the policy and the prompts, load the
 /// reference when `kl_coef > 0` (without a KL term there is nothing to run it for), build the
@@ -40,10 +41,14 @@ where
     let data = RlData::load(&stage.inputs)?;
     let reference_dir = data.model_or_policy(&stage.inputs, "reference")?;
     let (policy_cfg, model) = load_causal_lm(&data.policy_dir, device)?;
-    let reference = if kl_coef > 0.0 {
-        Some(load_causal_lm(&reference_dir, &device.clone().inner())?.1)
-    } else {
+    let model = stage.adapt(model, train)?;
+    let reference = if kl_coef <= 0.0 {
         None
+    } else if train.lora.is_some() && reference_dir == data.policy_dir {
+        // TRL with PEFT: the reference is the policy with its adapters disabled.
+        Some(lora::without_adapters(&model).valid())
+    } else {
+        Some(load_causal_lm(&reference_dir, &device.clone().inner())?.1)
     };
     let scorer = stage.inputs.judge(
         &policy.reward,
@@ -72,11 +77,12 @@ where
         &scorer,
         device,
     )?;
-    save_model(
+    save_trained_model(
         stage.out_dir(),
         &outcome.trainees.policy,
         &policy_cfg,
         &data.tokenizer,
+        train.lora.as_ref(),
     )?;
     if rollout_args.save_rollouts {
         write_lines(

@@ -101,6 +101,8 @@ impl ModuleMapper for Update<'_> {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
+        // The updated value must keep the parameter's gradient-checkpointing strategy.
+        let strategy = tensor.gradient_checkpointing_strategy();
         let cfg = self.optim.config;
         let t = self.optim.step as i32;
         let shape = tensor.shape();
@@ -141,6 +143,9 @@ impl ModuleMapper for Update<'_> {
             },
         );
         let mut tensor = Tensor::from_inner(p);
+        if let Some(strategy) = strategy {
+            tensor = tensor.with_gradient_checkpointing_strategy(strategy);
+        }
         if require_grad {
             tensor = tensor.require_grad();
         }

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use super::adamw::{AdamW, Moments};
 use super::{StepRecord, TrainError};
 
-const FORMAT: u32 = 2;
+// 3: linear layers are `LoraLinear`s, so their weights are recorded under `base.`.
+const FORMAT: u32 = 3;
 const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const MODEL_FILE: &str = "model.bpk";

@@ -150,8 +150,8 @@ pub fn token_stats(logits: Tensor<3>, batch: &Batch) -> TokenStats {
     let [n, seq, vocab] = logits.dims();
     let logp = log_softmax(logits.clone(), 2);
     let shifted = logp.slice([0..n, 0..seq - 1, 0..vocab]);
-    let targets = Tensor::<2, Int>::from_inner(batch.targets.clone());
-    let mask = Tensor::<2>::from_inner(batch.target_mask.clone());
+    let targets = crate::backend::lift(batch.targets.clone(), &shifted);
+    let mask = crate::backend::lift(batch.target_mask.clone(), &shifted);
     let picked = shifted
         .clone()
         .gather(2, targets.clone().unsqueeze_dim(2))

@@ -1,0 +1,388 @@
+//! Peak-memory estimates of training stages, from a model's shape (config.json's names) and the
+//! stage's batch: the arithmetic `rudder plan` shows, written out in the README. It needs no
+//! tensor library; it says nothing about what a backend actually allocates (that is measured).
+//!
+//! ```text
+//! weights      P x bytes(precision)            every parameter, trained or frozen
+//! gradients    T x 4                           T trained parameters (all, or LoRA's A/B)
+//! optimizer    T x 8                           AdamW's two fp32 moments
+//! activations  B x S x (L x a + 2V) x 4        kept for the backward pass, per token:
+//!              a = 2H + H + (q + 2kv) + q + nH x S + H + 3I   per layer (see `per_token`)
+//!              with gradient checkpointing: a = H + (q + 2kv) + q + 2I (matmul outputs only)
+//!              2V: the logits and their log-softmax
+//! ```
+
+use rudder_schema::kinds::{LinearModule, LoraArgs, SavedModule};
+use serde_json::Value;
+
+/// What the arithmetic needs of a model (transformers' config.json names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    pub vocab_size: u64,
+    pub hidden_size: u64,
+    pub intermediate_size: u64,
+    pub num_hidden_layers: u64,
+    pub num_attention_heads: u64,
+    pub num_key_value_heads: u64,
+    pub head_dim: u64,
+    pub tie_word_embeddings: bool,
+    /// A scalar `score` head instead of the LM head (reward and value models).
+    pub reward_head: bool,
+}
+
+impl ModelShape {
+    /// Reads a model's shape from its config.json; `None` when a needed field is missing.
+    pub fn from_config(config: &Value) -> Option<Self> {
+        let get = |k: &str| config.get(k).and_then(Value::as_u64);
+        let hidden_size = get("hidden_size")?;
+        let num_attention_heads = get("num_attention_heads")?;
+        let reward_head = config
+            .get("architectures")
+            .and_then(Value::as_array)
+            .is_some_and(|a| {
+                a.iter().any(|v| {
+                    v.as_str()
+                        .is_some_and(|s| s.ends_with("SequenceClassification"))
+                })
+            });
+        Some(Self {
+            vocab_size: get("vocab_size")?,
+            hidden_size,
+            intermediate_size: get("intermediate_size")?,
+            num_hidden_layers: get("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads: get("num_key_value_heads").unwrap_or(num_attention_heads),
+            head_dim: get("head_dim").unwrap_or(hidden_size / num_attention_heads.max(1)),
+            tie_word_embeddings: config
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            reward_head,
+        })
+    }
+
+    /// `(in, out)` of a decoder layer's linear layer.
+    fn linear(&self, module: LinearModule) -> (u64, u64) {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        match module {
+            LinearModule::QProj => (h, q),
+            LinearModule::KProj | LinearModule::VProj => (h, kv),
+            LinearModule::OProj => (q, h),
+            LinearModule::GateProj | LinearModule::UpProj => (h, i),
+            LinearModule::DownProj => (i, h),
+        }
+    }
+
+    fn head_params(&self) -> u64 {
+        if self.reward_head {
+            self.hidden_size
+        } else if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * self.hidden_size
+        }
+    }
+
+    /// Every parameter: embeddings, layers (linear layers and two norms each), the final norm
+    /// and the head.
+    pub fn parameters(&self) -> u64 {
+        let h = self.hidden_size;
+        let per_layer: u64 = LinearModule::ALL
+            .iter()
+            .map(|&m| {
+                let (i, o) = self.linear(m);
+                i * o
+            })
+            .sum::<u64>()
+            + 2 * h;
+        self.vocab_size * h + self.num_hidden_layers * per_layer + h + self.head_params()
+    }
+
+    /// The parameters LoRA trains: `r x (in + out)` per targeted layer, and the
+    /// `modules_to_save` in full.
+    pub fn lora_parameters(&self, lora: &LoraArgs) -> u64 {
+        let r = u64::from(lora.r);
+        let per_layer: u64 = LinearModule::ALL
+            .iter()
+            .filter(|&&m| lora.targets(m))
+            .map(|&m| {
+                let (i, o) = self.linear(m);
+                r * (i + o)
+            })
+            .sum();
+        let saved: u64 = lora
+            .modules_to_save
+            .iter()
+            .map(|m| match m {
+                SavedModule::Score | SavedModule::LmHead => self.head_params(),
+            })
+            .sum();
+        self.num_hidden_layers * per_layer + saved
+    }
+
+    /// Activation values kept per token for the backward pass, over all layers and the head.
+    fn per_token(&self, seq_len: u64, checkpointing: bool) -> u64 {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let per_layer = if checkpointing {
+            // Burn's balanced strategy keeps the outputs of compute-bound operations (the
+            // matmuls) and recomputes the rest.
+            h + (q + 2 * kv) + q + 2 * i
+        } else {
+            // Two residual inputs of the norms, the normed input of q/k/v, q/k/v, the attention
+            // output, the attention probabilities, the normed input of the MLP, gate/up and
+            // their gated product.
+            2 * h + h + (q + 2 * kv) + q + self.num_attention_heads * seq_len + h + 3 * i
+        };
+        let head = if self.reward_head {
+            1
+        } else {
+            2 * self.vocab_size
+        };
+        self.num_hidden_layers * per_layer + head
+    }
+}
+
+/// What a training stage runs: its batch, precision and memory-saving settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingShape {
+    pub batch_size: u64,
+    pub seq_len: u64,
+    /// Bytes per weight of the model (4 for fp32).
+    pub weight_bytes: u64,
+    pub lora: Option<LoraArgs>,
+    pub gradient_checkpointing: bool,
+    /// A frozen reference model held besides the policy (TR-DPO, RL kinds without LoRA).
+    pub reference_copy: bool,
+}
+
+/// A training stage's estimated peak, by part, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer + self.activations
+    }
+}
+
+/// The estimate of [the module docs](self).
+pub fn estimate(model: &ModelShape, training: &TrainingShape) -> MemoryEstimate {
+    let params = model.parameters();
+    let trained = match &training.lora {
+        Some(lora) => model.lora_parameters(lora),
+        None => params,
+    };
+    let copies = if training.reference_copy { 2 } else { 1 };
+    // LoRA's factors are stored besides the frozen weights, in fp32.
+    let adapter_bytes = if training.lora.is_some() {
+        trained * 4
+    } else {
+        0
+    };
+    MemoryEstimate {
+        weights: copies * params * training.weight_bytes + adapter_bytes,
+        gradients: trained * 4,
+        optimizer: trained * 8,
+        activations: training.batch_size
+            * training.seq_len
+            * model.per_token(training.seq_len, training.gradient_checkpointing)
+            * 4,
+    }
+}
+
+/// Kinds that train a model, with how many sequences one batch element is (a preference pair
+/// runs its chosen and rejected sides together).
+fn training_kind(kind: &str) -> Option<u64> {
+    match kind {
+        "pretrain" | "sft" | "ppo" | "rloo" | "grpo" => Some(1),
+        "reward" | "dpo" | "kto" | "orpo" | "simpo" | "iterative_dpo" => Some(2),
+        _ => None,
+    }
+}
+
+/// The estimate of every training stage of `recipe` whose model's shape can be read (a
+/// `models.X.hf` directory's config.json or a fresh architecture, followed through the stages
+/// that train it), in the recipe's order.
+pub fn recipe_estimates(recipe: &rudder_schema::Recipe) -> Vec<(String, MemoryEstimate)> {
+    use rudder_schema::NodeBody;
+    let mut out = Vec::new();
+    for node in &recipe.nodes {
+        let NodeBody::Stage(stage) = &node.body else {
+            continue;
+        };
+        let Some(sequences) = training_kind(stage.spec.kind()) else {
+            continue;
+        };
+        let Some(mut shape) = model_shape(recipe, &node.name, 0) else {
+            continue;
+        };
+        let params = stage.spec.params();
+        let get = |k: &str| params.get(k).and_then(Value::as_u64);
+        let mut lora: Option<LoraArgs> = params
+            .get("lora")
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        if stage.spec.kind() == "reward" {
+            shape.reward_head = true;
+            // A reward stage trains its head in full (see the `reward` kind).
+            if let Some(lora) = &mut lora
+                && !lora.modules_to_save.contains(&SavedModule::Score)
+            {
+                lora.modules_to_save.push(SavedModule::Score);
+            }
+        }
+        let seq_len = get("max_length").unwrap_or_else(|| {
+            get("max_prompt_length").unwrap_or(512) + get("max_new_tokens").unwrap_or(0)
+        });
+        let reference_copy = lora.is_none()
+            && (matches!(stage.spec.kind(), "ppo" | "rloo" | "grpo")
+                || params.get("sync_ref_model").and_then(Value::as_bool) == Some(true));
+        let training = TrainingShape {
+            batch_size: get("batch_size").unwrap_or(8) * sequences,
+            seq_len,
+            weight_bytes: 4,
+            lora,
+            gradient_checkpointing: params
+                .get("gradient_checkpointing")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            reference_copy,
+        };
+        out.push((node.name.clone(), estimate(&shape, &training)));
+    }
+    out
+}
+
+/// The shape of the model a stage trains (its `model` input, followed to its source).
+fn model_shape(recipe: &rudder_schema::Recipe, name: &str, depth: usize) -> Option<ModelShape> {
+    use rudder_schema::{NodeBody, Target};
+    if depth > recipe.nodes.len() {
+        return None;
+    }
+    match &recipe.node(name)?.body {
+        NodeBody::Model(model) => match &model.spec.hf {
+            Some(hf) => {
+                let text = std::fs::read_to_string(recipe.dir.join(hf).join("config.json")).ok()?;
+                ModelShape::from_config(&serde_json::from_str(&text).ok()?)
+            }
+            None => {
+                let spec = serde_json::to_value(&model.spec).ok()?;
+                let mut config = spec.as_object()?.clone();
+                config.insert(
+                    "architectures".into(),
+                    serde_json::json!(["LlamaForCausalLM"]),
+                );
+                // A fresh model's vocabulary follows its tokenizer.
+                if config.get("vocab_size").is_none_or(Value::is_null) {
+                    let vocab = match &model.tokenizer.as_ref()?.target {
+                        Target::Node { name, .. } => match &recipe.node(name)?.body {
+                            NodeBody::Stage(t) => t.spec.params().get("vocab_size")?.as_u64()?,
+                            _ => return None,
+                        },
+                        Target::Path(path) => {
+                            let text = std::fs::read_to_string(path).ok()?;
+                            let json: Value = serde_json::from_str(&text).ok()?;
+                            json.pointer("/model/vocab")?.as_object()?.len() as u64
+                        }
+                    };
+                    config.insert("vocab_size".into(), vocab.into());
+                }
+                ModelShape::from_config(&Value::Object(config))
+            }
+        },
+        NodeBody::Stage(stage) => {
+            let input = stage.inputs.iter().find(|i| i.field.role == "model")?;
+            let Target::Node { name, .. } = &input.target else {
+                return None;
+            };
+            model_shape(recipe, name, depth + 1)
+        }
+        NodeBody::Dataset(_) => None,
+    }
+}
+
+/// Bytes in GiB with one decimal, or in MiB below 1 GiB.
+pub fn gib(bytes: u64) -> String {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rudder_schema::kinds::{AllLinear, TargetModules};
+
+    fn llama2_7b() -> ModelShape {
+        ModelShape::from_config(&serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "tie_word_embeddings": false
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn llama2_7b_has_its_parameter_count() {
+        // Llama-2-7B has 6,738,415,616 parameters.
+        assert_eq!(llama2_7b().parameters(), 6_738_415_616);
+    }
+
+    /// The README's worked example: Llama-2-7B, batch 1 x 512 tokens.
+    #[test]
+    fn seven_b_estimates_match_the_readme_arithmetic() {
+        let model = llama2_7b();
+        let full = TrainingShape {
+            batch_size: 1,
+            seq_len: 512,
+            weight_bytes: 4,
+            lora: None,
+            gradient_checkpointing: false,
+            reference_copy: false,
+        };
+        let within = |ours: u64, readme_gib: f64| {
+            let ours = ours as f64 / (1u64 << 30) as f64;
+            assert!(
+                (ours - readme_gib).abs() / readme_gib < 0.10,
+                "{ours} vs {readme_gib}"
+            );
+        };
+        // Full fine-tuning in fp32: 16 bytes per parameter, 100.4 GiB, plus activations.
+        let e = estimate(&model, &full);
+        within(e.weights + e.gradients + e.optimizer, 100.4);
+        within(e.activations, 5.14);
+        within(e.total(), 105.5);
+        // LoRA r = 16 on all linear layers: 40.0M trained parameters.
+        let lora = LoraArgs {
+            r: 16,
+            alpha: 32.0,
+            target_modules: TargetModules::AllLinear(AllLinear::AllLinear),
+            ..LoraArgs::default()
+        };
+        assert_eq!(model.lora_parameters(&lora), 39_976_960);
+        let e = estimate(
+            &model,
+            &TrainingShape {
+                lora: Some(lora),
+                gradient_checkpointing: true,
+                ..full
+            },
+        );
+        within(e.weights, 25.3);
+        within(e.gradients + e.optimizer, 0.45);
+        within(e.activations, 2.72);
+        within(e.total(), 28.4);
+    }
+}
