@@ -152,8 +152,8 @@ fn run_round(
         .iter()
         .map(|p| PreferencePair {
             prompt: prompts[p.prompt].clone(),
-            chosen: sample(p.prompt, p.chosen).completion.completion.clone(),
-            rejected: sample(p.prompt, p.rejected).completion.completion.clone(),
+            chosen: prompts[p.prompt].answer(&sample(p.prompt, p.chosen).completion.completion),
+            rejected: prompts[p.prompt].answer(&sample(p.prompt, p.rejected).completion.completion),
             margin: None,
         })
         .collect();
@@ -398,9 +398,9 @@ fn write_pairs(
         .zip(pairs)
         .map(|(p, pair)| {
             json!({
-                "prompt": pair.prompt,
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
+                "prompt": pair.prompt.to_json(),
+                "chosen": pair.chosen.to_json(),
+                "rejected": pair.rejected.to_json(),
                 "chosen_score": scores[p.prompt][p.chosen],
                 "rejected_score": scores[p.prompt][p.rejected],
                 "row": p.prompt,

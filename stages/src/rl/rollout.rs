@@ -213,10 +213,14 @@ impl RlData {
         let policy = inputs.model("model")?;
         let (policy_dir, tokenizer, config) = (policy.dir, policy.tokenizer, policy.config);
         let rows = inputs.rows("data")?;
-        let prompts = rows.prompts()?;
-        let prompt_ids = prompts
+        let turns = rows.prompts()?;
+        let prompts = turns
             .iter()
-            .map(|p| tokenizer.encode_prompt(p))
+            .map(|p| tokenizer.prompt_text(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt_ids = turns
+            .iter()
+            .map(|p| tokenizer.prompt_ids(p))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(i) = prompt_ids.iter().position(Vec::is_empty) {
             return Err(TrainError::Input(format!(
