@@ -151,8 +151,8 @@ pub fn stop_tokens(
     Ok((eos_ids, pad_id))
 }
 
-/// `eos_token_id` of generation_config.json, when the file exists.
-fn generation_config_eos(dir: &Path) -> Result<Vec<u32>, StageError> {
+/// `eos_token_id` of generation_config.json (one id or a list), when the file exists.
+pub fn generation_config_eos(dir: &Path) -> Result<Vec<u32>, StageError> {
     let path = dir.join("generation_config.json");
     if !path.is_file() {
         return Ok(Vec::new());

@@ -25,6 +25,8 @@ pub struct Generated {
     pub row: usize,
     /// Which of the prompt's `num_samples` completions this is.
     pub sample: usize,
+    /// The prompt as the data gave it.
+    pub prompt: Turns,
     pub completion: Completion,
 }
 
@@ -101,6 +103,7 @@ impl Sampler {
                 out.push(Generated {
                     row,
                     sample,
+                    prompt: prompts[row].clone(),
                     completion,
                 });
             }
@@ -124,6 +127,7 @@ pub fn score(
             prompt: &g.completion.prompt,
             completion: &g.completion.completion,
             row: rows.rows.get(g.row),
+            turns: Some(&g.prompt),
         })
         .collect();
     let scores = scorer.score(&samples)?;
