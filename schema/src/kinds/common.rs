@@ -63,6 +63,30 @@ pub struct TrainArgs {
     /// of the artifact key).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub report_to: Vec<ReportTo>,
+    /// The dtype the trained weights are saved in: `auto` keeps the input model's (a bf16
+    /// model stays bf16), or `fp32`, `bf16`, `f16`. config.json's `dtype`/`torch_dtype` follow.
+    /// `auto` is left out of the parameters a key is made of, so keys made before it existed
+    /// stay the same.
+    #[serde(skip_serializing_if = "SaveDtype::is_auto")]
+    pub save_dtype: SaveDtype,
+}
+
+/// The dtype of saved weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveDtype {
+    /// The input model's dtype (fp32 for a fresh model).
+    #[default]
+    Auto,
+    Fp32,
+    Bf16,
+    F16,
+}
+
+impl SaveDtype {
+    pub fn is_auto(&self) -> bool {
+        *self == SaveDtype::Auto
+    }
 }
 
 /// A logging integration of `report_to`.
@@ -93,6 +117,7 @@ impl Default for TrainArgs {
             logging_steps: 10,
             checkpoint_every: 100,
             report_to: Vec::new(),
+            save_dtype: SaveDtype::Auto,
         }
     }
 }

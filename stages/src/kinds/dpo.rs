@@ -82,7 +82,12 @@ impl StageKind for Dpo {
                 stage.fit(&objective, model, &examples, &cfg, device)?,
             )
         };
-        save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
+        save_model(
+            stage.out_dir(),
+            &trained,
+            &config.saved_as(p.train.save_dtype),
+            &policy.tokenizer,
+        )?;
         let mut summary = report.summary();
         summary.insert("pairs".into(), pairs as f64);
         summary.insert("dropped".into(), tokenized.dropped as f64);

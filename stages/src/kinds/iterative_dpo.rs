@@ -187,7 +187,12 @@ fn run_round(
         // Nothing to learn from: the round keeps its starting model.
         let metrics = stage.out_dir().join(METRICS_FILE);
         std::fs::File::create(&metrics).map_err(|e| TrainError::io(&metrics, e))?;
-        save_model(stage.out_dir(), &model, &config, tokenizer)?;
+        save_model(
+            stage.out_dir(),
+            &model,
+            &config.saved_as(params.train.save_dtype),
+            tokenizer,
+        )?;
         stage.progress().println(&format!(
             "round {n}: no preference pair (ties {}, below margin {}); the model is unchanged",
             built.ties, built.below_margin
@@ -224,7 +229,12 @@ fn run_round(
             .collect();
         stage.progress().set_message(String::new());
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, tokenizer)?;
+        save_model(
+            stage.out_dir(),
+            &trained,
+            &config.saved_as(params.train.save_dtype),
+            tokenizer,
+        )?;
         report
     };
 

@@ -63,7 +63,12 @@ impl StageKind for Kto {
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (config, model) = load_causal_lm(&policy.dir, device)?;
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
+        save_model(
+            stage.out_dir(),
+            &trained,
+            &config.saved_as(p.train.save_dtype),
+            &policy.tokenizer,
+        )?;
         let mut summary = report.summary();
         summary.insert("examples".into(), examples.len() as f64);
         summary.insert("dropped".into(), dropped as f64);

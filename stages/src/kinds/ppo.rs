@@ -105,13 +105,23 @@ impl StageKind for PpoKind {
             device,
         )?;
         let out = stage.out_dir();
-        save_model(out, &outcome.trainees.policy, &policy_cfg, &data.tokenizer)?;
+        save_model(
+            out,
+            &outcome.trainees.policy,
+            &policy_cfg.saved_as(p.train.save_dtype),
+            &data.tokenizer,
+        )?;
         let (value, _) = outcome
             .trainees
             .value
             .as_ref()
             .expect("PPO trains a value model");
-        save_scorer(&out.join("value"), value, &value_cfg, &data.tokenizer)?;
+        save_scorer(
+            &out.join("value"),
+            value,
+            &value_cfg.saved_as(p.train.save_dtype),
+            &data.tokenizer,
+        )?;
         if p.rollout.save_rollouts {
             write_lines(&out.join(crate::rl::ROLLOUTS_FILE), &outcome.rollouts)?;
         }

@@ -53,7 +53,12 @@ impl StageKind for Reward {
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (trained, report) = stage.fit(&objective, weights, train_pairs, &cfg, device)?;
         let eval = evaluate(&trained.valid(), &objective, eval_pairs, device);
-        save_scorer(stage.out_dir(), &trained, &config, &model.tokenizer)?;
+        save_scorer(
+            stage.out_dir(),
+            &trained,
+            &config.saved_as(p.train.save_dtype),
+            &model.tokenizer,
+        )?;
         let mut summary = report.summary();
         summary.insert("pairs".into(), train_pairs.len() as f64);
         summary.extend(eval);

@@ -48,7 +48,12 @@ impl StageKind for Sft {
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (trained, report) = stage.fit(&objective, weights, &sequences, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, &model.tokenizer)?;
+        save_model(
+            stage.out_dir(),
+            &trained,
+            &config.saved_as(p.train.save_dtype),
+            &model.tokenizer,
+        )?;
         let mut summary = report.summary();
         summary.insert("examples".into(), examples.len() as f64);
         if p.packing {

@@ -183,7 +183,12 @@ pub fn train<P>(
     let cfg = stage.train_config(learning_rate, train_args);
     let (config, model) = load_causal_lm(&policy.dir, device)?;
     let (trained, report) = stage.fit(&objective, model, &tokenized.pairs, &cfg, device)?;
-    save_model(stage.out_dir(), &trained, &config, &policy.tokenizer)?;
+    save_model(
+        stage.out_dir(),
+        &trained,
+        &config.saved_as(train_args.save_dtype),
+        &policy.tokenizer,
+    )?;
     let mut summary = report.summary();
     summary.insert("pairs".into(), tokenized.pairs.len() as f64);
     summary.insert("dropped".into(), tokenized.dropped as f64);

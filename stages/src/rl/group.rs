@@ -75,7 +75,7 @@ where
     save_model(
         stage.out_dir(),
         &outcome.trainees.policy,
-        &policy_cfg,
+        &policy_cfg.saved_as(train.save_dtype),
         &data.tokenizer,
     )?;
     if rollout_args.save_rollouts {
