@@ -38,6 +38,9 @@ pub struct TokenSplit {
     pub prefix_matched: bool,
 }
 
+/// A character range `[start, end)` of a text.
+pub type Span = (usize, usize);
+
 /// One chat message for the chat template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Message {
@@ -212,7 +215,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), StageError> {
+    ) -> Result<(Vec<u32>, Vec<Span>), StageError> {
         std::panic::catch_unwind(|| self.inner.encode_char_offsets(text, add_special_tokens))
             .map_err(|_| self.err(INCONSISTENT))?
             .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
@@ -334,7 +337,7 @@ impl Tokenizer {
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
-    ) -> Result<(String, Vec<(usize, usize)>), StageError> {
+    ) -> Result<(String, Vec<Span>), StageError> {
         let template = self.require_chat_template()?;
         render_chat_template_with_spans(
             template,
@@ -428,7 +431,7 @@ pub fn render_chat_template_with_spans(
     add_generation_prompt: bool,
     bos_token: &str,
     eos_token: &str,
-) -> Result<(String, Vec<(usize, usize)>), StageError> {
+) -> Result<(String, Vec<Span>), StageError> {
     if !GENERATION_TAG.is_match(template) {
         return render_raw(
             template,
