@@ -268,3 +268,211 @@ fn greedy_answers_to_conversational_prompts_match_transformers() {
         );
     }
 }
+
+mod kinds {
+    //! The kinds as the engine runs them, on conversational data and the chat fixture model.
+
+    use std::sync::atomic::AtomicBool;
+
+    use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
+    use rudder_engine::{Key, Registry};
+    use rudder_schema::kinds::{
+        GenerateParams, LrSchedulerType, RewardParams, SaveDtype, SftParams, StageSpec, TrainArgs,
+    };
+    use rudder_schema::{Backend, DataFormat, Precision};
+
+    use super::*;
+
+    fn input(role: &str, path: PathBuf, kind: InputKind) -> StageInput {
+        StageInput {
+            role: role.into(),
+            node: role.into(),
+            key: Key::from_hex(&"0".repeat(64)).unwrap(),
+            path: Some(path),
+            kind,
+        }
+    }
+
+    fn data(path: PathBuf) -> StageInput {
+        input(
+            "data",
+            path,
+            InputKind::Dataset {
+                format: DataFormat::Jsonl,
+                columns: BTreeMap::new(),
+            },
+        )
+    }
+
+    fn run(kind: &str, spec: &dyn StageSpec, inputs: Vec<StageInput>, out: &Path) -> StageResult {
+        let mut registry = Registry::new();
+        rudder_stages::register(&mut registry);
+        let runner = registry.get(kind).expect("registered").clone();
+        let work = tempfile::tempdir().unwrap();
+        let flag = AtomicBool::new(false);
+        let ctx = StageContext {
+            name: kind,
+            kind,
+            key: Key::from_hex(&"1".repeat(64)).unwrap(),
+            spec,
+            part: None,
+            inputs,
+            out_dir: out,
+            work_dir: work.path(),
+            recipe_dir: out,
+            seed: 42,
+            backend: Backend::Cpu,
+            precision: Precision::Fp32,
+            threads: 1,
+            progress: &NoProgress,
+            interrupted: &flag,
+        };
+        runner.run(&ctx)
+    }
+
+    fn train(steps: u64) -> TrainArgs {
+        TrainArgs {
+            batch_size: 4,
+            max_steps: Some(steps),
+            lr_scheduler_type: LrSchedulerType::Constant,
+            logging_steps: 1,
+            ..TrainArgs::default()
+        }
+    }
+
+    fn weights_dtypes(dir: &Path) -> Vec<String> {
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .iter()
+            .map(|(_, v)| format!("{:?}", v.dtype()))
+            .collect()
+    }
+
+    #[test]
+    fn sft_reward_and_generate_take_conversational_data() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = chat_model("policy", "chatml", tmp.path());
+        // SFT on multi-turn conversations, saved in bf16 on request.
+        let sft_out = tmp.path().join("sft");
+        std::fs::create_dir_all(&sft_out).unwrap();
+        let params = SftParams {
+            learning_rate: 1e-3,
+            train: TrainArgs {
+                save_dtype: SaveDtype::Bf16,
+                ..train(2)
+            },
+            ..SftParams::default()
+        };
+        let outcome = run(
+            "sft",
+            &params,
+            vec![
+                input("model", model.clone(), InputKind::Model),
+                data(chat_data().join("sft.jsonl")),
+            ],
+            &sft_out,
+        )
+        .unwrap();
+        assert_eq!(outcome.summary["examples"], 4.0);
+        assert!(weights_dtypes(&sft_out).iter().all(|d| d == "BF16"));
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(sft_out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["dtype"], "bfloat16");
+        // The trained bf16 model keeps its dtype through the next stage (`auto`).
+        let reward_out = tmp.path().join("reward");
+        std::fs::create_dir_all(&reward_out).unwrap();
+        let params = RewardParams {
+            learning_rate: 1e-3,
+            train: train(2),
+            ..RewardParams::default()
+        };
+        let outcome = run(
+            "reward",
+            &params,
+            vec![
+                input("model", sft_out.clone(), InputKind::Model),
+                data(chat_data().join("prefs.jsonl")),
+            ],
+            &reward_out,
+        )
+        .unwrap();
+        assert!(outcome.summary["loss"].is_finite());
+        assert!(weights_dtypes(&reward_out).iter().all(|d| d == "BF16"));
+        // Generation from conversational prompts keeps them conversations.
+        let gen_out = tmp.path().join("generate");
+        std::fs::create_dir_all(&gen_out).unwrap();
+        let prompts = tmp.path().join("prompts.jsonl");
+        std::fs::write(
+            &prompts,
+            "{\"prompt\": [{\"role\": \"user\", \"content\": \"Say hello.\"}]}\n",
+        )
+        .unwrap();
+        let params = GenerateParams {
+            sampling: rudder_schema::kinds::Sampling {
+                max_new_tokens: 4,
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ..GenerateParams::default()
+        };
+        run(
+            "generate",
+            &params,
+            vec![input("model", model, InputKind::Model), data(prompts)],
+            &gen_out,
+        )
+        .unwrap();
+        let line: Value = serde_json::from_str(
+            std::fs::read_to_string(gen_out.join("completions.jsonl"))
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            line["prompt"],
+            json!([{"role": "user", "content": "Say hello."}])
+        );
+        assert_eq!(line["completion"][0]["role"], "assistant");
+    }
+
+    #[test]
+    fn kto_rows_from_sharegpt_unpair_and_tokenise_like_pairs() {
+        use rudder_stages::preference::tokenize_unpaired;
+        let tmp = tempfile::tempdir().unwrap();
+        let model = chat_model("policy", "chatml", tmp.path());
+        let tokenizer = Tokenizer::from_dir(&model).unwrap();
+        let file = tmp.path().join("kto.jsonl");
+        std::fs::write(
+            &file,
+            concat!(
+                r#"{"messages": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}], "label": true}"#,
+                "\n",
+                r#"{"messages": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Green."}], "kto_tag": false}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let rows = read_rows(&file, Format::Jsonl, &BTreeMap::new()).unwrap();
+        let (unpaired, dropped) = tokenize_unpaired(
+            &tokenizer,
+            &rows.unpaired_examples().unwrap(),
+            &PreferenceTokens::default(),
+        )
+        .unwrap();
+        assert_eq!(dropped, 0);
+        // The answer is the template's rendering after the prompt, end-of-turn included.
+        let eos = tokenizer.eos_id().unwrap();
+        let newline = tokenizer.encode("\n", false).unwrap();
+        for row in &unpaired {
+            let tail = &row.sequence.completion[row.sequence.completion.len() - 2..];
+            assert_eq!(tail, [eos, newline[0]]);
+            assert_eq!(row.sequence.prompt.first(), tokenizer.bos_id().as_ref());
+        }
+        assert!(unpaired[0].desirable && !unpaired[1].desirable);
+        assert_eq!(unpaired[0].kl.completion, unpaired[1].sequence.completion);
+    }
+}
