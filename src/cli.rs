@@ -304,7 +304,14 @@ pub struct GenerateArgs {
     pub node: String,
     #[arg(long, conflicts_with = "data", required_unless_present = "data")]
     pub prompt: Vec<String>,
-    /// A JSONL file with a `prompt` field per line.
+    /// Send each `--prompt` as a user message through the model's chat template.
+    #[arg(long, conflicts_with = "data")]
+    pub chat: bool,
+    /// A system message before the user message (with `--chat`).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// A data file of prompts (.jsonl .json .parquet): a `prompt` string or conversation per
+    /// row, or any format the stages read prompts from; conversations use the chat template.
     #[arg(long)]
     pub data: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]

@@ -9,12 +9,17 @@ use std::path::{Path, PathBuf};
 
 use rudder_engine::lockfile::Lockfile;
 
+/// Recipes whose model is given on the command line (`--set models.base.hf=PATH`, a real model
+/// the repository does not hold): they cannot be planned here.
+const EXTERNAL_MODEL: &[&str] = &["chat.toml"];
+
 fn recipes() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
     let mut recipes: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .filter(|p| !EXTERNAL_MODEL.contains(&p.file_name().unwrap().to_str().unwrap()))
         .collect();
     recipes.sort();
     recipes

@@ -482,7 +482,7 @@ impl<'a> Run<'a> {
                         (NodeBody::Dataset(spec), _) => (
                             Some(self.recipe.dir.join(&spec.path)),
                             InputKind::Dataset {
-                                format: spec.resolved_format().expect("validated when loading"),
+                                format: spec.input_format().expect("validated when loading"),
                                 columns: spec.columns.clone(),
                             },
                         ),

@@ -104,10 +104,13 @@ impl Planner<'_> {
                         "pinned here",
                     )]);
                 }
-                let format = spec
-                    .resolved_format()
-                    .expect("validated when loading")
-                    .as_str();
+                let file_format = spec.resolved_format().expect("validated when loading");
+                // A row layout joins the file format; without one the key is as it always was.
+                let format = match spec.layout() {
+                    Some(layout) => format!("{}+{}", file_format.as_str(), layout.as_str()),
+                    None => file_format.as_str().to_owned(),
+                };
+                let format = format.as_str();
                 let columns = serde_json::to_value(&spec.columns).expect("map serialises");
                 let key = KeyBuilder::new("dataset")
                     .str(format)

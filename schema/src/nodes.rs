@@ -360,7 +360,9 @@ fn is_slurm_time(text: &str) -> bool {
     parts.iter().all(|p| number(p)) && (1..=3).contains(&parts.len())
 }
 
-/// Data file formats.
+/// Data formats: a file format (`jsonl`, `json`, `parquet`, `txt`), or a row layout (`trl`,
+/// `sharegpt`, `alpaca`) for rows that could be read two ways, the file format then following
+/// the extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {
@@ -368,6 +370,12 @@ pub enum DataFormat {
     Json,
     Parquet,
     Txt,
+    /// TRL's field names (`text`, `messages`, `prompt`, `completion`, `chosen`, `rejected`, `label`).
+    Trl,
+    /// ShareGPT (`conversations`/`messages`, `from`/`value` or `role`/`content`, `system`).
+    Sharegpt,
+    /// Alpaca (`instruction`, `input`, `output`, `system`, `history`).
+    Alpaca,
 }
 
 impl DataFormat {
@@ -388,7 +396,15 @@ impl DataFormat {
             Self::Json => "json",
             Self::Parquet => "parquet",
             Self::Txt => "txt",
+            Self::Trl => "trl",
+            Self::Sharegpt => "sharegpt",
+            Self::Alpaca => "alpaca",
         }
+    }
+
+    /// Whether this names a row layout rather than a file format.
+    pub fn is_layout(self) -> bool {
+        matches!(self, Self::Trl | Self::Sharegpt | Self::Alpaca)
     }
 }
 
@@ -398,7 +414,8 @@ impl DataFormat {
 pub struct DatasetSpec {
     /// Data file, relative to the recipe: .jsonl .json .parquet .txt
     pub path: String,
-    /// Defaults to the file extension's format.
+    /// Defaults to the file extension's format; a row layout (`trl`, `sharegpt`, `alpaca`)
+    /// names how rows are read, the file format following the extension.
     pub format: Option<DataFormat>,
     /// Renames to the standard field names: `{ prompt = "question" }`.
     #[serde(default)]
@@ -410,8 +427,22 @@ pub struct DatasetSpec {
 }
 
 impl DatasetSpec {
+    /// The file format: the declared one, else the extension's.
     pub fn resolved_format(&self) -> Option<DataFormat> {
-        self.format.or_else(|| DataFormat::from_path(&self.path))
+        self.format
+            .filter(|f| !f.is_layout())
+            .or_else(|| DataFormat::from_path(&self.path))
+    }
+
+    /// The declared row layout, if any.
+    pub fn layout(&self) -> Option<DataFormat> {
+        self.format.filter(|f| f.is_layout())
+    }
+
+    /// What a stage is told: the row layout when one is declared (the file format then
+    /// follows the extension), else the file format.
+    pub fn input_format(&self) -> Option<DataFormat> {
+        self.layout().or_else(|| self.resolved_format())
     }
 }
 

@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 
-use anyhow::Context;
 use rudder_engine::Selection;
 use rudder_schema::NodeBody;
+use rudder_stages::data::{Format, Message, Turns, read_rows};
 use rudder_stages::generate::{GenerateOptions, generate};
 
 use crate::ExitStatus;
@@ -58,7 +58,22 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
     };
     let prompts = match &args.data {
         Some(path) => read_prompts(path)?,
-        None => args.prompt.clone(),
+        None if args.chat => args
+            .prompt
+            .iter()
+            .map(|p| {
+                let system = args.system.iter().map(|s| Message {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
+                let user = Message {
+                    role: "user".into(),
+                    content: p.clone(),
+                };
+                Turns::Chat(system.chain([user]).collect())
+            })
+            .collect(),
+        None => args.prompt.iter().map(|p| Turns::Text(p.clone())).collect(),
     };
     let backend = super::backend(args.backend.as_deref())?.unwrap_or(project.recipe.meta.backend);
     let options = GenerateOptions {
@@ -89,26 +104,10 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
     Ok(ExitStatus::Success)
 }
 
-/// Prompts from a JSONL file with a `prompt` field.
-fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| {
-            let value: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-            value["prompt"]
-                .as_str()
-                .map(str::to_owned)
-                .with_context(|| {
-                    format!(
-                        "{}:{}: field `prompt` is missing or not a string",
-                        path.display(),
-                        i + 1
-                    )
-                })
-        })
-        .collect()
+/// Prompts from a data file, read as the stages read prompts.
+fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<Turns>> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let format = Format::from_name(&ext.to_ascii_lowercase()).unwrap_or(Format::Jsonl);
+    let rows = read_rows(path, format, &Default::default())?;
+    Ok(rows.prompts()?)
 }

@@ -1,16 +1,75 @@
 //! Datasets: reading JSONL, JSON arrays, Parquet and plain text into rows of named fields,
 //! renaming columns to the standard names, and turning rows into the examples each stage kind
-//! trains on (TRL's dataset formats). Every problem names the file, the row and the field, and
-//! is found before any training starts.
+//! reads, in the formats users have ([`formats`]), tokenised as TRL 1.16 tokenises them
+//! ([`chat`]). Every problem names the file, the row and the field, and is found before any
+//! training starts. Rows are numbered from 1: the line number for JSONL and text, the position
+//! for JSON arrays and Parquet.
 //!
-//! Rows are numbered from 1: the line number for JSONL and text, the position for JSON arrays
-//! and Parquet.
+//! # Row formats
+//!
+//! Each row's format is detected from its fields (after `columns` renames), or named with the
+//! dataset's `format = "trl" | "sharegpt" | "alpaca"` when a row could be read two ways (an
+//! Alpaca file that also has a `text` column, say). Detection: `conversations` is ShareGPT;
+//! `instruction` is Alpaca; `messages` with `from`/`value` messages or beside `chosen`,
+//! `rejected`, `label`, `kto_tag`, `system` or `tools` is ShareGPT; anything else is TRL's.
+//!
+//! | data | TRL (standard: strings; conversational: `role`/`content` lists) | ShareGPT | Alpaca |
+//! |---|---|---|---|
+//! | SFT | `text`; `messages`; `prompt`+`completion` | `conversations` (+`system`) | `instruction`, `input`, `output` (+`system`, `history`) |
+//! | preference | `prompt`+`chosen`+`rejected`; `chosen`+`rejected` (implicit prompt) | `conversations` + `chosen`/`rejected` (one message or a list) | `instruction`, `input`, `chosen`, `rejected` |
+//! | unpaired (KTO) | `prompt`+`completion`+`label`; paired data, unpaired | `messages` ending with the labelled answer, `label` or `kto_tag` | `instruction`, `input`, `output`, `kto_tag` |
+//! | prompts | `prompt`; `messages` without a final assistant turn | the conversation without a final assistant turn | `instruction`, `input` |
+//!
+//! - Roles: `user`/`human`, `assistant`/`gpt`/`model`, `system`. Tool roles, `tool_calls`, a
+//!   non-empty `tools` column, content given as a list of parts, and image/audio/video columns
+//!   are refused (tool calling and multimodal data are not supported).
+//! - A conversational prompt ends with a user turn; an answer starts with a non-empty
+//!   assistant turn. A prompt and its answers are all strings or all conversations.
+//! - Implicit prompts (TRL's `extract_prompt`): the longest common prefix of `chosen` and
+//!   `rejected`, in messages for conversations, in characters for strings (a space just before
+//!   the first difference goes to the answers). An explicit `prompt` of the other kind than the
+//!   answers (a string beside conversations) is ignored, as TRL's `maybe_extract_prompt` does.
+//! - Alpaca rows are conversations: `system`, then the `history` pairs as user/assistant turns,
+//!   then the user turn `instruction` + "\n" + `input` (LLaMA-Factory's join); the answer is an
+//!   assistant turn. They need a model with a chat template.
+//!
+//! # Tokenisation (TRL 1.16)
+//!
+//! Conversations are rendered with the model's chat template (tokenizer_config.json's
+//! `chat_template` or chat_template.jinja; Jinja as transformers compiles it, `trim_blocks` and
+//! `lstrip_blocks`) and the rendering is encoded **without** the tokenizer's special tokens (the
+//! template writes its own BOS when it has one, so there is never a second one). A model without
+//! a template given conversational data is an error naming its directory.
+//!
+//! - Prompt: the template over the prompt messages with `add_generation_prompt = true`.
+//!   Generation, RL rollouts, `evaluate` and the prompt part of every training row use it.
+//! - Prompt + answer (SFT prompt-completion, DPO family, KTO): `P` = tokens of the prompt's
+//!   rendering, `F` = tokens of the template over prompt + answer messages (no generation
+//!   prompt); the prompt is the longest common token prefix of `P` and `F` (for a pair, the
+//!   shorter of the two sides' prefixes), the answer is the rest of `F`. So the scored answer is
+//!   exactly the template's rendering after the prompt, end-of-turn text included
+//!   (`<|im_end|>\n` for ChatML), and **no EOS is appended** to conversational answers.
+//! - Plain strings: the EOS text is appended to each answer that does not end with it, `P` and
+//!   `F` are encoded with the tokenizer's special tokens (BOS), then split as above.
+//! - Reward models score the whole rendered conversation (prompt + answer, no generation
+//!   prompt); plain strings are `[BOS] + BPE(prompt + answer) + [EOS]`.
+//! - SFT conversations: the rendering of the whole conversation. With `assistant_only_loss`,
+//!   the tokens trained on are those overlapping the template's `{% generation %}` blocks
+//!   (transformers' `assistant_masks`, what TRL uses). A template without such blocks (TRL
+//!   refuses it unless it knows a training version) trains on each assistant turn's tokens:
+//!   from the end of the rendering of the turns before it with the generation prompt to the end
+//!   of the rendering through it. The first token is never a target.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
+
+pub mod chat;
+pub mod formats;
+
+pub use formats::{Layout, Message, PreferencePair, SftExample, Turns, UnpairedExample};
 
 /// A data error, located.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +126,16 @@ pub struct Row {
 pub struct Rows {
     pub file: PathBuf,
     pub rows: Vec<Row>,
+    /// The row layout the dataset names (`format = "sharegpt"`), else detected per row.
+    pub layout: Option<Layout>,
+}
+
+impl Rows {
+    /// The same rows, read with `layout` rather than detecting it.
+    pub fn with_layout(mut self, layout: Option<Layout>) -> Self {
+        self.layout = layout;
+        self
+    }
 }
 
 /// Reads a data file; `columns` renames fields (`{ prompt = "question" }` reads the file's
@@ -144,6 +213,7 @@ pub fn read_rows(
     Ok(Rows {
         file: file.to_path_buf(),
         rows,
+        layout: None,
     })
 }
 
@@ -196,238 +266,6 @@ fn json_type(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
-    }
-}
-
-/// A chat message.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-/// One supervised example, in one of TRL's formats.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SftExample {
-    /// Plain text (language modelling on every token).
-    Text(String),
-    /// Prompt and completion (Alpaca rows become this: instruction + input, output).
-    PromptCompletion { prompt: String, completion: String },
-    /// A conversation, rendered with the chat template (`messages`, or ShareGPT
-    /// `conversations` with `from`/`value`).
-    Conversation(Vec<Message>),
-}
-
-/// One preference pair.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PreferencePair {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-    /// Reward-model margin, when the data has one.
-    pub margin: Option<f64>,
-}
-
-/// One unpaired (KTO) example.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UnpairedExample {
-    pub prompt: String,
-    pub completion: String,
-    /// Whether the completion is desirable.
-    pub desirable: bool,
-}
-
-impl Rows {
-    fn field_error(&self, row: &Row, field: &str, message: impl Into<String>) -> DataError {
-        DataError::Field {
-            file: self.file.clone(),
-            row: row.number,
-            field: field.to_owned(),
-            message: message.into(),
-        }
-    }
-
-    /// A required string field.
-    pub fn string(&self, row: &Row, field: &str) -> Result<String, DataError> {
-        match row.fields.get(field) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(self.field_error(
-                row,
-                field,
-                format!("expected a string, found {}", json_type(other)),
-            )),
-            None => Err(self.field_error(row, field, "missing")),
-        }
-    }
-
-    /// Supervised examples; the format is read from the first row's fields and every row must
-    /// follow it.
-    pub fn sft_examples(&self, text_field: &str) -> Result<Vec<SftExample>, DataError> {
-        let first = &self.rows[0].fields;
-        let format = if first.contains_key("messages") {
-            "messages"
-        } else if first.contains_key("conversations") {
-            "conversations"
-        } else if first.contains_key("instruction") && first.contains_key("output") {
-            "alpaca"
-        } else if first.contains_key("prompt") && first.contains_key("completion") {
-            "prompt_completion"
-        } else if first.contains_key(text_field) {
-            "text"
-        } else {
-            return Err(DataError::Row {
-                file: self.file.clone(),
-                row: self.rows[0].number,
-                message: format!(
-                    "cannot tell the data format: expected `messages`, `conversations`, `instruction`+`output` (Alpaca), `prompt`+`completion`, or `{text_field}`"
-                ),
-            });
-        };
-        self.rows
-            .iter()
-            .map(|row| match format {
-                "messages" => self.messages(row, "messages", "role", "content"),
-                "conversations" => self.messages(row, "conversations", "from", "value"),
-                "alpaca" => {
-                    let instruction = self.string(row, "instruction")?;
-                    let input = match row.fields.get("input") {
-                        None | Some(Value::Null) => String::new(),
-                        Some(_) => self.string(row, "input")?,
-                    };
-                    let prompt = if input.is_empty() {
-                        instruction
-                    } else {
-                        format!("{instruction}\n\n{input}")
-                    };
-                    Ok(SftExample::PromptCompletion {
-                        prompt,
-                        completion: self.string(row, "output")?,
-                    })
-                }
-                "prompt_completion" => Ok(SftExample::PromptCompletion {
-                    prompt: self.string(row, "prompt")?,
-                    completion: self.string(row, "completion")?,
-                }),
-                _ => Ok(SftExample::Text(self.string(row, text_field)?)),
-            })
-            .collect()
-    }
-
-    fn messages(
-        &self,
-        row: &Row,
-        field: &str,
-        role_key: &str,
-        content_key: &str,
-    ) -> Result<SftExample, DataError> {
-        let Some(Value::Array(items)) = row.fields.get(field) else {
-            return Err(self.field_error(row, field, "expected a list of messages"));
-        };
-        let mut messages = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let at = format!("{field}[{i}]");
-            let role = item.get(role_key).and_then(Value::as_str);
-            let content = item.get(content_key).and_then(Value::as_str);
-            match (role, content) {
-                (Some(role), Some(content)) => messages.push(Message {
-                    role: normalise_role(role),
-                    content: content.to_owned(),
-                }),
-                _ => {
-                    return Err(self.field_error(
-                        row,
-                        &at,
-                        format!("expected `{role_key}` and `{content_key}` strings"),
-                    ));
-                }
-            }
-        }
-        if messages.is_empty() {
-            return Err(self.field_error(row, field, "no messages"));
-        }
-        Ok(SftExample::Conversation(messages))
-    }
-
-    /// Preference pairs: `prompt`, `chosen`, `rejected`, optional numeric `margin`.
-    pub fn preference_pairs(&self) -> Result<Vec<PreferencePair>, DataError> {
-        self.rows
-            .iter()
-            .map(|row| {
-                let margin = match row.fields.get("margin") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::Number(n)) => n.as_f64(),
-                    Some(other) => {
-                        return Err(self.field_error(
-                            row,
-                            "margin",
-                            format!("expected a number, found {}", json_type(other)),
-                        ));
-                    }
-                };
-                Ok(PreferencePair {
-                    prompt: self.string(row, "prompt")?,
-                    chosen: self.string(row, "chosen")?,
-                    rejected: self.string(row, "rejected")?,
-                    margin,
-                })
-            })
-            .collect()
-    }
-
-    /// KTO's unpaired examples: `prompt`, `completion` and a boolean `label` (desirable or not);
-    /// paired data (`prompt`, `chosen`, `rejected`) becomes every chosen completion (desirable)
-    /// followed by every rejected one, as TRL unpairs it.
-    pub fn unpaired_examples(&self) -> Result<Vec<UnpairedExample>, DataError> {
-        if self.rows[0].fields.contains_key("chosen") {
-            let pairs = self.preference_pairs()?;
-            let side = |desirable: bool| {
-                pairs.iter().map(move |p| UnpairedExample {
-                    prompt: p.prompt.clone(),
-                    completion: if desirable { &p.chosen } else { &p.rejected }.clone(),
-                    desirable,
-                })
-            };
-            return Ok(side(true).chain(side(false)).collect());
-        }
-        self.rows
-            .iter()
-            .map(|row| {
-                let desirable = match row.fields.get("label") {
-                    Some(Value::Bool(b)) => *b,
-                    Some(other) => {
-                        return Err(self.field_error(
-                            row,
-                            "label",
-                            format!("expected true or false, found {}", json_type(other)),
-                        ));
-                    }
-                    None => return Err(self.field_error(row, "label", "missing")),
-                };
-                Ok(UnpairedExample {
-                    prompt: self.string(row, "prompt")?,
-                    completion: self.string(row, "completion")?,
-                    desirable,
-                })
-            })
-            .collect()
-    }
-
-    /// Prompts, for generation.
-    pub fn prompts(&self) -> Result<Vec<String>, DataError> {
-        self.rows
-            .iter()
-            .map(|row| self.string(row, "prompt"))
-            .collect()
-    }
-}
-
-/// ShareGPT speaker names to chat-template roles.
-fn normalise_role(role: &str) -> String {
-    match role {
-        "human" | "user" => "user".into(),
-        "gpt" | "assistant" | "model" => "assistant".into(),
-        "system" => "system".into(),
-        other => other.into(),
     }
 }
 
@@ -488,13 +326,11 @@ mod tests {
         );
         let rows = read_rows(&path, Format::Json, &BTreeMap::new()).unwrap();
         let examples = rows.sft_examples("text").unwrap();
-        assert_eq!(
-            examples[0],
-            SftExample::PromptCompletion {
-                prompt: "Add\n\n1 and 2".into(),
-                completion: "3".into()
-            }
-        );
+        let SftExample::Conversation(messages) = &examples[0] else {
+            panic!("{:?}", examples[0])
+        };
+        assert_eq!(messages[0].content, "Add\n1 and 2");
+        assert_eq!(messages[1].content, "3");
         let (_d, path) = write(
             "s.jsonl",
             r#"{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}"#,

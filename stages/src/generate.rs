@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use rudder_schema::Backend as Compute;
 
+use crate::data::Turns;
 use crate::error::StageError;
 use crate::model::{CausalLm, ModelConfig, load_causal_lm};
 use crate::tokenizer::Tokenizer;
@@ -88,8 +89,10 @@ pub enum FinishReason {
 /// One generated completion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
+    /// The prompt as the model saw it: the text, or a conversation's rendering with the chat
+    /// template.
     pub prompt: String,
-    /// The generated text, special tokens skipped.
+    /// The generated text, special tokens (an end-of-turn token) skipped.
     pub completion: String,
     /// The generated ids, the final EOS included when there is one.
     pub completion_ids: Vec<u32>,
@@ -104,10 +107,11 @@ pub struct GeneratedIds {
 }
 
 /// Generates completions for `prompts` with the model (and its tokenizer) in `model_dir`.
-/// Prompts are encoded with the tokenizer's special tokens, as in training.
+/// Prompts are encoded as in training: strings with the tokenizer's special tokens,
+/// conversations with the chat template and its generation prompt.
 pub fn generate(
     model_dir: &Path,
-    prompts: &[String],
+    prompts: &[Turns],
     opts: &GenerateOptions,
     backend: Compute,
 ) -> Result<Vec<Completion>, StageError> {
@@ -120,7 +124,7 @@ pub fn generate(
 pub fn generate_with_tokenizer(
     model_dir: &Path,
     tokenizer: &Tokenizer,
-    prompts: &[String],
+    prompts: &[Turns],
     opts: &GenerateOptions,
     backend: Compute,
 ) -> Result<Vec<Completion>, StageError> {
@@ -147,8 +151,8 @@ pub fn stop_tokens(
     Ok((eos_ids, pad_id))
 }
 
-/// `eos_token_id` of generation_config.json, when the file exists.
-fn generation_config_eos(dir: &Path) -> Result<Vec<u32>, StageError> {
+/// `eos_token_id` of generation_config.json (one id or a list), when the file exists.
+pub fn generation_config_eos(dir: &Path) -> Result<Vec<u32>, StageError> {
     let path = dir.join("generation_config.json");
     if !path.is_file() {
         return Ok(Vec::new());
@@ -171,14 +175,14 @@ fn generation_config_eos(dir: &Path) -> Result<Vec<u32>, StageError> {
 pub fn generate_text(
     model: &CausalLm,
     tokenizer: &Tokenizer,
-    prompts: &[String],
+    prompts: &[Turns],
     eos_ids: &[u32],
     pad_id: u32,
     opts: &GenerateOptions,
 ) -> Result<Vec<Completion>, StageError> {
     let encoded = prompts
         .iter()
-        .map(|p| tokenizer.encode_prompt(p))
+        .map(|p| tokenizer.prompt_ids(p))
         .collect::<Result<Vec<_>, _>>()?;
     let generated = generate_ids(model, &encoded, eos_ids, pad_id, opts)?;
     prompts
@@ -186,7 +190,7 @@ pub fn generate_text(
         .zip(generated)
         .map(|(prompt, g)| {
             Ok(Completion {
-                prompt: prompt.clone(),
+                prompt: tokenizer.prompt_text(prompt)?,
                 completion: tokenizer.decode(&g.ids, true)?,
                 completion_ids: g.ids,
                 finish_reason: g.finish_reason,

@@ -16,7 +16,7 @@ use rudder_engine::runner::{InputKind, StageInput};
 use rudder_schema::ModelSpec;
 use rudder_schema::kinds::Judge;
 
-use crate::data::{Format, Rows, read_rows};
+use crate::data::{Format, Layout, Rows, read_rows};
 use crate::judge::Scorer;
 use crate::model::{ModelConfig, load_config};
 use crate::tokenizer::Tokenizer;
@@ -38,6 +38,8 @@ enum Binding {
     Data {
         path: PathBuf,
         format: Option<Format>,
+        /// The row layout the dataset names, if any.
+        layout: Option<Layout>,
         columns: BTreeMap<String, String>,
     },
     /// Another stage's (or part's) artifact directory, or a plain file.
@@ -97,11 +99,21 @@ impl Inputs {
                         base: path.clone(),
                         adapter: adapter.clone(),
                     },
-                    (InputKind::Dataset { format, columns }, Some(path)) => Binding::Data {
-                        path: path.clone(),
-                        format: Format::from_name(format.as_str()),
-                        columns: columns.clone(),
-                    },
+                    (InputKind::Dataset { format, columns }, Some(path)) => {
+                        // A row layout is named in place of the file format, which then
+                        // follows the extension.
+                        let file_format = if format.is_layout() {
+                            extension_format(path)
+                        } else {
+                            Format::from_name(format.as_str())
+                        };
+                        Binding::Data {
+                            path: path.clone(),
+                            format: file_format,
+                            layout: Layout::from_name(format.as_str()),
+                            columns: columns.clone(),
+                        }
+                    }
                     (InputKind::Artifact { .. } | InputKind::File, Some(path)) => {
                         Binding::Path(path.clone())
                     }
@@ -239,19 +251,15 @@ impl Inputs {
     /// renames (a stage's data output is read by its extension).
     pub fn rows(&self, role: &str) -> Result<Rows, TrainError> {
         let input = self.get(role)?;
-        let (path, format, columns) = match &input.binding {
+        let (path, format, layout, columns) = match &input.binding {
             Binding::Data {
                 path,
                 format,
+                layout,
                 columns,
-            } => (path, *format, columns.clone()),
+            } => (path, *format, *layout, columns.clone()),
             Binding::Path(path) | Binding::Model(path) => {
-                let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-                (
-                    path,
-                    Format::from_name(&ext.to_ascii_lowercase()),
-                    BTreeMap::new(),
-                )
+                (path, extension_format(path), None, BTreeMap::new())
             }
             Binding::Fresh { .. } | Binding::Missing | Binding::Adapted { .. } => {
                 return Err(TrainError::Input(format!(
@@ -267,7 +275,7 @@ impl Inputs {
                 path.display()
             ))
         })?;
-        let rows = read_rows(path, format, &columns)?;
+        let rows = read_rows(path, format, &columns)?.with_layout(layout);
         if rows.rows.is_empty() {
             return Err(TrainError::NoData(format!(" in {}", path.display())));
         }
@@ -328,6 +336,12 @@ impl Inputs {
             Judge::Command(command) => Ok(Scorer::command(command, recipe_dir)),
         }
     }
+}
+
+/// The file format a path's extension names.
+fn extension_format(path: &Path) -> Option<Format> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    Format::from_name(&ext.to_ascii_lowercase())
 }
 
 /// The tokenizer stored beside a model's weights.

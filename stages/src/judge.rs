@@ -24,7 +24,7 @@ use regex::Regex;
 use rudder_schema::kinds::{CommandJudge, Rule, RuleJudge};
 use serde_json::Value;
 
-use crate::data::Row;
+use crate::data::{Row, Turns};
 use crate::model::{RewardModel, load_reward_model};
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainError;
@@ -36,9 +36,13 @@ const STDERR_TAIL: usize = 20;
 /// the expected answer from it.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample<'a> {
+    /// The prompt as the model saw it (a conversation's rendering, for rules and commands).
     pub prompt: &'a str,
     pub completion: &'a str,
     pub row: Option<&'a Row>,
+    /// The prompt as the data gave it: a reward model scores a conversation's answer as the
+    /// template renders prompt + answer, as it was trained.
+    pub turns: Option<&'a Turns>,
 }
 
 /// A judge ready to score samples.
@@ -128,9 +132,15 @@ struct RewardModelScorer {
 }
 
 impl RewardModelScorer {
-    /// `[BOS] + BPE(prompt + completion) + [EOS]`, as `reward::tokenize` builds training
-    /// sequences, so the model scores what it was trained to score.
+    /// `[BOS] + BPE(prompt + completion) + [EOS]`, or the rendered conversation, as
+    /// `reward::tokenize` builds training sequences, so the model scores what it was trained
+    /// to score.
     fn sequence(&self, sample: &Sample<'_>) -> Result<Vec<u32>, TrainError> {
+        if let Some(prompt @ Turns::Chat(_)) = sample.turns {
+            return Ok(self
+                .tokenizer
+                .whole_ids(prompt, &prompt.answer(sample.completion))?);
+        }
         let mut ids = self
             .tokenizer
             .encode(&format!("{}{}", sample.prompt, sample.completion), true)?;
@@ -411,6 +421,7 @@ mod tests {
             prompt: "Q:",
             completion,
             row,
+            turns: None,
         }
     }
 

@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use rudder_engine::runner::Progress;
 use rudder_schema::kinds::Sampling;
 
-use crate::data::Rows;
+use crate::data::{Rows, Turns};
 use crate::generate::{Completion, FinishReason, GenerateOptions, generate_text, stop_tokens};
 use crate::inputs::ModelInput;
 use crate::judge::{Sample, Scorer};
@@ -25,6 +25,8 @@ pub struct Generated {
     pub row: usize,
     /// Which of the prompt's `num_samples` completions this is.
     pub sample: usize,
+    /// The prompt as the data gave it.
+    pub prompt: Turns,
     pub completion: Completion,
 }
 
@@ -67,7 +69,7 @@ impl Sampler {
     #[allow(clippy::too_many_arguments)]
     pub fn samples(
         &self,
-        prompts: &[String],
+        prompts: &[Turns],
         num_samples: usize,
         opts: &GenerateOptions,
         progress: &dyn Progress,
@@ -83,7 +85,7 @@ impl Sampler {
             if interrupted() {
                 return Err(TrainError::Input("interrupted".into()));
             }
-            let chunk_prompts: Vec<String> =
+            let chunk_prompts: Vec<Turns> =
                 chunk.iter().map(|&(row, _)| prompts[row].clone()).collect();
             let chunk_opts = GenerateOptions {
                 seed: seeds::mix(opts.seed, chunk_index as u64),
@@ -101,6 +103,7 @@ impl Sampler {
                 out.push(Generated {
                     row,
                     sample,
+                    prompt: prompts[row].clone(),
                     completion,
                 });
             }
@@ -124,6 +127,7 @@ pub fn score(
             prompt: &g.completion.prompt,
             completion: &g.completion.completion,
             row: rows.rows.get(g.row),
+            turns: Some(&g.prompt),
         })
         .collect();
     let scores = scorer.score(&samples)?;

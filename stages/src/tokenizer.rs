@@ -38,6 +38,9 @@ pub struct TokenSplit {
     pub prefix_matched: bool,
 }
 
+/// A character range `[start, end)` of a text.
+pub type Span = (usize, usize);
+
 /// One chat message for the chat template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Message {
@@ -158,6 +161,11 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// An error about this tokenizer, naming its file.
+    pub(crate) fn tokenizer_error(&self, message: impl ToString) -> StageError {
+        self.err(message)
+    }
+
     fn err(&self, message: impl ToString) -> StageError {
         StageError::Tokenizer {
             path: self.path.clone(),
@@ -198,6 +206,19 @@ impl Tokenizer {
         std::panic::catch_unwind(|| self.inner.encode(text, add_special_tokens))
             .map_err(|_| self.err(INCONSISTENT))?
             .map(|e| e.get_ids().to_vec())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Encodes text and returns each token's character span in it, as the Python tokenizers
+    /// report `offsets`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<Span>), StageError> {
+        std::panic::catch_unwind(|| self.inner.encode_char_offsets(text, add_special_tokens))
+            .map_err(|_| self.err(INCONSISTENT))?
+            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
             .map_err(|e| self.err(e))
     }
 
@@ -287,13 +308,38 @@ impl Tokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, StageError> {
-        let template = self.chat_template.as_deref().ok_or_else(|| {
+        let (text, _) = self.apply_chat_template_with_spans(messages, add_generation_prompt)?;
+        Ok(text)
+    }
+
+    /// The error for conversational data given to a model without a chat template.
+    pub fn require_chat_template(&self) -> Result<&str, StageError> {
+        self.chat_template.as_deref().ok_or_else(|| {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
             StageError::ChatTemplate(format!(
-                "the tokenizer at {} has no chat_template",
-                self.path.display()
+                "the data is conversational but the model in {} has no chat template (no `chat_template` in tokenizer_config.json, no chat_template.jinja)",
+                dir.display()
             ))
-        })?;
-        render_chat_template(
+        })
+    }
+
+    /// Whether the chat template marks assistant output with `{% generation %}` blocks.
+    pub fn has_generation_markers(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(|t| GENERATION_TAG.is_match(t))
+    }
+
+    /// Renders `messages` like [`Tokenizer::apply_chat_template`] and returns, with the text,
+    /// the character spans `{% generation %}` blocks rendered (transformers'
+    /// `generation_indices`); empty when the template has none.
+    pub fn apply_chat_template_with_spans(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Span>), StageError> {
+        let template = self.require_chat_template()?;
+        render_chat_template_with_spans(
             template,
             messages,
             add_generation_prompt,
@@ -329,9 +375,110 @@ const CHAT_TEMPLATE_MAX_BYTES: usize = 128 << 10;
 /// own with this much stack (reserved, not used, for ordinary templates).
 const RENDER_STACK: usize = 256 << 20;
 
+/// A `{% generation %}` or `{% endgeneration %}` tag, with its whitespace-control dashes.
+static GENERATION_TAG: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}").expect("a valid pattern")
+});
+
+/// Characters marking the start and end of a generation block in the rendered text (private
+/// use code points, which no message may contain).
+const GENERATION_START: char = '\u{F8F0}';
+const GENERATION_END: char = '\u{F8F1}';
+
+/// Replaces transformers' `{% generation %}` extension (which minijinja lacks) by marker
+/// characters. Each tag becomes an empty `if` block on either side of the marker, so that the
+/// tag's dashes and `trim_blocks`/`lstrip_blocks` trim exactly what they trim around the tag.
+fn mark_generation_blocks(template: &str) -> String {
+    GENERATION_TAG
+        .replace_all(template, |c: &regex::Captures<'_>| {
+            let marker = if c.get(2).is_some() {
+                GENERATION_END
+            } else {
+                GENERATION_START
+            };
+            format!(
+                "{{%{} if true %}}{{% endif %}}{{{{ '{marker}' }}}}{{% if true %}}{{% endif {}%}}",
+                &c[1], &c[3]
+            )
+        })
+        .into_owned()
+}
+
 /// Renders a Hugging Face chat template with the variables transformers provides. A template
 /// that is too large, runs too long, allocates too much or recurses too deep is an error.
 pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, StageError> {
+    render_chat_template_with_spans(
+        template,
+        messages,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+    )
+    .map(|(text, _)| text)
+}
+
+/// [`render_chat_template`], also returning the character spans of the `{% generation %}`
+/// blocks.
+pub fn render_chat_template_with_spans(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<(String, Vec<Span>), StageError> {
+    if !GENERATION_TAG.is_match(template) {
+        return render_raw(
+            template,
+            messages,
+            add_generation_prompt,
+            bos_token,
+            eos_token,
+        )
+        .map(|text| (text, Vec::new()));
+    }
+    if messages
+        .iter()
+        .any(|m| m.content.contains([GENERATION_START, GENERATION_END]))
+    {
+        return Err(StageError::ChatTemplate(
+            "a message contains the private-use characters U+F8F0/U+F8F1".into(),
+        ));
+    }
+    let marked = mark_generation_blocks(template);
+    let rendered = render_raw(
+        &marked,
+        messages,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+    )?;
+    let mut text = String::with_capacity(rendered.len());
+    let mut spans = Vec::new();
+    let (mut chars, mut start) = (0usize, None);
+    for c in rendered.chars() {
+        match c {
+            GENERATION_START => start = Some(chars),
+            GENERATION_END => {
+                if let Some(s) = start.take() {
+                    spans.push((s, chars));
+                }
+            }
+            c => {
+                text.push(c);
+                chars += 1;
+            }
+        }
+    }
+    Ok((text, spans))
+}
+
+fn render_raw(
     template: &str,
     messages: &[Message],
     add_generation_prompt: bool,

@@ -333,9 +333,9 @@ fn generate_entry_point_reads_a_model_directory() {
     }
     let golden = greedy_golden();
     let rows = golden["models"]["policy"].as_array().unwrap();
-    let prompts: Vec<String> = rows
+    let prompts: Vec<rudder_stages::data::Turns> = rows
         .iter()
-        .map(|r| r["prompt"].as_str().unwrap().to_string())
+        .map(|r| r["prompt"].as_str().unwrap().into())
         .collect();
     let opts = GenerateOptions {
         max_new_tokens: 16,

@@ -278,7 +278,8 @@ fn bad_inputs_are_errors() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("no tokenizer.json"), "{err}");
-    // Preference data given to SFT: the format cannot be told.
+    // Preference data given to SFT: no supervised format matches, and the error says which
+    // fields would have.
     let model = model_dir("policy", tmp.path());
     let err = run(
         "sft",
@@ -292,7 +293,8 @@ fn bad_inputs_are_errors() {
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("cannot tell the data format"),
+        err.to_string()
+            .contains("prefs.jsonl: row 1: no supervised format matches this row"),
         "{err}"
     );
     // Interrupted before the first step.

@@ -294,7 +294,7 @@ fn pretrain_trains_a_fresh_model_that_loads_generates_and_reproduces() {
     assert_eq!(saved.vocab_size(), vocab as usize);
     let completions = rudder_stages::generate(
         &out,
-        &["Review: The film was".to_string()],
+        &["Review: The film was".into()],
         &GenerateOptions {
             max_new_tokens: 8,
             temperature: 0.0,

@@ -72,6 +72,12 @@ pub struct TrainArgs {
     /// `LoraConfig`). Absent: full fine-tuning.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraArgs>,
+    /// The dtype the trained weights are saved in: `auto` keeps the input model's (a bf16
+    /// model stays bf16), or `fp32`, `bf16`, `f16`. config.json's `dtype`/`torch_dtype` follow.
+    /// `auto` is left out of the parameters a key is made of, so keys made before it existed
+    /// stay the same.
+    #[serde(skip_serializing_if = "SaveDtype::is_auto")]
+    pub save_dtype: SaveDtype,
 }
 
 /// LoRA (Hu et al. 2021) as PEFT's `LoraConfig` defines it: each targeted linear layer computes
@@ -207,6 +213,24 @@ impl SavedModule {
     }
 }
 
+/// The dtype of saved weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveDtype {
+    /// The input model's dtype (fp32 for a fresh model).
+    #[default]
+    Auto,
+    Fp32,
+    Bf16,
+    F16,
+}
+
+impl SaveDtype {
+    pub fn is_auto(&self) -> bool {
+        *self == SaveDtype::Auto
+    }
+}
+
 /// A logging integration of `report_to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -270,6 +294,7 @@ impl Default for TrainArgs {
             report_to: Vec::new(),
             gradient_checkpointing: false,
             lora: None,
+            save_dtype: SaveDtype::Auto,
         }
     }
 }

@@ -4,8 +4,10 @@
 //! For every prompt the model answers (the `response`), then, for each of `principles_per_prompt`
 //! principles drawn for that prompt with the stage's seed (without replacement while the list
 //! lasts), it critiques its latest response under the principle and revises it; the revision is
-//! the response the next principle works on. Every request is a plain-text prompt rendered with a
-//! minijinja template and continued by the model with the stage's sampling settings:
+//! the response the next principle works on. Every request is a prompt rendered with a
+//! minijinja template (sent as a user turn through the chat template when the prompts are
+//! conversations, whose last turn the templates quote as `prompt`) and continued by the model
+//! with the stage's sampling settings:
 //! - critique (`prompt`, `response`, `principle`), by default [`DEFAULT_CRITIQUE_TEMPLATE`]:
 //!   "Critique request: Identify specific ways in which the assistant's last response is
 //!   {principle}.";
@@ -43,7 +45,7 @@ use rudder_schema::kinds::{ConstitutionalParams, OneOrMany};
 use serde_json::{Value, json};
 
 use crate::artifacts::write_jsonl;
-use crate::data::Format;
+use crate::data::{Format, Message, Turns};
 use crate::kind::{Stage, StageKind};
 use crate::logps::{PromptCompletion, sequence_logps};
 use crate::model::CausalLm;
@@ -106,7 +108,21 @@ fn run_stage(
     }
     let templates = Templates::new(params)?;
     let model = stage.inputs.model("model")?;
-    let prompts = stage.inputs.rows("data")?.prompts()?;
+    let turns = stage.inputs.rows("data")?.prompts()?;
+    // The templates quote the question as text: a conversation's last (user) turn.
+    let prompts: Vec<String> = turns.iter().map(question_text).collect();
+    let chat = turns.first().is_some_and(Turns::is_chat);
+    // Requests (critique, revision, feedback) go to the model in the prompts' form.
+    let ask = |text: String| {
+        if chat {
+            Turns::Chat(vec![Message {
+                role: "user".into(),
+                content: text,
+            }])
+        } else {
+            Turns::Text(text)
+        }
+    };
     let n = prompts.len();
     let passes = params.principles_per_prompt.max(1) as usize;
     let chosen: Vec<Vec<usize>> = (0..n)
@@ -117,7 +133,7 @@ fn run_stage(
     stage.progress().set_length((n * (1 + 2 * passes)) as u64);
     let sampler = Sampler::load(&model, device)?;
     let interrupted = || stage.is_interrupted();
-    let generate = |inputs: &[String], count: usize, phase: u64, done: usize| {
+    let generate = |inputs: &[Turns], count: usize, phase: u64, done: usize| {
         let opts = generate_options(
             &params.sampling,
             params.batch_size,
@@ -134,7 +150,7 @@ fn run_stage(
     };
 
     stage.progress().set_message("responses".into());
-    let first = generate(&prompts, samples, 0, 0)?;
+    let first = generate(&turns, samples, 0, 0)?;
     let originals: Vec<String> = first
         .iter()
         .filter(|g| g.sample == 0)
@@ -155,14 +171,16 @@ fn run_stage(
             .set_message(format!("critiques {}/{passes}", pass + 1));
         let requests = (0..n)
             .map(|i| {
-                templates.render(
-                    "critique",
-                    json!({
-                        "prompt": prompts[i],
-                        "response": current[i],
-                        "principle": principles[chosen[i][pass]],
-                    }),
-                )
+                templates
+                    .render(
+                        "critique",
+                        json!({
+                            "prompt": prompts[i],
+                            "response": current[i],
+                            "principle": principles[chosen[i][pass]],
+                        }),
+                    )
+                    .map(ask)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let critique = generate(&requests, 1, 1 + 2 * pass as u64, n * (1 + 2 * pass))?;
@@ -171,15 +189,17 @@ fn run_stage(
             .set_message(format!("revisions {}/{passes}", pass + 1));
         let requests = (0..n)
             .map(|i| {
-                templates.render(
-                    "revision",
-                    json!({
-                        "prompt": prompts[i],
-                        "response": current[i],
-                        "critique": critique[i].completion.completion,
-                        "principle": principles[chosen[i][pass]],
-                    }),
-                )
+                templates
+                    .render(
+                        "revision",
+                        json!({
+                            "prompt": prompts[i],
+                            "response": current[i],
+                            "critique": critique[i].completion.completion,
+                            "principle": principles[chosen[i][pass]],
+                        }),
+                    )
+                    .map(ask)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let revision = generate(&requests, 1, 2 + 2 * pass as u64, n * (2 + 2 * pass))?;
@@ -193,8 +213,8 @@ fn run_stage(
     let revision_lines: Vec<Value> = (0..n)
         .map(|i| {
             json!({
-                "prompt": prompts[i],
-                "completion": current[i],
+                "prompt": turns[i].to_json(),
+                "completion": turns[i].answer(&current[i]).to_json(),
                 "original": originals[i],
                 "principles": chosen[i].iter().map(|&k| &principles[k]).collect::<Vec<_>>(),
                 "critiques": critiques[i],
@@ -211,7 +231,7 @@ fn run_stage(
         stage.progress().set_message("AI feedback".into());
         let questions = (0..n)
             .map(|i| {
-                let ask = |a: &str, b: &str| {
+                let question = |a: &str, b: &str| {
                     templates.render(
                         "feedback",
                         json!({
@@ -223,8 +243,8 @@ fn run_stage(
                     )
                 };
                 Ok([
-                    ask(&originals[i], &seconds[i])?,
-                    ask(&seconds[i], &originals[i])?,
+                    ask(question(&originals[i], &seconds[i])?),
+                    ask(question(&seconds[i], &originals[i])?),
                 ])
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
@@ -254,9 +274,9 @@ fn run_stage(
                 }
             };
             lines.push(json!({
-                "prompt": prompts[i],
-                "chosen": chosen_text,
-                "rejected": rejected_text,
+                "prompt": turns[i].to_json(),
+                "chosen": turns[i].answer(chosen_text).to_json(),
+                "rejected": turns[i].answer(rejected_text).to_json(),
                 "principle": principles[chosen[i][0]],
                 "logp_margin": margin,
             }));
@@ -274,9 +294,9 @@ fn run_stage(
             })
             .map(|i| {
                 json!({
-                    "prompt": prompts[i],
-                    "chosen": current[i],
-                    "rejected": originals[i],
+                    "prompt": turns[i].to_json(),
+                    "chosen": turns[i].answer(&current[i]).to_json(),
+                    "rejected": turns[i].answer(&originals[i]).to_json(),
                 })
             })
             .collect();
@@ -293,12 +313,23 @@ fn run_stage(
     Ok(StageOutcome { summary })
 }
 
+/// The text of a question for the templates: a string, or a conversation's last turn.
+fn question_text(prompt: &Turns) -> String {
+    match prompt {
+        Turns::Text(text) => text.clone(),
+        Turns::Chat(messages) => messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+    }
+}
+
 /// The model's answer to each question pair (asked in both orders): `Some(true)` when the
 /// first response wins, `None` on an exact tie, with the log-prob margin of the first.
 fn feedback(
     model: &CausalLm,
     tokenizer: &Tokenizer,
-    questions: &[[String; 2]],
+    questions: &[[Turns; 2]],
     batch_size: usize,
     _device: &Device,
 ) -> Result<Vec<(Option<bool>, f64)>, TrainError> {
@@ -310,7 +341,7 @@ fn feedback(
     let mut rows = Vec::with_capacity(questions.len() * 4);
     for [ab, ba] in questions {
         for question in [ab, ba] {
-            let prompt = tokenizer.encode_prompt(question)?;
+            let prompt = tokenizer.prompt_ids(question)?;
             for answer in &answers {
                 rows.push(PromptCompletion {
                     prompt: prompt.clone(),

@@ -373,6 +373,7 @@ fn judge(
 
     let mut kls = vec![None; generations.len()];
     if let Some(reference_dir) = reference {
+        let prompts = rows.prompts()?;
         stage.progress().set_message("KL to the reference".into());
         let (_, reference) = load_causal_lm(reference_dir, device)?;
         for (i, (g, generated)) in generators.iter().zip(generations).enumerate() {
@@ -386,7 +387,7 @@ fn judge(
                 .iter()
                 .map(|s| {
                     Ok(PromptCompletion {
-                        prompt: g.model.tokenizer.encode_prompt(&s.completion.prompt)?,
+                        prompt: g.model.tokenizer.prompt_ids(&prompts[s.row])?,
                         completion: s.completion.completion_ids.clone(),
                     })
                 })

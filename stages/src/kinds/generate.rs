@@ -40,9 +40,10 @@ impl StageKind for Generate {
         let lines: Vec<_> = generated
             .iter()
             .map(|g| {
+                // A conversational prompt stays a conversation, its answer an assistant turn.
                 json!({
-                    "prompt": g.completion.prompt,
-                    "completion": g.completion.completion,
+                    "prompt": prompts[g.row].to_json(),
+                    "completion": prompts[g.row].answer(&g.completion.completion).to_json(),
                     "sample": g.sample,
                     "finish_reason": g.completion.finish_reason,
                     "row": g.row,

@@ -152,8 +152,8 @@ fn run_round(
         .iter()
         .map(|p| PreferencePair {
             prompt: prompts[p.prompt].clone(),
-            chosen: sample(p.prompt, p.chosen).completion.completion.clone(),
-            rejected: sample(p.prompt, p.rejected).completion.completion.clone(),
+            chosen: prompts[p.prompt].answer(&sample(p.prompt, p.chosen).completion.completion),
+            rejected: prompts[p.prompt].answer(&sample(p.prompt, p.rejected).completion.completion),
             margin: None,
         })
         .collect();
@@ -187,7 +187,12 @@ fn run_round(
         // Nothing to learn from: the round keeps its starting model.
         let metrics = stage.out_dir().join(METRICS_FILE);
         std::fs::File::create(&metrics).map_err(|e| TrainError::io(&metrics, e))?;
-        save_model(stage.out_dir(), &model, &config, tokenizer)?;
+        save_model(
+            stage.out_dir(),
+            &model,
+            &config.saved_as(params.train.save_dtype),
+            tokenizer,
+        )?;
         stage.progress().println(&format!(
             "round {n}: no preference pair (ties {}, below margin {}); the model is unchanged",
             built.ties, built.below_margin
@@ -232,7 +237,7 @@ fn run_round(
         save_trained_model(
             stage.out_dir(),
             &trained,
-            &config,
+            &config.saved_as(params.train.save_dtype),
             tokenizer,
             train_args.lora.as_ref(),
         )?;
@@ -409,9 +414,9 @@ fn write_pairs(
         .zip(pairs)
         .map(|(p, pair)| {
             json!({
-                "prompt": pair.prompt,
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
+                "prompt": pair.prompt.to_json(),
+                "chosen": pair.chosen.to_json(),
+                "rejected": pair.rejected.to_json(),
                 "chosen_score": scores[p.prompt][p.chosen],
                 "rejected_score": scores[p.prompt][p.rejected],
                 "row": p.prompt,

@@ -66,7 +66,7 @@ impl StageKind for Kto {
         save_trained_model(
             stage.out_dir(),
             &trained,
-            &config,
+            &config.saved_as(p.train.save_dtype),
             &policy.tokenizer,
             p.train.lora.as_ref(),
         )?;

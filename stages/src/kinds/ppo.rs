@@ -115,7 +115,7 @@ impl StageKind for PpoKind {
         save_trained_model(
             out,
             &outcome.trainees.policy,
-            &policy_cfg,
+            &policy_cfg.saved_as(p.train.save_dtype),
             &data.tokenizer,
             p.train.lora.as_ref(),
         )?;
@@ -124,7 +124,12 @@ impl StageKind for PpoKind {
             .value
             .as_ref()
             .expect("PPO trains a value model");
-        save_scorer(&out.join("value"), value, &value_cfg, &data.tokenizer)?;
+        save_scorer(
+            &out.join("value"),
+            value,
+            &value_cfg.saved_as(p.train.save_dtype),
+            &data.tokenizer,
+        )?;
         if p.rollout.save_rollouts {
             write_lines(&out.join(crate::rl::ROLLOUTS_FILE), &outcome.rollouts)?;
         }

@@ -74,7 +74,12 @@ impl StageKind for Pretrain {
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (trained, report) = stage.fit(&objective, model, &sequences, &cfg, device)?;
-        save_model(stage.out_dir(), &trained, &config, tokenizer)?;
+        save_model(
+            stage.out_dir(),
+            &trained,
+            &config.saved_as(p.train.save_dtype),
+            tokenizer,
+        )?;
         let mut summary = report.summary();
         summary.insert("sequences".into(), sequences.len() as f64);
         Ok(StageOutcome { summary })

@@ -16,7 +16,7 @@ use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{RewardParams, SavedModule};
 
 use crate::artifacts::save_trained_scorer;
-use crate::data::PreferencePair;
+use crate::data::{PreferencePair, Turns};
 use crate::kind::{Stage, StageKind};
 use crate::losses::bradley_terry;
 use crate::model::{RewardModel, reward_model_from_causal_lm};
@@ -68,7 +68,7 @@ impl StageKind for Reward {
         save_trained_scorer(
             stage.out_dir(),
             &trained,
-            &config,
+            &config.saved_as(p.train.save_dtype),
             &model.tokenizer,
             lora.as_ref(),
         )?;
@@ -88,21 +88,15 @@ pub struct RewardPair {
     pub margin: f64,
 }
 
-/// Tokenises pairs: `[BOS] + BPE(prompt + response) + [EOS]`, truncated to `max_length` tokens
-/// (keeping the start).
+/// Tokenises pairs: `[BOS] + BPE(prompt + response) + [EOS]`, or the whole rendered
+/// conversation, truncated to `max_length` tokens (keeping the start).
 pub fn tokenize(
     tokenizer: &Tokenizer,
     pairs: &[PreferencePair],
     max_length: usize,
 ) -> Result<Vec<RewardPair>, TrainError> {
-    let eos = tokenizer.eos_id().ok_or_else(|| {
-        TrainError::Config("the tokenizer has no eos_token, which reward sequences end with".into())
-    })?;
-    let side = |prompt: &str, response: &str| -> Result<Vec<u32>, TrainError> {
-        let mut ids = tokenizer.encode(&format!("{prompt}{response}"), true)?;
-        if ids.last() != Some(&eos) {
-            ids.push(eos);
-        }
+    let side = |prompt: &Turns, response: &Turns| -> Result<Vec<u32>, TrainError> {
+        let mut ids = tokenizer.whole_ids(prompt, response)?;
         ids.truncate(max_length);
         Ok(ids)
     };

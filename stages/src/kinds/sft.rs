@@ -5,8 +5,8 @@
 //! - prompt/completion: `[BOS] prompt completion [EOS]`, with the completion tokens (EOS
 //!   included) trained on when `completion_only_loss`, every token after BOS otherwise;
 //! - plain text: `[BOS] text [EOS]`, every token after BOS;
-//! - conversations: the chat template's rendering, with only the assistant turns trained on when
-//!   `assistant_only_loss`.
+//! - conversations: the chat template's rendering, with only the assistant output trained on
+//!   when `assistant_only_loss` (the rules are in [`crate::data`]'s module docs).
 //!
 //! `packing` packs examples into rows of `max_length` (best fit decreasing); each attends only
 //! to itself. The artifact is the model directory with its tokenizer and `metrics.jsonl` (with
@@ -17,10 +17,10 @@ use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::SftParams;
 
 use crate::artifacts::save_trained_model;
-use crate::data::{Message as DataMessage, SftExample};
+use crate::data::{SftExample, Turns};
 use crate::kind::{Stage, StageKind};
 use crate::model::load_causal_lm;
-use crate::tokenizer::{Message, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use crate::train::{SftObjective, SftSequence, TrainError};
 
 pub struct Sft;
@@ -53,7 +53,7 @@ impl StageKind for Sft {
         save_trained_model(
             stage.out_dir(),
             &trained,
-            &config,
+            &config.saved_as(p.train.save_dtype),
             &model.tokenizer,
             p.train.lora.as_ref(),
         )?;
@@ -153,14 +153,26 @@ fn tokenize_one(
 ) -> Result<SftSequence, TrainError> {
     match example {
         SftExample::PromptCompletion { prompt, completion } => {
-            // TRL tokenises `prompt` and `prompt + completion` and splits at the prompt's length.
-            let split = tokenizer.split_prompt_completion(prompt, completion)?;
-            let n_prompt = split.prompt_ids.len();
-            let mut input_ids = split.prompt_ids;
-            input_ids.extend(split.completion_ids);
-            let target = (0..input_ids.len())
+            // TRL tokenises the prompt and prompt + completion and splits at their common prefix.
+            let split = tokenizer.split_answers(prompt, &[completion])?;
+            let n_prompt = split.prompt.len();
+            let mut input_ids = split.prompt;
+            input_ids.extend(split.answers.into_iter().flatten());
+            let mut target: Vec<bool> = (0..input_ids.len())
                 .map(|i| i > 0 && (!opts.completion_only_loss || i >= n_prompt))
                 .collect();
+            if let (true, Turns::Chat(p), Turns::Chat(c)) =
+                (opts.assistant_only_loss, prompt, completion)
+            {
+                let messages: Vec<_> = p.iter().chain(c).cloned().collect();
+                let (_, assistant) = tokenizer.conversation_ids(&messages)?;
+                for (t, a) in target
+                    .iter_mut()
+                    .zip(assistant.iter().chain(std::iter::repeat(&false)))
+                {
+                    *t &= *a;
+                }
+            }
             Ok(SftSequence {
                 input_ids,
                 target,
@@ -181,54 +193,20 @@ fn tokenize_one(
                 segments: None,
             })
         }
-        SftExample::Conversation(messages) => conversation(tokenizer, messages, opts),
-    }
-}
-
-/// Renders a conversation with the chat template and marks the assistant turns. A turn's tokens
-/// are found by rendering the conversation up to the turn (with the generation prompt) and
-/// through it, and tokenising both prefixes.
-fn conversation(
-    tokenizer: &Tokenizer,
-    messages: &[DataMessage],
-    opts: &SftTokenization,
-) -> Result<SftSequence, TrainError> {
-    let msgs: Vec<Message> = messages
-        .iter()
-        .map(|m| Message {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        })
-        .collect();
-    let full = tokenizer.apply_chat_template(&msgs, false)?;
-    // The template writes its own special tokens (BOS included, when it has one).
-    let input_ids = tokenizer.encode(&full, false)?;
-    let mut target = vec![!opts.assistant_only_loss; input_ids.len()];
-    if opts.assistant_only_loss {
-        for (i, m) in msgs.iter().enumerate() {
-            if m.role != "assistant" {
-                continue;
-            }
-            let before = tokenizer.apply_chat_template(&msgs[..i], true)?;
-            let through = tokenizer.apply_chat_template(&msgs[..=i], false)?;
-            let start = tokenizer.encode(&before, false)?.len();
-            let end = tokenizer
-                .encode(&through, false)?
-                .len()
-                .min(input_ids.len());
-            for t in target.iter_mut().take(end).skip(start) {
-                *t = true;
-            }
+        SftExample::Conversation(messages) => {
+            let (input_ids, assistant) = tokenizer.conversation_ids(messages)?;
+            let target = assistant
+                .iter()
+                .enumerate()
+                .map(|(i, &a)| i > 0 && (a || !opts.assistant_only_loss))
+                .collect();
+            Ok(SftSequence {
+                input_ids,
+                target,
+                segments: None,
+            })
         }
     }
-    if let Some(first) = target.first_mut() {
-        *first = false;
-    }
-    Ok(SftSequence {
-        input_ids,
-        target,
-        segments: None,
-    })
 }
 
 #[cfg(test)]

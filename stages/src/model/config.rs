@@ -92,9 +92,51 @@ pub struct ModelConfig {
     /// The original config.json object, so that keys this crate does not interpret survive a
     /// load/save round trip.
     pub raw: Map<String, Value>,
+    /// The dtype the weights are saved in: the loaded weights' dtype (set when they are read),
+    /// fp32 for a fresh model; config.json's `dtype`/`torch_dtype` name it.
+    pub dtype: WeightDtype,
+}
+
+/// A floating-point dtype of stored weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightDtype {
+    /// The name transformers writes in config.json.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "float32",
+            WeightDtype::Bf16 => "bfloat16",
+            WeightDtype::F16 => "float16",
+        }
+    }
+
+    /// The dtype a stage's `save_dtype` asks for, given the input's.
+    pub fn resolve(self, save: rudder_schema::kinds::SaveDtype) -> WeightDtype {
+        use rudder_schema::kinds::SaveDtype;
+        match save {
+            SaveDtype::Auto => self,
+            SaveDtype::Fp32 => WeightDtype::F32,
+            SaveDtype::Bf16 => WeightDtype::Bf16,
+            SaveDtype::F16 => WeightDtype::F16,
+        }
+    }
 }
 
 impl ModelConfig {
+    /// This configuration with the weights to be saved in the dtype `save` asks for.
+    pub fn saved_as(&self, save: rudder_schema::kinds::SaveDtype) -> ModelConfig {
+        ModelConfig {
+            dtype: self.dtype.resolve(save),
+            ..self.clone()
+        }
+    }
+
     /// A fresh Llama architecture with transformers' defaults for everything not given.
     pub fn llama(
         vocab_size: usize,
@@ -126,6 +168,7 @@ impl ModelConfig {
             eos_token_ids: Vec::new(),
             pad_token_id: None,
             raw: Map::new(),
+            dtype: WeightDtype::F32,
         }
     }
 
@@ -377,6 +420,7 @@ impl ModelConfig {
             eos_token_ids: token_id("eos_token_id")?,
             pad_token_id: token_id("pad_token_id")?.first().copied(),
             raw: obj.clone(),
+            dtype: WeightDtype::F32,
         })
     }
 
@@ -404,11 +448,14 @@ impl ModelConfig {
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
             "initializer_range": self.initializer_range,
-            "dtype": "float32",
+            "dtype": self.dtype.torch_name(),
         });
-        // The weights are written in fp32 whatever the source dtype was.
+        // transformers 4 reads `torch_dtype`: kept, and made to agree, where the file had it.
         if obj.contains_key("torch_dtype") {
-            obj.insert("torch_dtype".into(), Value::String("float32".into()));
+            obj.insert(
+                "torch_dtype".into(),
+                Value::String(self.dtype.torch_name().into()),
+            );
         }
         for (k, v) in updates.as_object().expect("literal object") {
             obj.insert(k.clone(), v.clone());

@@ -17,7 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::attention::Attention;
-use super::config::{Architecture, ModelConfig};
+use super::config::{Architecture, ModelConfig, WeightDtype};
 use super::llama::{CausalLm, DecoderLayer, Llama, RewardModel};
 use super::mlp::Mlp;
 use super::rms_norm::RmsNorm;
@@ -108,6 +108,26 @@ impl SafetensorsSource {
 
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
+    }
+
+    /// The dtype the weights are stored in: the embedding table's (the tensor every model has;
+    /// checkpoints keep norms in the same dtype as the matrices).
+    fn dtype(&self) -> WeightDtype {
+        let Some(&file) = self.index.get("model.embed_tokens.weight") else {
+            return WeightDtype::F32;
+        };
+        SafeTensors::deserialize(&self.files[file])
+            .ok()
+            .and_then(|t| {
+                t.tensor("model.embed_tokens.weight")
+                    .ok()
+                    .map(|v| v.dtype())
+            })
+            .map_or(WeightDtype::F32, |d| match d {
+                Dtype::BF16 => WeightDtype::Bf16,
+                Dtype::F16 => WeightDtype::F16,
+                _ => WeightDtype::F32,
+            })
     }
 }
 
@@ -334,7 +354,7 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig, StageError> {
 /// A `LlamaForSequenceClassification` directory is refused: its backbone could be read but it has
 /// no LM head, and silently inventing one would produce nonsense.
 pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(ModelConfig, CausalLm), StageError> {
-    let cfg = load_config(dir)?;
+    let mut cfg = load_config(dir)?;
     if cfg.architecture.is_sequence_classifier() {
         return Err(StageError::Config {
             path: dir.join(CONFIG_FILE),
@@ -342,6 +362,7 @@ pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(ModelConfig, Causa
         });
     }
     let mut src = SafetensorsSource::open(dir)?;
+    cfg.dtype = src.dtype();
     let model = build_causal_lm(&cfg, &mut src, device)?;
     Ok((cfg, model))
 }
@@ -354,6 +375,7 @@ pub fn load_reward_model(
 ) -> Result<(ModelConfig, RewardModel), StageError> {
     let mut cfg = load_config(dir)?;
     let mut src = SafetensorsSource::open(dir)?;
+    cfg.dtype = src.dtype();
     let model = build_reward_model(&cfg, &mut src, device)?;
     cfg.architecture = Architecture::LlamaForSequenceClassification;
     Ok((cfg, model))
@@ -369,6 +391,7 @@ pub fn reward_model_from_causal_lm(
 ) -> Result<(ModelConfig, RewardModel), StageError> {
     let mut cfg = load_config(dir)?;
     let mut src = SafetensorsSource::open(dir)?;
+    cfg.dtype = src.dtype();
     let model = build_backbone(&cfg, &mut src, device)?;
     let mut random = RandomSource {
         rng: ChaCha8Rng::seed_from_u64(seed),
@@ -472,11 +495,43 @@ impl Collected {
         }
 
         let path = dir.join(WEIGHTS_FILE);
-        let views = self
-            .tensors
+        // Rounded to nearest-even from the fp32 the model trains in.
+        let (dtype, tensors) = match cfg.dtype {
+            WeightDtype::F32 => (Dtype::F32, self.tensors),
+            half @ (WeightDtype::Bf16 | WeightDtype::F16) => {
+                let convert = |bytes: &[u8]| -> Vec<u8> {
+                    bytes
+                        .chunks_exact(4)
+                        .flat_map(|c| {
+                            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                            if half == WeightDtype::Bf16 {
+                                half::bf16::from_f32(v).to_le_bytes()
+                            } else {
+                                half::f16::from_f32(v).to_le_bytes()
+                            }
+                        })
+                        .collect()
+                };
+                let dtype = if half == WeightDtype::Bf16 {
+                    Dtype::BF16
+                } else {
+                    Dtype::F16
+                };
+                let tensors = self
+                    .tensors
+                    .into_iter()
+                    .map(|(name, shape, bytes)| {
+                        let converted = convert(&bytes);
+                        (name, shape, converted)
+                    })
+                    .collect();
+                (dtype, tensors)
+            }
+        };
+        let views = tensors
             .iter()
             .map(|(name, shape, bytes)| {
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
                     .map(|v| (name.clone(), v))
             })
             .collect::<Result<Vec<_>, _>>()
@@ -495,7 +550,8 @@ impl Collected {
     }
 }
 
-/// Writes a causal LM as a Hugging Face directory (config.json + fp32 model.safetensors).
+/// Writes a causal LM as a Hugging Face directory (config.json + model.safetensors in
+/// `cfg.dtype`).
 pub fn save_causal_lm(model: &CausalLm, cfg: &ModelConfig, dir: &Path) -> Result<(), StageError> {
     let mut out = Collected {
         tensors: Vec::new(),
@@ -637,5 +693,90 @@ mod tests {
         for (o, r) in original.iter().zip(&rounded) {
             assert_eq!(*r, half::bf16::from_f32(*o).to_f32());
         }
+    }
+
+    /// A model's weights, dtype by tensor name, and config.json, as saved in `dir`.
+    fn saved(dir: &Path) -> (HashMap<String, (Dtype, Vec<u8>)>, Value) {
+        let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, (view.dtype(), view.data().to_vec())))
+            .collect();
+        let config =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        (tensors, config)
+    }
+
+    #[test]
+    fn weights_are_saved_in_the_dtype_they_were_loaded_in_unless_asked_otherwise() {
+        use rudder_schema::kinds::SaveDtype;
+        let device = crate::test_device();
+        let mut cfg = tiny();
+        // A checkpoint written by transformers 4 names its dtype `torch_dtype`.
+        cfg.raw
+            .insert("torch_dtype".into(), Value::String("bfloat16".into()));
+        let model = random_causal_lm(&cfg, 5, &device);
+        let bf16_dir = tempfile::tempdir().unwrap();
+        save_causal_lm(&model, &cfg.saved_as(SaveDtype::Bf16), bf16_dir.path()).unwrap();
+        let (bf16, config) = saved(bf16_dir.path());
+        assert!(bf16.values().all(|(d, _)| *d == Dtype::BF16));
+        assert_eq!(config["dtype"], "bfloat16");
+        assert_eq!(config["torch_dtype"], "bfloat16");
+
+        // Loaded (as f32 for training) and saved again with `auto`: bf16, the same bytes.
+        let (loaded_cfg, loaded) = load_causal_lm(bf16_dir.path(), &device).unwrap();
+        assert_eq!(loaded_cfg.dtype, WeightDtype::Bf16);
+        let again = tempfile::tempdir().unwrap();
+        save_causal_lm(&loaded, &loaded_cfg.saved_as(SaveDtype::Auto), again.path()).unwrap();
+        let (auto, _) = saved(again.path());
+        assert_eq!(auto, bf16);
+        let size = |d: &Path| std::fs::metadata(d.join(WEIGHTS_FILE)).unwrap().len();
+
+        // fp32 on request: twice the bytes, the same values.
+        let fp32_dir = tempfile::tempdir().unwrap();
+        save_causal_lm(
+            &loaded,
+            &loaded_cfg.saved_as(SaveDtype::Fp32),
+            fp32_dir.path(),
+        )
+        .unwrap();
+        let (fp32, config) = saved(fp32_dir.path());
+        assert_eq!(config["dtype"], "float32");
+        assert_eq!(config["torch_dtype"], "float32");
+        assert!(fp32.values().all(|(d, _)| *d == Dtype::F32));
+        let data =
+            |t: &HashMap<String, (Dtype, Vec<u8>)>| t.values().map(|(_, b)| b.len()).sum::<usize>();
+        assert_eq!(data(&fp32), 2 * data(&auto));
+        assert!(size(fp32_dir.path()) > size(again.path()));
+        let (_, from_fp32) = load_causal_lm(fp32_dir.path(), &device).unwrap();
+        assert_eq!(
+            values(from_fp32.model.embed_tokens.weight.val()),
+            values(loaded.model.embed_tokens.weight.val())
+        );
+
+        // f16, rounded to nearest from the fp32 values.
+        let f16_dir = tempfile::tempdir().unwrap();
+        save_causal_lm(&model, &cfg.saved_as(SaveDtype::F16), f16_dir.path()).unwrap();
+        let (f16, config) = saved(f16_dir.path());
+        assert_eq!(config["dtype"], "float16");
+        let (dtype, bytes) = &f16["model.norm.weight"];
+        assert_eq!(*dtype, Dtype::F16);
+        let expect: Vec<u8> = values(model.model.norm.weight.val())
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        assert_eq!(bytes, &expect);
+
+        // A fresh fp32 model with `auto` stays fp32.
+        let fresh = tempfile::tempdir().unwrap();
+        save_causal_lm(&model, &tiny().saved_as(SaveDtype::Auto), fresh.path()).unwrap();
+        assert!(
+            saved(fresh.path())
+                .0
+                .values()
+                .all(|(d, _)| *d == Dtype::F32)
+        );
     }
 }

@@ -13,7 +13,7 @@ pub mod rms_norm;
 pub mod rope;
 
 pub use cache::KvCache;
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, WeightDtype};
 pub use hf::{
     load_causal_lm, load_config, load_reward_model, random_causal_lm, random_reward_model,
     reward_model_from_causal_lm, save_causal_lm, save_reward_model,

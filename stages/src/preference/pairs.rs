@@ -1,7 +1,7 @@
-//! Preference data tokenised as TRL 1.16 tokenises it (non-conversational): the EOS text is
-//! appended to each completion, the prompt and `prompt + completion` are encoded with special
-//! tokens, and the completion is the whole text's tokens after the prompt's. So
-//! `prompt = [BOS] + BPE(prompt)` and `completion = BPE(completion) + [EOS]`.
+//! Preference data tokenised as TRL 1.16 tokenises it ([`Tokenizer::split_answers`], rules in
+//! [`crate::data`]): for strings `prompt = [BOS] + BPE(prompt)` and `completion =
+//! BPE(completion) + [EOS]`; for conversations the prompt's rendering with the generation prompt
+//! and the template's rendering of the answer after it, end-of-turn text included.
 //!
 //! Truncation: the prompt keeps its last `max_prompt_length` tokens, a completion its first
 //! `max_completion_length`, then prompt + completion is cut to `max_length` keeping the start
@@ -97,18 +97,19 @@ pub fn tokenize_pairs(
     let mut out = Vec::with_capacity(pairs.len());
     let mut dropped = 0;
     for (row, pair) in pairs.iter().enumerate() {
-        let side = |completion: &str| -> Result<PromptCompletion, TrainError> {
-            let split = tokenizer.split_prompt_completion(&pair.prompt, completion)?;
-            Ok(truncate(
+        let split = tokenizer.split_answers(&pair.prompt, &[&pair.chosen, &pair.rejected])?;
+        let mut answers = split.answers.into_iter();
+        let mut side = || {
+            truncate(
                 PromptCompletion {
-                    prompt: split.prompt_ids,
-                    completion: split.completion_ids,
+                    prompt: split.prompt.clone(),
+                    completion: answers.next().expect("one answer per side"),
                 },
                 opts,
-            ))
+            )
         };
-        let chosen = side(&pair.chosen)?;
-        let rejected = side(&pair.rejected)?;
+        let chosen = side();
+        let rejected = side();
         if chosen.completion.is_empty() || rejected.completion.is_empty() {
             dropped += 1;
             continue;
@@ -157,11 +158,11 @@ pub fn tokenize_unpaired(
 ) -> Result<(Vec<UnpairedRow>, usize), TrainError> {
     let mut kept = Vec::with_capacity(examples.len());
     for (row, example) in examples.iter().enumerate() {
-        let split = tokenizer.split_prompt_completion(&example.prompt, &example.completion)?;
+        let split = tokenizer.split_answers(&example.prompt, &[&example.completion])?;
         let sequence = truncate(
             PromptCompletion {
-                prompt: split.prompt_ids,
-                completion: split.completion_ids,
+                prompt: split.prompt,
+                completion: split.answers.into_iter().next().expect("one answer"),
             },
             opts,
         );

@@ -187,7 +187,7 @@ pub fn train<P>(
     save_trained_model(
         stage.out_dir(),
         &trained,
-        &config,
+        &config.saved_as(train_args.save_dtype),
         &policy.tokenizer,
         train_args.lora.as_ref(),
     )?;

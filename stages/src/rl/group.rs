@@ -80,7 +80,7 @@ where
     save_trained_model(
         stage.out_dir(),
         &outcome.trainees.policy,
-        &policy_cfg,
+        &policy_cfg.saved_as(train.save_dtype),
         &data.tokenizer,
         train.lora.as_ref(),
     )?;

@@ -13,8 +13,8 @@ use burn::tensor::Device;
 use burn::tensor::{Tensor, TensorData};
 use rudder_schema::kinds::RolloutArgs;
 
-use crate::data::Rows;
-use crate::generate::{FinishReason, GenerateOptions, generate_ids};
+use crate::data::{Rows, Turns};
+use crate::generate::{FinishReason, GenerateOptions, generate_ids, generation_config_eos};
 use crate::inputs::Inputs;
 use crate::judge::{Sample, Scorer};
 use crate::logps::{CompletionBatch, PromptCompletion, token_logps};
@@ -203,6 +203,8 @@ pub struct RlData {
     pub tokenizer: Tokenizer,
     pub rows: Rows,
     pub prompts: Vec<String>,
+    /// The prompts as the data gave them (strings or conversations).
+    pub turns: Vec<Turns>,
     pub prompt_ids: Vec<Vec<u32>>,
     pub eos_ids: Vec<u32>,
     pub pad_id: u32,
@@ -213,10 +215,14 @@ impl RlData {
         let policy = inputs.model("model")?;
         let (policy_dir, tokenizer, config) = (policy.dir, policy.tokenizer, policy.config);
         let rows = inputs.rows("data")?;
-        let prompts = rows.prompts()?;
-        let prompt_ids = prompts
+        let turns = rows.prompts()?;
+        let prompts = turns
             .iter()
-            .map(|p| tokenizer.encode_prompt(p))
+            .map(|p| tokenizer.prompt_text(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt_ids = turns
+            .iter()
+            .map(|p| tokenizer.prompt_ids(p))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(i) = prompt_ids.iter().position(Vec::is_empty) {
             return Err(TrainError::Input(format!(
@@ -224,6 +230,7 @@ impl RlData {
             )));
         }
         let mut eos_ids = config.eos_token_ids.clone();
+        eos_ids.extend(generation_config_eos(&policy_dir)?);
         eos_ids.extend(tokenizer.eos_id());
         eos_ids.sort_unstable();
         eos_ids.dedup();
@@ -242,6 +249,7 @@ impl RlData {
             tokenizer,
             rows,
             prompts,
+            turns,
             prompt_ids,
             eos_ids,
             pad_id,
@@ -334,6 +342,7 @@ pub fn sample_and_score(
             prompt: &data.prompts[i],
             completion: response,
             row: Some(&data.rows.rows[i]),
+            turns: Some(&data.turns[i]),
         })
         .collect();
     let mut scores = scorer.score(&samples)?;
