@@ -14,6 +14,7 @@ use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use rudder_stages::model::kernels;
 use rudder_stages::model::rms_norm::RmsNormConfig;
 use rudder_stages::model::rope::RotaryConfig;
 use rudder_stages::model::{ModelConfig, random_causal_lm};
@@ -158,6 +159,17 @@ fn profile(rows: usize, device: &Device) -> Vec<Row> {
                 is_causal: true,
             };
             attention(x, rep(kv.clone()), rep(kv * 0.5), None, None, options)
+        }),
+    );
+
+    add(
+        "attention core, fused kernel (K/V read in place)",
+        LAYERS,
+        fwd_bwd([rows, HEADS, SEQ, HEAD_DIM], device, |x| {
+            let kv = x.clone().slice([0..rows, 0..KV_HEADS, 0..SEQ, 0..HEAD_DIM]);
+            let scale = 1.0 / (HEAD_DIM as f64).sqrt();
+            kernels::attention(x, kv.clone(), kv * 0.5, &kernels::KeyMask::Causal, scale)
+                .expect("flex tensors")
         }),
     );
 
