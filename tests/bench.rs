@@ -44,13 +44,23 @@ fn check_sane(r: &serde_json::Map<String, serde_json::Value>, kind: &str, params
 fn fresh_model_steps_report_tokens_per_second() {
     let s = Scratch::new();
     // bench4m: embeddings 2048 x 256, lm_head 256 x 2048, 4 layers of 737,536 + 512, final norm.
-    let lm_params = 2 * 2048 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 704 + 512) + 256;
+    let lm_params =
+        2 * 2048 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 704 + 512) + 256;
     for kind in ["sft", "dpo", "kto", "orpo", "simpo"] {
         let r = report(
             &s,
             &[
-                "bench", kind, "--model", "fresh:bench4m", "--batch", "2", "--seq", "16",
-                "--steps", "1", "--json",
+                "bench",
+                kind,
+                "--model",
+                "fresh:bench4m",
+                "--batch",
+                "2",
+                "--seq",
+                "16",
+                "--steps",
+                "1",
+                "--json",
             ],
         );
         check_sane(&r, kind, lm_params);
@@ -64,8 +74,17 @@ fn fresh_model_steps_report_tokens_per_second() {
     let r = report(
         &s,
         &[
-            "bench", "reward", "--model", "fresh:bench4m", "--batch", "2", "--seq", "16",
-            "--steps", "1", "--json",
+            "bench",
+            "reward",
+            "--model",
+            "fresh:bench4m",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--json",
         ],
     );
     check_sane(&r, "reward", lm_params - 256 * 2048 + 256);
@@ -96,10 +115,21 @@ fn a_hugging_face_directory_is_benchmarked() {
     assert!(params > 0);
     // The human-readable form names the numbers.
     let text = s.ok(&[
-        "bench", "sft", "--model", fixtures.to_str().unwrap(), "--batch", "1", "--seq", "8",
-        "--steps", "1",
+        "bench",
+        "sft",
+        "--model",
+        fixtures.to_str().unwrap(),
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--steps",
+        "1",
     ]);
-    assert!(text.contains("tokens/s") && text.contains("s/step"), "{text}");
+    assert!(
+        text.contains("tokens/s") && text.contains("s/step"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -109,7 +139,14 @@ fn bad_requests_are_usage_errors() {
         &["bench", "ppo2", "--model", "fresh:bench4m"][..],
         &["bench", "sft", "--model", "fresh:nope"],
         &["bench", "sft", "--model", "fresh:bench4m", "--seq", "1"],
-        &["bench", "sft", "--model", "fresh:bench4m", "--backend", "tpu"],
+        &[
+            "bench",
+            "sft",
+            "--model",
+            "fresh:bench4m",
+            "--backend",
+            "tpu",
+        ],
     ] {
         let out = s.rudder(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");

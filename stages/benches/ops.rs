@@ -70,9 +70,7 @@ fn fwd_bwd<const D: usize>(
 }
 
 fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_bias(false)
-        .init(device)
+    LinearConfig::new(d_in, d_out).with_bias(false).init(device)
 }
 
 struct Row {
@@ -126,10 +124,7 @@ fn profile(rows: usize, device: &Device) -> Vec<Row> {
     });
 
     let positions = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            (0..rows * SEQ).map(|i| (i % SEQ) as i64).collect(),
-            tokens,
-        ),
+        TensorData::new((0..rows * SEQ).map(|i| (i % SEQ) as i64).collect(), tokens),
         device,
     );
     let rope = RotaryConfig::new(HEAD_DIM).at_positions(positions);
@@ -193,7 +188,11 @@ fn profile(rows: usize, device: &Device) -> Vec<Row> {
     );
 
     let head = linear(HIDDEN, VOCAB, device);
-    add("lm_head (256 -> 2048)", 1, fwd_bwd(h, device, |x| head.forward(x)));
+    add(
+        "lm_head (256 -> 2048)",
+        1,
+        fwd_bwd(h, device, |x| head.forward(x)),
+    );
     add(
         "log_softmax + gather (loss)",
         1,
@@ -208,7 +207,9 @@ fn profile(rows: usize, device: &Device) -> Vec<Row> {
     // The SFT metrics (accuracy, entropy), forward only.
     let examples: Vec<SftSequence> = (0..rows)
         .map(|r| SftSequence {
-            input_ids: (0..SEQ).map(|i| ((r * SEQ + i) * 7 % VOCAB) as u32).collect(),
+            input_ids: (0..SEQ)
+                .map(|i| ((r * SEQ + i) * 7 % VOCAB) as u32)
+                .collect(),
             target: vec![true; SEQ],
             segments: None,
         })
@@ -231,7 +232,9 @@ fn whole_step(rows: usize, device: &Device) -> [(&'static str, f64); 4] {
     let mut model = random_causal_lm(&cfg, 0, device);
     let examples: Vec<SftSequence> = (0..rows)
         .map(|r| SftSequence {
-            input_ids: (0..=SEQ).map(|i| ((r * SEQ + i) * 7 % VOCAB) as u32).collect(),
+            input_ids: (0..=SEQ)
+                .map(|i| ((r * SEQ + i) * 7 % VOCAB) as u32)
+                .collect(),
             target: vec![true; SEQ + 1],
             segments: None,
         })

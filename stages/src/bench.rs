@@ -24,8 +24,8 @@ use crate::kinds::reward::{RewardObjective, RewardPair};
 use crate::logps::{PromptCompletion, sequence_logps};
 use crate::losses::{CpoLossConfig, DpoLossConfig, KtoLossConfig};
 use crate::model::{CausalLm, ModelConfig, load_causal_lm, random_causal_lm};
-use crate::preference::{ReferenceFreeLoss, ReferenceFreeObjective};
 use crate::preference::{DpoExample, DpoObjective, TokenizedPair, UnpairedRow};
+use crate::preference::{ReferenceFreeLoss, ReferenceFreeObjective};
 use crate::train::{Hooks, Objective, StepRecord, TrainConfig, train};
 use crate::train::{SftObjective, SftSequence};
 
@@ -254,7 +254,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 })
                 .collect();
             let model = match &opts.model {
-                BenchModel::Dir(dir) => crate::model::reward_model_from_causal_lm(dir, 0, &device)?.1,
+                BenchModel::Dir(dir) => {
+                    crate::model::reward_model_from_causal_lm(dir, 0, &device)?.1
+                }
                 BenchModel::Fresh(_) => crate::model::random_reward_model(&cfg, 0, &device),
             };
             let params = model.num_params();

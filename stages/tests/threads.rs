@@ -25,7 +25,9 @@ fn config() -> ModelConfig {
 }
 
 fn ids(seed: u32, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| 1 + (i * 31 + seed * 17) % 96).collect()
+    (0..n as u32)
+        .map(|i| 1 + (i * 31 + seed * 17) % 96)
+        .collect()
 }
 
 /// Logits of the trained model on a fixed input, and the per-step losses and norms.
@@ -107,7 +109,10 @@ fn train_dpo() -> (Vec<f32>, Vec<f64>) {
     };
     let mut hooks = Losses(Vec::new());
     let model = random_causal_lm(&config(), 0, &device);
-    let (model, _) = train(&objective, model, &examples, &cfg, &device, None, &mut hooks).unwrap();
+    let (model, _) = train(
+        &objective, model, &examples, &cfg, &device, None, &mut hooks,
+    )
+    .unwrap();
     fingerprint(&model, hooks.0)
 }
 

@@ -114,7 +114,8 @@ impl Attention {
                 AttentionMask::Causal => super::kernels::KeyMask::Causal,
                 AttentionMask::Explicit(m) => super::kernels::KeyMask::from_tensor(m),
             };
-            let fused = super::kernels::attention(q.clone(), k.clone(), v.clone(), &key_mask, scale);
+            let fused =
+                super::kernels::attention(q.clone(), k.clone(), v.clone(), &key_mask, scale);
             if let Some(out) = fused {
                 return self.project_out(out, batch, seq_q);
             }

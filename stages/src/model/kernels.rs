@@ -440,7 +440,14 @@ mod tests {
                 softcap: None,
                 is_causal,
             };
-            burn_attention(q.clone(), repeat(k.clone(), h / kv), repeat(v.clone(), h / kv), m, None, options)
+            burn_attention(
+                q.clone(),
+                repeat(k.clone(), h / kv),
+                repeat(v.clone(), h / kv),
+                m,
+                None,
+                options,
+            )
         };
         let grads = (out.clone() * w).sum().backward();
         let vec = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
@@ -476,7 +483,11 @@ mod tests {
         {
             let seed = 10 + i as u64;
             let what = format!("{shapes:?}");
-            assert_close(&run(true, shapes, None, seed), &run(false, shapes, None, seed), &what);
+            assert_close(
+                &run(true, shapes, None, seed),
+                &run(false, shapes, None, seed),
+                &what,
+            );
         }
     }
 
@@ -511,13 +522,22 @@ mod tests {
     #[test]
     fn fused_attention_does_not_depend_on_the_thread_count() {
         let shapes = (3, 6, 2, 33, 33, 16);
-        let padding = vec![vec![1; 33], [vec![1; 20], vec![0; 13]].concat(), vec![1; 33]];
+        let padding = vec![
+            vec![1; 33],
+            [vec![1; 20], vec![0; 13]].concat(),
+            vec![1; 33],
+        ];
         let in_pool = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap()
-                .install(|| (run(true, shapes, None, 5), run(true, shapes, Some(&padding), 6)))
+                .install(|| {
+                    (
+                        run(true, shapes, None, 5),
+                        run(true, shapes, Some(&padding), 6),
+                    )
+                })
         };
         let (one, two, four) = (in_pool(1), in_pool(2), in_pool(4));
         assert_eq!(one, two);
