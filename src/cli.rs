@@ -70,6 +70,8 @@ pub enum Command {
     Report(ReportArgs),
     /// Generate completions with a model node or a model artifact.
     Generate(GenerateArgs),
+    /// Time a kind's training step on a model and this machine: tokens/s, step time, peak memory.
+    Bench(BenchArgs),
     /// Copy a stage's model to a directory.
     Export {
         #[command(flatten)]
@@ -294,6 +296,30 @@ pub struct ReportArgs {
     pub open: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The kind whose step is timed: sft, reward, dpo, kto, orpo or simpo.
+    pub kind: String,
+    /// A Hugging Face model directory, or `fresh:bench4m` / `fresh:smollm2-135m` (random weights).
+    #[arg(long)]
+    pub model: String,
+    /// Sequences (sft, kto) or pairs (reward, dpo, orpo, simpo) per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Timed steps, after two warm-up steps.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// cpu, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
         } => commands::status::run(&recipe, &store, json, &printer),
         Command::Report(args) => commands::report::run(&args, &printer),
         Command::Generate(args) => commands::generate::run(&args, &printer),
+        Command::Bench(args) => commands::bench::run(&args, &printer),
         Command::Export {
             recipe,
             stage,

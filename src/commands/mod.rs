@@ -1,5 +1,6 @@
 //! One module per subcommand; each resolves its arguments, calls the engine, prints.
 
+pub mod bench;
 pub mod dag;
 pub mod exec;
 pub mod export;

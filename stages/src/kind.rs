@@ -201,7 +201,14 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
         if gradient_checkpointing(stage.params) {
             device = device.gradient_checkpointing();
         }
-        Ok(K::run(&stage, &device)?)
+        // The stage's share of the cores: the CPU backend's parallel kernels run on this pool.
+        // No kernel's result depends on the pool's size (tests/threads.rs checks it).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(ctx.threads.max(1))
+            .thread_name(|i| format!("rudder-stage-{i}"))
+            .build()
+            .map_err(|e| TrainError::Input(format!("cannot start the stage's threads: {e}")))?;
+        Ok(pool.install(|| K::run(&stage, &device))?)
     }
 }
 

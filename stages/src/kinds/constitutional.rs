@@ -87,7 +87,7 @@ pub struct Constitutional;
 
 impl StageKind for Constitutional {
     type Params = ConstitutionalParams;
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     fn run(
         stage: &Stage<'_, ConstitutionalParams>,

@@ -47,7 +47,7 @@ pub struct PpoKind;
 
 impl StageKind for PpoKind {
     type Params = PpoParams;
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     fn run(stage: &Stage<'_, PpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

@@ -14,6 +14,11 @@ use super::lora::LoraLinear;
 use super::mask::AttentionMask;
 use super::rope::Rotary;
 
+/// Whether the `cpu` backend runs attention through the fused kernel (`kernels.rs`): on by
+/// default; tests turn it off to compare with the generic path.
+#[cfg(feature = "flex")]
+pub static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
 pub struct AttentionConfig {
@@ -103,6 +108,40 @@ impl Attention {
             Some(cache) => cache.append(k, v),
             None => (k, v),
         };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        #[cfg(feature = "flex")]
+        if FUSED.load(std::sync::atomic::Ordering::Relaxed) {
+            let key_mask = match mask {
+                AttentionMask::Causal => super::kernels::KeyMask::Causal,
+                AttentionMask::Explicit(m) => super::kernels::KeyMask::from_tensor(m),
+            };
+            let fused =
+                super::kernels::attention(q.clone(), k.clone(), v.clone(), &key_mask, scale);
+            if let Some(out) = fused {
+                return self.project_out(out, batch, seq_q);
+            }
+        }
+        self.project_out(self.attention_generic(q, k, v, mask, scale), batch, seq_q)
+    }
+
+    /// `[batch, heads, seq_q, head_dim]` -> `[batch, seq_q, d_model]` through `o_proj`.
+    fn project_out(&self, out: Tensor<4>, batch: usize, seq_q: usize) -> Tensor<3> {
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, seq_q, self.n_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    /// Burn's attention with the K/V heads repeated to the query heads: any backend.
+    fn attention_generic(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: &AttentionMask,
+        scale: f64,
+    ) -> Tensor<4> {
+        let [batch, _, seq_q, _] = q.dims();
         let k = self.repeat_kv(k);
         let v = self.repeat_kv(v);
         let seq_k = k.dims()[2];
@@ -114,15 +153,11 @@ impl Attention {
             ),
         };
         let options = AttentionModuleOptions {
-            scale: Some(1.0 / (self.head_dim as f64).sqrt()),
+            scale: Some(scale),
             softcap: None,
             is_causal,
         };
-        let out = attention(q, k, v, mask, None, options);
-        let out = out
-            .swap_dims(1, 2)
-            .reshape([batch, seq_q, self.n_heads * self.head_dim]);
-        self.o_proj.forward(out)
+        attention(q, k, v, mask, None, options)
     }
 
     /// Expands `[batch, n_kv_heads, seq, d]` to `[batch, n_heads, seq, d]`.

@@ -5,6 +5,8 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod hf;
+#[cfg(feature = "flex")]
+pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod mask;

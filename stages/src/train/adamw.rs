@@ -169,7 +169,12 @@ struct NormVisitor<'a> {
 impl ModuleVisitor for NormVisitor<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            let sq: f64 = (g.clone() * g).sum().into_scalar::<f64>();
+            // Row sums first: flex sums a tensor of 4M elements or more in parallel, in an order
+            // that depends on the thread count; rows are each summed by one thread.
+            let numel = g.shape().num_elements();
+            let last = g.dims()[D - 1].max(1);
+            let rows = (g.clone() * g).reshape([numel / last, last]).sum_dim(1);
+            let sq: f64 = rows.sum().into_scalar::<f64>();
             self.sum_sq += sq;
         }
     }

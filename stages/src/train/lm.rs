@@ -170,7 +170,8 @@ pub fn token_stats(logits: Tensor<3>, batch: &Batch) -> TokenStats {
         .into_scalar::<f64>();
     let targets_count: f64 = batch.target_mask.clone().sum().into_scalar::<f64>();
     // TRL 1.16 averages the predictive entropy over the trained positions.
-    let logp_inner = log_softmax(logits_inner.slice([0..n, 0..seq - 1, 0..vocab]), 2);
+    // The trained log-softmax's values, read without its graph (not a second log-softmax).
+    let logp_inner = shifted.inner();
     let entropy = (logp_inner.clone().exp() * logp_inner)
         .sum_dim(2)
         .reshape([n, seq - 1])

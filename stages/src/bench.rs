@@ -1,0 +1,377 @@
+//! `rudder bench`: times one kind's real training step on a user's model and machine. The step
+//! is the one a stage runs (the kind's objective through [`crate::train::train`]: forward,
+//! backward, global gradient norm, AdamW), on one synthetic batch repeated every step, so the
+//! numbers depend on the model, the shapes and the hardware only. The preference kinds take
+//! their reference log-probs from the cache as their stages do: they are computed once, before
+//! the timed steps, by the frozen starting model.
+//!
+//! This module owns the benchmark's inputs and its report; the CLI parses and prints.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rudder_schema::Backend;
+use rudder_schema::kinds::{DpoParams, KtoParams, OrpoParams, SimpoParams};
+use serde::Serialize;
+
+use crate::StageError;
+use crate::kinds::kto::{KtoExample, KtoObjective};
+use crate::kinds::reward::{RewardObjective, RewardPair};
+use crate::logps::{PromptCompletion, sequence_logps};
+use crate::losses::{CpoLossConfig, DpoLossConfig, KtoLossConfig};
+use crate::model::{CausalLm, ModelConfig, load_causal_lm, random_causal_lm};
+use crate::preference::{DpoExample, DpoObjective, TokenizedPair, UnpairedRow};
+use crate::preference::{ReferenceFreeLoss, ReferenceFreeObjective};
+use crate::train::{Hooks, Objective, StepRecord, TrainConfig, train};
+use crate::train::{SftObjective, SftSequence};
+
+/// The kinds whose step `rudder bench` times.
+pub const KINDS: [&str; 6] = ["sft", "reward", "dpo", "kto", "orpo", "simpo"];
+
+/// The named fresh configurations `--model fresh:NAME` accepts.
+pub const FRESH: [&str; 2] = ["bench4m", "smollm2-135m"];
+
+/// Steps run before timing starts (the first steps allocate and warm caches).
+pub const WARMUP_STEPS: usize = 2;
+
+/// Where the benchmarked model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BenchModel {
+    /// A Hugging Face model directory (config.json + safetensors).
+    Dir(PathBuf),
+    /// A named configuration with seeded random weights.
+    Fresh(String),
+}
+
+impl BenchModel {
+    /// `fresh:NAME` or a directory.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("fresh:") {
+            Some(name) if FRESH.contains(&name) => Ok(Self::Fresh(name.to_string())),
+            Some(name) => Err(format!(
+                "no fresh configuration `{name}`; known: {}",
+                FRESH.map(|f| format!("fresh:{f}")).join(", ")
+            )),
+            None => Ok(Self::Dir(PathBuf::from(s))),
+        }
+    }
+
+    fn config(&self) -> Result<ModelConfig, StageError> {
+        match self {
+            Self::Dir(dir) => crate::model::load_config(dir),
+            Self::Fresh(name) => Ok(fresh_config(name)),
+        }
+    }
+}
+
+/// The configuration behind `fresh:NAME`.
+pub fn fresh_config(name: &str) -> ModelConfig {
+    match name {
+        // SmolLM2-135M's config.json: 30 layers, hidden 576, 9 heads over 3 KV heads, tied
+        // embeddings over a 49,152-token vocabulary.
+        "smollm2-135m" => {
+            let mut cfg = ModelConfig::llama(49152, 576, 1536, 30, 9, 3);
+            cfg.tie_word_embeddings = true;
+            cfg.rope_theta = 100000.0;
+            cfg.rms_norm_eps = 1e-5;
+            cfg.initializer_range = 0.041666666666666664;
+            cfg.max_position_embeddings = 8192;
+            cfg
+        }
+        // The reference 4M-parameter Llama of the `stages` benchmark.
+        _ => ModelConfig::llama(2048, 256, 704, 4, 8, 4),
+    }
+}
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub kind: String,
+    pub model: BenchModel,
+    /// Sequences (sft, kto) or pairs (reward, dpo, orpo, simpo) per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Timed steps (after [`WARMUP_STEPS`]).
+    pub steps: usize,
+    pub backend: Backend,
+}
+
+/// The measurement; `--json` prints it as is.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub kind: String,
+    pub backend: String,
+    /// Tokens through the trained model per second (every row of every step, padding none).
+    pub tokens_per_second: f64,
+    /// Mean seconds per timed step.
+    pub step_seconds: f64,
+    /// This process's peak resident memory (VmHWM), model loading included.
+    pub peak_rss_mib: f64,
+    /// Parameters of the trained model.
+    pub params: usize,
+}
+
+/// Why a benchmark did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The request itself is wrong (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error("the benchmarked step failed: {0}")]
+    Train(#[from] crate::train::TrainError),
+}
+
+/// Records when each step ends (its values have been read back, so its work is done).
+struct Clock(Vec<Instant>);
+
+impl Hooks for Clock {
+    fn on_step(&mut self, _: &StepRecord, _: u64) {
+        self.0.push(Instant::now());
+    }
+}
+
+/// Trains `examples` as one batch for warm-up + timed steps; returns the timed steps' mean.
+fn time_steps<O: Objective>(
+    objective: &O,
+    model: O::Model,
+    examples: &[O::Example],
+    steps: usize,
+    device: &Device,
+) -> Result<f64, BenchError> {
+    let cfg = TrainConfig {
+        learning_rate: 1e-5,
+        batch_size: examples.len(),
+        max_steps: Some((WARMUP_STEPS + steps) as u64),
+        ..TrainConfig::default()
+    };
+    let mut clock = Clock(vec![Instant::now()]);
+    train(objective, model, examples, &cfg, device, None, &mut clock)?;
+    let times: Vec<f64> = clock
+        .0
+        .windows(2)
+        .skip(WARMUP_STEPS)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    Ok(times.iter().sum::<f64>() / times.len().max(1) as f64)
+}
+
+fn ids(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
+    // Token 0 is the padding id of the benchmark; real tokens avoid it.
+    (0..n)
+        .map(|_| 1 + rng.next_u32() % (vocab as u32 - 1).max(1))
+        .collect()
+}
+
+/// Pairs of one shared prompt (half the sequence) and two completions.
+fn pairs(rng: &mut ChaCha8Rng, n: usize, seq: usize, vocab: usize) -> Vec<TokenizedPair> {
+    let prompt_len = seq / 2;
+    (0..n)
+        .map(|row| {
+            let prompt = ids(rng, prompt_len, vocab);
+            let mut side = || PromptCompletion {
+                prompt: prompt.clone(),
+                completion: ids(rng, seq - prompt_len, vocab),
+            };
+            let chosen = side();
+            let rejected = side();
+            TokenizedPair {
+                row,
+                chosen,
+                rejected,
+            }
+        })
+        .collect()
+}
+
+fn load_lm(model: &BenchModel, cfg: &ModelConfig, device: &Device) -> Result<CausalLm, StageError> {
+    match model {
+        BenchModel::Dir(dir) => Ok(load_causal_lm(dir, device)?.1),
+        BenchModel::Fresh(_) => Ok(random_causal_lm(cfg, 0, device)),
+    }
+}
+
+/// The reference's summed completion log-prob of each row, by the frozen starting model.
+fn reference_sums(
+    model: &BenchModel,
+    cfg: &ModelConfig,
+    rows: &[&PromptCompletion],
+    device: &Device,
+) -> Result<Vec<f32>, StageError> {
+    let reference = load_lm(model, cfg, &device.clone().inner())?;
+    Ok(sequence_logps(&reference, rows, 0, rows.len())
+        .into_iter()
+        .map(|row| row.iter().sum())
+        .collect())
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    if !KINDS.contains(&opts.kind.as_str()) {
+        return Err(BenchError::Usage(format!(
+            "`rudder bench` times {}; not `{}`",
+            KINDS.join(", "),
+            opts.kind
+        )));
+    }
+    if opts.batch == 0 || opts.seq < 2 || opts.steps == 0 {
+        return Err(BenchError::Usage(
+            "--batch and --steps must be at least 1 and --seq at least 2".into(),
+        ));
+    }
+    let device = crate::backend::training_device(opts.backend)?;
+    let cfg = opts.model.config()?;
+    let vocab = cfg.vocab_size;
+    let (batch, seq) = (opts.batch, opts.seq);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let (step_seconds, tokens, params) = match opts.kind.as_str() {
+        "sft" => {
+            let examples: Vec<SftSequence> = (0..batch)
+                .map(|_| SftSequence {
+                    input_ids: ids(&mut rng, seq, vocab),
+                    target: vec![true; seq],
+                    segments: None,
+                })
+                .collect();
+            let model = load_lm(&opts.model, &cfg, &device)?;
+            let params = model.num_params();
+            let objective = SftObjective { pad_id: 0 };
+            let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
+            (secs, batch * seq, params)
+        }
+        "reward" => {
+            let examples: Vec<RewardPair> = (0..batch)
+                .map(|_| RewardPair {
+                    chosen: ids(&mut rng, seq, vocab),
+                    rejected: ids(&mut rng, seq, vocab),
+                    margin: 0.0,
+                })
+                .collect();
+            let model = match &opts.model {
+                BenchModel::Dir(dir) => {
+                    crate::model::reward_model_from_causal_lm(dir, 0, &device)?.1
+                }
+                BenchModel::Fresh(_) => crate::model::random_reward_model(&cfg, 0, &device),
+            };
+            let params = model.num_params();
+            let objective = RewardObjective {
+                pad_id: 0,
+                center_rewards_coefficient: None,
+            };
+            let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
+            (secs, 2 * batch * seq, params)
+        }
+        "dpo" => {
+            let pairs = pairs(&mut rng, batch, seq, vocab);
+            let rows: Vec<&PromptCompletion> = pairs
+                .iter()
+                .map(|p| &p.chosen)
+                .chain(pairs.iter().map(|p| &p.rejected))
+                .collect();
+            let reference = load_lm(&opts.model, &cfg, &device.clone().inner())?;
+            let mut chosen = sequence_logps(&reference, &rows, 0, rows.len());
+            drop(reference);
+            let rejected = chosen.split_off(batch);
+            let examples: Vec<DpoExample> = pairs
+                .into_iter()
+                .zip(chosen.into_iter().zip(rejected))
+                .map(|(pair, (c, r))| DpoExample {
+                    pair,
+                    reference_chosen: c,
+                    reference_rejected: r,
+                })
+                .collect();
+            let p = DpoParams::default();
+            let objective = DpoObjective {
+                pad_id: 0,
+                loss: DpoLossConfig::new(&p.loss, p.loss.beta),
+                ld_alpha: p.loss.ld_alpha,
+                use_weighting: p.loss.use_weighting,
+            };
+            let model = load_lm(&opts.model, &cfg, &device)?;
+            let params = model.num_params();
+            let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
+            (secs, 2 * batch * seq, params)
+        }
+        "kto" => {
+            let pairs = pairs(&mut rng, batch, seq, vocab);
+            // The KL row of each example is its prompt with the next example's completion, as
+            // the stage pairs them.
+            let rows: Vec<UnpairedRow> = (0..batch)
+                .map(|i| UnpairedRow {
+                    row: i,
+                    sequence: pairs[i].chosen.clone(),
+                    kl: PromptCompletion {
+                        prompt: pairs[i].chosen.prompt.clone(),
+                        completion: pairs[(i + 1) % batch].chosen.completion.clone(),
+                    },
+                    desirable: i % 2 == 0,
+                })
+                .collect();
+            let sequences: Vec<&PromptCompletion> = rows
+                .iter()
+                .map(|r| &r.sequence)
+                .chain(rows.iter().map(|r| &r.kl))
+                .collect();
+            let mut reference = reference_sums(&opts.model, &cfg, &sequences, &device)?;
+            let reference_kl = reference.split_off(batch);
+            let examples: Vec<KtoExample> = rows
+                .into_iter()
+                .zip(reference.into_iter().zip(reference_kl))
+                .map(|(row, (reference, reference_kl))| KtoExample {
+                    row,
+                    reference,
+                    reference_kl,
+                })
+                .collect();
+            let objective = KtoObjective {
+                pad_id: 0,
+                loss: KtoLossConfig::from(&KtoParams::default()),
+            };
+            let model = load_lm(&opts.model, &cfg, &device)?;
+            let params = model.num_params();
+            let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
+            // The trained forward covers the rows; the KL rows run without a graph.
+            (secs, 2 * batch * seq, params)
+        }
+        _ => {
+            let loss = if opts.kind == "orpo" {
+                ReferenceFreeLoss::Orpo {
+                    beta: OrpoParams::default().beta,
+                }
+            } else {
+                ReferenceFreeLoss::Cpo(CpoLossConfig::from(&SimpoParams::default()))
+            };
+            let examples = pairs(&mut rng, batch, seq, vocab);
+            let objective = ReferenceFreeObjective { pad_id: 0, loss };
+            let model = load_lm(&opts.model, &cfg, &device)?;
+            let params = model.num_params();
+            let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
+            (secs, 2 * batch * seq, params)
+        }
+    };
+    Ok(BenchReport {
+        kind: opts.kind.clone(),
+        backend: opts.backend.as_str().to_string(),
+        tokens_per_second: tokens as f64 / step_seconds,
+        step_seconds,
+        peak_rss_mib: peak_rss_mib(),
+        params,
+    })
+}
+
+/// This process's peak resident memory in MiB (NaN where /proc is absent).
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}

@@ -1,0 +1,158 @@
+//! `rudder bench` end to end: the JSON report has exactly its keys and sane values, on a fresh
+//! configuration and on a Hugging Face directory, and bad requests are usage errors.
+
+mod common;
+
+use std::path::Path;
+
+use common::Scratch;
+
+fn report(s: &Scratch, args: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    let out = s.ok(args);
+    let value: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    value.as_object().expect("an object").clone()
+}
+
+fn check_sane(r: &serde_json::Map<String, serde_json::Value>, kind: &str, params: u64) {
+    let mut keys: Vec<&str> = r.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "backend",
+            "kind",
+            "params",
+            "peak_rss_mib",
+            "step_seconds",
+            "tokens_per_second"
+        ]
+    );
+    assert_eq!(r["kind"], kind);
+    assert_eq!(r["backend"], "cpu");
+    assert_eq!(r["params"].as_u64(), Some(params));
+    let step = r["step_seconds"].as_f64().unwrap();
+    let tps = r["tokens_per_second"].as_f64().unwrap();
+    let rss = r["peak_rss_mib"].as_f64().unwrap();
+    assert!(step > 0.0 && step.is_finite(), "{r:?}");
+    assert!(tps > 0.0 && tps.is_finite(), "{r:?}");
+    // At least the parameters and their AdamW moments (4 bytes each, three copies) are resident.
+    assert!(rss * 1024.0 * 1024.0 > 12.0 * params as f64, "{r:?}");
+    assert!(rss < 64.0 * 1024.0, "{r:?}");
+}
+
+#[test]
+fn fresh_model_steps_report_tokens_per_second() {
+    let s = Scratch::new();
+    // bench4m: embeddings 2048 x 256, lm_head 256 x 2048, 4 layers of 737,536 + 512, final norm.
+    let lm_params =
+        2 * 2048 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 704 + 512) + 256;
+    for kind in ["sft", "dpo", "kto", "orpo", "simpo"] {
+        let r = report(
+            &s,
+            &[
+                "bench",
+                kind,
+                "--model",
+                "fresh:bench4m",
+                "--batch",
+                "2",
+                "--seq",
+                "16",
+                "--steps",
+                "1",
+                "--json",
+            ],
+        );
+        check_sane(&r, kind, lm_params);
+        // 2 sequences (sft) or 2 pairs of 16 tokens per step.
+        let tokens = if kind == "sft" { 32.0 } else { 64.0 };
+        let step = r["step_seconds"].as_f64().unwrap();
+        let tps = r["tokens_per_second"].as_f64().unwrap();
+        assert!((tps * step - tokens).abs() < 1e-6 * tokens, "{r:?}");
+    }
+    // The reward model trades the LM head for a scalar score head.
+    let r = report(
+        &s,
+        &[
+            "bench",
+            "reward",
+            "--model",
+            "fresh:bench4m",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--json",
+        ],
+    );
+    check_sane(&r, "reward", lm_params - 256 * 2048 + 256);
+}
+
+#[test]
+fn a_hugging_face_directory_is_benchmarked() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/policy");
+    let s = Scratch::new();
+    let r = report(
+        &s,
+        &[
+            "bench",
+            "sft",
+            "--model",
+            fixtures.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--json",
+        ],
+    );
+    let params = r["params"].as_u64().unwrap();
+    check_sane(&r, "sft", params);
+    assert!(params > 0);
+    // The human-readable form names the numbers.
+    let text = s.ok(&[
+        "bench",
+        "sft",
+        "--model",
+        fixtures.to_str().unwrap(),
+        "--batch",
+        "1",
+        "--seq",
+        "8",
+        "--steps",
+        "1",
+    ]);
+    assert!(
+        text.contains("tokens/s") && text.contains("s/step"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_requests_are_usage_errors() {
+    let s = Scratch::new();
+    for args in [
+        &["bench", "ppo2", "--model", "fresh:bench4m"][..],
+        &["bench", "sft", "--model", "fresh:nope"],
+        &["bench", "sft", "--model", "fresh:bench4m", "--seq", "1"],
+        &[
+            "bench",
+            "sft",
+            "--model",
+            "fresh:bench4m",
+            "--backend",
+            "tpu",
+        ],
+    ] {
+        let out = s.rudder(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("error"));
+    }
+    // A directory that holds no model is a failure to run, not a crash.
+    let out = s.rudder(&["bench", "sft", "--model", "no-such-dir", "--steps", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
