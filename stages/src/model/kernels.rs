@@ -14,10 +14,10 @@
 //! Every entry point returns `None` when its tensors are not flex tensors (another backend, or
 //! a dtype other than f32): the caller then runs the generic code.
 
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, GradientCheckpointingStrategy, Tensor, TensorData};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::{Flex, FlexTensor};
@@ -307,6 +307,48 @@ fn dims(q: &[usize], k: &[usize], scale: f64) -> Option<Dims> {
     )
 }
 
+/// The autodiff form of [`attention`] on `Autodiff<Flex, $strategy>`: one expansion per
+/// checkpointing strategy a device can have (Burn's conversion trait for the strategy is not
+/// public, so the body cannot be generic over it).
+macro_rules! tracked_attention {
+    ($strategy:ty, $q:ident, $k:ident, $v:ident, $d:ident, $mask:ident, $out_shape:ident) => {{
+        type Ad = Autodiff<Flex, $strategy>;
+        let (q, k, v, d, mask, out_shape) = ($q, $k, $v, $d, $mask, $out_shape);
+        let (q, k, v) = (
+            q.try_into_primitive::<Ad>().ok()?,
+            k.try_into_primitive::<Ad>().ok()?,
+            v.try_into_primitive::<Ad>().ok()?,
+        );
+        let (qh, kh, vh) = (
+            flex_f32(q.primitive()),
+            flex_f32(k.primitive()),
+            flex_f32(v.primitive()),
+        );
+        let (out, lse) = forward(&qh, &kh, &vh, &d, mask);
+        let output = to_flex(out, out_shape);
+        let result = match AttentionBackward
+            .prepare::<$strategy>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                AttentionState {
+                    q: q.primitive().clone(),
+                    k: k.primitive().clone(),
+                    v: v.primitive().clone(),
+                    out: output.clone(),
+                    lse,
+                    dims: d,
+                    mask: mask.clone(),
+                },
+                output,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        Some(Tensor::from_primitive::<Ad>(result))
+    }};
+}
+
 /// Grouped-query attention, `softmax(scale * q k^T + mask) v`, query head `h` reading KV head
 /// `h / (heads / kv_heads)`, on flex tensors (plain or autodiff); `None` elsewhere.
 ///
@@ -332,39 +374,14 @@ pub fn attention(
     }
     let out_shape = vec![d.batch, d.heads, d.seq_q, d.dim];
     if q.device().is_autodiff() {
-        type Ad = Autodiff<Flex>;
-        let (q, k, v) = (
-            q.try_into_primitive::<Ad>().ok()?,
-            k.try_into_primitive::<Ad>().ok()?,
-            v.try_into_primitive::<Ad>().ok()?,
-        );
-        let (qh, kh, vh) = (
-            flex_f32(q.primitive()),
-            flex_f32(k.primitive()),
-            flex_f32(v.primitive()),
-        );
-        let (out, lse) = forward(&qh, &kh, &vh, &d, mask);
-        let output = to_flex(out, out_shape);
-        let result = match AttentionBackward
-            .prepare::<NoCheckpointing>([q.node(), k.node(), v.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                AttentionState {
-                    q: q.primitive().clone(),
-                    k: k.primitive().clone(),
-                    v: v.primitive().clone(),
-                    out: output.clone(),
-                    lse,
-                    dims: d,
-                    mask: mask.clone(),
-                },
-                output,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        };
-        Some(Tensor::from_primitive::<Ad>(result))
+        // Gradient checkpointing changes the autodiff backend's type, not only its behaviour;
+        // the kernel keeps what its backward needs, so it is the same op under either strategy.
+        match q.device().gradient_checkpointing_strategy() {
+            Some(GradientCheckpointingStrategy::Balanced) => {
+                tracked_attention!(BalancedCheckpointing, q, k, v, d, mask, out_shape)
+            }
+            _ => tracked_attention!(NoCheckpointing, q, k, v, d, mask, out_shape),
+        }
     } else {
         let (q, k, v) = (
             q.try_into_primitive::<Flex>().ok()?,
