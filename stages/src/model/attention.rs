@@ -10,7 +10,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use super::cache::LayerCache;
-use super::lora::LoraLinear;
+use super::lora::linear::LoraLinear;
 use super::mask::AttentionMask;
 use super::rope::Rotary;
 

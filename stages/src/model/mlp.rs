@@ -5,7 +5,7 @@ use burn::module::{Initializer, Module};
 use burn::nn::LinearConfig;
 use burn::tensor::{Device, Tensor, activation::silu};
 
-use super::lora::LoraLinear;
+use super::lora::linear::LoraLinear;
 
 /// Configuration of [`Mlp`].
 #[derive(Config, Debug)]
