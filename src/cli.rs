@@ -300,17 +300,22 @@ pub struct ReportArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The kind whose step is timed: sft, reward, dpo, kto, orpo or simpo.
+    /// What is timed: the step of sft, reward, dpo, kto, orpo or simpo; ppo-rollout or
+    /// ppo-update; or generate (greedy, with the KV cache).
     pub kind: String,
     /// A Hugging Face model directory, or `fresh:bench4m` / `fresh:smollm2-135m` (random weights).
     #[arg(long)]
     pub model: String,
-    /// Sequences (sft, kto) or pairs (reward, dpo, orpo, simpo) per step.
+    /// Sequences (sft, kto, ppo-*, generate) or pairs (reward, dpo, orpo, simpo) per step.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// Tokens per sequence.
+    /// Tokens per sequence (half prompt, half completion for the preference and PPO kinds);
+    /// prompt tokens for generate.
     #[arg(long, default_value_t = 256)]
     pub seq: usize,
+    /// Tokens generate adds to each prompt.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
     /// Timed steps, after two warm-up steps.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,

@@ -14,6 +14,16 @@ fn report(s: &Scratch, args: &[&str]) -> serde_json::Map<String, serde_json::Val
 }
 
 fn check_sane(r: &serde_json::Map<String, serde_json::Value>, kind: &str, params: u64) {
+    check_resident(r, kind, params, 12.0);
+}
+
+/// `bytes_per_param`: what must be resident per parameter (12 when AdamW's moments are).
+fn check_resident(
+    r: &serde_json::Map<String, serde_json::Value>,
+    kind: &str,
+    params: u64,
+    bytes_per_param: f64,
+) {
     let mut keys: Vec<&str> = r.keys().map(String::as_str).collect();
     keys.sort();
     assert_eq!(
@@ -35,8 +45,11 @@ fn check_sane(r: &serde_json::Map<String, serde_json::Value>, kind: &str, params
     let rss = r["peak_rss_mib"].as_f64().unwrap();
     assert!(step > 0.0 && step.is_finite(), "{r:?}");
     assert!(tps > 0.0 && tps.is_finite(), "{r:?}");
-    // At least the parameters and their AdamW moments (4 bytes each, three copies) are resident.
-    assert!(rss * 1024.0 * 1024.0 > 12.0 * params as f64, "{r:?}");
+    // At least the parameters (4 bytes each), and for training their AdamW moments, are resident.
+    assert!(
+        rss * 1024.0 * 1024.0 > bytes_per_param * params as f64,
+        "{r:?}"
+    );
     assert!(rss < 64.0 * 1024.0, "{r:?}");
 }
 
@@ -88,6 +101,52 @@ fn fresh_model_steps_report_tokens_per_second() {
         ],
     );
     check_sane(&r, "reward", lm_params - 256 * 2048 + 256);
+}
+
+#[test]
+fn ppo_and_generation_are_benchmarked() {
+    let s = Scratch::new();
+    let lm_params =
+        2 * 2048 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 704 + 512) + 256;
+    let value_params = lm_params - 256 * 2048 + 256;
+    let args = |kind: &'static str| {
+        [
+            "bench",
+            kind,
+            "--model",
+            "fresh:bench4m",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--new-tokens",
+            "5",
+            "--steps",
+            "1",
+            "--json",
+        ]
+    };
+    // The rollout runs the policy; the update trains the policy and the value model.
+    for (kind, params, tokens, bytes) in [
+        ("ppo-rollout", lm_params, 32.0, 4.0),
+        ("ppo-update", lm_params + value_params, 32.0, 12.0),
+        ("generate", lm_params, 10.0, 4.0),
+    ] {
+        let r = report(&s, &args(kind));
+        check_resident(&r, kind, params, bytes);
+        let step = r["step_seconds"].as_f64().unwrap();
+        let tps = r["tokens_per_second"].as_f64().unwrap();
+        assert!((tps * step - tokens).abs() < 1e-6 * tokens, "{kind}: {r:?}");
+    }
+    let out = s.rudder(&[
+        "bench",
+        "generate",
+        "--model",
+        "fresh:bench4m",
+        "--new-tokens",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 #[test]

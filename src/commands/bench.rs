@@ -16,6 +16,7 @@ pub fn run(args: &BenchArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
         model,
         batch: args.batch,
         seq: args.seq,
+        new_tokens: args.new_tokens,
         steps: args.steps,
         backend,
     };

@@ -5,6 +5,12 @@
 //! their reference log-probs from the cache as their stages do: they are computed once, before
 //! the timed steps, by the frozen starting model.
 //!
+//! `ppo-rollout` times one PPO rollout as the stage makes it (sampling with the KV cache, the
+//! reward model's score, the policy's and the reference's log-probs, the value model's values,
+//! GAE), `ppo-update` one minibatch update of the policy and the value model over a prepared
+//! rollout, and `generate` greedy decoding with the KV cache (every row generates exactly
+//! `new_tokens`: no stop token).
+//!
 //! This module owns the benchmark's inputs and its report; the CLI parses and prints.
 
 use std::path::PathBuf;
@@ -15,22 +21,36 @@ use burn::tensor::Device;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rudder_schema::Backend;
-use rudder_schema::kinds::{DpoParams, KtoParams, OrpoParams, SimpoParams};
+use rudder_schema::kinds::{DpoParams, KtoParams, OrpoParams, PpoParams, SimpoParams};
 use serde::Serialize;
 
 use crate::StageError;
+use crate::generate::{GenerateOptions, generate_ids};
 use crate::kinds::kto::{KtoExample, KtoObjective};
+use crate::kinds::ppo::{Ppo, PpoBatch};
 use crate::kinds::reward::{RewardObjective, RewardPair};
-use crate::logps::{PromptCompletion, sequence_logps};
+use crate::logps::{CompletionBatch, PromptCompletion, sequence_logps};
 use crate::losses::{CpoLossConfig, DpoLossConfig, KtoLossConfig};
-use crate::model::{CausalLm, ModelConfig, load_causal_lm, random_causal_lm};
+use crate::model::{CausalLm, ModelConfig, RewardModel, load_causal_lm, random_causal_lm};
 use crate::preference::{DpoExample, DpoObjective, TokenizedPair, UnpairedRow};
 use crate::preference::{ReferenceFreeLoss, ReferenceFreeObjective};
+use crate::rl::{LoopSettings, Samples, Trainees, update};
+use crate::train::adamw::AdamWConfig;
 use crate::train::{Hooks, Objective, StepRecord, TrainConfig, train};
 use crate::train::{SftObjective, SftSequence};
 
 /// The kinds whose step `rudder bench` times.
-pub const KINDS: [&str; 6] = ["sft", "reward", "dpo", "kto", "orpo", "simpo"];
+pub const KINDS: [&str; 9] = [
+    "sft",
+    "reward",
+    "dpo",
+    "kto",
+    "orpo",
+    "simpo",
+    "ppo-rollout",
+    "ppo-update",
+    "generate",
+];
 
 /// The named fresh configurations `--model fresh:NAME` accepts.
 pub const FRESH: [&str; 2] = ["bench4m", "smollm2-135m"];
@@ -92,10 +112,13 @@ pub fn fresh_config(name: &str) -> ModelConfig {
 pub struct BenchOptions {
     pub kind: String,
     pub model: BenchModel,
-    /// Sequences (sft, kto) or pairs (reward, dpo, orpo, simpo) per step.
+    /// Sequences (sft, kto, ppo, generate) or pairs (reward, dpo, orpo, simpo) per step.
     pub batch: usize,
-    /// Tokens per sequence.
+    /// Tokens per sequence: prompt and completion (half each for the preference and PPO
+    /// kinds); the prompt alone for `generate`.
     pub seq: usize,
+    /// Tokens `generate` adds to each prompt.
+    pub new_tokens: usize,
     /// Timed steps (after [`WARMUP_STEPS`]).
     pub steps: usize,
     pub backend: Backend,
@@ -106,7 +129,8 @@ pub struct BenchOptions {
 pub struct BenchReport {
     pub kind: String,
     pub backend: String,
-    /// Tokens through the trained model per second (every row of every step, padding none).
+    /// Tokens through the trained model per second (every row of every step, padding none);
+    /// for `generate`, generated tokens per second.
     pub tokens_per_second: f64,
     /// Mean seconds per timed step.
     pub step_seconds: f64,
@@ -220,9 +244,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             opts.kind
         )));
     }
-    if opts.batch == 0 || opts.seq < 2 || opts.steps == 0 {
+    if opts.batch == 0 || opts.seq < 2 || opts.steps == 0 || opts.new_tokens == 0 {
         return Err(BenchError::Usage(
-            "--batch and --steps must be at least 1 and --seq at least 2".into(),
+            "--batch, --steps and --new-tokens must be at least 1 and --seq at least 2".into(),
         ));
     }
     let device = crate::backend::training_device(opts.backend)?;
@@ -340,6 +364,22 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             // The trained forward covers the rows; the KL rows run without a graph.
             (secs, 2 * batch * seq, params)
         }
+        "ppo-rollout" | "ppo-update" => ppo(opts, &cfg, &mut rng, &device)?,
+        "generate" => {
+            let model = load_lm(&opts.model, &cfg, &device.clone().inner())?;
+            let prompts: Vec<Vec<u32>> = (0..batch).map(|_| ids(&mut rng, seq, vocab)).collect();
+            let gen_opts = GenerateOptions {
+                max_new_tokens: opts.new_tokens,
+                temperature: 0.0,
+                batch_size: batch,
+                use_cache: true,
+                ..GenerateOptions::default()
+            };
+            let secs = time_each(opts.steps, || {
+                generate_ids(&model, &prompts, &[], 0, &gen_opts).map(drop)
+            })?;
+            (secs, batch * opts.new_tokens, model.num_params())
+        }
         _ => {
             let loss = if opts.kind == "orpo" {
                 ReferenceFreeLoss::Orpo {
@@ -364,6 +404,172 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         peak_rss_mib: peak_rss_mib(),
         params,
     })
+}
+
+/// Runs `f` for warm-up + `steps` times; returns the timed runs' mean seconds.
+fn time_each(
+    steps: usize,
+    mut f: impl FnMut() -> Result<(), StageError>,
+) -> Result<f64, StageError> {
+    let mut total = 0.0;
+    for i in 0..WARMUP_STEPS + steps {
+        let start = Instant::now();
+        f()?;
+        if i >= WARMUP_STEPS {
+            total += start.elapsed().as_secs_f64();
+        }
+    }
+    Ok(total / steps as f64)
+}
+
+/// The PPO stage's algorithm with its default settings, over one minibatch of `rows`.
+fn ppo_algorithm(rows: usize) -> Ppo {
+    let p = PpoParams::default();
+    Ppo {
+        settings: LoopSettings {
+            ppo_epochs: 1,
+            num_mini_batches: 1,
+            micro_batch: rows,
+            temperature: p.rollout.temperature,
+            max_grad_norm: p.train.max_grad_norm,
+            pad_id: 0,
+            seed: 1,
+        },
+        kl_estimator: p.kl_estimator,
+        cliprange: p.cliprange,
+        cliprange_value: p.cliprange_value,
+        vf_coef: p.vf_coef,
+        gamma: p.gamma,
+        lam: p.lam,
+        whiten_rewards: p.whiten_rewards,
+        adaptive_kl: None,
+    }
+}
+
+/// The models of a PPO stage: the policy, its frozen reference, the value model (the policy's
+/// backbone with a fresh score head) and the reward model that scores (a second such model).
+struct PpoModels {
+    policy: CausalLm,
+    reference: CausalLm,
+    value: RewardModel,
+    judge: RewardModel,
+}
+
+impl PpoModels {
+    fn load(model: &BenchModel, cfg: &ModelConfig, device: &Device) -> Result<Self, StageError> {
+        let inference = device.clone().inner();
+        let reward = |seed: u64, device: &Device| match model {
+            BenchModel::Dir(dir) => {
+                Ok(crate::model::reward_model_from_causal_lm(dir, seed, device)?.1)
+            }
+            BenchModel::Fresh(_) => {
+                Ok::<_, StageError>(crate::model::random_reward_model(cfg, seed, device))
+            }
+        };
+        Ok(Self {
+            policy: load_lm(model, cfg, device)?,
+            reference: load_lm(model, cfg, &inference)?,
+            value: reward(0, device)?,
+            judge: reward(1, &inference)?,
+        })
+    }
+
+    /// One rollout of `prompts` with responses of `response` tokens, prepared for the update.
+    fn rollout(
+        &self,
+        algorithm: &Ppo,
+        prompts: &[Vec<u32>],
+        response: usize,
+        iteration: u64,
+    ) -> Result<PpoBatch, StageError> {
+        let policy = self.policy.valid();
+        let opts = GenerateOptions {
+            max_new_tokens: response,
+            temperature: algorithm.settings.temperature,
+            seed: iteration,
+            batch_size: prompts.len(),
+            use_cache: true,
+            ..GenerateOptions::default()
+        };
+        let generated = generate_ids(&policy, prompts, &[], 0, &opts)?;
+        let rows: Vec<PromptCompletion> = prompts
+            .iter()
+            .zip(generated)
+            .map(|(prompt, g)| PromptCompletion {
+                prompt: prompt.clone(),
+                completion: g.ids,
+            })
+            .collect();
+        let refs: Vec<&PromptCompletion> = rows.iter().collect();
+        let batch = CompletionBatch::new(&refs, 0, &self.judge.device());
+        let scores: Vec<f64> = self
+            .judge
+            .forward(batch.ids, Some(&batch.padding))
+            .into_data()
+            .iter::<f64>()
+            .collect();
+        let samples = Samples {
+            prompt_index: (0..rows.len()).collect(),
+            responses: vec![String::new(); rows.len()],
+            eos: vec![false; rows.len()],
+            scores,
+            rows,
+        };
+        let value = self.value.valid();
+        let kl_coef = PpoParams::default().kl_coef;
+        Ok(crate::kinds::ppo::prepare(
+            &policy,
+            &self.reference,
+            &value,
+            samples,
+            algorithm,
+            kl_coef,
+            iteration,
+        ))
+    }
+}
+
+/// `ppo-rollout` or `ppo-update`: `batch` prompts of half the sequence, responses of the rest.
+fn ppo(
+    opts: &BenchOptions,
+    cfg: &ModelConfig,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<(f64, usize, usize), BenchError> {
+    let (batch, seq) = (opts.batch, opts.seq);
+    let prompt_len = seq / 2;
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| ids(rng, prompt_len, cfg.vocab_size))
+        .collect();
+    let algorithm = ppo_algorithm(batch);
+    let models = PpoModels::load(&opts.model, cfg, device)?;
+    let policy_params = models.policy.num_params();
+    if opts.kind == "ppo-rollout" {
+        let mut iteration = 0;
+        let secs = time_each(opts.steps, || {
+            iteration += 1;
+            models
+                .rollout(&algorithm, &prompts, seq - prompt_len, iteration)
+                .map(drop)
+        })?;
+        return Ok((secs, batch * seq, policy_params));
+    }
+    let rollout = models.rollout(&algorithm, &prompts, seq - prompt_len, 1)?;
+    let params = policy_params + models.value.num_params();
+    let PpoModels { policy, value, .. } = models;
+    let lr = PpoParams::default().policy.learning_rate;
+    let mut trainees = Trainees::with_value(policy, value, AdamWConfig::default());
+    let mut total = 0.0;
+    for i in 0..WARMUP_STEPS + opts.steps {
+        let start = Instant::now();
+        let settings = &algorithm.settings;
+        let (trained, _) = update(&algorithm, trainees, &rollout, settings, 1, lr, device)?;
+        trainees = trained;
+        if i >= WARMUP_STEPS {
+            total += start.elapsed().as_secs_f64();
+        }
+    }
+    Ok((total / opts.steps as f64, batch * seq, params))
 }
 
 /// This process's peak resident memory in MiB (NaN where /proc is absent).
