@@ -1,6 +1,6 @@
 //! Fused kernels of the `cpu` (flex) backend, with their own backward pass on the autodiff
-//! device: attention (`attention.rs`), SwiGLU's `silu(gate) * up` (`swiglu.rs`) and RMSNorm
-//! (`rms_norm.rs`). Flex runs element-wise ops on one thread and Burn's autodiff keeps every
+//! device: attention (`attention.rs`), SwiGLU's `silu(gate) * up` (`swiglu.rs`), RMSNorm
+//! (`rms_norm.rs`) and the rotary embedding's rotation (`rope.rs`). Flex runs element-wise ops on one thread and Burn's autodiff keeps every
 //! intermediate of a composite op for the backward pass; each kernel here is one op on the graph,
 //! parallel over rows (or (batch, KV head) groups), keeping only what its backward needs.
 //!
@@ -18,10 +18,12 @@
 
 pub mod attention;
 pub mod rms_norm;
+pub mod rope;
 pub mod swiglu;
 
 pub use attention::{KeyMask, attention};
 pub use rms_norm::rms_norm;
+pub use rope::rope;
 pub use swiglu::swiglu;
 
 use burn::tensor::TensorData;
