@@ -109,7 +109,12 @@ fn profile(rows: usize, device: &Device) -> Vec<Row> {
 
     let norm = RmsNormConfig::new(HIDDEN).init(device);
     add(
-        "rms_norm",
+        "rms_norm, generic ops (for comparison)",
+        2 * LAYERS + 1,
+        fwd_bwd(h, device, |x| norm.forward_generic(x)),
+    );
+    add(
+        "rms_norm, fused kernel",
         2 * LAYERS + 1,
         fwd_bwd(h, device, |x| norm.forward(x)),
     );
@@ -177,9 +182,16 @@ fn profile(rows: usize, device: &Device) -> Vec<Row> {
         fwd_bwd([rows, SEQ, INTER], device, |x| down.forward(x))
     });
     add(
-        "silu(gate) * up",
+        "silu(gate) * up, generic ops (for comparison)",
         LAYERS,
         fwd_bwd([rows, SEQ, INTER], device, |x| silu(x.clone()) * x),
+    );
+    add(
+        "silu(gate) * up, fused kernel",
+        LAYERS,
+        fwd_bwd([rows, SEQ, INTER], device, |x| {
+            kernels::swiglu(x.clone(), x).expect("flex tensors")
+        }),
     );
     add(
         "residual adds",

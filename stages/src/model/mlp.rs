@@ -59,7 +59,18 @@ impl Mlp {
     /// - x: `[batch, seq, d_model]`
     /// - output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(swiglu(gate, self.up_proj.forward(x)))
     }
+}
+
+/// `silu(gate) * up`: one fused op on the `cpu` backend (`kernels/swiglu.rs`), Burn's ops
+/// elsewhere.
+fn swiglu(gate: Tensor<3>, up: Tensor<3>) -> Tensor<3> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = super::kernels::swiglu(gate.clone(), up.clone()) {
+        return out;
+    }
+    silu(gate) * up
 }

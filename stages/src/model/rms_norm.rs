@@ -41,6 +41,17 @@ impl RmsNorm {
     /// - x: `[..., size]`
     /// - output: same as x, same dtype as x
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        // The `cpu` backend's fused kernel (`kernels/rms_norm.rs`) for f32; the generic ops
+        // otherwise.
+        #[cfg(feature = "flex")]
+        if let Some(out) = super::kernels::rms_norm(x.clone(), self.weight.val(), self.eps) {
+            return out;
+        }
+        self.forward_generic(x)
+    }
+
+    /// [`Self::forward`] through Burn's tensor ops, on any backend.
+    pub fn forward_generic<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         // Half-precision activations are normalised in fp32, as transformers does.
         let x32 = if dtype == DType::F32 {

@@ -62,6 +62,16 @@ impl Rotary {
     /// - x: `[batch, heads, seq, head_dim]`
     /// - output: same as x
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        // The `cpu` backend's fused kernel (`kernels/rope.rs`); the generic ops otherwise.
+        #[cfg(feature = "flex")]
+        if let Some(out) = super::kernels::rope(x.clone(), &self.cos, &self.sin) {
+            return out;
+        }
+        self.apply_generic(x)
+    }
+
+    /// [`Self::apply`] through Burn's tensor ops, on any backend.
+    pub fn apply_generic(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, h, l, d] = x.dims();
         let half = d / 2;
         let x1 = x.clone().slice([0..b, 0..h, 0..l, 0..half]);
