@@ -73,7 +73,7 @@ impl Dims {
 
 /// `dst (m x n, row-major) = alpha * dst + beta * lhs * rhs` with explicit strides, one thread.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -237,12 +237,12 @@ fn backward(
     (dq, dk, dv)
 }
 
-fn flex_f32(t: &FlexTensor) -> Vec<f32> {
+pub(crate) fn flex_f32(t: &FlexTensor) -> Vec<f32> {
     let t = t.to_contiguous();
     t.as_slice::<f32>().expect("an f32 tensor").to_vec()
 }
 
-fn to_flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+pub(crate) fn to_flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 

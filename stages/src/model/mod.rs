@@ -4,6 +4,9 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod head;
+#[cfg(feature = "flex")]
+pub mod head_kernel;
 pub mod hf;
 #[cfg(feature = "flex")]
 pub mod kernels;
