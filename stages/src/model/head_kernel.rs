@@ -312,10 +312,6 @@ struct HeadState {
     dims: Dims,
 }
 
-fn contiguous_f32(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
-}
-
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
@@ -367,7 +363,7 @@ macro_rules! tracked_log_probs {
         type Ad = Autodiff<Flex, $strategy>;
         let h = $hidden.try_into_primitive::<Ad>().ok()?;
         let w = $weight.try_into_primitive::<Ad>().ok()?;
-        let (hp, wp) = (contiguous_f32(h.primitive()), contiguous_f32(w.primitive()));
+        let (hp, wp) = (h.primitive().to_contiguous(), w.primitive().to_contiguous());
         // The factor of the hidden states' gradient costs a second pass over the vocabulary:
         // only when that gradient is wanted.
         let f = forward(slice(&hp), slice(&wp), $picks, &$d, h.is_tracked());
@@ -441,7 +437,7 @@ pub fn log_probs(
     } else {
         let h = hidden.try_into_primitive::<Flex>().ok()?;
         let w = weight.try_into_primitive::<Flex>().ok()?;
-        let (hp, wp) = (contiguous_f32(&h), contiguous_f32(&w));
+        let (hp, wp) = (h.to_contiguous(), w.to_contiguous());
         let f = forward(slice(&hp), slice(&wp), picks, &d, false);
         let output = scatter(&f.logp, picks, slots);
         Some((Tensor::from_primitive::<Flex>(output), f.values))
