@@ -99,7 +99,7 @@ impl Dims {
     }
 
     /// `W` from vocabulary entry `v` on, for the strides above.
-    fn from_entry<'a>(&self, w: &'a [f32], v: usize) -> &'a [f32] {
+    fn weight_at_entry<'a>(&self, w: &'a [f32], v: usize) -> &'a [f32] {
         match self.layout {
             WeightLayout::VocabMajor => &w[v * self.d_model..],
             WeightLayout::ModelMajor => &w[v..],
@@ -275,7 +275,7 @@ fn weight_grad(
                     false,
                     hs,
                     (dm, 1),
-                    d.from_entry(w, v0),
+                    d.weight_at_entry(w, v0),
                     d.transposed_strides(),
                     d.scale,
                 );
