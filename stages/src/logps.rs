@@ -7,10 +7,10 @@
 //! what it is batched with.
 
 use burn::tensor::Device;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::CausalLm;
+use crate::model::head::PositionValues;
 
 /// A tokenised prompt and completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,12 +91,15 @@ pub fn vector(values: Vec<f32>, device: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(values, [n]), device)
 }
 
-/// Per-token completion log-probs of a batch, with the logits they came from.
+/// Per-token completion log-probs of a batch, with the hidden states they came from.
 pub struct CompletionLogps {
     /// `[rows, seq - 1]`: log-prob of token `j + 1`, zero outside completions.
     pub token_logps: Tensor<2>,
-    /// `[rows, seq, vocab]`
-    pub logits: Tensor<3>,
+    /// `[rows, seq, d_model]`: the final-norm hidden states, for other targets over the same
+    /// forward pass (ORPO's whole-sequence NLL).
+    pub hidden: Tensor<3>,
+    /// Row-major over `[rows, seq - 1]`, zero outside completions; when asked for.
+    pub values: Option<PositionValues>,
 }
 
 impl CompletionLogps {
@@ -112,26 +115,43 @@ impl CompletionLogps {
 
 /// Runs `model` over the batch and takes the log-prob of every completion token.
 pub fn completion_logps(model: &CausalLm, batch: &CompletionBatch) -> CompletionLogps {
-    let logits = model.forward(batch.ids.clone(), Some(&batch.padding), None);
-    let token_logps = token_logps(logits.clone(), batch);
+    completion_predictions(model, batch, false)
+}
+
+/// [`completion_logps`], with the [`PositionValues`] of every completion position when `values`
+/// is set (the fused head on `cpu` reads them in the same pass; elsewhere they cost a few
+/// passes over the vocabulary).
+pub fn completion_predictions(
+    model: &CausalLm,
+    batch: &CompletionBatch,
+    values: bool,
+) -> CompletionLogps {
+    let hidden = model
+        .model
+        .forward(batch.ids.clone(), Some(&batch.padding), None);
+    let predictions = model.predictions(hidden.clone(), &batch.targets, &batch.mask, 1.0, values);
     CompletionLogps {
-        token_logps,
-        logits,
+        token_logps: predictions.logps,
+        hidden,
+        values: predictions.values,
     }
 }
 
-/// `log_softmax(logits[j])[target_j]` on completion positions, zero elsewhere.
+/// `log_softmax(logits[j] / temperature)[target_j]` on the batch's completion positions, zero
+/// elsewhere, from `model`'s final-norm hidden states.
 ///
 /// # Shapes
-/// - logits: `[rows, seq, vocab]`
+/// - hidden: `[rows, seq, d_model]`
 /// - output: `[rows, seq - 1]`
-pub fn token_logps(logits: Tensor<3>, batch: &CompletionBatch) -> Tensor<2> {
-    let [n, seq, vocab] = logits.dims();
-    let logp = log_softmax(logits.slice([0..n, 0..seq - 1, 0..vocab]), 2);
-    let picked = logp
-        .gather(2, batch.targets.clone().unsqueeze_dim(2))
-        .reshape([n, seq - 1]);
-    picked * batch.mask.clone()
+pub fn token_logps(
+    model: &CausalLm,
+    hidden: Tensor<3>,
+    batch: &CompletionBatch,
+    temperature: f64,
+) -> Tensor<2> {
+    model
+        .predictions(hidden, &batch.targets, &batch.mask, temperature, false)
+        .logps
 }
 
 /// Argmax hits and predictive entropy of one row, summed over its completion positions.
@@ -142,40 +162,19 @@ pub struct PredictionStats {
     pub tokens: f64,
 }
 
-/// Per-row [`PredictionStats`] of `logits` against the batch's completion tokens: TRL's
-/// `mean_token_accuracy` and `entropy`. Read from values only; no gradient.
-pub fn prediction_stats(logits: Tensor<3>, batch: &CompletionBatch) -> Vec<PredictionStats> {
-    let [n, seq, vocab] = logits.dims();
-    let logits = logits.slice([0..n, 0..seq - 1, 0..vocab]);
-    let hits = logits
-        .clone()
-        .argmax(2)
-        .reshape([n, seq - 1])
-        .equal(batch.targets.clone())
-        .float()
-        * batch.mask.clone();
-    let logp = log_softmax(logits, 2);
-    let entropy = (logp.clone().exp() * logp)
-        .sum_dim(2)
-        .reshape([n, seq - 1])
-        .neg()
-        * batch.mask.clone();
-    let hits: Vec<f32> = hits
-        .sum_dim(1)
-        .into_data()
-        .try_to_vec::<f32>()
-        .expect("f32");
-    let entropy: Vec<f32> = entropy
-        .sum_dim(1)
-        .into_data()
-        .try_to_vec::<f32>()
-        .expect("f32");
-    hits.iter()
-        .zip(&entropy)
+/// Per-row [`PredictionStats`] from a batch's [`PositionValues`]: TRL's `mean_token_accuracy`
+/// and `entropy`.
+pub fn prediction_stats(values: &PositionValues, batch: &CompletionBatch) -> Vec<PredictionStats> {
+    let width = batch.padding.first().map_or(1, |row| row.len() - 1).max(1);
+    let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
+    values
+        .hits
+        .chunks(width)
+        .zip(values.entropy.chunks(width))
         .zip(&batch.lengths)
-        .map(|((&c, &h), &len)| PredictionStats {
-            correct: f64::from(c),
-            entropy: f64::from(h),
+        .map(|((hits, entropy), &len)| PredictionStats {
+            correct: sum(hits),
+            entropy: sum(entropy),
             tokens: len as f64,
         })
         .collect()
@@ -250,16 +249,40 @@ mod tests {
             completion: vec![1, 0],
         };
         let batch = CompletionBatch::new(&[&row], 0, &device);
+        // The head is the identity, so the hidden states are the logits.
         // Position 0: logits [0, ln 3] -> p(1) = 3/4; position 1: [0, 0] -> p(0) = 1/2.
-        let logits = Tensor::<3>::from_data(
+        let model = crate::model::head::identity_head(2, &device);
+        let hidden = Tensor::<3>::from_data(
             TensorData::new(vec![0.0, 3f32.ln(), 0.0, 0.0, 9.0, 9.0], [1, 3, 2]),
             &device,
         );
-        let got: Vec<f32> = token_logps(logits, &batch)
-            .into_data()
-            .try_to_vec()
-            .unwrap();
-        assert!((got[0] - 0.75f32.ln()).abs() < 1e-6);
-        assert!((got[1] - 0.5f32.ln()).abs() < 1e-6);
+        for temperature in [1.0, 0.5] {
+            let got: Vec<f32> = token_logps(&model, hidden.clone(), &batch, temperature)
+                .into_data()
+                .try_to_vec()
+                .unwrap();
+            // At temperature 1/2 the logits double: p(1) = 9/10 at position 0.
+            let p0 = if temperature == 1.0 { 0.75f32 } else { 0.9 };
+            assert!((got[0] - p0.ln()).abs() < 1e-6, "{got:?}");
+            assert!((got[1] - 0.5f32.ln()).abs() < 1e-6, "{got:?}");
+        }
+        let values = completion_predictions_from(&model, hidden, &batch);
+        let stats = prediction_stats(&values, &batch);
+        // Argmax at position 0 is 1 (the target); at position 1 a tie resolves to 0 (the target).
+        assert_eq!(stats[0].correct, 2.0);
+        let h = |p: f64| -(p * p.ln() + (1.0 - p) * (1.0 - p).ln());
+        assert!((stats[0].entropy - h(0.75) - h(0.5)).abs() < 1e-5);
+        assert_eq!(stats[0].tokens, 2.0);
+    }
+
+    fn completion_predictions_from(
+        model: &CausalLm,
+        hidden: Tensor<3>,
+        batch: &CompletionBatch,
+    ) -> PositionValues {
+        model
+            .predictions(hidden, &batch.targets, &batch.mask, 1.0, true)
+            .values
+            .unwrap()
     }
 }

@@ -280,24 +280,19 @@ pub fn ld_logps(
 
 /// WPO's per-sequence weights (TRL's `use_weighting`, Eq. 2 of the WPO paper):
 /// `exp(mean over completion tokens of (log p(token) - log sum_v p_v^2))` under the current
-/// policy, with `log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)`. Detached, as in TRL. The
-/// weight of a pair is `w_chosen * w_rejected`.
+/// policy (`log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)`, which the LM head's
+/// `PositionValues` carry). Detached, as in TRL. The weight of a pair is
+/// `w_chosen * w_rejected`.
 ///
 /// # Shapes
 /// - token_logps: `[n, T]` log-prob of the token at each position (values outside the mask are
 ///   ignored)
-/// - logits: `[n, T, V]` the logits that predicted those tokens (already shifted: position `j`
-///   predicts `token_logps[:, j]`)
+/// - log_sum_p2: `[n, T]` `log sum_v p_v^2` of the distribution that predicted each of those
+///   tokens
 /// - mask: `[n, T]` 1.0 on completion tokens
 /// - output: `[n]`
-pub fn wpo_weights(token_logps: Tensor<2>, logits: Tensor<3>, mask: Tensor<2>) -> Tensor<1> {
-    let logits = logits.detach();
-    let lse = |x: Tensor<3>| {
-        let max = x.clone().max_dim(2);
-        (x - max.clone()).exp().sum_dim(2).log() + max
-    };
-    let log_denom =
-        (lse(logits.clone().mul_scalar(2.0)) - lse(logits).mul_scalar(2.0)).squeeze_dim::<2>(2);
+pub fn wpo_weights(token_logps: Tensor<2>, log_sum_p2: Tensor<2>, mask: Tensor<2>) -> Tensor<1> {
+    let log_denom = log_sum_p2.detach();
     let in_completion = mask.clone().greater_elem(0.5).bool_not();
     let aligned = (token_logps.detach() - log_denom).mask_fill(in_completion, 0.0);
     let lengths = mask.sum_dim(1).clamp_min(1.0);
@@ -306,7 +301,6 @@ pub fn wpo_weights(token_logps: Tensor<2>, logits: Tensor<3>, mask: Tensor<2>) -
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Tensor, TensorData};
 
     use super::*;
     use crate::losses::test_util::*;
@@ -390,15 +384,14 @@ mod tests {
         let log_sum_p2 = lse(&z.map(|v| 2.0 * v)) - 2.0 * lse(z);
         let expected = (token_logp - log_sum_p2).exp();
 
-        let flat: Vec<f32> = logits.iter().flatten().map(|&v| v as f32).collect();
-        let logits =
-            Tensor::<3>::from_data(TensorData::new(flat, [1, 2, 3]), &device()).require_grad();
         let token_logps = t2(&[&[token_logp as f32, -50.0]]).require_grad();
+        // The second position's value is not a completion token's: ignored.
+        let log_sum_p2 = t2(&[&[log_sum_p2 as f32, 7.0]]).require_grad();
         let mask = t2(&[&[1.0, 0.0]]);
-        let w = wpo_weights(token_logps.clone(), logits.clone(), mask);
+        let w = wpo_weights(token_logps.clone(), log_sum_p2.clone(), mask);
         close(values(w.clone())[0], expected, 1e-6);
         let grads = w.sum().backward();
         assert!(token_logps.grad(&grads).is_none());
-        assert!(logits.grad(&grads).is_none());
+        assert!(log_sum_p2.grad(&grads).is_none());
     }
 }

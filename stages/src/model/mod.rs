@@ -4,6 +4,8 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod head;
+#[cfg(feature = "flex")]
 pub mod hf;
 #[cfg(feature = "flex")]
 pub mod kernels;

@@ -18,7 +18,8 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::pairs::TokenizedPair;
 use crate::logps::{
-    CompletionBatch, PromptCompletion, completion_logps, prediction_stats, sequence_logps, vector,
+    CompletionBatch, PromptCompletion, completion_predictions, prediction_stats, sequence_logps,
+    vector,
 };
 use crate::losses::{DpoLossConfig, PairLogps, dpo_loss, ld_logps, wpo_weights};
 use crate::model::CausalLm;
@@ -88,7 +89,8 @@ impl Objective for DpoObjective {
             .chain(examples.iter().map(|e| &e.pair.rejected))
             .collect();
         let batch = CompletionBatch::new(&rows, self.pad_id, device);
-        let out = completion_logps(model, &batch);
+        let out = completion_predictions(model, &batch, true);
+        let values = out.values.as_ref().expect("the values were asked for");
         let [_, width] = out.token_logps.dims();
         let sums = out.sums();
         let lengths = batch.length_tensor(device);
@@ -138,9 +140,11 @@ impl Objective for DpoObjective {
             sft_chosen: self.ld_alpha.map(|_| plain_chosen.clone()),
         };
         let pair_weights = self.use_weighting.then(|| {
-            let [rows, seq, vocab] = out.logits.dims();
-            let shifted = out.logits.clone().slice([0..rows, 0..seq - 1, 0..vocab]);
-            let w = wpo_weights(out.token_logps.clone(), shifted, batch.mask.clone());
+            let log_sum_p2 = Tensor::from_data(
+                TensorData::new(values.log_sum_p2.clone(), [2 * n, width]),
+                &out.token_logps.device(),
+            );
+            let w = wpo_weights(out.token_logps.clone(), log_sum_p2, batch.mask.clone());
             w.clone().slice(0..n) * w.slice(n..2 * n)
         });
         let losses = dpo_loss(&logps, &self.loss, pair_weights);
@@ -149,7 +153,7 @@ impl Objective for DpoObjective {
         let chosen_rewards = host(losses.chosen_rewards.clone().inner());
         let rejected_rewards = host(losses.rejected_rewards.clone().inner());
         let policy_sums = host(sums.inner());
-        let stats = prediction_stats(out.logits.inner(), &batch_inner(&batch));
+        let stats = prediction_stats(values, &batch);
         let wins = chosen_rewards
             .iter()
             .zip(&rejected_rewards)
@@ -177,17 +181,6 @@ impl Objective for DpoObjective {
                 MetricValue::cumulative("num_tokens", real_tokens as f64),
             ],
         })
-    }
-}
-
-/// The batch's targets and mask on the inner backend, for metrics computed without a graph.
-fn batch_inner(batch: &CompletionBatch) -> CompletionBatch {
-    CompletionBatch {
-        ids: batch.ids.clone().inner(),
-        padding: batch.padding.clone(),
-        targets: batch.targets.clone().inner(),
-        mask: batch.mask.clone().inner(),
-        lengths: batch.lengths.clone(),
     }
 }
 

@@ -115,10 +115,12 @@ impl Objective for ReferenceFreeObjective {
                 let whole = whole_sequences(pairs);
                 let whole: Vec<&PromptCompletion> = whole.iter().collect();
                 let chosen_batch = CompletionBatch::new(&whole, self.pad_id, device);
-                let [_, seq, vocab] = out.logits.dims();
+                let [_, seq, d_model] = out.hidden.dims();
                 let width = chosen_batch.padding[0].len().min(seq);
-                let logits = out.logits.clone().slice([0..n, 0..width, 0..vocab]);
-                let whole_sums = token_logps(logits, &chosen_batch).sum_dim(1).reshape([n]);
+                let hidden = out.hidden.clone().slice([0..n, 0..width, 0..d_model]);
+                let whole_sums = token_logps(model, hidden, &chosen_batch, 1.0)
+                    .sum_dim(1)
+                    .reshape([n]);
                 let nll = token_mean_nll(whole_sums, chosen_batch.length_tensor(device));
                 let used = split(&averages);
                 let losses = orpo_loss(used.0.clone(), used.1.clone(), nll.clone(), beta);

@@ -89,10 +89,10 @@ pub fn policy_token_logps(
     batch: &CompletionBatch,
     temperature: f64,
 ) -> Tensor<2> {
-    let logits = model
-        .forward(batch.ids.clone(), Some(&batch.padding), None)
-        .div_scalar(temperature);
-    token_logps(logits, batch)
+    let hidden = model
+        .model
+        .forward(batch.ids.clone(), Some(&batch.padding), None);
+    token_logps(model, hidden, batch, temperature)
 }
 
 /// Where row `i`'s completion tokens sit in a `[rows, seq - 1]` layout: from

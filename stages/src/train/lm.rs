@@ -64,8 +64,10 @@ impl Objective for SftObjective {
         device: &Device,
     ) -> Result<Forward, TrainError> {
         let batch = Batch::new(examples, self.pad_id, device);
-        let logits = model.forward(batch.ids.clone(), Some(&batch.padding), None);
-        let stats = token_stats(logits, &batch);
+        let hidden = model
+            .model
+            .forward(batch.ids.clone(), Some(&batch.padding), None);
+        let stats = head_token_stats(model, hidden, &batch);
         let real: usize = examples.iter().map(|s| s.input_ids.len()).sum();
         Ok(Forward {
             loss_sum: stats.nll_sum,
@@ -145,6 +147,24 @@ pub struct TokenStats {
     pub entropy_sum: f64,
 }
 
+/// NLL, accuracy and entropy of `model`'s head over final-norm hidden states
+/// (`[batch, seq, d_model]`) against the batch's targets, through [`CausalLm::predictions`] (the
+/// fused head on `cpu`: the `[batch, seq, vocab]` logits are never built).
+pub fn head_token_stats(model: &CausalLm, hidden: Tensor<3>, batch: &Batch) -> TokenStats {
+    let predictions = model.predictions(hidden, &batch.targets, &batch.target_mask, 1.0, true);
+    let values = predictions.values.expect("the values were asked for");
+    let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
+    // The log-probs are zero off the mask already.
+    let nll_sum = predictions.logps.neg().sum();
+    TokenStats {
+        nll_sum,
+        correct: sum(&values.hits),
+        targets: batch.target_mask.clone().sum().into_scalar::<f64>(),
+        // TRL 1.16 averages the predictive entropy over the trained positions.
+        entropy_sum: sum(&values.entropy),
+    }
+}
+
 /// NLL, accuracy and entropy of `logits` (`[batch, seq, vocab]`) against the batch's targets.
 pub fn token_stats(logits: Tensor<3>, batch: &Batch) -> TokenStats {
     let [n, seq, vocab] = logits.dims();
@@ -209,16 +229,21 @@ mod tests {
             TensorData::new(vec![3f32.ln(), 0.0, 0.0, 0.0, 5.0, 5.0], [1, 3, 2]),
             &device,
         );
-        let stats = token_stats(logits, &batch);
-        let nll: f64 = stats.nll_sum.into_scalar::<f64>();
-        let expect = -(0.75f64.ln()) - 0.5f64.ln();
-        assert!((nll - expect).abs() < 1e-6, "{nll} vs {expect}");
-        // argmax at position 0 is 0 (correct); at position 1 a tie resolves to 0 (wrong).
-        assert_eq!(stats.correct, 1.0);
-        assert_eq!(stats.targets, 2.0);
-        let h = |p: f64| -(p * p.ln() + (1.0 - p) * (1.0 - p).ln());
-        let expect_h = h(0.75) + h(0.5);
-        assert!((stats.entropy_sum - expect_h).abs() < 1e-5);
+        // The same logits as hidden states under an identity head: through the LM head's
+        // predictions (the fused head on `cpu`).
+        let model = crate::model::head::identity_head(2, &device);
+        let through_head = head_token_stats(&model, logits.clone(), &batch);
+        for stats in [token_stats(logits, &batch), through_head] {
+            let nll: f64 = stats.nll_sum.into_scalar::<f64>();
+            let expect = -(0.75f64.ln()) - 0.5f64.ln();
+            assert!((nll - expect).abs() < 1e-6, "{nll} vs {expect}");
+            // argmax at position 0 is 0 (correct); at position 1 a tie resolves to 0 (wrong).
+            assert_eq!(stats.correct, 1.0);
+            assert_eq!(stats.targets, 2.0);
+            let h = |p: f64| -(p * p.ln() + (1.0 - p) * (1.0 - p).ln());
+            let expect_h = h(0.75) + h(0.5);
+            assert!((stats.entropy_sum - expect_h).abs() < 1e-5);
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! or another dtype): the caller then runs the generic code.
 
 pub mod attention;
+pub mod head;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
