@@ -541,14 +541,16 @@ fn a_lora_stage_continues_the_incoming_adapter_on_the_same_base() {
         );
     }
 
-    // Continued: DPO's A is SFT's A moved by two small steps. Fresh: a new Kaiming draw.
+    // Continued: DPO's A is SFT's trained A moved by two small steps. Fresh: a new draw from
+    // the stage's seed (the same seed as SFT's, so SFT's initial A), which SFT's three larger
+    // steps moved away from.
     let a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
     let b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
     let sft_a = tensor(&weights(&sft), a);
     let continued = max_abs_diff(&tensor(&weights(&dpo), a), &sft_a);
     let drawn = max_abs_diff(&tensor(&weights(&fresh), a), &sft_a);
     assert!(
-        continued < 1e-2 && drawn > 5e-2,
+        continued < 3e-3 && continued < 0.5 * drawn,
         "continued {continued}, fresh {drawn}"
     );
     // SFT's B is trained away from zero and DPO keeps it; the fresh adapter's B starts at
