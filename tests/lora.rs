@@ -1,7 +1,8 @@
 //! LoRA through the binary: an SFT stage with a `lora` table commits the merged model and a
-//! PEFT adapter directory, every other training kind trains fresh adapters on it, `export` writes the merged
-//! model or the adapter alone, and a `[models]` node starts from an existing PEFT adapter,
-//! whose files are part of its key.
+//! PEFT adapter directory, every other training kind trains fresh adapters on it
+//! (`merge_adapter = true`) or continues its adapter on the same base, `export` writes the
+//! merged model or the adapter alone, and a `[models]` node starts from an existing PEFT
+//! adapter, whose files are part of its key.
 
 mod common;
 
@@ -40,6 +41,7 @@ lora = { r = 4, alpha = 8, target_modules = "all-linear" }
 [stages.dpo]
 kind = "dpo"
 model = "sft"
+merge_adapter = true
 data = "prefs"
 learning_rate = 1e-3
 batch_size = 16
@@ -60,6 +62,7 @@ lora = { r = 2, alpha = 4 }
 [stages.grpo]
 kind = "grpo"
 model = "sft"
+merge_adapter = true
 reward = { rule = "length", target = 20 }
 data = "instructions"
 learning_rate = 1e-4
@@ -74,6 +77,7 @@ lora = { r = 2, alpha = 4 }
 [stages.kto]
 kind = "kto"
 model = "sft"
+merge_adapter = true
 data = "prefs"
 learning_rate = 1e-3
 batch_size = 16
@@ -84,6 +88,7 @@ lora = { r = 2, alpha = 4 }
 [stages.orpo]
 kind = "orpo"
 model = "sft"
+merge_adapter = true
 data = "prefs"
 learning_rate = 1e-3
 batch_size = 16
@@ -94,6 +99,7 @@ lora = { r = 2, alpha = 4 }
 [stages.simpo]
 kind = "simpo"
 model = "sft"
+merge_adapter = true
 data = "prefs"
 learning_rate = 1e-3
 batch_size = 16
@@ -104,6 +110,7 @@ lora = { r = 2, alpha = 4 }
 [stages.ppo]
 kind = "ppo"
 model = "sft"
+merge_adapter = true
 reward = "rm"
 data = "instructions"
 learning_rate = 1e-4
@@ -118,6 +125,7 @@ lora = { r = 2, alpha = 4 }
 [stages.rloo]
 kind = "rloo"
 model = "sft"
+merge_adapter = true
 reward = { rule = "length", target = 20 }
 data = "instructions"
 learning_rate = 1e-4
@@ -246,7 +254,8 @@ fn lora_stages_commit_peft_adapters_and_merged_models() {
         std::fs::read(sft.join("model.safetensors")).unwrap(),
         std::fs::read(s.path("model/model.safetensors")).unwrap()
     );
-    // DPO trains its own adapters (q_proj and v_proj by default) on the merged SFT model.
+    // With `merge_adapter`, DPO trains its own adapters (q_proj and v_proj by default) on the
+    // merged SFT model.
     let dpo_names = tensor_names(&path("dpo").join("adapter/adapter_model.safetensors"));
     assert_eq!(dpo_names.len(), 8);
     assert!(
@@ -274,6 +283,48 @@ fn lora_stages_commit_peft_adapters_and_merged_models() {
         let names = tensor_names(&path(stage).join("adapter/adapter_model.safetensors"));
         assert_eq!(names.len(), 8, "{stage}: {names:?}");
     }
+
+    // PPO's value model trains adapters of the stage's settings on its frozen base (the
+    // reward model `rm`) and its score head in full, as PEFT's SEQ_CLS task does.
+    let value = path("ppo").join("value");
+    let value_config = adapter_config(&value);
+    assert_eq!(value_config["task_type"], "SEQ_CLS");
+    assert_eq!(
+        value_config["modules_to_save"],
+        serde_json::json!(["score"])
+    );
+    let value_names = tensor_names(&value.join("adapter/adapter_model.safetensors"));
+    assert_eq!(value_names.len(), 9, "{value_names:?}");
+    assert!(value_names.contains(&"base_model.model.score.weight".to_string()));
+    // Untargeted weights are the base's, bit for bit; the score head moved.
+    let embed = "model.embed_tokens.weight";
+    assert_eq!(
+        tensor(&value.join("model.safetensors"), embed),
+        tensor(&rm.join("model.safetensors"), embed)
+    );
+    assert_ne!(
+        tensor(&value.join("model.safetensors"), "score.weight"),
+        tensor(&rm.join("model.safetensors"), "score.weight")
+    );
+
+    // Each stage's manifest records its measured peak memory, which `show` prints beside the
+    // plan's estimate.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sft.join("manifest.json")).unwrap()).unwrap();
+    let peak = &manifest["peak_memory"];
+    assert_eq!(peak["format"], 1, "{manifest}");
+    assert!(peak["bytes"].as_u64().unwrap() > 1 << 20, "{peak}");
+    assert!(
+        matches!(peak["scope"].as_str(), Some("stage" | "process")),
+        "{peak}"
+    );
+    let shown = s.ok(&["show", "recipe.toml", "sft"]);
+    assert!(
+        shown.lines().any(|l| l.contains("memory    peak")
+            && l.contains("measured")
+            && l.contains("estimated")),
+        "{shown}"
+    );
 
     // Export: the merged model without the adapter, or the adapter alone.
     assert!(s.path("exported/merged/model.safetensors").is_file());
@@ -322,4 +373,239 @@ fn export_of_the_adapter_needs_a_lora_stage() {
     assert_eq!(out.status.code(), Some(1));
     let err = common::stderr(&out);
     assert!(err.contains("was not trained with `lora`"), "{err}");
+}
+
+fn adapter_config(artifact: &Path) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(artifact.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn tensor(path: &Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The first logged step's metrics of a stage.
+fn first_step(artifact: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(artifact.join("metrics.jsonl")).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+const CONTINUED: &str = r#"
+[recipe]
+seed = 1
+
+[models.base]
+hf = "model"
+
+[models.adapted]
+hf = "model"
+adapter = "peft_adapter"
+
+[datasets.instructions]
+path = "sft.jsonl"
+
+[datasets.prefs]
+path = "prefs.jsonl"
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = "instructions"
+learning_rate = 1e-2
+batch_size = 16
+max_steps = 3
+shuffle = false
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+
+[stages.dpo]
+kind = "dpo"
+model = "sft"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 2
+shuffle = false
+logging_steps = 1
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+
+[stages.dpo_fresh]
+kind = "dpo"
+model = "sft"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 2
+shuffle = false
+logging_steps = 1
+merge_adapter = true
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+
+[stages.sft_more]
+kind = "sft"
+model = "dpo"
+data = "instructions"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+
+[stages.from_adapter]
+kind = "sft"
+model = "adapted"
+data = "instructions"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+logging_steps = 1
+lora = { r = 4, alpha = 16, use_rslora = true }
+"#;
+
+#[test]
+fn a_lora_stage_continues_the_incoming_adapter_on_the_same_base() {
+    let s = scratch();
+    s.write("recipe.toml", CONTINUED);
+    s.ok(&["run", "recipe.toml"]);
+    // The continuing stages read the base the adapter was trained on (the lockfile lists it
+    // among their inputs); the one that merges first does not.
+    let lock = s.read("recipe.lock");
+    let entry = |node: &str| -> String {
+        let start = lock.find(&format!("name = \"{node}\"\n")).unwrap();
+        let end = lock[start..]
+            .find("[[node]]")
+            .map_or(lock.len(), |e| start + e);
+        lock[start..end].to_owned()
+    };
+    let base_input = |node: &str| format!("adapter_base = \"{}\"", s.key("recipe.toml", node));
+    for node in ["dpo", "sft_more"] {
+        assert!(entry(node).contains(&base_input("base")), "{}", entry(node));
+    }
+    assert!(entry("from_adapter").contains(&base_input("adapted")));
+    assert!(!entry("dpo_fresh").contains("adapter_base"));
+    assert!(!entry("sft").contains("adapter_base"));
+    let path = |node: &str| {
+        let out = s.ok(&["show", "recipe.toml", node, "--path"]);
+        Path::new(out.trim()).to_path_buf()
+    };
+    let (sft, dpo, fresh, more) = (
+        path("sft"),
+        path("dpo"),
+        path("dpo_fresh"),
+        path("sft_more"),
+    );
+
+    // One adapter over one base, named in every adapter_config along the chain.
+    let base = s.key("recipe.toml", "base");
+    for artifact in [&sft, &dpo, &more] {
+        assert_eq!(
+            adapter_config(artifact)["base_model_name_or_path"],
+            base.as_str()
+        );
+    }
+    assert_eq!(
+        adapter_config(&fresh)["base_model_name_or_path"],
+        s.key("recipe.toml", "sft").as_str()
+    );
+    let weights = |artifact: &Path| artifact.join("adapter/adapter_model.safetensors");
+    assert_eq!(tensor_names(&weights(&dpo)), tensor_names(&weights(&sft)));
+
+    // The DPO policy starts as the SFT artifact (base + SFT adapter), which is also its
+    // reference: at the first step the implicit rewards vanish and the loss is ln 2. A policy
+    // started from the bare base would differ from the reference there.
+    for artifact in [&dpo, &fresh] {
+        let step = first_step(artifact);
+        let margin = step["rewards/margins"].as_f64().unwrap();
+        let chosen = step["rewards/chosen"].as_f64().unwrap();
+        assert!(margin.abs() < 1e-5 && chosen.abs() < 1e-5, "{step}");
+        assert!(
+            (step["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5,
+            "{step}"
+        );
+    }
+
+    // Continued: DPO's A is SFT's trained A moved by two small steps. Fresh: a new draw from
+    // the stage's seed (the same seed as SFT's, so SFT's initial A), which SFT's three larger
+    // steps moved away from.
+    let a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let sft_a = tensor(&weights(&sft), a);
+    let continued = max_abs_diff(&tensor(&weights(&dpo), a), &sft_a);
+    let drawn = max_abs_diff(&tensor(&weights(&fresh), a), &sft_a);
+    assert!(
+        continued < 3e-3 && continued < 0.5 * drawn,
+        "continued {continued}, fresh {drawn}"
+    );
+    // SFT's B is trained away from zero and DPO keeps it; the fresh adapter's B starts at
+    // zero, so after two steps of lr 1e-3 it is near it.
+    let sft_b = tensor(&weights(&sft), b);
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(max_abs_diff(&tensor(&weights(&dpo), b), &sft_b) < 0.5 * norm(&sft_b));
+    assert!(norm(&tensor(&weights(&fresh), b)) < 0.5 * norm(&sft_b));
+
+    // A model node's adapter is continued too: the SFT step starts from base + that adapter,
+    // with its settings (the file's r 4, alpha 16, rsLoRA on q/v).
+    let from_adapter = path("from_adapter");
+    let names = tensor_names(&weights(&from_adapter));
+    assert_eq!(
+        names,
+        tensor_names(&s.path("peft_adapter/adapter_model.safetensors"))
+    );
+    // The file's B is zero, so its A receives no gradient in the one step: it stays the file's
+    // A exactly (a fresh adapter would be a new draw), while B moves.
+    let init = s.path("peft_adapter/adapter_model.safetensors");
+    assert_eq!(tensor(&weights(&from_adapter), a), tensor(&init, a));
+    assert!(tensor(&weights(&from_adapter), b).iter().any(|x| *x != 0.0));
+
+    // Cached on a second run; `merge_adapter` is in the key.
+    assert!(s.to_run("recipe.toml").is_empty());
+    let before = s.key("recipe.toml", "dpo");
+    s.write(
+        "recipe.toml",
+        &CONTINUED.replace(
+            "logging_steps = 1\nlora",
+            "logging_steps = 1\nmerge_adapter = true\nlora",
+        ),
+    );
+    assert_ne!(s.key("recipe.toml", "dpo"), before);
+}
+
+#[test]
+fn a_continued_adapter_must_keep_its_settings() {
+    let s = scratch();
+    let text = CONTINUED.replacen(
+        "logging_steps = 1\nlora = { r = 4, alpha = 8,",
+        "logging_steps = 1\nlora = { r = 2, alpha = 8,",
+        1,
+    );
+    s.write("recipe.toml", &text);
+    let out = s.rudder(&["validate", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("continues the LoRA adapter that `sft` trained"),
+        "{err}"
+    );
+    assert!(err.contains("`r` is 2 here and 4 there"), "{err}");
+    assert!(err.contains("merge_adapter = true"), "{err}");
+    // Located at the stage's `lora.r`.
+    let line = text.lines().position(|l| l.contains("r = 2")).unwrap() + 1;
+    assert!(err.contains(&format!("recipe.toml:{line}:")), "{err}");
 }

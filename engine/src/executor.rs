@@ -393,7 +393,11 @@ impl<'a> Run<'a> {
             progress,
             interrupted: self.interrupted,
         };
+        // A command stage's memory is its own process's, which this one does not see.
+        let peak = (entry.kind != "command").then(crate::peak::PeakWatch::start);
         let result = runner.run_noted(&ctx);
+        let peak_memory = peak.as_ref().and_then(crate::peak::PeakWatch::peak);
+        drop(peak);
         let (outcome, notes) = match result {
             Ok(outcome) if !self.interrupted.load(Ordering::Relaxed) => outcome,
             Ok(_) => {
@@ -449,6 +453,7 @@ impl<'a> Run<'a> {
             rudder_version: env!("CARGO_PKG_VERSION").into(),
             started: humantime::format_rfc3339_seconds(started).to_string(),
             seconds: clock.elapsed().as_secs_f64(),
+            peak_memory,
         };
         self.store.commit(pending, &manifest)?;
         let _ = std::fs::remove_dir_all(&work_dir);
@@ -489,11 +494,11 @@ impl<'a> Run<'a> {
                         (NodeBody::Model(model), _) => match &model.spec.hf {
                             Some(hf) => (
                                 Some(self.recipe.dir.join(hf)),
-                                match &model.spec.adapter {
-                                    Some(adapter) => InputKind::AdaptedModel {
+                                match (&model.spec.adapter, input.bare) {
+                                    (Some(adapter), false) => InputKind::AdaptedModel {
                                         adapter: self.recipe.dir.join(adapter),
                                     },
-                                    None => InputKind::Model,
+                                    _ => InputKind::Model,
                                 },
                             ),
                             None => (

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 
 use petgraph::Direction;
 use petgraph::graph::{DiGraph, NodeIndex};
-use rudder_schema::kinds::{PartInput, PartSpec};
-use rudder_schema::{Diagnostic, NodeBody, Recipe, RecipeErrors, Target, ValuePath};
+use rudder_schema::kinds::{ADAPTER_BASE_ROLE, CONTINUES_ADAPTERS, PartInput, PartSpec};
+use rudder_schema::{Diagnostic, Node, NodeBody, Recipe, RecipeErrors, Target, ValuePath};
 
 use crate::error::EngineError;
 
@@ -39,6 +39,9 @@ pub struct Input {
     pub source: Source,
     /// Where the reference was written, for error messages.
     pub path: Option<ValuePath>,
+    /// A model node's `hf` directory without its `adapter` (the base that adapter was trained
+    /// on, which a stage continuing the adapter reads).
+    pub bare: bool,
 }
 
 /// One vertex of the graph.
@@ -111,6 +114,7 @@ impl Graph {
             Target::Path(path) => Source::File(path.clone()),
         };
         let mut wiring: Vec<(NodeIndex, Vec<Input>, Vec<NodeIndex>)> = Vec::new();
+        let mut lora_errors: Vec<Diagnostic> = Vec::new();
         for node in &recipe.nodes {
             let stage_index = by_name[&node.name];
             let own_inputs: Vec<Input> = node
@@ -120,6 +124,7 @@ impl Graph {
                     role: input.field.role.clone(),
                     source: resolve(&input.target),
                     path: Some(input.path.clone()),
+                    bare: false,
                 })
                 .collect();
             let NodeBody::Stage(stage) = &node.body else {
@@ -146,6 +151,7 @@ impl Graph {
                                 output: None,
                             },
                             path: None,
+                            bare: false,
                         }),
                     })
                     .collect();
@@ -160,9 +166,21 @@ impl Graph {
                         output: None,
                     },
                     path: None,
+                    bare: false,
                 });
             }
+            match adapter_base(recipe, node, recipe.nodes.len()) {
+                Ok(Some(base)) => inputs.push(Input {
+                    source: resolve(&base.target),
+                    ..base.input
+                }),
+                Ok(None) => {}
+                Err(diagnostic) => lora_errors.push(diagnostic),
+            }
             wiring.push((stage_index, inputs, after));
+        }
+        if !lora_errors.is_empty() {
+            return Err(RecipeErrors::new(recipe.sources.clone(), lora_errors).into());
         }
         for (index, inputs, after) in wiring {
             for input in &inputs {
@@ -225,6 +243,85 @@ impl Graph {
             .copied()
             .filter(|&i| self.graph[i].node == node)
             .collect()
+    }
+}
+
+/// The [`ADAPTER_BASE_ROLE`] input of a stage that continues an incoming adapter, with the
+/// reference it resolves to.
+struct AdapterBase {
+    input: Input,
+    target: Target,
+}
+
+/// When `node` is a `lora` stage of a kind that continues adapters, without `merge_adapter`,
+/// and its `model` is base + adapter (a model with `adapter`, or a `lora` stage of such a
+/// kind), the base that adapter was trained on: the model's `hf` directory, or, through a
+/// chain of stages continuing one adapter, the model the first of them started from. The
+/// stage's `lora` must agree with the incoming adapter's: otherwise the error names the
+/// setting that differs. `depth` bounds the walk (a cycle is reported elsewhere).
+fn adapter_base(
+    recipe: &Recipe,
+    node: &Node,
+    depth: usize,
+) -> Result<Option<AdapterBase>, Diagnostic> {
+    let NodeBody::Stage(stage) = &node.body else {
+        return Ok(None);
+    };
+    let Some(train) = stage.spec.train_args() else {
+        return Ok(None);
+    };
+    let (Some(lora), false) = (&train.lora, train.merge_adapter) else {
+        return Ok(None);
+    };
+    if depth == 0 || !CONTINUES_ADAPTERS.contains(&stage.spec.kind()) {
+        return Ok(None);
+    }
+    let Some(model) = node.inputs().iter().find(|i| i.field.role == "model") else {
+        return Ok(None);
+    };
+    let Target::Node { name, .. } = &model.target else {
+        return Ok(None);
+    };
+    let Some(from) = recipe.nodes.iter().find(|n| &n.name == name) else {
+        return Ok(None);
+    };
+    let base = |target: Target, bare: bool| AdapterBase {
+        input: Input {
+            role: ADAPTER_BASE_ROLE.to_owned(),
+            source: Source::File(PathBuf::new()),
+            path: Some(model.path.clone()),
+            bare,
+        },
+        target,
+    };
+    match &from.body {
+        NodeBody::Model(m) if m.spec.adapter.is_some() => {
+            Ok(Some(base(model.target.clone(), true)))
+        }
+        NodeBody::Stage(upstream) if CONTINUES_ADAPTERS.contains(&upstream.spec.kind()) => {
+            let Some(incoming) = upstream.spec.train_args().and_then(|t| t.lora.as_ref()) else {
+                return Ok(None);
+            };
+            if let Some((setting, ours, theirs)) = lora.differs_from(incoming) {
+                let at = node.path.key("lora");
+                let loc = recipe.loc(&at.key(setting)).or_else(|| recipe.loc(&at));
+                return Err(Diagnostic::new(format!(
+                    "stage `{}` continues the LoRA adapter that `{}` trained, but their `lora` tables differ: `{setting}` is {ours} here and {theirs} there; make them agree, or set `merge_adapter = true` to merge that adapter into its base and train a fresh one",
+                    node.name, from.name
+                ))
+                .with_optional_label(loc, "this adapter"));
+            }
+            match adapter_base(recipe, from, depth - 1)? {
+                Some(continued) => Ok(Some(continued)),
+                None => {
+                    let Some(start) = from.inputs().iter().find(|i| i.field.role == "model") else {
+                        return Ok(None);
+                    };
+                    Ok(Some(base(start.target.clone(), false)))
+                }
+            }
+        }
+        _ => Ok(None),
     }
 }
 

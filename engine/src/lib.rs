@@ -19,6 +19,7 @@ pub mod live;
 pub mod local;
 pub mod lockfile;
 pub mod memory;
+pub mod peak;
 pub mod plan;
 pub mod project;
 pub mod remote;

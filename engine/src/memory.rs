@@ -225,11 +225,13 @@ pub fn recipe_estimates(recipe: &rudder_schema::Recipe) -> Vec<(String, MemoryEs
         let Some(mut shape) = model_shape(recipe, &node.name, 0) else {
             continue;
         };
+        let Some(train) = stage.spec.train_args() else {
+            continue;
+        };
+        // Lengths are named per kind (`max_length`, `max_prompt_length` + `max_new_tokens`).
         let params = stage.spec.params();
         let get = |k: &str| params.get(k).and_then(Value::as_u64);
-        let mut lora: Option<LoraArgs> = params
-            .get("lora")
-            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let mut lora: Option<LoraArgs> = train.lora.clone();
         if stage.spec.kind() == "reward" {
             shape.reward_head = true;
             // A reward stage trains its head in full (see the `reward` kind).
@@ -246,14 +248,11 @@ pub fn recipe_estimates(recipe: &rudder_schema::Recipe) -> Vec<(String, MemoryEs
             && (matches!(stage.spec.kind(), "ppo" | "rloo" | "grpo")
                 || params.get("sync_ref_model").and_then(Value::as_bool) == Some(true));
         let training = TrainingShape {
-            batch_size: get("batch_size").unwrap_or(8) * sequences,
+            batch_size: u64::from(train.batch_size) * sequences,
             seq_len,
             weight_bytes: 4,
             lora,
-            gradient_checkpointing: params
-                .get("gradient_checkpointing")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            gradient_checkpointing: train.gradient_checkpointing,
             reference_copy,
         };
         out.push((node.name.clone(), estimate(&shape, &training)));

@@ -96,6 +96,11 @@ pub struct Manifest {
     pub rudder_version: String,
     pub started: String,
     pub seconds: f64,
+    /// The measured peak memory of the stage (absent where it cannot be read, for command
+    /// stages, and in manifests written before it existed). The record carries its own
+    /// format version; it is never part of a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory: Option<crate::peak::PeakMemory>,
 }
 
 /// Whether an artifact can be used.
@@ -728,6 +733,7 @@ mod tests {
             rudder_version: "test".into(),
             started: String::new(),
             seconds: 0.0,
+            peak_memory: None,
         }
     }
 

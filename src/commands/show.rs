@@ -1,4 +1,6 @@
 use rudder_engine::Selection;
+use rudder_engine::memory::gib;
+use rudder_engine::peak::PeakScope;
 use rudder_engine::plan::State;
 use rudder_schema::NodeBody;
 use serde_json::Value;
@@ -113,6 +115,22 @@ pub fn run(
             manifest.seconds,
             manifest.files.len()
         ));
+        if let Some(peak) = &manifest.peak_memory {
+            // The plan's estimate beside what was measured, for training stages.
+            let estimate = rudder_engine::memory::recipe_estimates(&project.recipe)
+                .into_iter()
+                .find(|(name, _)| *name == entry.name)
+                .map(|(_, e)| format!(", estimated {}", gib(e.total())))
+                .unwrap_or_default();
+            let scope = match peak.scope {
+                PeakScope::Stage => "the stage's own",
+                PeakScope::Process => "the process's, other stages running at the same time",
+            };
+            printer.out(format!(
+                "  memory    peak {} measured ({scope}){estimate}",
+                gib(peak.bytes)
+            ));
+        }
         if let Some(sandbox) = &manifest.sandbox {
             let how = if sandbox.enforced {
                 format!(

@@ -129,6 +129,31 @@ impl Inputs {
         Self { by_role }
     }
 
+    /// The PEFT adapter directory of the model bound to `role`, when that model is base +
+    /// adapter: a model with `adapter` (before [`Inputs::merge_adapters`]), or a LoRA stage's
+    /// artifact (its `adapter/` folder).
+    pub fn incoming_adapter(&self, role: &str) -> Result<PathBuf, TrainError> {
+        let input = self.get(role)?;
+        let adapter = match &input.binding {
+            Binding::Adapted { adapter, .. } => adapter.clone(),
+            Binding::Model(dir) | Binding::Path(dir) => dir.join(crate::artifacts::ADAPTER_DIR),
+            _ => PathBuf::new(),
+        };
+        if !adapter
+            .join(crate::model::lora::ADAPTER_CONFIG_FILE)
+            .is_file()
+        {
+            return Err(TrainError::Input(format!(
+                "model `{}` has no LoRA adapter to continue (no {})",
+                input.node,
+                adapter
+                    .join(crate::model::lora::ADAPTER_CONFIG_FILE)
+                    .display()
+            )));
+        }
+        Ok(adapter)
+    }
+
     /// Merges every model bound with a PEFT adapter into a model directory under `scratch`
     /// (the stage's work directory, which is keyed, so a merge left by an earlier attempt is
     /// the same and is reused), so that kinds read it as any model.

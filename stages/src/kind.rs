@@ -16,18 +16,21 @@
 //! engine's `StageContext`; what a kind does is its module's.
 
 use std::marker::PhantomData;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::tensor::Device;
 use rudder_engine::runner::{Progress, Runner, StageContext, StageOutcome, StageResult};
+use rudder_schema::StageSpec;
 use rudder_schema::kinds::{Kind as Schema, PartSpec, part_kind};
 
-use rudder_schema::kinds::TrainArgs;
+use rudder_schema::kinds::{ADAPTER_BASE_ROLE, CONTINUES_ADAPTERS, TrainArgs};
 
-use crate::artifacts::METRICS_FILE;
+use crate::artifacts::{ADAPTER_DIR, METRICS_FILE};
 use crate::backend::training_device;
 use crate::inputs::Inputs;
 use crate::model::lora::{self, Adaptable};
+use crate::model::{CausalLm, ModelConfig, load_causal_lm};
 use crate::train::{
     MetricsWriter, Objective, StageHooks, TrainConfig, TrainError, TrainReport, train,
 };
@@ -56,7 +59,17 @@ pub trait HostKind: 'static {
 pub struct Stage<'a, P> {
     pub params: &'a P,
     pub inputs: Inputs,
+    /// The incoming adapter a `lora` stage trains further, when it continues one.
+    continued: Option<Continued>,
     ctx: &'a StageContext<'a>,
+}
+
+/// An incoming LoRA adapter that a stage continues: the adapter directory and the base model
+/// it was trained on (the engine binds the base as [`ADAPTER_BASE_ROLE`]).
+#[derive(Debug, Clone)]
+pub struct Continued {
+    pub base: PathBuf,
+    pub adapter: PathBuf,
 }
 
 impl<'a, P: Schema> Stage<'a, P> {
@@ -70,10 +83,24 @@ impl<'a, P: Schema> Stage<'a, P> {
             ))
         })?;
         let mut inputs = Inputs::resolve(&ctx.inputs);
+        // Only the stage itself trains; its parts (reference log-probs) read the incoming
+        // policy, base + adapter merged, as any model.
+        let adapter = match ctx.part.is_none() && inputs.has(ADAPTER_BASE_ROLE) {
+            true => Some(inputs.incoming_adapter("model")?),
+            false => None,
+        };
         inputs.merge_adapters(ctx.work_dir, ctx.backend)?;
+        let continued = match adapter {
+            Some(adapter) => Some(Continued {
+                base: inputs.model_dir(ADAPTER_BASE_ROLE)?,
+                adapter,
+            }),
+            None => None,
+        };
         Ok(Self {
             params,
             inputs,
+            continued,
             ctx,
         })
     }
@@ -129,6 +156,51 @@ impl<P> Stage<'_, P> {
         match &args.lora {
             Some(lora) => Ok(lora::attach(model, lora, self.seed())?),
             None => Ok(model),
+        }
+    }
+
+    /// The incoming adapter this stage continues, if it continues one.
+    pub fn continued(&self) -> Option<&Continued> {
+        self.continued.as_ref()
+    }
+
+    /// The language model a training stage starts from, ready to train under `args`: when the
+    /// stage continues an incoming adapter, its base with that adapter attached (the adapter's
+    /// settings must be the stage's `lora`); otherwise the model in `dir` through
+    /// [`Stage::adapt`].
+    pub fn trainable_lm(
+        &self,
+        dir: &Path,
+        args: &TrainArgs,
+        device: &Device,
+    ) -> Result<(ModelConfig, CausalLm), TrainError> {
+        match (&args.lora, &self.continued) {
+            (Some(wanted), Some(continued)) => {
+                let (config, base) = load_causal_lm(&continued.base, device)?;
+                let (model, incoming) = lora::load_adapter(base, &continued.adapter)?;
+                if let Some((setting, ours, theirs)) = wanted.differs_from(&incoming) {
+                    return Err(TrainError::Input(format!(
+                        "the stage continues the LoRA adapter in {}, whose `{setting}` is {theirs}, but its `lora` has {ours}; make them agree, or set `merge_adapter = true` to train a fresh adapter on the merged model",
+                        continued.adapter.display()
+                    )));
+                }
+                Ok((config, lora::with_dropout(model, wanted.dropout)))
+            }
+            _ => {
+                let (config, model) = load_causal_lm(dir, device)?;
+                Ok((config, self.adapt(model, args)?))
+            }
+        }
+    }
+
+    /// The reference of an RL stage whose reference is its own policy, trained with `lora`: the
+    /// policy with its adapters disabled, as TRL does with PEFT, or, when the stage continues
+    /// an incoming adapter, the policy as it starts (base + that adapter, frozen). Either way
+    /// it shares the frozen base's tensors instead of loading a second copy.
+    pub fn lora_reference(&self, policy: &CausalLm) -> CausalLm {
+        match self.continued {
+            Some(_) => policy.valid(),
+            None => lora::without_adapters(policy).valid(),
         }
     }
 
@@ -197,8 +269,9 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
 
     fn run(&self, ctx: &StageContext<'_>) -> StageResult {
         let stage = Stage::<K::Params>::new(ctx)?;
+        let train = stage.params.train_args();
         let mut device = training_device(ctx.backend)?;
-        if gradient_checkpointing(stage.params) {
+        if train.is_some_and(|t| t.gradient_checkpointing) {
             device = device.gradient_checkpointing();
         }
         // The stage's share of the cores: the CPU backend's parallel kernels run on this pool.
@@ -208,17 +281,35 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
             .thread_name(|i| format!("rudder-stage-{i}"))
             .build()
             .map_err(|e| TrainError::Input(format!("cannot start the stage's threads: {e}")))?;
-        Ok(pool.install(|| K::run(&stage, &device))?)
+        let outcome = pool.install(|| K::run(&stage, &device))?;
+        if ctx.part.is_none()
+            && train.is_some_and(|t| t.lora.is_some())
+            && CONTINUES_ADAPTERS.contains(&K::Params::NAME)
+        {
+            let base = match stage.continued {
+                Some(_) => stage.inputs.key(ADAPTER_BASE_ROLE)?,
+                None => stage.inputs.key("model")?,
+            };
+            name_adapter_base(&ctx.out_dir.join(ADAPTER_DIR), &base.to_string())?;
+        }
+        Ok(outcome)
     }
 }
 
-/// Whether a training kind's parameters ask for `gradient_checkpointing` (every training kind
-/// flattens `TrainArgs` into its parameters; other kinds have no such field).
-fn gradient_checkpointing<P: serde::Serialize>(params: &P) -> bool {
-    serde_json::to_value(params)
-        .ok()
-        .and_then(|v| v.get("gradient_checkpointing")?.as_bool())
-        .unwrap_or(false)
+/// Names the base an adapter was trained on in its `adapter_config.json`
+/// (`base_model_name_or_path`): the base model's key, so that two adapters over the same base
+/// say so whatever stage wrote them.
+fn name_adapter_base(adapter_dir: &Path, base_key: &str) -> Result<(), TrainError> {
+    let path = adapter_dir.join(lora::ADAPTER_CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))?;
+    config["base_model_name_or_path"] = serde_json::Value::String(base_key.to_owned());
+    let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
+    std::fs::write(&path, text + "\n").map_err(|e| TrainError::io(&path, e))
 }
 
 struct HostRunner<K> {

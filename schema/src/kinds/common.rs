@@ -72,6 +72,13 @@ pub struct TrainArgs {
     /// `LoraConfig`). Absent: full fine-tuning.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraArgs>,
+    /// With `lora`, when the model is itself base + adapter (a LoRA stage's artifact or a
+    /// model with `adapter`): `false` (the default) trains that adapter further on the same
+    /// base; `true` merges it into the base first and trains a fresh adapter on the merged
+    /// weights (TRL's and LLaMA-Factory's name). Part of the key; left out of the parameters
+    /// when `false`, so keys made before it existed stay the same.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub merge_adapter: bool,
     /// The dtype the trained weights are saved in: `auto` keeps the input model's (a bf16
     /// model stays bf16), or `fp32`, `bf16`, `f16`. config.json's `dtype`/`torch_dtype` follow.
     /// `auto` is left out of the parameters a key is made of, so keys made before it existed
@@ -120,6 +127,54 @@ impl Default for LoraArgs {
 }
 
 impl LoraArgs {
+    /// The first setting that makes an adapter trained under `self` a different adapter from
+    /// one trained under `other` (`dropout` acts only while training, so it may differ):
+    /// `(name, self's value, other's value)`.
+    pub fn differs_from(&self, other: &LoraArgs) -> Option<(&'static str, String, String)> {
+        fn targets(l: &LoraArgs) -> Vec<LinearModule> {
+            LinearModule::ALL
+                .into_iter()
+                .filter(|&m| l.targets(m))
+                .collect()
+        }
+        fn saved(l: &LoraArgs) -> Vec<&'static str> {
+            let mut v: Vec<_> = l.modules_to_save.iter().map(|m| m.name()).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+        let names =
+            |v: Vec<LinearModule>| format!("{:?}", v.iter().map(|m| m.name()).collect::<Vec<_>>());
+        if self.r != other.r {
+            return Some(("r", self.r.to_string(), other.r.to_string()));
+        }
+        if self.alpha != other.alpha {
+            return Some(("alpha", self.alpha.to_string(), other.alpha.to_string()));
+        }
+        if self.use_rslora != other.use_rslora {
+            return Some((
+                "use_rslora",
+                self.use_rslora.to_string(),
+                other.use_rslora.to_string(),
+            ));
+        }
+        if targets(self) != targets(other) {
+            return Some((
+                "target_modules",
+                names(targets(self)),
+                names(targets(other)),
+            ));
+        }
+        if saved(self) != saved(other) {
+            return Some((
+                "modules_to_save",
+                format!("{:?}", saved(self)),
+                format!("{:?}", saved(other)),
+            ));
+        }
+        None
+    }
+
     /// The adapter's scale: `alpha / r`, or `alpha / sqrt(r)` with `use_rslora`.
     pub fn scale(&self) -> f64 {
         let r = f64::from(self.r);
@@ -244,7 +299,13 @@ impl TrainArgs {
     /// models, `lm_head` only on language models.
     pub fn check_lora(&self, produces: super::Produces) -> Vec<super::FieldError> {
         let Some(lora) = &self.lora else {
-            return Vec::new();
+            return match self.merge_adapter {
+                true => vec![super::FieldError::new(
+                    crate::source::ValuePath::root().key("merge_adapter"),
+                    "`merge_adapter` chooses how a `lora` stage treats an incoming adapter; this stage has no `lora` (without it, the merged model is trained in full)",
+                )],
+                false => Vec::new(),
+            };
         };
         let reward = matches!(produces, super::Produces::RewardModel);
         lora.modules_to_save
@@ -294,6 +355,7 @@ impl Default for TrainArgs {
             report_to: Vec::new(),
             gradient_checkpointing: false,
             lora: None,
+            merge_adapter: false,
             save_dtype: SaveDtype::Auto,
         }
     }
@@ -399,3 +461,12 @@ impl<T: Clone> OneOrMany<T> {
         }
     }
 }
+
+/// The input role through which a LoRA stage that continues an incoming adapter receives the
+/// base that adapter was trained on (the engine adds it; recipes never name it).
+pub const ADAPTER_BASE_ROLE: &str = "adapter_base";
+
+/// The kinds whose `lora` stage continues an incoming adapter (a language model's, trained on
+/// the stage's `model`); other kinds train fresh adapters on the merged model.
+pub const CONTINUES_ADAPTERS: &[&str] =
+    &["sft", "dpo", "kto", "orpo", "simpo", "ppo", "rloo", "grpo"];

@@ -177,6 +177,9 @@ impl Kind for DpoParams {
 }
 
 impl StageSpec for DpoParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         inputs_with_reference(&self.model, self.reference.as_deref(), &self.data)

@@ -189,6 +189,9 @@ impl IterativeDpoParams {
 }
 
 impl StageSpec for IterativeDpoParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         let mut inputs = vec![

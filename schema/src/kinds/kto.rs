@@ -64,6 +64,9 @@ impl Kind for KtoParams {
 }
 
 impl StageSpec for KtoParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         inputs_with_reference(&self.model, self.reference.as_deref(), &self.data)

@@ -223,6 +223,12 @@ pub trait StageSpec: fmt::Debug + Send + Sync + Any {
     fn key_kind(&self) -> String {
         self.kind().to_owned()
     }
+    /// The training loop's arguments of a training kind (`None` for every other kind), so
+    /// that the engine and the runners read `lora`, `gradient_checkpointing` and the batch
+    /// settings by type.
+    fn train_args(&self) -> Option<&TrainArgs> {
+        None
+    }
     fn as_any(&self) -> &dyn Any;
 }
 

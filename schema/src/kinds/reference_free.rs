@@ -46,6 +46,9 @@ impl Kind for OrpoParams {
 }
 
 impl StageSpec for OrpoParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         model_and_data(&self.model, &self.data)
@@ -117,6 +120,9 @@ impl Kind for SimpoParams {
 }
 
 impl StageSpec for SimpoParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         model_and_data(&self.model, &self.data)

@@ -219,6 +219,9 @@ impl Kind for PpoParams {
 }
 
 impl StageSpec for PpoParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         let mut inputs = self.policy.inputs();
@@ -278,6 +281,9 @@ impl Kind for RlooParams {
 }
 
 impl StageSpec for RlooParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         self.policy.inputs()
@@ -352,6 +358,9 @@ impl Kind for GrpoParams {
 }
 
 impl StageSpec for GrpoParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         self.policy.inputs()

@@ -112,6 +112,9 @@ impl Kind for PretrainParams {
 }
 
 impl StageSpec for PretrainParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         model_and_data(&self.model, &self.data)
@@ -177,6 +180,9 @@ impl Kind for SftParams {
 }
 
 impl StageSpec for SftParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         model_and_data(&self.model, &self.data)
@@ -233,6 +239,9 @@ impl Kind for RewardParams {
 }
 
 impl StageSpec for RewardParams {
+    fn train_args(&self) -> Option<&TrainArgs> {
+        Some(&self.train)
+    }
     stage_common!();
     fn inputs(&self) -> Vec<InputField> {
         model_and_data(&self.model, &self.data)

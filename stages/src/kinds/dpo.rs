@@ -76,8 +76,7 @@ impl StageKind for Dpo {
                     },
                 )
                 .collect();
-            let (config, model) = load_causal_lm(&policy.dir, device)?;
-            let model = stage.adapt(model, &p.train)?;
+            let (config, model) = stage.trainable_lm(&policy.dir, &p.train, device)?;
             (
                 config,
                 stage.fit(&objective, model, &examples, &cfg, device)?,

@@ -16,7 +16,7 @@ use crate::artifacts::save_trained_model;
 use crate::kind::{Stage, StageKind};
 use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, vector};
 use crate::losses::{KtoLossConfig, kto_kl, kto_loss, kto_metrics, kto_uses_kl};
-use crate::model::{CausalLm, load_causal_lm};
+use crate::model::CausalLm;
 use crate::preference::{TokenizedPairs, UnpairedRow, reference, tokenize_unpaired};
 use crate::train::{Forward, MetricValue, Objective, TrainError};
 
@@ -60,8 +60,7 @@ impl StageKind for Kto {
             loss: KtoLossConfig::from(p),
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
-        let (config, model) = load_causal_lm(&policy.dir, device)?;
-        let model = stage.adapt(model, &p.train)?;
+        let (config, model) = stage.trainable_lm(&policy.dir, &p.train, device)?;
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
         save_trained_model(
             stage.out_dir(),

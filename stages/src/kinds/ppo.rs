@@ -26,14 +26,16 @@
 //!
 //! The artifact is the policy (Hugging Face directory with its tokenizer), the value model in
 //! `value/`, `metrics.jsonl` (one line per iteration) and, with `save_rollouts`,
-//! `rollouts.jsonl`.
+//! `rollouts.jsonl`. With `lora`, both the policy and the value model train adapters of the
+//! stage's settings on frozen bases (the value model's `score` head in full, PEFT's
+//! `modules_to_save = ["score"]`), and each directory holds its merged model and `adapter/`.
 
 use burn::tensor::Device;
 use burn::tensor::Tensor;
 use rudder_engine::runner::StageOutcome;
-use rudder_schema::kinds::{AdaptiveKl, Judge, KlEstimator, PpoParams};
+use rudder_schema::kinds::{AdaptiveKl, Judge, KlEstimator, PpoParams, SavedModule};
 
-use crate::artifacts::{save_scorer, save_trained_model, write_lines};
+use crate::artifacts::{save_trained_model, save_trained_scorer, write_lines};
 use crate::kind::{Stage, StageKind};
 use crate::logps::{CompletionBatch, PromptCompletion};
 use crate::losses::{clipped_policy_loss, clipped_value_loss, gae, kl_k1, kl_k3, whiten};
@@ -41,9 +43,11 @@ use crate::model::{CausalLm, RewardModel, load_causal_lm, lora, reward_model_fro
 use crate::rl::rollout::{self, dense, host};
 use crate::rl::{Algorithm, LoopSettings, RlData, RlRun, Rollout, Samples, Trainees, Update, mean};
 use crate::train::{StepRecord, TrainError};
-use burn::module::Module;
 
 pub struct PpoKind;
+
+/// Salt of the value model's adapter initialisation, apart from the policy's.
+const VALUE_SALT: u64 = 0x5661_6c75;
 
 impl StageKind for PpoKind {
     type Params = PpoParams;
@@ -58,16 +62,28 @@ impl StageKind for PpoKind {
             (false, Judge::Node(_)) => data.model_or_policy(&stage.inputs, "reward")?,
             (false, _) => data.policy_dir.clone(),
         };
-        let (policy_cfg, policy) = load_causal_lm(&data.policy_dir, device)?;
-        let policy = stage.adapt(policy, &p.train)?;
+        let (policy_cfg, policy) = stage.trainable_lm(&data.policy_dir, &p.train, device)?;
         let inference = device.clone().inner();
         let reference = if p.train.lora.is_some() && reference_dir == data.policy_dir {
-            // TRL with PEFT: the reference is the policy with its adapters disabled.
-            lora::without_adapters(&policy).valid()
+            stage.lora_reference(&policy)
         } else {
             load_causal_lm(&reference_dir, &inference)?.1
         };
         let (value_cfg, value) = reward_model_from_causal_lm(&value_dir, stage.seed(), device)?;
+        // With `lora`, the value model trains adapters of the same settings on its own frozen
+        // base, and its `score` head in full (PEFT's `modules_to_save` for a sequence
+        // classifier); its adapters are drawn from a stream of their own.
+        let value_lora = p.train.lora.clone().map(|mut lora| {
+            if !lora.modules_to_save.contains(&SavedModule::Score) {
+                lora.modules_to_save.push(SavedModule::Score);
+            }
+            lora.modules_to_save.retain(|m| *m == SavedModule::Score);
+            lora
+        });
+        let value = match &value_lora {
+            Some(lora) => lora::attach(value, lora, crate::seeds::mix(stage.seed(), VALUE_SALT))?,
+            None => value,
+        };
         let scorer = stage.inputs.judge(
             &p.policy.reward,
             "reward",
@@ -124,11 +140,12 @@ impl StageKind for PpoKind {
             .value
             .as_ref()
             .expect("PPO trains a value model");
-        save_scorer(
+        save_trained_scorer(
             &out.join("value"),
             value,
             &value_cfg.saved_as(p.train.save_dtype),
             &data.tokenizer,
+            value_lora.as_ref(),
         )?;
         if p.rollout.save_rollouts {
             write_lines(&out.join(crate::rl::ROLLOUTS_FILE), &outcome.rollouts)?;

@@ -19,7 +19,6 @@ use rudder_schema::kinds::SftParams;
 use crate::artifacts::save_trained_model;
 use crate::data::{SftExample, Turns};
 use crate::kind::{Stage, StageKind};
-use crate::model::load_causal_lm;
 use crate::tokenizer::Tokenizer;
 use crate::train::{SftObjective, SftSequence, TrainError};
 
@@ -43,12 +42,11 @@ impl StageKind for Sft {
         if p.packing {
             sequences = pack(&sequences, opts.max_length);
         }
-        let (config, weights) = load_causal_lm(&model.dir, device)?;
+        let (config, weights) = stage.trainable_lm(&model.dir, &p.train, device)?;
         let objective = SftObjective {
             pad_id: model.tokenizer.pad_id().unwrap_or(0),
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
-        let weights = stage.adapt(weights, &p.train)?;
         let (trained, report) = stage.fit(&objective, weights, &sequences, &cfg, device)?;
         save_trained_model(
             stage.out_dir(),

@@ -202,6 +202,19 @@ pub fn attach<M: Adaptable>(model: M, args: &LoraArgs, seed: u64) -> Result<M, S
     Ok(model)
 }
 
+/// `model` with every adapter's dropout set to `dropout` (a stage continuing an adapter trains
+/// it with its own `lora.dropout`).
+pub fn with_dropout<M: Adaptable>(mut model: M, dropout: f64) -> M {
+    for layer in &mut model.backbone_mut().layers {
+        for (_, l) in layer_linears_mut(layer) {
+            if let Some(adapter) = &mut l.lora {
+                adapter.dropout = dropout;
+            }
+        }
+    }
+    model
+}
+
 /// Salt of the adapters' initialisation stream, so that it differs from the stage's other draws.
 const LORA_SALT: u64 = 0x4c6f_5241;
 

@@ -20,7 +20,6 @@ use crate::losses::{
     CpoLossConfig, cpo_loss, cpo_uses_average_logps, orpo_loss, pair_metrics, token_mean_nll,
 };
 use crate::model::CausalLm;
-use crate::model::load_causal_lm;
 use crate::train::{Forward, MetricValue, Objective, TrainError};
 
 /// Which reference-free loss.
@@ -183,8 +182,7 @@ pub fn train<P>(
         loss,
     };
     let cfg = stage.train_config(learning_rate, train_args);
-    let (config, model) = load_causal_lm(&policy.dir, device)?;
-    let model = stage.adapt(model, train_args)?;
+    let (config, model) = stage.trainable_lm(&policy.dir, train_args, device)?;
     let (trained, report) = stage.fit(&objective, model, &tokenized.pairs, &cfg, device)?;
     save_trained_model(
         stage.out_dir(),

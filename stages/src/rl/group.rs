@@ -15,9 +15,8 @@ use super::{Algorithm, LoopSettings, RlData, RlRun, Rollout, Trainees, Update, m
 use crate::artifacts::{save_trained_model, write_lines};
 use crate::kind::Stage;
 use crate::losses::{kl_k1, kl_k3};
-use crate::model::{CausalLm, RewardModel, load_causal_lm, lora};
+use crate::model::{CausalLm, RewardModel, load_causal_lm};
 use crate::train::{StepRecord, TrainError};
-use burn::module::Module;
 
 /// What `rloo` and `grpo` do around the loop: read the policy and the prompts, load the
 /// reference when `kl_coef > 0` (without a KL term there is nothing to run it for), build the
@@ -40,13 +39,11 @@ where
 {
     let data = RlData::load(&stage.inputs)?;
     let reference_dir = data.model_or_policy(&stage.inputs, "reference")?;
-    let (policy_cfg, model) = load_causal_lm(&data.policy_dir, device)?;
-    let model = stage.adapt(model, train)?;
+    let (policy_cfg, model) = stage.trainable_lm(&data.policy_dir, train, device)?;
     let reference = if kl_coef <= 0.0 {
         None
     } else if train.lora.is_some() && reference_dir == data.policy_dir {
-        // TRL with PEFT: the reference is the policy with its adapters disabled.
-        Some(lora::without_adapters(&model).valid())
+        Some(stage.lora_reference(&model))
     } else {
         Some(load_causal_lm(&reference_dir, &device.clone().inner())?.1)
     };
