@@ -87,7 +87,7 @@ pub struct Constitutional;
 
 impl StageKind for Constitutional {
     type Params = ConstitutionalParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(
         stage: &Stage<'_, ConstitutionalParams>,

@@ -22,7 +22,7 @@ pub struct Dpo;
 
 impl StageKind for Dpo {
     type Params = DpoParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, DpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
@@ -102,7 +102,7 @@ pub struct DpoRefLogps;
 impl StageKind for DpoRefLogps {
     type Params = DpoParams;
     const PART: Option<&'static str> = Some(REF_LOGPS_PART);
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, DpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let tokens = &stage.params.tokens;

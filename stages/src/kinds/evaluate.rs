@@ -47,7 +47,7 @@ pub struct Evaluate;
 
 impl StageKind for Evaluate {
     type Params = EvaluateParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, EvaluateParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         run_stage(stage, &device.clone().inner())

@@ -19,7 +19,7 @@ pub struct Generate;
 
 impl StageKind for Generate {
     type Params = GenerateParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, GenerateParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

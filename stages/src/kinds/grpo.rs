@@ -26,7 +26,7 @@ pub struct GrpoKind;
 
 impl StageKind for GrpoKind {
     type Params = GrpoParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, GrpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

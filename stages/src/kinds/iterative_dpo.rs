@@ -50,7 +50,7 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const PAIRS_FILE: &str = "pairs.jsonl";
 
 /// What a round produces; bumped for the rounds and the stage (its last round) together.
-const ROUND_VERSION: u32 = 3;
+const ROUND_VERSION: u32 = 4;
 
 /// The stage itself: its last round.
 pub struct IterativeDpo;

@@ -24,7 +24,7 @@ pub struct Kto;
 
 impl StageKind for Kto {
     type Params = KtoParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, KtoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
@@ -83,7 +83,7 @@ pub struct KtoRefLogps;
 impl StageKind for KtoRefLogps {
     type Params = KtoParams;
     const PART: Option<&'static str> = Some(REF_LOGPS_PART);
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, KtoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let tokens = &stage.params.tokens;

@@ -15,7 +15,7 @@ pub struct Orpo;
 
 impl StageKind for Orpo {
     type Params = OrpoParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, OrpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

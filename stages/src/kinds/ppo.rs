@@ -51,7 +51,7 @@ const VALUE_SALT: u64 = 0x5661_6c75;
 
 impl StageKind for PpoKind {
     type Params = PpoParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, PpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

@@ -36,7 +36,7 @@ enum Start {
 
 impl StageKind for Pretrain {
     type Params = PretrainParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, PretrainParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

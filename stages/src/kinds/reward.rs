@@ -27,7 +27,7 @@ pub struct Reward;
 
 impl StageKind for Reward {
     type Params = RewardParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     /// Builds the reward model (a causal LM's backbone gets a fresh score head from the
     /// stage's seed), trains it on the preference pairs, evaluates the held-out fraction

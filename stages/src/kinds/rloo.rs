@@ -24,7 +24,7 @@ pub struct RlooKind;
 
 impl StageKind for RlooKind {
     type Params = RlooParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, RlooParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

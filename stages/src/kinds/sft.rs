@@ -26,7 +26,7 @@ pub struct Sft;
 
 impl StageKind for Sft {
     type Params = SftParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, SftParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

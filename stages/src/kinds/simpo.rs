@@ -16,7 +16,7 @@ pub struct Simpo;
 
 impl StageKind for Simpo {
     type Params = SimpoParams;
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
 
     fn run(stage: &Stage<'_, SimpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;
