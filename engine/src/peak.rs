@@ -54,13 +54,13 @@ impl PeakWatch {
     /// Starts watching a stage: resets the high-water mark when no other stage runs.
     pub fn start() -> PeakWatch {
         let others = RUNNING.fetch_add(1, Ordering::SeqCst);
-        if others == 0 {
-            reset_high_water_mark();
-        } else {
+        // A mark that could not be reset covers the process's life: not the stage's own.
+        let alone = others == 0 && reset_high_water_mark();
+        if others != 0 {
             OVERLAPS.fetch_add(1, Ordering::SeqCst);
         }
         PeakWatch {
-            alone: others == 0,
+            alone,
             overlaps: OVERLAPS.load(Ordering::SeqCst),
         }
     }
@@ -87,10 +87,13 @@ impl Drop for PeakWatch {
     }
 }
 
-fn reset_high_water_mark() {
-    // Best effort: without it the mark covers the process's life, still an upper bound.
+/// Whether the mark was reset. Best effort: without it the mark covers the process's life,
+/// still an upper bound.
+fn reset_high_water_mark() -> bool {
     #[cfg(target_os = "linux")]
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    return std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    #[cfg(not(target_os = "linux"))]
+    false
 }
 
 /// `VmHWM` of `/proc/self/status`, in bytes.
