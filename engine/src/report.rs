@@ -978,6 +978,7 @@ mod tests {
                 rudder_version: "test".into(),
                 started: String::new(),
                 seconds: 1.0,
+                peak_memory: None,
             };
             store.commit(pending, &manifest).unwrap();
         }

@@ -52,6 +52,7 @@ fn artifact(store: &Store, name: &str, files: &[(&str, &[u8])]) -> Wanted {
         rudder_version: "test".into(),
         started: String::new(),
         seconds: 0.0,
+        peak_memory: None,
     };
     store.commit(pending, &manifest).unwrap();
     Wanted {
