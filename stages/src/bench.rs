@@ -425,25 +425,16 @@ fn time_each(
 /// The PPO stage's algorithm with its default settings, over one minibatch of `rows`.
 fn ppo_algorithm(rows: usize) -> Ppo {
     let p = PpoParams::default();
-    Ppo {
-        settings: LoopSettings {
-            ppo_epochs: 1,
-            num_mini_batches: 1,
-            micro_batch: rows,
-            temperature: p.rollout.temperature,
-            max_grad_norm: p.train.max_grad_norm,
-            pad_id: 0,
-            seed: 1,
-        },
-        kl_estimator: p.kl_estimator,
-        cliprange: p.cliprange,
-        cliprange_value: p.cliprange_value,
-        vf_coef: p.vf_coef,
-        gamma: p.gamma,
-        lam: p.lam,
-        whiten_rewards: p.whiten_rewards,
-        adaptive_kl: None,
-    }
+    let settings = LoopSettings {
+        ppo_epochs: 1,
+        num_mini_batches: 1,
+        micro_batch: rows,
+        temperature: p.rollout.temperature,
+        max_grad_norm: p.train.max_grad_norm,
+        pad_id: 0,
+        seed: 1,
+    };
+    Ppo::new(&p, settings)
 }
 
 /// The models of a PPO stage: the policy, its frozen reference, the value model (the policy's

@@ -98,17 +98,7 @@ impl StageKind for PpoKind {
             data.pad_id,
             stage.seed(),
         );
-        let algorithm = Ppo {
-            settings: settings.clone(),
-            kl_estimator: p.kl_estimator,
-            cliprange: p.cliprange,
-            cliprange_value: p.cliprange_value,
-            vf_coef: p.vf_coef,
-            gamma: p.gamma,
-            lam: p.lam,
-            whiten_rewards: p.whiten_rewards,
-            adaptive_kl: p.adaptive_kl.clone(),
-        };
+        let algorithm = Ppo::new(p, settings.clone());
         let run = RlRun {
             data: &data,
             rollout: &p.rollout,
@@ -169,6 +159,23 @@ pub struct Ppo {
     pub lam: f64,
     pub whiten_rewards: bool,
     pub adaptive_kl: Option<AdaptiveKl>,
+}
+
+impl Ppo {
+    /// The algorithm of a stage with parameters `p`, over the loop's `settings`.
+    pub fn new(p: &PpoParams, settings: LoopSettings) -> Self {
+        Self {
+            settings,
+            kl_estimator: p.kl_estimator,
+            cliprange: p.cliprange,
+            cliprange_value: p.cliprange_value,
+            vf_coef: p.vf_coef,
+            gamma: p.gamma,
+            lam: p.lam,
+            whiten_rewards: p.whiten_rewards,
+            adaptive_kl: p.adaptive_kl.clone(),
+        }
+    }
 }
 
 /// A scored rollout with everything the update needs, per response token.
