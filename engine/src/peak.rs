@@ -3,7 +3,9 @@
 //! writing `5` to `/proc/self/clear_refs` (Linux only; elsewhere nothing is recorded).
 //!
 //! Stages running at once under `-j` share the process, and so its high-water mark: a stage
-//! that had the process to itself from start to end records its own peak (`scope = "stage"`);
+//! that had the process to itself from start to end records the peak over its run
+//! (`scope = "stage"`; the reset starts from the resident set at that moment, which includes
+//! what the allocator kept of earlier stages' memory);
 //! one that overlapped another records the process's peak over a span covering its run
 //! (`scope = "process"`), an upper bound of its own. The mark is only reset when no other
 //! stage is running, so one stage's reset never hides another's peak. A command stage's own
@@ -35,6 +37,15 @@ pub struct PeakMemory {
     /// Peak resident memory in bytes.
     pub bytes: u64,
     pub scope: PeakScope,
+}
+
+/// Reads a manifest's `peak_memory` as absent when it is not a record this version
+/// understands (a newer format or scope): a measurement never makes an artifact unreadable.
+pub fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PeakMemory>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(value
+        .and_then(|v| serde_json::from_value::<PeakMemory>(v).ok())
+        .filter(|p| p.format <= PEAK_MEMORY_FORMAT))
 }
 
 /// Stages running in this process now.
@@ -117,6 +128,27 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_record_reads_as_absent() {
+        #[derive(Deserialize)]
+        struct M {
+            #[serde(default, deserialize_with = "lenient")]
+            peak_memory: Option<PeakMemory>,
+        }
+        let read = |s: &str| serde_json::from_str::<M>(s).unwrap().peak_memory;
+        let known = r#"{"peak_memory": {"format": 1, "bytes": 5, "scope": "stage"}}"#;
+        assert_eq!(read(known).map(|p| p.bytes), Some(5));
+        assert_eq!(
+            read(r#"{"peak_memory": {"format": 2, "bytes": 5, "scope": "stage"}}"#),
+            None
+        );
+        assert_eq!(
+            read(r#"{"peak_memory": {"format": 1, "bytes": 5, "scope": "gpu"}}"#),
+            None
+        );
+        assert_eq!(read("{}"), None);
+    }
 
     #[test]
     fn reads_vm_hwm_in_bytes() {

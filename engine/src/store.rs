@@ -99,7 +99,11 @@ pub struct Manifest {
     /// The measured peak memory of the stage (absent where it cannot be read, for command
     /// stages, and in manifests written before it existed). The record carries its own
     /// format version; it is never part of a key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::peak::lenient"
+    )]
     pub peak_memory: Option<crate::peak::PeakMemory>,
 }
 

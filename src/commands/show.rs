@@ -123,7 +123,7 @@ pub fn run(
                 .map(|(_, e)| format!(", estimated {}", gib(e.total())))
                 .unwrap_or_default();
             let scope = match peak.scope {
-                PeakScope::Stage => "the stage's own",
+                PeakScope::Stage => "while it ran alone",
                 PeakScope::Process => "the process's, other stages running at the same time",
             };
             printer.out(format!(

@@ -297,8 +297,10 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
 }
 
 /// Names the base an adapter was trained on in its `adapter_config.json`
-/// (`base_model_name_or_path`): the base model's key, so that two adapters over the same base
-/// say so whatever stage wrote them.
+/// (`base_model_name_or_path`): the base's key in the store (a model node's key covers its
+/// files, and its adapter's when it has one), so that two adapters continued from the same
+/// start say so whatever stage wrote them. PEFT cannot resolve a key: load the adapter with
+/// an explicit base (`PeftModel.from_pretrained(base, dir)`).
 fn name_adapter_base(adapter_dir: &Path, base_key: &str) -> Result<(), TrainError> {
     let path = adapter_dir.join(lora::ADAPTER_CONFIG_FILE);
     if !path.is_file() {
