@@ -14,7 +14,7 @@ use super::lora::linear::LoraLinear;
 use super::mask::AttentionMask;
 use super::rope::Rotary;
 
-/// Whether the `cpu` backend runs attention through the fused kernel (`kernels.rs`): on by
+/// Whether the `cpu` backend runs attention through the fused kernel (`kernels/attention.rs`): on by
 /// default; tests turn it off to compare with the generic path.
 #[cfg(feature = "flex")]
 pub static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);

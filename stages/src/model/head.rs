@@ -38,7 +38,8 @@ impl CausalLm {
     ///
     /// # Shapes
     /// - hidden: `[rows, seq, d_model]`
-    /// - targets, mask: `[rows, seq - 1]` (mask 1.0 where a position is predicted, else 0.0)
+    /// - targets, mask: `[rows, seq - 1]` (mask 1.0 where a position is predicted, else 0.0;
+    ///   the fused kernel reads it as a selector, so a weight other than 0 or 1 is not applied)
     pub fn predictions(
         &self,
         hidden: Tensor<3>,
