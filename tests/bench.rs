@@ -53,12 +53,16 @@ fn check_resident(
     assert!(rss < 64.0 * 1024.0, "{r:?}");
 }
 
+/// bench4m: embeddings 2048 x 256, lm_head 256 x 2048, 4 layers of 737,536 + 512, final norm.
+const BENCH4M_LM_PARAMS: u64 =
+    2 * 2048 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 704 + 512) + 256;
+/// The reward (or value) model trades the LM head for a scalar score head.
+const BENCH4M_REWARD_PARAMS: u64 = BENCH4M_LM_PARAMS - 256 * 2048 + 256;
+
 #[test]
 fn fresh_model_steps_report_tokens_per_second() {
     let s = Scratch::new();
-    // bench4m: embeddings 2048 x 256, lm_head 256 x 2048, 4 layers of 737,536 + 512, final norm.
-    let lm_params =
-        2 * 2048 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 704 + 512) + 256;
+    let lm_params = BENCH4M_LM_PARAMS;
     for kind in ["sft", "dpo", "kto", "orpo", "simpo"] {
         let r = report(
             &s,
@@ -100,15 +104,14 @@ fn fresh_model_steps_report_tokens_per_second() {
             "--json",
         ],
     );
-    check_sane(&r, "reward", lm_params - 256 * 2048 + 256);
+    check_sane(&r, "reward", BENCH4M_REWARD_PARAMS);
 }
 
 #[test]
 fn ppo_and_generation_are_benchmarked() {
     let s = Scratch::new();
-    let lm_params =
-        2 * 2048 * 256 + 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 704 + 512) + 256;
-    let value_params = lm_params - 256 * 2048 + 256;
+    let lm_params = BENCH4M_LM_PARAMS;
+    let value_params = BENCH4M_REWARD_PARAMS;
     let args = |kind: &'static str| {
         [
             "bench",

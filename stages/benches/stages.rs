@@ -14,17 +14,17 @@
 //!     cargo bench -p rudder-stages --bench stages [-- --backend cuda]
 
 use std::cell::RefCell;
-use std::time::Instant;
 
 use burn::tensor::Device;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rudder_stages::bench::step_durations;
 use rudder_stages::kinds::reward::{RewardObjective, RewardPair};
 use rudder_stages::logps::{PromptCompletion, sequence_logps};
 use rudder_stages::losses::DpoLossConfig;
 use rudder_stages::model::{ModelConfig, random_causal_lm, random_reward_model};
 use rudder_stages::preference::{DpoExample, DpoObjective, SyncedReferenceDpo, TokenizedPair};
-use rudder_stages::train::{Hooks, Objective, StepRecord, TrainConfig, train};
+use rudder_stages::train::Objective;
 use rudder_stages::train::{SftObjective, SftSequence};
 
 const PAIRS: usize = 8;
@@ -46,15 +46,6 @@ fn random_ids(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.next_u32() % 2048).collect()
 }
 
-/// Records when each step ends (after the step's values were read back, so its work is done).
-struct Clock(Vec<Instant>);
-
-impl Hooks for Clock {
-    fn on_step(&mut self, _: &StepRecord, _: u64) {
-        self.0.push(Instant::now());
-    }
-}
-
 /// Trains `examples` (one batch, the same every step) and returns the timed steps' durations.
 fn run<O: Objective>(
     objective: &O,
@@ -62,20 +53,7 @@ fn run<O: Objective>(
     examples: &[O::Example],
     device: &Device,
 ) -> Vec<f64> {
-    let cfg = TrainConfig {
-        learning_rate: 1e-4,
-        batch_size: examples.len(),
-        max_steps: Some((WARMUP + TIMED) as u64),
-        ..TrainConfig::default()
-    };
-    let mut clock = Clock(vec![Instant::now()]);
-    train(objective, model, examples, &cfg, device, None, &mut clock).unwrap();
-    clock
-        .0
-        .windows(2)
-        .skip(WARMUP)
-        .map(|w| (w[1] - w[0]).as_secs_f64())
-        .collect()
+    step_durations(objective, model, examples, 1e-4, (WARMUP, TIMED), device).unwrap()
 }
 
 /// 8 pairs sharing 128-token prompts with 128-token completions, as in the PyTorch baseline.

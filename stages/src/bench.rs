@@ -161,7 +161,34 @@ impl Hooks for Clock {
     }
 }
 
-/// Trains `examples` as one batch for warm-up + timed steps; returns the timed steps' mean.
+/// Trains `examples` as one batch, the same every step, for `warmup` + `steps` steps at
+/// `learning_rate`; returns the durations of the `steps` timed ones (`cargo bench` times the
+/// same way).
+pub fn step_durations<O: Objective>(
+    objective: &O,
+    model: O::Model,
+    examples: &[O::Example],
+    learning_rate: f64,
+    (warmup, steps): (usize, usize),
+    device: &Device,
+) -> Result<Vec<f64>, crate::train::TrainError> {
+    let cfg = TrainConfig {
+        learning_rate,
+        batch_size: examples.len(),
+        max_steps: Some((warmup + steps) as u64),
+        ..TrainConfig::default()
+    };
+    let mut clock = Clock(vec![Instant::now()]);
+    train(objective, model, examples, &cfg, device, None, &mut clock)?;
+    Ok(clock
+        .0
+        .windows(2)
+        .skip(warmup)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect())
+}
+
+/// The mean of [`step_durations`] after [`WARMUP_STEPS`].
 fn time_steps<O: Objective>(
     objective: &O,
     model: O::Model,
@@ -169,20 +196,14 @@ fn time_steps<O: Objective>(
     steps: usize,
     device: &Device,
 ) -> Result<f64, BenchError> {
-    let cfg = TrainConfig {
-        learning_rate: 1e-5,
-        batch_size: examples.len(),
-        max_steps: Some((WARMUP_STEPS + steps) as u64),
-        ..TrainConfig::default()
-    };
-    let mut clock = Clock(vec![Instant::now()]);
-    train(objective, model, examples, &cfg, device, None, &mut clock)?;
-    let times: Vec<f64> = clock
-        .0
-        .windows(2)
-        .skip(WARMUP_STEPS)
-        .map(|w| (w[1] - w[0]).as_secs_f64())
-        .collect();
+    let times = step_durations(
+        objective,
+        model,
+        examples,
+        1e-5,
+        (WARMUP_STEPS, steps),
+        device,
+    )?;
     Ok(times.iter().sum::<f64>() / times.len().max(1) as f64)
 }
 
@@ -407,10 +428,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 }
 
 /// Runs `f` for warm-up + `steps` times; returns the timed runs' mean seconds.
-fn time_each(
-    steps: usize,
-    mut f: impl FnMut() -> Result<(), StageError>,
-) -> Result<f64, StageError> {
+fn time_each<E>(steps: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<f64, E> {
     let mut total = 0.0;
     for i in 0..WARMUP_STEPS + steps {
         let start = Instant::now();
@@ -549,18 +567,17 @@ fn ppo(
     let params = policy_params + models.value.num_params();
     let PpoModels { policy, value, .. } = models;
     let lr = PpoParams::default().policy.learning_rate;
-    let mut trainees = Trainees::with_value(policy, value, AdamWConfig::default());
-    let mut total = 0.0;
-    for i in 0..WARMUP_STEPS + opts.steps {
-        let start = Instant::now();
-        let settings = &algorithm.settings;
-        let (trained, _) = update(&algorithm, trainees, &rollout, settings, 1, lr, device)?;
-        trainees = trained;
-        if i >= WARMUP_STEPS {
-            total += start.elapsed().as_secs_f64();
-        }
-    }
-    Ok((total / opts.steps as f64, batch * seq, params))
+    let mut trainees = Some(Trainees::with_value(policy, value, AdamWConfig::default()));
+    let settings = &algorithm.settings;
+    let secs = time_each(opts.steps, || {
+        let t = trainees
+            .take()
+            .expect("the previous update returned the trainees");
+        let (trained, _) = update(&algorithm, t, &rollout, settings, 1, lr, device)?;
+        trainees = Some(trained);
+        Ok::<_, BenchError>(())
+    })?;
+    Ok((secs, batch * seq, params))
 }
 
 /// This process's peak resident memory in MiB (NaN where /proc is absent).
