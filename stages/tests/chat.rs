@@ -4,6 +4,8 @@
 //! implicit prompts, and SFTTrainer's assistant-only loss mask on multi-turn conversations. The
 //! same pairs in ShareGPT's layout tokenise to the same ids.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -272,14 +274,12 @@ fn greedy_answers_to_conversational_prompts_match_transformers() {
 mod kinds {
     //! The kinds as the engine runs them, on conversational data and the chat fixture model.
 
-    use std::sync::atomic::AtomicBool;
-
-    use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
-    use rudder_engine::{Key, Registry};
+    use rudder_engine::Key;
+    use rudder_engine::runner::{InputKind, StageInput, StageResult};
+    use rudder_schema::DataFormat;
     use rudder_schema::kinds::{
         GenerateParams, LrSchedulerType, RewardParams, SaveDtype, SftParams, StageSpec, TrainArgs,
     };
-    use rudder_schema::{Backend, DataFormat, Precision};
 
     use super::*;
 
@@ -305,29 +305,7 @@ mod kinds {
     }
 
     fn run(kind: &str, spec: &dyn StageSpec, inputs: Vec<StageInput>, out: &Path) -> StageResult {
-        let mut registry = Registry::new();
-        rudder_stages::register(&mut registry);
-        let runner = registry.get(kind).expect("registered").clone();
-        let work = tempfile::tempdir().unwrap();
-        let flag = AtomicBool::new(false);
-        let ctx = StageContext {
-            name: kind,
-            kind,
-            key: Key::from_hex(&"1".repeat(64)).unwrap(),
-            spec,
-            part: None,
-            inputs,
-            out_dir: out,
-            work_dir: work.path(),
-            recipe_dir: out,
-            seed: 42,
-            backend: Backend::Cpu,
-            precision: Precision::Fp32,
-            threads: 1,
-            progress: &NoProgress,
-            interrupted: &flag,
-        };
-        runner.run(&ctx)
+        crate::common::run_stage(kind, kind, spec, inputs, out, 42, false)
     }
 
     fn train(steps: u64) -> TrainArgs {

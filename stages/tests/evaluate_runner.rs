@@ -2,15 +2,16 @@
 //! directory): each answer's score must be the reward model's value on
 //! `[BOS] + BPE(prompt + completion) + [EOS]`, whatever the batching and padding.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
-use rudder_engine::{Key, Registry};
+use rudder_engine::Key;
+use rudder_engine::runner::{InputKind, StageInput, StageResult};
+use rudder_schema::DataFormat;
 use rudder_schema::kinds::{EvaluateParams, Judge, Sampling, StageSpec};
-use rudder_schema::{Backend, DataFormat, Precision};
 use rudder_stages::model::load_reward_model;
 use rudder_stages::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -47,29 +48,7 @@ fn input(role: &str, key: char, path: PathBuf, kind: InputKind) -> StageInput {
 }
 
 fn run(spec: &dyn StageSpec, inputs: Vec<StageInput>, out: &Path) -> StageResult {
-    let mut registry = Registry::new();
-    rudder_stages::register(&mut registry);
-    let runner = registry.get("evaluate").expect("registered").clone();
-    let work = tempfile::tempdir().unwrap();
-    let flag = AtomicBool::new(false);
-    let ctx = StageContext {
-        name: "eval",
-        kind: "evaluate",
-        key: Key::from_hex(&"1".repeat(64)).unwrap(),
-        spec,
-        part: None,
-        inputs,
-        out_dir: out,
-        work_dir: work.path(),
-        recipe_dir: out,
-        seed: 7,
-        backend: Backend::Cpu,
-        precision: Precision::Fp32,
-        threads: 1,
-        progress: &NoProgress,
-        interrupted: &flag,
-    };
-    runner.run(&ctx)
+    common::run_stage("eval", "evaluate", spec, inputs, out, 7, false)
 }
 
 #[test]

@@ -4,12 +4,14 @@
 //! the first steps of TRL's reference trajectories, so the runners wire the parameters through
 //! faithfully. Bad inputs must come back as errors, not panics.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
-use rudder_engine::{Key, Registry};
+use rudder_engine::Key;
+use rudder_engine::runner::{InputKind, StageContext, StageInput, StageResult};
 use rudder_schema::kinds::{LrSchedulerType, RewardParams, SftParams, StageSpec, TrainArgs};
 use rudder_schema::{Backend, DataFormat, Precision};
 use rudder_stages::model::{load_causal_lm, load_reward_model};
@@ -78,29 +80,7 @@ fn run(
     out: &Path,
     interrupted: bool,
 ) -> StageResult {
-    let mut registry = Registry::new();
-    rudder_stages::register(&mut registry);
-    let runner = registry.get(kind).expect("registered").clone();
-    let work = tempfile::tempdir().unwrap();
-    let flag = AtomicBool::new(interrupted);
-    let ctx = StageContext {
-        name: kind,
-        kind,
-        key: Key::from_hex(&"1".repeat(64)).unwrap(),
-        spec,
-        part: None,
-        inputs,
-        out_dir: out,
-        work_dir: work.path(),
-        recipe_dir: out,
-        seed: 42,
-        backend: Backend::Cpu,
-        precision: Precision::Fp32,
-        threads: 1,
-        progress: &NoProgress,
-        interrupted: &flag,
-    };
-    runner.run(&ctx)
+    common::run_stage(kind, kind, spec, inputs, out, 42, interrupted)
 }
 
 fn metrics(dir: &Path) -> Vec<Value> {

@@ -4,17 +4,18 @@
 //! the loss falls, the artifact loads and generates, and a rerun writes the same weights bit for
 //! bit. Bad inputs come back as errors.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
-use rudder_engine::runner::{InputKind, NoProgress, StageContext, StageInput, StageResult};
-use rudder_engine::{Key, Registry};
+use rudder_engine::Key;
+use rudder_engine::runner::{InputKind, StageInput, StageResult};
 use rudder_schema::kinds::{
     LrSchedulerType, PretrainParams, StageSpec, TokenizerParams, TrainArgs,
 };
 use rudder_schema::recipe::{Arch, ModelSpec};
-use rudder_schema::{Backend, DataFormat, Precision};
+use rudder_schema::{Backend, DataFormat};
 use rudder_stages::GenerateOptions;
 use rudder_stages::model::load_causal_lm;
 use rudder_stages::tokenizer::Tokenizer;
@@ -50,29 +51,7 @@ fn text_data(path: &Path) -> StageInput {
 }
 
 fn run(kind: &str, spec: &dyn StageSpec, inputs: Vec<StageInput>, out: &Path) -> StageResult {
-    let mut registry = Registry::new();
-    rudder_stages::register(&mut registry);
-    let runner = registry.get(kind).expect("registered").clone();
-    let work = tempfile::tempdir().unwrap();
-    let flag = AtomicBool::new(false);
-    let ctx = StageContext {
-        name: kind,
-        kind,
-        key: Key::from_hex(&"1".repeat(64)).unwrap(),
-        spec,
-        part: None,
-        inputs,
-        out_dir: out,
-        work_dir: work.path(),
-        recipe_dir: out,
-        seed: 7,
-        backend: Backend::Cpu,
-        precision: Precision::Fp32,
-        threads: 1,
-        progress: &NoProgress,
-        interrupted: &flag,
-    };
-    runner.run(&ctx)
+    common::run_stage(kind, kind, spec, inputs, out, 7, false)
 }
 
 /// A text file of `lines` lines.
