@@ -117,6 +117,28 @@ impl CausalLm {
         HeadPredictions { logps, values }
     }
 
+    /// The logits of a few rows through `kernels::head::logits` on plain flex (generation's last
+    /// positions; the logits fixtures); `None` where the generic head runs.
+    #[cfg(feature = "flex")]
+    pub(crate) fn fused_logits(&self, hidden: Tensor<3>) -> Option<Tensor<3>> {
+        use super::kernels::head::{WeightLayout, logits};
+        if hidden.device() != burn::tensor::Device::flex() {
+            return None;
+        }
+        let (weight, layout) = match &self.lm_head {
+            Some(head) if head.bias.is_some() => return None,
+            Some(head) => (head.weight.val(), WeightLayout::ModelMajor),
+            None => (
+                self.model.embed_tokens.weight.val(),
+                WeightLayout::VocabMajor,
+            ),
+        };
+        let [n, seq, d] = hidden.dims();
+        let out = logits(hidden.reshape([n * seq, d]), weight, layout)?;
+        let vocab = out.dims()[1];
+        Some(out.reshape([n, seq, vocab]))
+    }
+
     #[cfg(feature = "flex")]
     fn fused_predictions(
         &self,

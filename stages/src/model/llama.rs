@@ -204,6 +204,10 @@ impl CausalLm {
     /// - hidden: `[batch, seq, d_model]`
     /// - output: `[batch, seq, vocab]`
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        #[cfg(feature = "flex")]
+        if let Some(logits) = self.fused_logits(hidden.clone()) {
+            return logits;
+        }
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {

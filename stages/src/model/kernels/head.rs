@@ -446,6 +446,75 @@ pub fn log_probs(
     }
 }
 
+/// Vocabulary entries per task of [`logits`]: `LOGITS_BLOCK x rows` outputs per gemm call.
+const LOGITS_BLOCK: usize = 2048;
+
+/// The logits `hidden W^T` of a few rows (generation's last positions), without a gradient, on
+/// plain f32 flex tensors: parallel over fixed blocks of the vocabulary, reading the weight in
+/// place in either layout. The generic matmul copies the transpose of a tied embedding table on
+/// every call (28M floats at a vocabulary of 49,152), which dominated a decoding step. `None` on
+/// other backends, dtypes and autodiff devices.
+///
+/// # Shapes
+/// - hidden: `[rows, d_model]`
+/// - weight: `[vocab, d_model]` or `[d_model, vocab]`, as `layout` says
+/// - output: `[rows, vocab]`
+pub fn logits(hidden: Tensor<2>, weight: Tensor<2>, layout: WeightLayout) -> Option<Tensor<2>> {
+    if hidden.dtype() != DType::F32 || weight.dtype() != DType::F32 || hidden.device().is_autodiff()
+    {
+        return None;
+    }
+    let [rows, d_model] = hidden.dims();
+    let (vocab, wd) = match (layout, weight.dims()) {
+        (WeightLayout::VocabMajor, [v, dm]) | (WeightLayout::ModelMajor, [dm, v]) => (v, dm),
+    };
+    if wd != d_model || rows == 0 || vocab == 0 {
+        return None;
+    }
+    let d = Dims {
+        positions: rows,
+        d_model,
+        vocab,
+        layout,
+        scale: 1.0,
+    };
+    let h = hidden.try_into_primitive::<Flex>().ok()?.to_contiguous();
+    let w = weight.try_into_primitive::<Flex>().ok()?.to_contiguous();
+    let (h, w) = (slice(&h), slice(&w));
+    // `logits^T = W h^T`, one block of vocabulary entries (contiguous rows of the output) per
+    // task; each entry's dot product is one gemm call's, whatever the thread count.
+    let mut transposed = vec![0.0f32; vocab * rows];
+    transposed
+        .par_chunks_mut(LOGITS_BLOCK * rows)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let v0 = block * LOGITS_BLOCK;
+            let entries = dst.len() / rows;
+            matmul(
+                entries,
+                rows,
+                d_model,
+                dst,
+                false,
+                d.weight_at_entry(w, v0),
+                d.strides(),
+                h,
+                (1, d_model),
+                1.0,
+            );
+        });
+    let mut out = vec![0.0f32; rows * vocab];
+    for (v, entry) in transposed.chunks_exact(rows).enumerate() {
+        for (r, &x) in entry.iter().enumerate() {
+            out[r * vocab + v] = x;
+        }
+    }
+    Some(Tensor::from_primitive::<Flex>(to_flex(
+        out,
+        vec![rows, vocab],
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,5 +750,43 @@ mod tests {
         let (one, two, four) = (in_pool(1), in_pool(2), in_pool(4));
         assert_eq!(one, two);
         assert_eq!(one, four);
+    }
+
+    /// `logits` against `hidden W^T` by Burn's matmul, in both layouts, at vocabularies that are
+    /// and are not multiples of the block, and on 1, 2 and 4 threads.
+    #[test]
+    fn logits_match_the_generic_matmul() {
+        let device = crate::test_device();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (rows, dm, vocab) in [(1, 16, 100), (4, 24, 2 * LOGITS_BLOCK + 37), (3, 8, 2048)] {
+            let tensor = |values: Vec<f32>, shape: [usize; 2]| {
+                Tensor::<2>::from_data(TensorData::new(values, shape), &device)
+            };
+            let hidden = tensor(random(rows * dm, 1.0, &mut rng), [rows, dm]);
+            let vocab_major = tensor(random(vocab * dm, 1.0, &mut rng), [vocab, dm]);
+            let want = vec(hidden.clone().matmul(vocab_major.clone().transpose()));
+            for (weight, layout) in [
+                (vocab_major.clone(), WeightLayout::VocabMajor),
+                (vocab_major.clone().transpose(), WeightLayout::ModelMajor),
+            ] {
+                let got = || vec(logits(hidden.clone(), weight.clone(), layout).unwrap());
+                let fused = got();
+                assert_eq!(fused.len(), want.len());
+                for (i, (a, b)) in fused.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{layout:?}[{i}]: {a} vs {b}"
+                    );
+                }
+                crate::model::kernels::testing::same_on_1_2_4_threads(got);
+            }
+        }
+        let tracked = crate::test_device().autodiff();
+        let h = Tensor::<2>::zeros([2, 4], &tracked);
+        let w = Tensor::<2>::zeros([9, 4], &tracked);
+        assert!(
+            logits(h, w, WeightLayout::VocabMajor).is_none(),
+            "autodiff is left to Burn"
+        );
     }
 }
