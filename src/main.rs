@@ -16,6 +16,9 @@ use rudder_engine::EngineError;
 use crate::cli::{Cli, Command};
 use crate::printer::Printer;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit codes: 0 success, 1 a stage failed (or the asked-for thing is absent), 2 a recipe or
 /// usage error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

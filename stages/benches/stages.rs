@@ -27,6 +27,10 @@ use rudder_stages::preference::{DpoExample, DpoObjective, SyncedReferenceDpo, To
 use rudder_stages::train::Objective;
 use rudder_stages::train::{SftObjective, SftSequence};
 
+/// The allocator of the `rudder` binary, so that a step costs here what it costs in a stage.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PAIRS: usize = 8;
 const SEQ: usize = 256;
 const WARMUP: usize = 3;
