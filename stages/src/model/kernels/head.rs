@@ -471,16 +471,15 @@ pub fn logits(hidden: Tensor<2>, weight: Tensor<2>, layout: WeightLayout) -> Opt
     if wd != d_model || rows == 0 || vocab == 0 {
         return None;
     }
-    let d = Dims {
-        positions: rows,
-        d_model,
-        vocab,
-        layout,
-        scale: 1.0,
-    };
     let h = hidden.try_into_primitive::<Flex>().ok()?.to_contiguous();
-    let w = weight.try_into_primitive::<Flex>().ok()?.to_contiguous();
-    let (h, w) = (slice(&h), slice(&w));
+    let w = weight.try_into_primitive::<Flex>().ok()?;
+    let h = slice(&h);
+    // W as `[vocab, d_model]`, read in place (an untied head is often a transposed view).
+    let (w, (w_rows, w_columns)) = super::strided_2d(&w)?;
+    let entry_strides = match layout {
+        WeightLayout::VocabMajor => (w_rows, w_columns),
+        WeightLayout::ModelMajor => (w_columns, w_rows),
+    };
     // `logits^T = W h^T`, one block of vocabulary entries (contiguous rows of the output) per
     // task; each entry's dot product is one gemm call's, whatever the thread count.
     let mut transposed = vec![0.0f32; vocab * rows];
@@ -496,8 +495,8 @@ pub fn logits(hidden: Tensor<2>, weight: Tensor<2>, layout: WeightLayout) -> Opt
                 d_model,
                 dst,
                 false,
-                d.weight_at_entry(w, v0),
-                d.strides(),
+                &w[v0 * entry_strides.0..],
+                entry_strides,
                 h,
                 (1, d_model),
                 1.0,

@@ -18,6 +18,7 @@
 
 pub mod attention;
 pub mod head;
+pub mod linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
@@ -117,6 +118,22 @@ pub(crate) fn matmul(
             gemm::Parallelism::None,
         );
     }
+}
+
+/// A 2-D f32 flex tensor read in place: its storage from its first element on, and its (row,
+/// column) strides. Spares the copy `to_contiguous` makes of a transposed view, which is how
+/// Burn holds a checkpoint's `[out, in]` weights as `[in, out]`. `None` for another dtype or a
+/// negative stride.
+pub(crate) fn strided_2d(t: &FlexTensor) -> Option<(&[f32], (usize, usize))> {
+    if t.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    let (_, _, rows, columns) = t.layout().as_2d_strides()?;
+    let strides = (usize::try_from(rows).ok()?, usize::try_from(columns).ok()?);
+    Some((
+        t.storage::<f32>().get(t.layout().start_offset()..)?,
+        strides,
+    ))
 }
 
 pub(crate) fn flex_f32(t: &FlexTensor) -> Vec<f32> {

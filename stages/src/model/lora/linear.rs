@@ -78,9 +78,24 @@ impl LoraLinear {
     /// - x: `[..., in]`; output `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match &self.lora {
-            None => self.base.forward(x),
-            Some(adapter) => self.base.forward(x.clone()) + adapter.forward(x),
+            None => self.base_forward(x),
+            Some(adapter) => self.base_forward(x.clone()) + adapter.forward(x),
         }
+    }
+
+    /// The frozen or trained base layer; a few rows without a gradient on `cpu` go through
+    /// `kernels::linear`, parallel over the output columns.
+    fn base_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        #[cfg(feature = "flex")]
+        if x.device() == burn::tensor::Device::flex() && !x.device().is_autodiff() {
+            let bias = self.base.bias.as_ref().map(|b| b.val());
+            if let Some(out) =
+                crate::model::kernels::linear::linear(x.clone(), self.base.weight.val(), bias)
+            {
+                return out;
+            }
+        }
+        self.base.forward(x)
     }
 
     /// The plain layer with the adapter merged into its weight: `W + scale * A B`.
