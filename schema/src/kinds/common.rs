@@ -75,8 +75,9 @@ pub struct TrainArgs {
     /// With `lora`, when the model is itself base + adapter (a LoRA stage's artifact or a
     /// model with `adapter`): `false` (the default) trains that adapter further on the same
     /// base; `true` merges it into the base first and trains a fresh adapter on the merged
-    /// weights (TRL's and LLaMA-Factory's name). Part of the key; left out of the parameters
-    /// when `false`, so keys made before it existed stay the same.
+    /// weights (TRL's and LLaMA-Factory's name); over a model without an adapter it is a
+    /// recipe error. Part of the key; left out of the parameters when `false`, so keys made
+    /// before it existed stay the same.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub merge_adapter: bool,
     /// The dtype the trained weights are saved in: `auto` keeps the input model's (a bf16
@@ -495,8 +496,8 @@ pub const LANGUAGE_MODEL_ADAPTERS: &[&str] = &[
     "iterative_dpo",
 ];
 
-/// The kinds whose `lora` stage continues an incoming adapter (see [`continues_adapter_of`]);
-/// other kinds train fresh adapters on the merged model.
+/// The kinds whose `lora` stage continues an incoming adapter (see [`continues_adapter_of`]):
+/// every kind that takes `lora`.
 pub const CONTINUES_ADAPTERS: &[&str] = &[
     "sft",
     "dpo",
