@@ -1,6 +1,7 @@
 //! LoRA through the binary: an SFT stage with a `lora` table commits the merged model and a
 //! PEFT adapter directory, every other training kind trains fresh adapters on it
-//! (`merge_adapter = true`) or continues its adapter on the same base, `export` writes the
+//! (`merge_adapter = true`) or continues its adapter on the same base (a reward model's
+//! adapter too, and each `iterative_dpo` round the previous round's), `export` writes the
 //! merged model or the adapter alone, and a `[models]` node starts from an existing PEFT
 //! adapter, whose files are part of its key.
 
@@ -139,6 +140,7 @@ lora = { r = 2, alpha = 4 }
 [stages.online]
 kind = "iterative_dpo"
 model = "sft"
+merge_adapter = true
 data = "instructions"
 judge = { rule = "length", target = 24 }
 rounds = 2
@@ -607,5 +609,251 @@ fn a_continued_adapter_must_keep_its_settings() {
     assert!(err.contains("merge_adapter = true"), "{err}");
     // Located at the stage's `lora.r`.
     let line = text.lines().position(|l| l.contains("r = 2")).unwrap() + 1;
+    assert!(err.contains(&format!("recipe.toml:{line}:")), "{err}");
+}
+
+const CONTINUED_KINDS: &str = r#"
+[recipe]
+seed = 1
+
+[models.base]
+hf = "model"
+
+[datasets.instructions]
+path = "sft.jsonl"
+
+[datasets.prefs]
+path = "prefs.jsonl"
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = "instructions"
+learning_rate = 1e-2
+batch_size = 16
+max_steps = 3
+shuffle = false
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+
+[stages.rm]
+kind = "reward"
+model = "base"
+data = "prefs"
+learning_rate = 1e-2
+batch_size = 16
+max_steps = 3
+shuffle = false
+lora = { r = 2, alpha = 4 }
+
+[stages.rm_more]
+kind = "reward"
+model = "rm"
+data = "prefs"
+learning_rate = 1e-4
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 2, alpha = 4 }
+
+[stages.rm_fresh]
+kind = "reward"
+model = "rm"
+merge_adapter = true
+data = "prefs"
+learning_rate = 1e-4
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 2, alpha = 4 }
+
+[stages.rm_from_sft]
+kind = "reward"
+model = "sft"
+data = "prefs"
+learning_rate = 1e-4
+batch_size = 16
+max_steps = 1
+shuffle = false
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+
+[stages.online]
+kind = "iterative_dpo"
+model = "sft"
+data = "instructions"
+judge = { rule = "length", target = 24 }
+reference = "previous"
+rounds = 2
+num_samples = 3
+max_new_tokens = 8
+temperature = 1.0
+learning_rate = 1e-3
+batch_size = 4
+max_length = 64
+logging_steps = 1
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+"#;
+
+#[test]
+fn reward_stages_and_iterative_dpo_rounds_continue_their_incoming_adapter() {
+    let s = scratch();
+    s.write("recipe.toml", CONTINUED_KINDS);
+    s.ok(&["run", "recipe.toml"]);
+    let path = |node: &str| {
+        let out = s.ok(&["show", "recipe.toml", node, "--path"]);
+        Path::new(out.trim()).to_path_buf()
+    };
+    let weights = |artifact: &Path| artifact.join("adapter/adapter_model.safetensors");
+    let base = s.key("recipe.toml", "base");
+    let a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let score = "base_model.model.score.weight";
+
+    // A reward model trained further on more data: the same adapter over the same base, its
+    // A and its score moved by one small step from the incoming ones, where a fresh adapter
+    // (`merge_adapter`) draws both anew.
+    let (rm, more, fresh) = (path("rm"), path("rm_more"), path("rm_fresh"));
+    for artifact in [&rm, &more] {
+        assert_eq!(
+            adapter_config(artifact)["base_model_name_or_path"],
+            base.as_str()
+        );
+    }
+    assert_eq!(
+        adapter_config(&fresh)["base_model_name_or_path"],
+        s.key("recipe.toml", "rm").as_str()
+    );
+    assert_eq!(tensor_names(&weights(&more)), tensor_names(&weights(&rm)));
+    let incoming = tensor(&weights(&rm), a);
+    let continued = max_abs_diff(&tensor(&weights(&more), a), &incoming);
+    let drawn = max_abs_diff(&tensor(&weights(&fresh), a), &incoming);
+    assert!(
+        continued < 1e-3 && continued < 0.1 * drawn,
+        "continued {continued}, fresh {drawn}"
+    );
+    // The score continues too (the merged model's score is also `rm`'s, so only the
+    // continued stage is compared).
+    let moved = max_abs_diff(
+        &tensor(&weights(&more), score),
+        &tensor(&weights(&rm), score),
+    );
+    assert!(moved < 1e-3, "{moved}");
+
+    // A reward model over a LoRA language model continues its adapter on the same base, under
+    // a fresh score head trained in full (a SEQ_CLS adapter over the base).
+    let from_sft = path("rm_from_sft");
+    let config = adapter_config(&from_sft);
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    assert_eq!(config["modules_to_save"], serde_json::json!(["score"]));
+    assert_eq!(config["base_model_name_or_path"], base.as_str());
+    let sft = path("sft");
+    let moved = max_abs_diff(&tensor(&weights(&from_sft), a), &tensor(&weights(&sft), a));
+    assert!(moved < 1e-3, "{moved}");
+
+    // Each round continues the adapter it starts from: round 1 the SFT adapter, round 2
+    // round 1's. The reference is the round's starting model (`previous`), so each round's
+    // first step has no implicit reward and a loss of ln 2, which a policy started from the
+    // bare base would not have; and the adapter stays over the SFT stage's base.
+    let (round1, last) = (path("online/round-1"), path("online"));
+    for artifact in [&round1, &last] {
+        assert_eq!(
+            adapter_config(artifact)["base_model_name_or_path"],
+            base.as_str()
+        );
+        assert_eq!(
+            tensor_names(&weights(artifact)),
+            tensor_names(&weights(&sft))
+        );
+        let step = first_step(artifact);
+        let margin = step["rewards/margins"].as_f64().unwrap();
+        assert!(margin.abs() < 1e-5, "{step}");
+        assert!(
+            (step["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5,
+            "{step}"
+        );
+    }
+    // A fresh adapter would be a new Kaiming draw, as far from the incoming A as A is large;
+    // a continued one is the incoming A moved by a few steps of lr 1e-3.
+    let sft_a = tensor(&weights(&sft), a);
+    let size = sft_a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let round1_a = tensor(&weights(&round1), a);
+    let moved = [
+        max_abs_diff(&round1_a, &sft_a),
+        max_abs_diff(&tensor(&weights(&last), a), &round1_a),
+    ];
+    assert!(moved.iter().all(|m| *m < 0.1 * size), "{moved:?} of {size}");
+
+    // The lockfile lists the base among the inputs of every continuing vertex.
+    let lock = s.read("recipe.lock");
+    let entry = |node: &str| -> String {
+        let start = lock.find(&format!("name = \"{node}\"\n")).unwrap();
+        let end = lock[start..]
+            .find("[[node]]")
+            .map_or(lock.len(), |e| start + e);
+        lock[start..end].to_owned()
+    };
+    for node in ["rm_more", "rm_from_sft", "online/round-1", "online"] {
+        assert!(
+            entry(node).contains(&format!("adapter_base = \"{base}\"")),
+            "{}",
+            entry(node)
+        );
+    }
+    assert!(s.to_run("recipe.toml").is_empty());
+}
+
+#[test]
+fn continued_reward_and_round_adapters_keep_their_settings() {
+    let s = scratch();
+    let text = CONTINUED_KINDS.replacen(
+        "max_steps = 1\nshuffle = false\nlora = { r = 2, alpha = 4 }",
+        "max_steps = 1\nshuffle = false\nlora = { r = 2, alpha = 2 }",
+        1,
+    );
+    s.write("recipe.toml", &text);
+    let out = s.rudder(&["validate", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("stage `rm_more` continues the LoRA adapter that `rm` trained"),
+        "{err}"
+    );
+    assert!(err.contains("`alpha` is 2 here and 4 there"), "{err}");
+    let line = text
+        .lines()
+        .position(|l| l.contains("alpha = 2 }"))
+        .unwrap()
+        + 1;
+    assert!(err.contains(&format!("recipe.toml:{line}:")), "{err}");
+
+    let text = CONTINUED_KINDS.replacen(
+        "logging_steps = 1\nlora = { r = 4,",
+        "logging_steps = 1\nlora = { r = 8,",
+        1,
+    );
+    s.write("recipe.toml", &text);
+    let out = s.rudder(&["validate", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("stage `online` continues the LoRA adapter that `sft` trained"),
+        "{err}"
+    );
+    assert!(err.contains("`r` is 8 here and 4 there"), "{err}");
+
+    // `merge_adapter` over a model that carries no adapter would mean nothing.
+    let text = CONTINUED_KINDS.replacen(
+        "model = \"base\"\ndata = \"prefs\"\n",
+        "model = \"base\"\ndata = \"prefs\"\nmerge_adapter = true\n",
+        1,
+    );
+    s.write("recipe.toml", &text);
+    let out = s.rudder(&["validate", "recipe.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = common::stderr(&out);
+    assert!(err.contains("`base` carries no adapter"), "{err}");
+    let line = text
+        .lines()
+        .position(|l| l.contains("merge_adapter"))
+        .unwrap()
+        + 1;
     assert!(err.contains(&format!("recipe.toml:{line}:")), "{err}");
 }

@@ -154,6 +154,17 @@ impl Inputs {
         Ok(adapter)
     }
 
+    /// Binds `role`, when it is a model with an unmerged PEFT adapter, to its base directory
+    /// (whose configuration and tokenizer a merge would copy), for a stage that attaches the
+    /// adapter to the base itself: no merged copy is written.
+    pub fn unmerged_base(&mut self, role: &str) {
+        if let Some(input) = self.by_role.get_mut(role)
+            && let Binding::Adapted { base, .. } = &input.binding
+        {
+            input.binding = Binding::Model(base.clone());
+        }
+    }
+
     /// Merges every model bound with a PEFT adapter into a model directory under `scratch`
     /// (the stage's work directory, which is keyed, so a merge left by an earlier attempt is
     /// the same and is reused), so that kinds read it as any model.

@@ -24,7 +24,7 @@ use rudder_engine::runner::{Progress, Runner, StageContext, StageOutcome, StageR
 use rudder_schema::StageSpec;
 use rudder_schema::kinds::{Kind as Schema, PartSpec, part_kind};
 
-use rudder_schema::kinds::{ADAPTER_BASE_ROLE, CONTINUES_ADAPTERS, TrainArgs};
+use rudder_schema::kinds::{ADAPTER_BASE_ROLE, CONTINUES_ADAPTERS, PREVIOUS_ROUND_ROLE, TrainArgs};
 
 use crate::artifacts::{ADAPTER_DIR, METRICS_FILE};
 use crate::backend::training_device;
@@ -45,6 +45,12 @@ pub trait StageKind: 'static {
     /// Bumped whenever the implementation changes what it produces, including through the
     /// backend's kernels (a new Burn): part of every key.
     const VERSION: u32;
+    /// Whether the kind reads the weights of an adapter it continues merged into its base,
+    /// besides training that adapter (PPO may start its value model from the policy, an
+    /// `iterative_dpo` round samples from its starting model): then a model node's adapter is
+    /// merged into a scratch copy of the base, as for a stage that does not continue it.
+    /// Otherwise the stage loads the base once and attaches the adapter.
+    const READS_CONTINUED_MERGED: bool = false;
     fn run(stage: &Stage<'_, Self::Params>, device: &Device) -> Result<StageOutcome, TrainError>;
 }
 
@@ -73,8 +79,9 @@ pub struct Continued {
 }
 
 impl<'a, P: Schema> Stage<'a, P> {
-    /// The typed view of `ctx`; its parameters must be `P`'s.
-    pub fn new(ctx: &'a StageContext<'a>) -> Result<Self, TrainError> {
+    /// The typed view of `ctx`; its parameters must be `P`'s. `reads_merged`: see
+    /// [`StageKind::READS_CONTINUED_MERGED`].
+    pub fn new(ctx: &'a StageContext<'a>, reads_merged: bool) -> Result<Self, TrainError> {
         let params = ctx.params().ok_or_else(|| {
             TrainError::Input(format!(
                 "the parameters of `{}` are not those of kind `{}`",
@@ -83,12 +90,23 @@ impl<'a, P: Schema> Stage<'a, P> {
             ))
         })?;
         let mut inputs = Inputs::resolve(&ctx.inputs);
-        // Only the stage itself trains; its parts (reference log-probs) read the incoming
-        // policy, base + adapter merged, as any model.
-        let adapter = match ctx.part.is_none() && inputs.has(ADAPTER_BASE_ROLE) {
-            true => Some(inputs.incoming_adapter("model")?),
+        // The engine binds the adapter's base only to the vertices that train it (the stage,
+        // an `iterative_dpo` round); parts such as reference log-probs read the incoming
+        // policy, base + adapter merged, as any model. A round after the first continues the
+        // previous round's adapter.
+        let role = match inputs.has(PREVIOUS_ROUND_ROLE) {
+            true => PREVIOUS_ROUND_ROLE,
+            false => "model",
+        };
+        let adapter = match inputs.has(ADAPTER_BASE_ROLE) {
+            true => Some(inputs.incoming_adapter(role)?),
             false => None,
         };
+        if adapter.is_some() && !reads_merged {
+            // Only the base's configuration and tokenizer are read from this model; its
+            // weights come from the base and the adapter.
+            inputs.unmerged_base(role);
+        }
         inputs.merge_adapters(ctx.work_dir, ctx.backend)?;
         let continued = match adapter {
             Some(adapter) => Some(Continued {
@@ -268,7 +286,7 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        let stage = Stage::<K::Params>::new(ctx)?;
+        let stage = Stage::<K::Params>::new(ctx, K::READS_CONTINUED_MERGED)?;
         let train = stage.params.train_args();
         let mut device = training_device(ctx.backend)?;
         if train.is_some_and(|t| t.gradient_checkpointing) {
@@ -282,15 +300,18 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
             .build()
             .map_err(|e| TrainError::Input(format!("cannot start the stage's threads: {e}")))?;
         let outcome = pool.install(|| K::run(&stage, &device))?;
-        if ctx.part.is_none()
-            && train.is_some_and(|t| t.lora.is_some())
+        // Every vertex that trains an adapter (the stage, an `iterative_dpo` round) names its
+        // base; the others write no adapter.
+        let adapter_dir = ctx.out_dir.join(ADAPTER_DIR);
+        if train.is_some_and(|t| t.lora.is_some())
             && CONTINUES_ADAPTERS.contains(&K::Params::NAME)
+            && adapter_dir.join(lora::ADAPTER_CONFIG_FILE).is_file()
         {
             let base = match stage.continued {
                 Some(_) => stage.inputs.key(ADAPTER_BASE_ROLE)?,
                 None => stage.inputs.key("model")?,
             };
-            name_adapter_base(&ctx.out_dir.join(ADAPTER_DIR), &base.to_string())?;
+            name_adapter_base(&adapter_dir, &base.to_string())?;
         }
         Ok(outcome)
     }
@@ -328,7 +349,7 @@ impl<K: HostKind> Runner for HostRunner<K> {
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> StageResult {
-        let stage = Stage::<K::Params>::new(ctx)?;
+        let stage = Stage::<K::Params>::new(ctx, false)?;
         Ok(K::run(&stage)?)
     }
 }

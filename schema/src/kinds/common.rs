@@ -75,8 +75,9 @@ pub struct TrainArgs {
     /// With `lora`, when the model is itself base + adapter (a LoRA stage's artifact or a
     /// model with `adapter`): `false` (the default) trains that adapter further on the same
     /// base; `true` merges it into the base first and trains a fresh adapter on the merged
-    /// weights (TRL's and LLaMA-Factory's name). Part of the key; left out of the parameters
-    /// when `false`, so keys made before it existed stay the same.
+    /// weights (TRL's and LLaMA-Factory's name); over a model without an adapter it is a
+    /// recipe error. Part of the key; left out of the parameters when `false`, so keys made
+    /// before it existed stay the same.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub merge_adapter: bool,
     /// The dtype the trained weights are saved in: `auto` keeps the input model's (a bf16
@@ -173,6 +174,16 @@ impl LoraArgs {
             ));
         }
         None
+    }
+
+    /// These settings as a reward model trains them: `score` always among `modules_to_save`
+    /// (PEFT's `SEQ_CLS` task adds it), after any module the recipe names.
+    pub fn for_reward_model(&self) -> LoraArgs {
+        let mut lora = self.clone();
+        if !lora.modules_to_save.contains(&SavedModule::Score) {
+            lora.modules_to_save.push(SavedModule::Score);
+        }
+        lora
     }
 
     /// The adapter's scale: `alpha / r`, or `alpha / sqrt(r)` with `use_rslora`.
@@ -466,7 +477,48 @@ impl<T: Clone> OneOrMany<T> {
 /// base that adapter was trained on (the engine adds it; recipes never name it).
 pub const ADAPTER_BASE_ROLE: &str = "adapter_base";
 
-/// The kinds whose `lora` stage continues an incoming adapter (a language model's, trained on
-/// the stage's `model`); other kinds train fresh adapters on the merged model.
-pub const CONTINUES_ADAPTERS: &[&str] =
-    &["sft", "dpo", "kto", "orpo", "simpo", "ppo", "rloo", "grpo"];
+/// The input through which a round of a multi-round kind (`iterative_dpo`) after the first
+/// reads the previous round's artifact; with `lora`, such a round continues that round's
+/// adapter.
+pub const PREVIOUS_ROUND_ROLE: &str = "previous";
+
+/// The kinds whose `lora` trains a language model's adapter (an `iterative_dpo` stage's in each
+/// of its rounds).
+pub const LANGUAGE_MODEL_ADAPTERS: &[&str] = &[
+    "sft",
+    "dpo",
+    "kto",
+    "orpo",
+    "simpo",
+    "ppo",
+    "rloo",
+    "grpo",
+    "iterative_dpo",
+];
+
+/// The kinds whose `lora` stage continues an incoming adapter (see [`continues_adapter_of`]):
+/// every kind that takes `lora`.
+pub const CONTINUES_ADAPTERS: &[&str] = &[
+    "sft",
+    "dpo",
+    "kto",
+    "orpo",
+    "simpo",
+    "ppo",
+    "rloo",
+    "grpo",
+    "iterative_dpo",
+    "reward",
+];
+
+/// Whether a `lora` stage of `kind` continues the adapter a `lora` stage of `upstream` trained,
+/// when that stage's artifact is its `model`. A language model's adapter is continued by every
+/// kind of [`CONTINUES_ADAPTERS`]: a `reward` stage trains it further on the language model's
+/// backbone, under a fresh `score` head (PEFT's `SEQ_CLS` adapter over the same base). A reward
+/// model's adapter is continued only by `reward` (on more data); a language-model kind reading
+/// a reward model merges it first.
+pub fn continues_adapter_of(kind: &str, upstream: &str) -> bool {
+    CONTINUES_ADAPTERS.contains(&kind)
+        && (LANGUAGE_MODEL_ADAPTERS.contains(&upstream)
+            || (kind == "reward" && upstream == "reward"))
+}

@@ -215,7 +215,7 @@ impl StageSpec for IterativeDpoParams {
             ];
             if n > 1 {
                 inputs.push((
-                    "previous".into(),
+                    super::PREVIOUS_ROUND_ROLE.into(),
                     PartInput::Part(Self::round_part_name(n - 1)),
                 ));
             }
@@ -233,7 +233,10 @@ impl StageSpec for IterativeDpoParams {
             })
             .collect();
         let stage_inputs = if self.rounds > 1 {
-            vec![("previous".into(), Self::round_part_name(self.rounds - 1))]
+            vec![(
+                super::PREVIOUS_ROUND_ROLE.into(),
+                Self::round_part_name(self.rounds - 1),
+            )]
         } else {
             Vec::new()
         };

@@ -3,7 +3,9 @@
 //! previous round's artifact; the stage node itself is the last round. One runner serves both.
 //!
 //! A round:
-//! 1. starts from the previous round's model (round 1: the stage's `model`);
+//! 1. starts from the previous round's model (round 1: the stage's `model`); with `lora`, it
+//!    continues that model's adapter on the base it was trained on (round 1 over a plain model,
+//!    or with `merge_adapter`, draws a fresh one), so the rounds train one adapter;
 //! 2. samples `num_samples` completions of every prompt (the stage's sampling settings; the
 //!    generator's seed is derived from the stage's seed and the round number);
 //! 3. scores them with the judge (a reward model node, a rule or a command, as in `evaluate`);
@@ -32,7 +34,7 @@ use rudder_engine::runner::StageOutcome;
 use rudder_schema::kinds::{IterativeDpoParams, Pairing, ROUND_PART, RoundReference, TrainArgs};
 use serde_json::{Value, json};
 
-use crate::artifacts::{METRICS_FILE, read_jsonl, save_model, save_trained_model, write_jsonl};
+use crate::artifacts::{METRICS_FILE, read_jsonl, save_trained_model, write_jsonl};
 use crate::data::PreferencePair;
 use crate::kind::{Stage, StageKind};
 use crate::losses::DpoLossConfig;
@@ -58,6 +60,8 @@ pub struct IterativeDpo;
 impl StageKind for IterativeDpo {
     type Params = IterativeDpoParams;
     const VERSION: u32 = ROUND_VERSION;
+    // A round samples from its starting model, and the reference is a starting model.
+    const READS_CONTINUED_MERGED: bool = true;
 
     fn run(
         stage: &Stage<'_, IterativeDpoParams>,
@@ -75,6 +79,7 @@ impl StageKind for Round {
     type Params = IterativeDpoParams;
     const PART: Option<&'static str> = Some(ROUND_PART);
     const VERSION: u32 = ROUND_VERSION;
+    const READS_CONTINUED_MERGED: bool = true;
 
     fn run(
         stage: &Stage<'_, IterativeDpoParams>,
@@ -182,16 +187,32 @@ fn run_round(
         ld_alpha: params.loss.ld_alpha,
         use_weighting: params.loss.use_weighting,
     };
-    let (config, model) = load_causal_lm(&start.dir, device)?;
+    // With `lora`, a round continues the adapter it starts from (the previous round's, or the
+    // stage's model's) on the base that adapter was trained on, so the last round's adapter
+    // applies to the stage's starting base; the first round over a plain model (or with
+    // `merge_adapter`) attaches a fresh adapter drawn from the round's seed.
+    let (config, model) = match (&train_args.lora, stage.continued()) {
+        (Some(_), Some(_)) => stage.trainable_lm(&start.dir, &train_args, device)?,
+        (lora, _) => {
+            let (config, model) = load_causal_lm(&start.dir, device)?;
+            let model = match lora {
+                Some(lora) => crate::model::lora::attach(model, lora, cfg.seed)?,
+                None => model,
+            };
+            (config, model)
+        }
+    };
     let report = if tokenized.pairs.is_empty() {
-        // Nothing to learn from: the round keeps its starting model.
+        // Nothing to learn from: the round keeps its starting model (with `lora`, its
+        // adapter as it starts, which the next round continues).
         let metrics = stage.out_dir().join(METRICS_FILE);
         std::fs::File::create(&metrics).map_err(|e| TrainError::io(&metrics, e))?;
-        save_model(
+        save_trained_model(
             stage.out_dir(),
             &model,
             &config.saved_as(params.train.save_dtype),
             tokenizer,
+            train_args.lora.as_ref(),
         )?;
         stage.progress().println(&format!(
             "round {n}: no preference pair (ties {}, below margin {}); the model is unchanged",
@@ -228,11 +249,6 @@ fn run_round(
             )
             .collect();
         stage.progress().set_message(String::new());
-        // Each round trains fresh adapters on the previous round's (merged) model.
-        let model = match &train_args.lora {
-            Some(lora) => crate::model::lora::attach(model, lora, cfg.seed)?,
-            None => model,
-        };
         let (trained, report) = stage.fit(&objective, model, &examples, &cfg, device)?;
         save_trained_model(
             stage.out_dir(),

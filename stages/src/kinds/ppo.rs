@@ -52,6 +52,8 @@ const VALUE_SALT: u64 = 0x5661_6c75;
 impl StageKind for PpoKind {
     type Params = PpoParams;
     const VERSION: u32 = 4;
+    // Without a value model or a reward model node, the value model starts from the policy.
+    const READS_CONTINUED_MERGED: bool = true;
 
     fn run(stage: &Stage<'_, PpoParams>, device: &Device) -> Result<StageOutcome, TrainError> {
         let p = stage.params;

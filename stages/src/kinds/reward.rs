@@ -6,6 +6,10 @@
 //! `center_rewards_coefficient * (r_c + r_r)^2` when set; the loop averages it over pairs.
 //! Metrics (TRL's names): `accuracy` (strict `r_c > r_r`), `margin` (mean `r_c - r_r`),
 //! `mean_reward`, `min_reward`, `max_reward` over both sides.
+//!
+//! With `lora`, the stage continues an incoming adapter (a LoRA reward model's, with its
+//! `score`, or a LoRA language model's, under a fresh `score`) on the base it was trained on;
+//! `score` is always trained in full, as PEFT's `SEQ_CLS` task does.
 
 use burn::module::Module;
 use std::collections::BTreeMap;
@@ -13,13 +17,13 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use burn::tensor::{Int, Tensor, TensorData};
 use rudder_engine::runner::StageOutcome;
-use rudder_schema::kinds::{RewardParams, SavedModule};
+use rudder_schema::kinds::{LoraArgs, RewardParams};
 
 use crate::artifacts::save_trained_scorer;
 use crate::data::{PreferencePair, Turns};
 use crate::kind::{Stage, StageKind};
 use crate::losses::bradley_terry;
-use crate::model::{RewardModel, reward_model_from_causal_lm};
+use crate::model::{RewardModel, lora, reward_model_from_causal_lm};
 use crate::tokenizer::Tokenizer;
 use crate::train::{Forward, MetricValue, Objective, Reduce, TrainError};
 
@@ -49,19 +53,41 @@ impl StageKind for Reward {
             pad_id: model.tokenizer.pad_id().unwrap_or(0),
             center_rewards_coefficient: p.center_rewards_coefficient,
         };
-        let (config, weights) = reward_model_from_causal_lm(&model.dir, stage.seed(), device)?;
         let cfg = stage.train_config(p.learning_rate, &p.train);
         // PEFT trains the head of a sequence classifier in full (`task_type = "SEQ_CLS"` adds
         // `score` to `modules_to_save`): a fresh head left frozen would score at random.
-        let lora = p.train.lora.clone().map(|mut lora| {
-            if !lora.modules_to_save.contains(&SavedModule::Score) {
-                lora.modules_to_save.push(SavedModule::Score);
+        let lora = p.train.lora.as_ref().map(LoraArgs::for_reward_model);
+        let (config, weights) = match (&lora, stage.continued()) {
+            (Some(wanted), Some(continued)) => {
+                // The incoming adapter on the base it was trained on, as a sequence classifier:
+                // a reward model's adapter brings its trained `score`; a language model's
+                // leaves the head fresh from the stage's seed, as for any language model.
+                let (config, base) =
+                    reward_model_from_causal_lm(&continued.base, stage.seed(), device)?;
+                let (model, incoming) = lora::load_adapter(base, &continued.adapter)?;
+                if let Some((setting, ours, theirs)) =
+                    wanted.differs_from(&incoming.for_reward_model())
+                {
+                    return Err(TrainError::Input(format!(
+                        "the stage continues the LoRA adapter in {}, whose `{setting}` is {theirs}, but its `lora` has {ours}; make them agree, or set `merge_adapter = true` to train a fresh adapter on the merged model",
+                        continued.adapter.display()
+                    )));
+                }
+                let model = lora::with_dropout(model, wanted.dropout);
+                (
+                    config,
+                    lora::unfreeze_modules(model, &wanted.modules_to_save)?,
+                )
             }
-            lora
-        });
-        let weights = match &lora {
-            Some(lora) => crate::model::lora::attach(weights, lora, stage.seed())?,
-            None => weights,
+            _ => {
+                let (config, weights) =
+                    reward_model_from_causal_lm(&model.dir, stage.seed(), device)?;
+                let weights = match &lora {
+                    Some(lora) => lora::attach(weights, lora, stage.seed())?,
+                    None => weights,
+                };
+                (config, weights)
+            }
         };
         let (trained, report) = stage.fit(&objective, weights, train_pairs, &cfg, device)?;
         let eval = evaluate(&trained.valid(), &objective, eval_pairs, device);

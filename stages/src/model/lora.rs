@@ -192,7 +192,16 @@ pub fn attach<M: Adaptable>(model: M, args: &LoraArgs, seed: u64) -> Result<M, S
             }
         }
     }
-    for &module in &args.modules_to_save {
+    unfreeze_modules(model, &args.modules_to_save)
+}
+
+/// `model` with `modules` trained in full beside its adapters (a reward model continuing a
+/// language model's adapter trains its fresh `score`).
+pub fn unfreeze_modules<M: Adaptable>(
+    mut model: M,
+    modules: &[SavedModule],
+) -> Result<M, StageError> {
+    for &module in modules {
         unfreeze(
             model
                 .saved_module_mut(module)
