@@ -52,7 +52,7 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const PAIRS_FILE: &str = "pairs.jsonl";
 
 /// What a round produces; bumped for the rounds and the stage (its last round) together.
-const ROUND_VERSION: u32 = 4;
+const ROUND_VERSION: u32 = 5;
 
 /// The stage itself: its last round.
 pub struct IterativeDpo;

@@ -31,7 +31,7 @@ pub struct Reward;
 
 impl StageKind for Reward {
     type Params = RewardParams;
-    const VERSION: u32 = 4;
+    const VERSION: u32 = 5;
 
     /// Builds the reward model (a causal LM's backbone gets a fresh score head from the
     /// stage's seed), trains it on the preference pairs, evaluates the held-out fraction
