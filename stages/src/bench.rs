@@ -32,6 +32,7 @@ use crate::kinds::reward::{RewardObjective, RewardPair};
 use crate::logps::{CompletionBatch, PromptCompletion, sequence_logps};
 use crate::losses::{CpoLossConfig, DpoLossConfig, KtoLossConfig};
 use crate::model::{CausalLm, ModelConfig, RewardModel, load_causal_lm, random_causal_lm};
+use crate::padding::Pad;
 use crate::preference::{DpoExample, DpoObjective, TokenizedPair, UnpairedRow};
 use crate::preference::{ReferenceFreeLoss, ReferenceFreeObjective};
 use crate::rl::{LoopSettings, Samples, Trainees, update};
@@ -250,7 +251,7 @@ fn reference_sums(
     device: &Device,
 ) -> Result<Vec<f32>, StageError> {
     let reference = load_lm(model, cfg, &device.clone().inner())?;
-    Ok(sequence_logps(&reference, rows, 0, rows.len())
+    Ok(sequence_logps(&reference, rows, Pad::exact(0), rows.len())
         .into_iter()
         .map(|row| row.iter().sum())
         .collect())
@@ -286,7 +287,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 .collect();
             let model = load_lm(&opts.model, &cfg, &device)?;
             let params = model.num_params();
-            let objective = SftObjective { pad_id: 0 };
+            let objective = SftObjective { pad: Pad::exact(0) };
             let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
             (secs, batch * seq, params)
         }
@@ -306,7 +307,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             };
             let params = model.num_params();
             let objective = RewardObjective {
-                pad_id: 0,
+                pad: Pad::exact(0),
                 center_rewards_coefficient: None,
             };
             let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
@@ -320,7 +321,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 .chain(pairs.iter().map(|p| &p.rejected))
                 .collect();
             let reference = load_lm(&opts.model, &cfg, &device.clone().inner())?;
-            let mut chosen = sequence_logps(&reference, &rows, 0, rows.len());
+            let mut chosen = sequence_logps(&reference, &rows, Pad::exact(0), rows.len());
             drop(reference);
             let rejected = chosen.split_off(batch);
             let examples: Vec<DpoExample> = pairs
@@ -334,7 +335,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 .collect();
             let p = DpoParams::default();
             let objective = DpoObjective {
-                pad_id: 0,
+                pad: Pad::exact(0),
                 loss: DpoLossConfig::new(&p.loss, p.loss.beta),
                 ld_alpha: p.loss.ld_alpha,
                 use_weighting: p.loss.use_weighting,
@@ -376,7 +377,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 })
                 .collect();
             let objective = KtoObjective {
-                pad_id: 0,
+                pad: Pad::exact(0),
                 loss: KtoLossConfig::from(&KtoParams::default()),
             };
             let model = load_lm(&opts.model, &cfg, &device)?;
@@ -410,7 +411,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 ReferenceFreeLoss::Cpo(CpoLossConfig::from(&SimpoParams::default()))
             };
             let examples = pairs(&mut rng, batch, seq, vocab);
-            let objective = ReferenceFreeObjective { pad_id: 0, loss };
+            let objective = ReferenceFreeObjective {
+                pad: Pad::exact(0),
+                loss,
+            };
             let model = load_lm(&opts.model, &cfg, &device)?;
             let params = model.num_params();
             let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
@@ -449,7 +453,7 @@ fn ppo_algorithm(rows: usize) -> Ppo {
         micro_batch: rows,
         temperature: p.rollout.temperature,
         max_grad_norm: p.train.max_grad_norm,
-        pad_id: 0,
+        pad: Pad::exact(0),
         seed: 1,
     };
     Ppo::new(&p, settings)
@@ -510,7 +514,7 @@ impl PpoModels {
             })
             .collect();
         let refs: Vec<&PromptCompletion> = rows.iter().collect();
-        let batch = CompletionBatch::new(&refs, 0, &self.judge.device());
+        let batch = CompletionBatch::new(&refs, Pad::exact(0), &self.judge.device());
         let scores: Vec<f64> = self
             .judge
             .forward(batch.ids, Some(&batch.padding))
