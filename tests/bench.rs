@@ -34,8 +34,14 @@ fn check_resident(
             "params",
             "peak_rss_mib",
             "step_seconds",
-            "tokens_per_second"
+            "tokens_per_second",
+            "warmup_seconds"
         ]
+    );
+    // The first step's extra time is a finite number of seconds (never asserted as a time).
+    assert!(
+        r["warmup_seconds"].as_f64().is_some_and(f64::is_finite),
+        "{r:?}"
     );
     assert_eq!(r["kind"], kind);
     assert_eq!(r["backend"], "cpu");

@@ -25,6 +25,17 @@ impl Backend {
             Backend::Cuda => "cuda",
         }
     }
+
+    /// The length multiple that training batches (`pad_to_multiple_of`) and generation's key/value
+    /// cache are padded to when a recipe says nothing: 1 on `cpu`, where every length costs the
+    /// same and results stay exactly as without padding, and 64 on the GPU backends, which
+    /// compile and autotune kernels for every new tensor shape.
+    pub fn default_pad_multiple(self) -> usize {
+        match self {
+            Backend::Cpu => 1,
+            Backend::Wgpu | Backend::Cuda => 64,
+        }
+    }
 }
 
 impl std::str::FromStr for Backend {

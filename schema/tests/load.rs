@@ -519,3 +519,36 @@ fn lora_errors_point_into_the_table() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn pad_to_multiple_of_defaults_by_backend_and_rejects_zero() {
+    use rudder_schema::Backend;
+    let recipe = load(BASE).unwrap();
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    // Unset, it is left out of the parameters (so keys are what they were) and the backend
+    // decides: exact lengths on `cpu`, buckets of 64 on the GPU backends.
+    assert!(dpo.spec.params().get("pad_to_multiple_of").is_none());
+    let train = dpo.spec.train_args().unwrap();
+    assert_eq!(train.pad_to_multiple_of, None);
+    assert_eq!(train.pad_multiple(Backend::Cpu), 1);
+    assert_eq!(train.pad_multiple(Backend::Wgpu), 64);
+    assert_eq!(train.pad_multiple(Backend::Cuda), 64);
+
+    let recipe = load(&BASE.replace("beta = 0.1", "beta = 0.1\npad_to_multiple_of = 8")).unwrap();
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    assert_eq!(dpo.spec.params()["pad_to_multiple_of"], 8);
+    let train = dpo.spec.train_args().unwrap();
+    assert_eq!(train.pad_multiple(Backend::Cpu), 8);
+    assert_eq!(train.pad_multiple(Backend::Cuda), 8);
+
+    let errors = errors_of(&BASE.replace("beta = 0.1", "beta = 0.1\npad_to_multiple_of = 0"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("recipe.toml:22:22: stage `dpo`: must be at least 1"),
+        "{errors:?}"
+    );
+}

@@ -39,10 +39,11 @@ pub fn run(args: &BenchArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
         printer.data(serde_json::to_string_pretty(&report)?);
     } else {
         printer.data(format!(
-            "{}: {:.0} tokens/s, {:.3} s/step, peak {:.0} MiB, {} parameters ({})",
+            "{}: {:.0} tokens/s, {:.3} s/step, first step {:+.3} s (compile and autotune on GPU backends), peak {:.0} MiB, {} parameters ({})",
             report.kind,
             report.tokens_per_second,
             report.step_seconds,
+            report.warmup_seconds,
             report.peak_rss_mib,
             report.params,
             report.backend

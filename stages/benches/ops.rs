@@ -18,6 +18,7 @@ use rudder_stages::model::kernels;
 use rudder_stages::model::rms_norm::RmsNormConfig;
 use rudder_stages::model::rope::RotaryConfig;
 use rudder_stages::model::{ModelConfig, random_causal_lm};
+use rudder_stages::padding::Pad;
 use rudder_stages::train::{AdamW, AdamWConfig, Batch, SftSequence, token_stats};
 
 const WARMUP: usize = 2;
@@ -227,7 +228,7 @@ fn profile(rows: usize, device: &Device) -> Vec<Row> {
         })
         .collect();
     let refs: Vec<&SftSequence> = examples.iter().collect();
-    let batch = Batch::new(&refs, 0, device);
+    let batch = Batch::new(&refs, Pad::exact(0), device);
     add(
         "SFT loss + metrics (token_stats)",
         1,
@@ -256,7 +257,7 @@ fn whole_step(rows: usize, device: &Device) -> [(&'static str, f64); 4] {
     let mut t = [0.0; 4];
     for i in 0..WARMUP + TIMED {
         let t0 = Instant::now();
-        let batch = Batch::new(&refs, 0, &model.device());
+        let batch = Batch::new(&refs, Pad::exact(0), &model.device());
         let logits = model.forward(batch.ids.clone(), Some(&batch.padding), None);
         let loss = token_stats(logits, &batch).nll_sum;
         let _ = loss.clone().into_scalar::<f32>();

@@ -23,6 +23,7 @@ use rudder_stages::kinds::reward::{RewardObjective, RewardPair};
 use rudder_stages::logps::{PromptCompletion, sequence_logps};
 use rudder_stages::losses::DpoLossConfig;
 use rudder_stages::model::{ModelConfig, random_causal_lm, random_reward_model};
+use rudder_stages::padding::Pad;
 use rudder_stages::preference::{DpoExample, DpoObjective, SyncedReferenceDpo, TokenizedPair};
 use rudder_stages::train::Objective;
 use rudder_stages::train::{SftObjective, SftSequence};
@@ -85,7 +86,7 @@ fn bench(name: &str, device: &Device) -> (Vec<f64>, usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let cfg = config();
     let dpo = DpoObjective {
-        pad_id: 0,
+        pad: Pad::exact(0),
         loss: DpoLossConfig::single(rudder_schema::kinds::DpoLossType::Sigmoid, 0.1),
         ld_alpha: None,
         use_weighting: false,
@@ -101,7 +102,12 @@ fn bench(name: &str, device: &Device) -> (Vec<f64>, usize) {
                 .collect();
             let model = random_causal_lm(&cfg, 0, &device);
             (
-                run(&SftObjective { pad_id: 0 }, model, &examples, &device),
+                run(
+                    &SftObjective { pad: Pad::exact(0) },
+                    model,
+                    &examples,
+                    &device,
+                ),
                 PAIRS * SEQ,
             )
         }
@@ -115,7 +121,7 @@ fn bench(name: &str, device: &Device) -> (Vec<f64>, usize) {
                 .collect();
             let model = random_reward_model(&cfg, 0, &device);
             let objective = RewardObjective {
-                pad_id: 0,
+                pad: Pad::exact(0),
                 center_rewards_coefficient: None,
             };
             (run(&objective, model, &examples, &device), 2 * PAIRS * SEQ)
@@ -139,7 +145,7 @@ fn bench(name: &str, device: &Device) -> (Vec<f64>, usize) {
                 .map(|p| &p.chosen)
                 .chain(pairs.iter().map(|p| &p.rejected))
                 .collect();
-            let mut chosen = sequence_logps(&reference, &rows, 0, rows.len());
+            let mut chosen = sequence_logps(&reference, &rows, Pad::exact(0), rows.len());
             let rejected = chosen.split_off(PAIRS);
             drop(reference);
             let examples: Vec<DpoExample> = pairs

@@ -57,6 +57,30 @@ pub fn device(backend: Backend) -> Result<Device, StageError> {
     Err(not_compiled(backend))
 }
 
+/// Whether `device` (or the device under its autodiff form) is the `cpu` backend's.
+pub fn is_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        device.clone().inner() == Device::flex()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// The multiple that shapes chosen at run time (generation's prompt batch, the KV cache's
+/// capacity) are rounded up to on `device`: its backend's [`Backend::default_pad_multiple`], 1 on
+/// `cpu` (exact shapes, today's results bit for bit) and 64 on the GPU backends, which compile
+/// and tune kernels for every new shape.
+pub fn shape_bucket(device: &Device) -> usize {
+    match is_cpu(device) {
+        true => Backend::Cpu.default_pad_multiple(),
+        false => Backend::Cuda.default_pad_multiple(),
+    }
+}
+
 /// The autodiff form of `backend`'s device: tensors created on it record their operations for
 /// the backward pass.
 pub fn training_device(backend: Backend) -> Result<Device, StageError> {

@@ -32,6 +32,7 @@ use crate::kinds::reward::{RewardObjective, RewardPair};
 use crate::logps::{CompletionBatch, PromptCompletion, sequence_logps};
 use crate::losses::{CpoLossConfig, DpoLossConfig, KtoLossConfig};
 use crate::model::{CausalLm, ModelConfig, RewardModel, load_causal_lm, random_causal_lm};
+use crate::padding::Pad;
 use crate::preference::{DpoExample, DpoObjective, TokenizedPair, UnpairedRow};
 use crate::preference::{ReferenceFreeLoss, ReferenceFreeObjective};
 use crate::rl::{LoopSettings, Samples, Trainees, update};
@@ -134,6 +135,10 @@ pub struct BenchReport {
     pub tokens_per_second: f64,
     /// Mean seconds per timed step.
     pub step_seconds: f64,
+    /// The first step's time beyond a timed step's: on GPU backends mostly kernel compilation
+    /// and autotuning (CubeCL's, for each new shape); on `cpu` only the first step's
+    /// allocations. Not part of `step_seconds`.
+    pub warmup_seconds: f64,
     /// This process's peak resident memory (VmHWM), model loading included.
     pub peak_rss_mib: f64,
     /// Parameters of the trained model.
@@ -188,23 +193,44 @@ pub fn step_durations<O: Objective>(
         .collect())
 }
 
-/// The mean of [`step_durations`] after [`WARMUP_STEPS`].
+/// A benchmark's steady step time and its first step's extra time.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// The mean of the steps after [`WARMUP_STEPS`].
+    step_seconds: f64,
+    /// The first step's duration less `step_seconds`.
+    warmup_seconds: f64,
+}
+
+impl Timing {
+    /// From the durations of every step, warm-up ones included.
+    fn of(durations: &[f64]) -> Self {
+        let timed = &durations[WARMUP_STEPS.min(durations.len())..];
+        let step_seconds = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
+        Self {
+            step_seconds,
+            warmup_seconds: durations.first().map_or(0.0, |first| first - step_seconds),
+        }
+    }
+}
+
+/// [`Timing`] of [`step_durations`]: [`WARMUP_STEPS`] steps, then `steps` timed ones.
 fn time_steps<O: Objective>(
     objective: &O,
     model: O::Model,
     examples: &[O::Example],
     steps: usize,
     device: &Device,
-) -> Result<f64, BenchError> {
-    let times = step_durations(
+) -> Result<Timing, BenchError> {
+    let durations = step_durations(
         objective,
         model,
         examples,
         1e-5,
-        (WARMUP_STEPS, steps),
+        (0, WARMUP_STEPS + steps),
         device,
     )?;
-    Ok(times.iter().sum::<f64>() / times.len().max(1) as f64)
+    Ok(Timing::of(&durations))
 }
 
 fn ids(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
@@ -250,7 +276,7 @@ fn reference_sums(
     device: &Device,
 ) -> Result<Vec<f32>, StageError> {
     let reference = load_lm(model, cfg, &device.clone().inner())?;
-    Ok(sequence_logps(&reference, rows, 0, rows.len())
+    Ok(sequence_logps(&reference, rows, Pad::exact(0), rows.len())
         .into_iter()
         .map(|row| row.iter().sum())
         .collect())
@@ -275,7 +301,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let vocab = cfg.vocab_size;
     let (batch, seq) = (opts.batch, opts.seq);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let (step_seconds, tokens, params) = match opts.kind.as_str() {
+    let (timing, tokens, params) = match opts.kind.as_str() {
         "sft" => {
             let examples: Vec<SftSequence> = (0..batch)
                 .map(|_| SftSequence {
@@ -286,7 +312,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 .collect();
             let model = load_lm(&opts.model, &cfg, &device)?;
             let params = model.num_params();
-            let objective = SftObjective { pad_id: 0 };
+            let objective = SftObjective { pad: Pad::exact(0) };
             let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
             (secs, batch * seq, params)
         }
@@ -306,7 +332,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             };
             let params = model.num_params();
             let objective = RewardObjective {
-                pad_id: 0,
+                pad: Pad::exact(0),
                 center_rewards_coefficient: None,
             };
             let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
@@ -320,7 +346,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 .chain(pairs.iter().map(|p| &p.rejected))
                 .collect();
             let reference = load_lm(&opts.model, &cfg, &device.clone().inner())?;
-            let mut chosen = sequence_logps(&reference, &rows, 0, rows.len());
+            let mut chosen = sequence_logps(&reference, &rows, Pad::exact(0), rows.len());
             drop(reference);
             let rejected = chosen.split_off(batch);
             let examples: Vec<DpoExample> = pairs
@@ -334,7 +360,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 .collect();
             let p = DpoParams::default();
             let objective = DpoObjective {
-                pad_id: 0,
+                pad: Pad::exact(0),
                 loss: DpoLossConfig::new(&p.loss, p.loss.beta),
                 ld_alpha: p.loss.ld_alpha,
                 use_weighting: p.loss.use_weighting,
@@ -376,7 +402,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 })
                 .collect();
             let objective = KtoObjective {
-                pad_id: 0,
+                pad: Pad::exact(0),
                 loss: KtoLossConfig::from(&KtoParams::default()),
             };
             let model = load_lm(&opts.model, &cfg, &device)?;
@@ -410,7 +436,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 ReferenceFreeLoss::Cpo(CpoLossConfig::from(&SimpoParams::default()))
             };
             let examples = pairs(&mut rng, batch, seq, vocab);
-            let objective = ReferenceFreeObjective { pad_id: 0, loss };
+            let objective = ReferenceFreeObjective {
+                pad: Pad::exact(0),
+                loss,
+            };
             let model = load_lm(&opts.model, &cfg, &device)?;
             let params = model.num_params();
             let secs = time_steps(&objective, model, &examples, opts.steps, &device)?;
@@ -420,24 +449,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         kind: opts.kind.clone(),
         backend: opts.backend.as_str().to_string(),
-        tokens_per_second: tokens as f64 / step_seconds,
-        step_seconds,
+        tokens_per_second: tokens as f64 / timing.step_seconds,
+        step_seconds: timing.step_seconds,
+        warmup_seconds: timing.warmup_seconds,
         peak_rss_mib: peak_rss_mib(),
         params,
     })
 }
 
-/// Runs `f` for warm-up + `steps` times; returns the timed runs' mean seconds.
-fn time_each<E>(steps: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<f64, E> {
-    let mut total = 0.0;
-    for i in 0..WARMUP_STEPS + steps {
+/// Runs `f` for warm-up + `steps` times; returns the [`Timing`] of the runs.
+fn time_each<E>(steps: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<Timing, E> {
+    let mut durations = Vec::with_capacity(WARMUP_STEPS + steps);
+    for _ in 0..WARMUP_STEPS + steps {
         let start = Instant::now();
         f()?;
-        if i >= WARMUP_STEPS {
-            total += start.elapsed().as_secs_f64();
-        }
+        durations.push(start.elapsed().as_secs_f64());
     }
-    Ok(total / steps as f64)
+    Ok(Timing::of(&durations))
 }
 
 /// The PPO stage's algorithm with its default settings, over one minibatch of `rows`.
@@ -449,7 +477,7 @@ fn ppo_algorithm(rows: usize) -> Ppo {
         micro_batch: rows,
         temperature: p.rollout.temperature,
         max_grad_norm: p.train.max_grad_norm,
-        pad_id: 0,
+        pad: Pad::exact(0),
         seed: 1,
     };
     Ppo::new(&p, settings)
@@ -510,7 +538,7 @@ impl PpoModels {
             })
             .collect();
         let refs: Vec<&PromptCompletion> = rows.iter().collect();
-        let batch = CompletionBatch::new(&refs, 0, &self.judge.device());
+        let batch = CompletionBatch::new(&refs, Pad::exact(0), &self.judge.device());
         let scores: Vec<f64> = self
             .judge
             .forward(batch.ids, Some(&batch.padding))
@@ -544,7 +572,7 @@ fn ppo(
     cfg: &ModelConfig,
     rng: &mut ChaCha8Rng,
     device: &Device,
-) -> Result<(f64, usize, usize), BenchError> {
+) -> Result<(Timing, usize, usize), BenchError> {
     let (batch, seq) = (opts.batch, opts.seq);
     let prompt_len = seq / 2;
     let prompts: Vec<Vec<u32>> = (0..batch)

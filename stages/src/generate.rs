@@ -269,11 +269,15 @@ fn generate_batch(
 ) -> Vec<GeneratedIds> {
     let batch = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    // Left padding: every row's last prompt token sits at the same column.
+    // Left padding: every row's last prompt token sits at the same column. The batch is as
+    // wide as the longest prompt rounded up to the device's shape bucket (exact on `cpu`), so
+    // that GPU backends compile kernels for a few prompt widths only.
+    let width =
+        crate::padding::Pad::new(pad_id, crate::backend::shape_bucket(device)).length(longest, 0);
     let mut rows: Vec<Vec<u32>> = Vec::with_capacity(batch);
     let mut padding: Vec<Vec<u8>> = Vec::with_capacity(batch);
     for p in prompts {
-        let pad = longest - p.len();
+        let pad = width - p.len();
         let mut row = vec![pad_id; pad];
         row.extend_from_slice(p);
         rows.push(row);

@@ -31,6 +31,7 @@ use crate::backend::training_device;
 use crate::inputs::Inputs;
 use crate::model::lora::{self, Adaptable};
 use crate::model::{CausalLm, ModelConfig, load_causal_lm};
+use crate::padding::Pad;
 use crate::train::{
     MetricsWriter, Objective, StageHooks, TrainConfig, TrainError, TrainReport, train,
 };
@@ -121,6 +122,19 @@ impl<'a, P: Schema> Stage<'a, P> {
             continued,
             ctx,
         })
+    }
+}
+
+impl<P: StageSpec> Stage<'_, P> {
+    /// How this stage pads its batches: with `pad_id`, to a multiple of its training options'
+    /// `pad_to_multiple_of`, or (unset, or a kind without training options) of the backend's
+    /// default: exact lengths on `cpu`. The backend is part of the key, so the multiple is too.
+    pub fn pad(&self, pad_id: u32) -> Pad {
+        let multiple = match self.params.train_args() {
+            Some(train) => train.pad_multiple(self.ctx.backend),
+            None => self.ctx.backend.default_pad_multiple(),
+        };
+        Pad::new(pad_id, multiple)
     }
 }
 

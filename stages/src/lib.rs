@@ -8,7 +8,7 @@
 //!     |  uses
 //!   inputs sampling preference rl train losses artifacts seeds   shared machinery
 //!     |  uses
-//!   model generate logps tokenizer data judge backend            the model layer
+//!   model generate logps padding tokenizer data judge backend    the model layer
 //! ```
 
 pub mod artifacts;
@@ -24,6 +24,7 @@ pub mod kinds;
 pub mod logps;
 pub mod losses;
 pub mod model;
+pub mod padding;
 pub mod preference;
 pub mod rl;
 pub mod sampling;

@@ -11,6 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::CausalLm;
 use crate::model::head::PositionValues;
+use crate::padding::Pad;
 
 /// A tokenised prompt and completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +45,11 @@ pub struct CompletionBatch {
 }
 
 impl CompletionBatch {
-    pub fn new(rows: &[&PromptCompletion], pad_id: u32, device: &Device) -> Self {
+    /// The batch of `rows`, as long as the longest rounded up to `pad`'s multiple.
+    pub fn new(rows: &[&PromptCompletion], pad: Pad, device: &Device) -> Self {
         let n = rows.len();
-        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2);
+        let pad_id = pad.id;
+        let seq = pad.length(rows.iter().map(|r| r.len()).max().unwrap_or(0), 2);
         let mut ids = Vec::with_capacity(n * seq);
         let mut padding = Vec::with_capacity(n);
         let mut targets = Vec::with_capacity(n * (seq - 1));
@@ -185,13 +188,13 @@ pub fn prediction_stats(values: &PositionValues, batch: &CompletionBatch) -> Vec
 pub fn sequence_logps(
     model: &CausalLm,
     rows: &[&PromptCompletion],
-    pad_id: u32,
+    pad: Pad,
     batch_size: usize,
 ) -> Vec<Vec<f32>> {
     let device = &model.device();
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
-        let batch = CompletionBatch::new(chunk, pad_id, device);
+        let batch = CompletionBatch::new(chunk, pad, device);
         let logps = completion_logps(model, &batch);
         let [_, width] = logps.token_logps.dims();
         let values: Vec<f32> = logps
@@ -225,7 +228,7 @@ mod tests {
             prompt: vec![1],
             completion: vec![7],
         };
-        let batch = CompletionBatch::new(&[&a, &b], 0, &device);
+        let batch = CompletionBatch::new(&[&a, &b], Pad::exact(0), &device);
         let mask: Vec<f32> = batch.mask.clone().into_data().try_to_vec().unwrap();
         // Targets are tokens 1..4: a = [5, 6, 2] (completion 6, 2); b = [7, pad, pad].
         assert_eq!(mask, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
@@ -248,7 +251,7 @@ mod tests {
             prompt: vec![0],
             completion: vec![1, 0],
         };
-        let batch = CompletionBatch::new(&[&row], 0, &device);
+        let batch = CompletionBatch::new(&[&row], Pad::exact(0), &device);
         // The head is the identity, so the hidden states are the logits.
         // Position 0: logits [0, ln 3] -> p(1) = 3/4; position 1: [0, 0] -> p(0) = 1/2.
         let model = crate::model::head::identity_head(2, &device);

@@ -14,6 +14,7 @@ use rudder_stages::data::{Format, read_rows};
 use rudder_stages::kinds::sft::{self, SftTokenization};
 use rudder_stages::logps::{PromptCompletion, sequence_logps};
 use rudder_stages::model::load_causal_lm;
+use rudder_stages::padding::Pad;
 use rudder_stages::preference::{TokenizedPairs, tokenize_pairs};
 use rudder_stages::tokenizer::Tokenizer;
 use rudder_stages::train::{Objective, SftObjective};
@@ -109,7 +110,7 @@ fn check_pairs_and_reference_logps(golden: &Value, file: &str) {
         .iter()
         .flat_map(|p| [&p.chosen, &p.rejected])
         .collect();
-    let logps = sequence_logps(&model, &sides, 0, 4);
+    let logps = sequence_logps(&model, &sides, Pad::exact(0), 4);
     let mut err = 0f64;
     for (i, example) in examples.iter().enumerate() {
         for (side, key) in [
@@ -192,7 +193,7 @@ fn sft_assistant_mask_on_multi_turn_conversations_matches_trl() {
         // The policy's loss on the batch.
         let device = rudder_stages::test_device();
         let (_, model) = load_causal_lm(&policy, &device).unwrap();
-        let objective = SftObjective { pad_id: 0 };
+        let objective = SftObjective { pad: Pad::exact(0) };
         let refs: Vec<_> = seqs.iter().collect();
         let out = Objective::forward(&objective, &model, &refs, &device).unwrap();
         let loss = out.loss_sum.into_scalar::<f64>() / Objective::weight(&objective, &refs);

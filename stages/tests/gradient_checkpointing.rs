@@ -8,6 +8,7 @@ use burn::tensor::{Device, Tensor};
 use rudder_stages::data::{Format, read_rows};
 use rudder_stages::kinds::sft::{self, SftTokenization};
 use rudder_stages::model::{CausalLm, load_causal_lm, lora};
+use rudder_stages::padding::Pad;
 use rudder_stages::tokenizer::Tokenizer;
 use rudder_stages::train::{
     NoHooks, Objective, ScheduleKind, SftObjective, SftSequence, TrainConfig, train,
@@ -53,7 +54,7 @@ fn gradients(model: &CausalLm, seqs: &[SftSequence], device: &Device) -> Vec<Vec
         }
     }
     let refs: Vec<&SftSequence> = seqs.iter().collect();
-    let out = SftObjective { pad_id: 0 }
+    let out = SftObjective { pad: Pad::exact(0) }
         .forward(model, &refs, device)
         .unwrap();
     let grads = GradientsParams::from_grads(out.loss_sum.backward(), model);
@@ -91,7 +92,7 @@ fn run(device: &Device, adapters: bool) -> Run {
         ..TrainConfig::default()
     };
     let (model, report) = train(
-        &SftObjective { pad_id: 0 },
+        &SftObjective { pad: Pad::exact(0) },
         model,
         &seqs,
         &cfg,

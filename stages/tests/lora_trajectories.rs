@@ -11,6 +11,7 @@ use rudder_stages::logps::{PromptCompletion, sequence_logps};
 use rudder_stages::losses::DpoLossConfig;
 use rudder_stages::model::load_causal_lm;
 use rudder_stages::model::lora::{self, ADAPTER_WEIGHTS_FILE};
+use rudder_stages::padding::Pad;
 use rudder_stages::preference::{DpoExample, DpoObjective, tokenize_pairs};
 use rudder_stages::tokenizer::Tokenizer;
 use rudder_stages::train::{NoHooks, ScheduleKind, SftObjective, StepRecord, TrainConfig, train};
@@ -110,7 +111,7 @@ fn lora_sft_reproduces_peft_trl_trajectory() {
     let (model, args) = lora::load_adapter(base, &data().join("sft_init")).unwrap();
     assert_eq!(args.r, 4);
     assert_eq!(args.scale(), 2.0);
-    let objective = SftObjective { pad_id: 0 };
+    let objective = SftObjective { pad: Pad::exact(0) };
     let (model, report) = train(
         &objective,
         model,
@@ -217,7 +218,7 @@ fn lora_dpo_reproduces_peft_trl_trajectory() {
         .map(|p| &p.chosen)
         .chain(tokenized.pairs.iter().map(|p| &p.rejected))
         .collect();
-    let mut chosen = sequence_logps(&reference, &sides, 0, 16);
+    let mut chosen = sequence_logps(&reference, &sides, Pad::exact(0), 16);
     let rejected = chosen.split_off(16);
     let examples: Vec<DpoExample> = tokenized
         .pairs
@@ -230,7 +231,7 @@ fn lora_dpo_reproduces_peft_trl_trajectory() {
         })
         .collect();
     let objective = DpoObjective {
-        pad_id: 0,
+        pad: Pad::exact(0),
         loss: DpoLossConfig::single(DpoLossType::Sigmoid, 0.1),
         ld_alpha: None,
         use_weighting: false,
@@ -328,7 +329,7 @@ fn resumed_lora_training_is_bit_identical_and_keeps_the_base_frozen() {
         let (_, base) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
         let (model, args) = lora::load_adapter(base, &data().join("sft_init")).unwrap();
         let (model, _) = train(
-            &SftObjective { pad_id: 0 },
+            &SftObjective { pad: Pad::exact(0) },
             model,
             &seqs,
             &cfg,

@@ -6,6 +6,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rudder_stages::logps::PromptCompletion;
 use rudder_stages::losses::DpoLossConfig;
 use rudder_stages::model::{CausalLm, ModelConfig, random_causal_lm};
+use rudder_stages::padding::Pad;
 use rudder_stages::preference::{DpoExample, DpoObjective, TokenizedPair};
 use rudder_stages::train::{Hooks, StepRecord, TrainConfig, train};
 use rudder_stages::train::{SftObjective, SftSequence};
@@ -62,7 +63,7 @@ fn train_sft() -> (Vec<f32>, Vec<f64>) {
     let mut hooks = Losses(Vec::new());
     let model = random_causal_lm(&config(), 0, &device);
     let (model, _) = train(
-        &SftObjective { pad_id: 0 },
+        &SftObjective { pad: Pad::exact(0) },
         model,
         &examples,
         &cfg,
@@ -96,7 +97,7 @@ fn train_dpo() -> (Vec<f32>, Vec<f64>) {
         })
         .collect();
     let objective = DpoObjective {
-        pad_id: 0,
+        pad: Pad::exact(0),
         loss: DpoLossConfig::single(rudder_schema::kinds::DpoLossType::Sigmoid, 0.1),
         ld_alpha: None,
         use_weighting: false,

@@ -6,6 +6,7 @@
 use rudder_stages::data::{Format, Message, SftExample, read_rows};
 use rudder_stages::kinds::sft::{self, SftTokenization};
 use rudder_stages::model::load_causal_lm;
+use rudder_stages::padding::Pad;
 use rudder_stages::tokenizer::Tokenizer;
 use rudder_stages::train::{NoHooks, TrainConfig, TrainError, TrainReport, train};
 use rudder_stages::train::{SftObjective, SftSequence};
@@ -37,7 +38,7 @@ fn run(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     let (_, model) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
     let seqs = sequences();
     let (_, report) = train(
-        &SftObjective { pad_id: 0 },
+        &SftObjective { pad: Pad::exact(0) },
         model,
         &seqs,
         cfg,
@@ -181,7 +182,7 @@ fn run_to_files(
     let metrics_path = dir.join("metrics.jsonl");
     let mut writer = rudder_stages::train::MetricsWriter::create(&metrics_path, 2).unwrap();
     let (model, _) = train(
-        &SftObjective { pad_id: 0 },
+        &SftObjective { pad: Pad::exact(0) },
         model,
         &seqs,
         cfg,

@@ -8,6 +8,7 @@ use rudder_stages::data::{Format, read_rows};
 use rudder_stages::kinds::reward::{self, RewardObjective, pair_rewards};
 use rudder_stages::kinds::sft::{self, SftTokenization};
 use rudder_stages::model::{load_causal_lm, load_reward_model, save_causal_lm, save_reward_model};
+use rudder_stages::padding::Pad;
 use rudder_stages::tokenizer::Tokenizer;
 use rudder_stages::train::SftObjective;
 use rudder_stages::train::{MetricsWriter, NoHooks, ScheduleKind, TrainConfig, train};
@@ -154,7 +155,7 @@ fn sft_reproduces_trl_trajectory() {
 
     let device = rudder_stages::test_device().autodiff();
     let (cfg, model) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
-    let objective = SftObjective { pad_id: 0 };
+    let objective = SftObjective { pad: Pad::exact(0) };
     let refs: Vec<&_> = seqs.iter().collect();
     let step1 = {
         use rudder_stages::train::Objective;
@@ -268,7 +269,7 @@ fn reward_model_reproduces_trl_trajectory() {
     let (cfg, model) = load_reward_model(&fixtures().join("rm_init"), &device).unwrap();
     let refs: Vec<&_> = pairs.iter().collect();
     let rewards_err = |model: &rudder_stages::model::RewardModel, expect: &Value| -> f64 {
-        let (c, r) = pair_rewards(model, &refs, 0);
+        let (c, r) = pair_rewards(model, &refs, Pad::exact(0));
         let c: Vec<f32> = c.into_data().try_to_vec().unwrap();
         let r: Vec<f32> = r.into_data().try_to_vec().unwrap();
         let mut err = 0f64;
@@ -285,7 +286,7 @@ fn reward_model_reproduces_trl_trajectory() {
         "initial rewards differ by {initial_err:e}"
     );
     let step1 = {
-        let (c, r) = pair_rewards(&model, &refs, 0);
+        let (c, r) = pair_rewards(&model, &refs, Pad::exact(0));
         let loss = rudder_stages::losses::bradley_terry(c, r, None, None).mean();
         grad_summary(&model, loss)
     };
@@ -297,7 +298,7 @@ fn reward_model_reproduces_trl_trajectory() {
     );
 
     let objective = RewardObjective {
-        pad_id: 0,
+        pad: Pad::exact(0),
         center_rewards_coefficient: None,
     };
     let (model, report) = train(
@@ -406,7 +407,7 @@ fn dpo_reproduces_trl_trajectory() {
         .map(|p| &p.chosen)
         .chain(tokenized.pairs.iter().map(|p| &p.rejected))
         .collect();
-    let mut reference_logps = sequence_logps(&reference, &sides, 0, 16);
+    let mut reference_logps = sequence_logps(&reference, &sides, Pad::exact(0), 16);
     let reference_rejected = reference_logps.split_off(16);
     let mut logp_err = 0f64;
     for (ours, key) in [
@@ -435,7 +436,7 @@ fn dpo_reproduces_trl_trajectory() {
         })
         .collect();
     let objective = DpoObjective {
-        pad_id: 0,
+        pad: Pad::exact(0),
         loss: DpoLossConfig::single(DpoLossType::Sigmoid, 0.1),
         ld_alpha: None,
         use_weighting: false,

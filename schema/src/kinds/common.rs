@@ -86,6 +86,15 @@ pub struct TrainArgs {
     /// stay the same.
     #[serde(skip_serializing_if = "SaveDtype::is_auto")]
     pub save_dtype: SaveDtype,
+    /// Pad every training batch's sequence length up to a multiple of this (the Hugging Face
+    /// collator's name), with pad tokens that are neither attended to nor trained on: GPU
+    /// backends then compile and tune kernels for a few lengths instead of every length.
+    /// Unset: 1 on `cpu` (exact lengths) and 64 on `wgpu` and `cuda`. The backend is part of
+    /// every key, so the effective value is fixed by keyed inputs; unset is left out of the
+    /// parameters, so keys made before it existed stay the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub pad_to_multiple_of: Option<u32>,
 }
 
 /// LoRA (Hu et al. 2021) as PEFT's `LoraConfig` defines it: each targeted linear layer computes
@@ -306,6 +315,13 @@ pub enum ReportTo {
 }
 
 impl TrainArgs {
+    /// The multiple batch lengths are padded to on `backend`: `pad_to_multiple_of`, or 1 on
+    /// `cpu` and 64 on the GPU backends when unset.
+    pub fn pad_multiple(&self, backend: crate::nodes::Backend) -> usize {
+        self.pad_to_multiple_of
+            .map_or_else(|| backend.default_pad_multiple(), |m| m as usize)
+    }
+
     /// Checks the `lora` table against what the stage trains: `score` exists only on reward
     /// models, `lm_head` only on language models.
     pub fn check_lora(&self, produces: super::Produces) -> Vec<super::FieldError> {
@@ -368,6 +384,7 @@ impl Default for TrainArgs {
             lora: None,
             merge_adapter: false,
             save_dtype: SaveDtype::Auto,
+            pad_to_multiple_of: None,
         }
     }
 }

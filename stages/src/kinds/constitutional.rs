@@ -49,6 +49,7 @@ use crate::data::{Format, Message, Turns};
 use crate::kind::{Stage, StageKind};
 use crate::logps::{PromptCompletion, sequence_logps};
 use crate::model::CausalLm;
+use crate::padding::Pad;
 use crate::sampling::{Sampler, generate_options};
 use crate::seeds;
 use crate::tokenizer::Tokenizer;
@@ -351,8 +352,8 @@ fn feedback(
         }
     }
     let refs: Vec<&PromptCompletion> = rows.iter().collect();
-    let pad_id = tokenizer.pad_id().unwrap_or(0);
-    let logps = sequence_logps(model, &refs, pad_id, batch_size);
+    let pad = Pad::exact(tokenizer.pad_id().unwrap_or(0));
+    let logps = sequence_logps(model, &refs, pad, batch_size);
     let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
     Ok(logps
         .chunks(4)

@@ -38,7 +38,7 @@ impl StageKind for Dpo {
             ));
         }
         let objective = DpoObjective {
-            pad_id: policy.tokenizer.pad_id().unwrap_or(0),
+            pad: stage.pad(policy.tokenizer.pad_id().unwrap_or(0)),
             loss: DpoLossConfig::new(&p.loss, p.loss.beta),
             ld_alpha: p.loss.ld_alpha,
             use_weighting: p.loss.use_weighting,

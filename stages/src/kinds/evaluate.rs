@@ -393,11 +393,11 @@ fn judge(
                 })
                 .collect::<Result<Vec<_>, TrainError>>()?;
             let refs: Vec<&PromptCompletion> = rows.iter().collect();
-            let pad_id = g.model.tokenizer.pad_id().unwrap_or(0);
+            let pad = stage.pad(g.model.tokenizer.pad_id().unwrap_or(0));
             let (_, model) = load_causal_lm(&g.model.dir, device)?;
-            let policy = sequence_logps(&model, &refs, pad_id, batch_size);
+            let policy = sequence_logps(&model, &refs, pad, batch_size);
             drop(model);
-            let base = sequence_logps(&reference, &refs, pad_id, batch_size);
+            let base = sequence_logps(&reference, &refs, pad, batch_size);
             let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
             kls[i] = Some(
                 policy

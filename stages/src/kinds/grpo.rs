@@ -129,10 +129,11 @@ impl GroupAlgorithm for Grpo {
     ) -> Tensor<1> {
         let s = &self.settings;
         let rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &b.samples.rows[i]).collect();
-        let batch = CompletionBatch::new(&rows, s.pad_id, device);
+        let batch = CompletionBatch::new(&rows, s.pad, device);
+        let [_, width] = batch.mask.dims();
         let mask = batch.mask.clone();
         let old_rows = pick(&b.logps, micro);
-        let old = dense(&rows, &refs(&old_rows), device);
+        let old = dense(&rows, &refs(&old_rows), width, device);
         let new = rollout::policy_token_logps(&t.policy, &batch, s.temperature);
         let adv: Vec<f32> = micro.iter().map(|&i| b.advantages[i] as f32).collect();
         let adv_rows: Vec<Vec<f32>> = rows
@@ -140,12 +141,12 @@ impl GroupAlgorithm for Grpo {
             .zip(&adv)
             .map(|(r, &a)| vec![a; r.completion.len()])
             .collect();
-        let adv = dense(&rows, &refs(&adv_rows), device);
+        let adv = dense(&rows, &refs(&adv_rows), width, device);
         let ratio = ((new.clone() - old) * mask.clone()).exp();
         let (mut loss, l1, l2) = clipped_policy_loss(ratio.clone(), adv, self.epsilon);
         if self.beta > 0.0 {
             let ref_rows = pick(&b.ref_logps, micro);
-            let reference = dense(&rows, &refs(&ref_rows), device);
+            let reference = dense(&rows, &refs(&ref_rows), width, device);
             let logr = reference - new;
             let k3 = logr.clone().exp() - logr - 1.0;
             loss = loss + k3.mul_scalar(self.beta);
@@ -156,7 +157,7 @@ impl GroupAlgorithm for Grpo {
                 .iter()
                 .map(|r| vec![1.0 / r.completion.len().max(1) as f32; r.completion.len()])
                 .collect();
-            loss = loss * dense(&rows, &refs(&inv), device);
+            loss = loss * dense(&rows, &refs(&inv), width, device);
         }
         let mask_i = mask.inner();
         let clipped =

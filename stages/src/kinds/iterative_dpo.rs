@@ -182,7 +182,7 @@ fn run_round(
         Some(stage.work_dir()),
     );
     let objective = DpoObjective {
-        pad_id: tokenizer.pad_id().unwrap_or(0),
+        pad: stage.pad(tokenizer.pad_id().unwrap_or(0)),
         loss: DpoLossConfig::new(&params.loss, round.beta),
         ld_alpha: params.loss.ld_alpha,
         use_weighting: params.loss.use_weighting,
@@ -225,7 +225,7 @@ fn run_round(
         let cache = reference::compute(
             &reference_model,
             &tokenized.pairs,
-            objective.pad_id,
+            objective.pad,
             device,
             &interrupted,
             &mut |_| {},

@@ -17,6 +17,7 @@ use crate::kind::{Stage, StageKind};
 use crate::logps::{CompletionBatch, PromptCompletion, completion_logps, vector};
 use crate::losses::{KtoLossConfig, kto_kl, kto_loss, kto_metrics, kto_uses_kl};
 use crate::model::CausalLm;
+use crate::padding::Pad;
 use crate::preference::{TokenizedPairs, UnpairedRow, reference, tokenize_unpaired};
 use crate::train::{Forward, MetricValue, Objective, TrainError};
 
@@ -56,7 +57,7 @@ impl StageKind for Kto {
             })
             .collect();
         let objective = KtoObjective {
-            pad_id: policy.tokenizer.pad_id().unwrap_or(0),
+            pad: stage.pad(policy.tokenizer.pad_id().unwrap_or(0)),
             loss: KtoLossConfig::from(p),
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
@@ -113,7 +114,7 @@ pub struct KtoExample {
 
 /// The KTO objective.
 pub struct KtoObjective {
-    pub pad_id: u32,
+    pub pad: Pad,
     pub loss: KtoLossConfig,
 }
 
@@ -136,7 +137,7 @@ impl Objective for KtoObjective {
         device: &Device,
     ) -> Result<Forward, TrainError> {
         let rows: Vec<&PromptCompletion> = examples.iter().map(|e| &e.row.sequence).collect();
-        let batch = CompletionBatch::new(&rows, self.pad_id, device);
+        let batch = CompletionBatch::new(&rows, self.pad, device);
         let policy = completion_logps(model, &batch).sums();
         let reference = vector(examples.iter().map(|e| e.reference).collect(), device);
         let desirable: Vec<bool> = examples.iter().map(|e| e.row.desirable).collect();
@@ -144,7 +145,7 @@ impl Objective for KtoObjective {
         let kl = kto_uses_kl(self.loss.loss_type).then(|| {
             let inner = model.valid();
             let kl_rows: Vec<&PromptCompletion> = examples.iter().map(|e| &e.row.kl).collect();
-            let kl_batch = CompletionBatch::new(&kl_rows, self.pad_id, &inner.device());
+            let kl_batch = CompletionBatch::new(&kl_rows, self.pad, &inner.device());
             let policy_kl =
                 crate::backend::lift(completion_logps(&inner, &kl_batch).sums(), &policy);
             let reference_kl = vector(examples.iter().map(|e| e.reference_kl).collect(), device);

@@ -97,7 +97,7 @@ impl StageKind for PpoKind {
             &p.rollout,
             &p.train,
             p.ppo_epochs,
-            data.pad_id,
+            stage.pad(data.pad_id),
             stage.seed(),
         );
         let algorithm = Ppo::new(p, settings.clone());
@@ -211,7 +211,7 @@ pub fn prepare(
     let mut values = vec![Vec::new(); n];
     for micro in partition.iter().flatten() {
         let rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &samples.rows[i]).collect();
-        let batch = CompletionBatch::new(&rows, l.pad_id, &value.device());
+        let batch = CompletionBatch::new(&rows, l.pad, &value.device());
         let [m, width] = batch.mask.dims();
         // V(s_t) is read at the position that predicts token t, as TRL's
         // `full_value[:, context_length - 1 : -1]`.
@@ -358,13 +358,13 @@ impl Algorithm for Ppo {
         let (value, _) = t.value.as_ref().expect("PPO trains a value model");
         let rows: Vec<&PromptCompletion> =
             micro.iter().map(|&i| &batch_data.samples.rows[i]).collect();
-        let batch = CompletionBatch::new(&rows, s.pad_id, device);
+        let batch = CompletionBatch::new(&rows, s.pad, device);
         let [m, width] = batch.mask.dims();
         let mask = batch.mask.clone();
-        let old = dense(&rows, &pick(&batch_data.logps, micro), device);
-        let adv = dense(&rows, &pick(&batch_data.advantages, micro), device);
-        let ret = dense(&rows, &pick(&batch_data.returns, micro), device);
-        let old_v = dense(&rows, &pick(&batch_data.values, micro), device);
+        let old = dense(&rows, &pick(&batch_data.logps, micro), width, device);
+        let adv = dense(&rows, &pick(&batch_data.advantages, micro), width, device);
+        let ret = dense(&rows, &pick(&batch_data.returns, micro), width, device);
+        let old_v = dense(&rows, &pick(&batch_data.values, micro), width, device);
 
         let new = rollout::policy_token_logps(&t.policy, &batch, s.temperature);
         let diff = (new - old) * mask.clone();
@@ -527,6 +527,7 @@ pub fn adapt_kl(coef: f64, kl: f64, target: f64, horizon: u64, batch: usize) -> 
 mod tests {
     use super::*;
     use crate::model::{ModelConfig, random_causal_lm, random_reward_model};
+    use crate::padding::Pad;
     use crate::train::AdamWConfig;
     use burn::module::Module;
 
@@ -538,7 +539,7 @@ mod tests {
                 micro_batch: 2,
                 temperature: 0.7,
                 max_grad_norm: 1.0,
-                pad_id: 0,
+                pad: Pad::exact(0),
                 seed: 3,
             },
             kl_estimator: KlEstimator::K1,

@@ -70,7 +70,7 @@ impl StageKind for Pretrain {
             Start::Weights(input) => load_causal_lm(&input.dir, device)?,
         };
         let objective = SftObjective {
-            pad_id: tokenizer.pad_id().unwrap_or(0),
+            pad: stage.pad(tokenizer.pad_id().unwrap_or(0)),
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (trained, report) = stage.fit(&objective, model, &sequences, &cfg, device)?;

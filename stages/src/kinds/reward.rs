@@ -24,6 +24,7 @@ use crate::data::{PreferencePair, Turns};
 use crate::kind::{Stage, StageKind};
 use crate::losses::bradley_terry;
 use crate::model::{RewardModel, lora, reward_model_from_causal_lm};
+use crate::padding::Pad;
 use crate::tokenizer::Tokenizer;
 use crate::train::{Forward, MetricValue, Objective, Reduce, TrainError};
 
@@ -50,7 +51,7 @@ impl StageKind for Reward {
             .min(pairs.len().saturating_sub(1));
         let (train_pairs, eval_pairs) = pairs.split_at(pairs.len() - n_eval);
         let objective = RewardObjective {
-            pad_id: model.tokenizer.pad_id().unwrap_or(0),
+            pad: stage.pad(model.tokenizer.pad_id().unwrap_or(0)),
             center_rewards_coefficient: p.center_rewards_coefficient,
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
@@ -140,7 +141,7 @@ pub fn tokenize(
 
 /// The Bradley-Terry objective.
 pub struct RewardObjective {
-    pub pad_id: u32,
+    pub pad: Pad,
     pub center_rewards_coefficient: Option<f64>,
 }
 
@@ -151,7 +152,7 @@ pub struct RewardObjective {
 pub fn pair_rewards(
     model: &RewardModel,
     pairs: &[&RewardPair],
-    pad_id: u32,
+    pad: Pad,
 ) -> (Tensor<1>, Tensor<1>) {
     let device = &model.device();
     let n = pairs.len();
@@ -160,7 +161,8 @@ pub fn pair_rewards(
         .map(|p| &p.chosen)
         .chain(pairs.iter().map(|p| &p.rejected))
         .collect();
-    let seq = sides.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+    let seq = pad.length(sides.iter().map(|s| s.len()).max().unwrap_or(1), 1);
+    let pad_id = pad.id;
     let mut ids = Vec::with_capacity(2 * n * seq);
     let mut padding = Vec::with_capacity(2 * n);
     for s in &sides {
@@ -192,7 +194,7 @@ impl Objective for RewardObjective {
         device: &Device,
     ) -> Result<Forward, TrainError> {
         let n = pairs.len();
-        let (rc, rr) = pair_rewards(model, pairs, self.pad_id);
+        let (rc, rr) = pair_rewards(model, pairs, self.pad);
         let margin = pairs.iter().any(|p| p.margin != 0.0).then(|| {
             let m: Vec<f32> = pairs.iter().map(|p| p.margin as f32).collect();
             Tensor::<1>::from_data(TensorData::new(m, [n]), device)
@@ -244,7 +246,7 @@ fn evaluate(
         return eval;
     }
     let refs: Vec<&RewardPair> = eval_pairs.iter().collect();
-    let (c, r) = pair_rewards(model, &refs, objective.pad_id);
+    let (c, r) = pair_rewards(model, &refs, objective.pad);
     let margin: Vec<f32> = eval_pairs.iter().map(|p| p.margin as f32).collect();
     let margin = Tensor::from_data(TensorData::new(margin, [refs.len()]), device);
     let loss = bradley_terry(

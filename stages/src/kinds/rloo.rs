@@ -121,10 +121,10 @@ impl GroupAlgorithm for Rloo {
     ) -> Tensor<1> {
         let s = &self.settings;
         let rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &b.samples.rows[i]).collect();
-        let batch = CompletionBatch::new(&rows, s.pad_id, device);
-        let [m, _] = batch.mask.dims();
+        let batch = CompletionBatch::new(&rows, s.pad, device);
+        let [m, width] = batch.mask.dims();
         let old_rows = pick(&b.logps, micro);
-        let old = dense(&rows, &refs(&old_rows), device);
+        let old = dense(&rows, &refs(&old_rows), width, device);
         let new = rollout::policy_token_logps(&t.policy, &batch, s.temperature);
         let adv: Vec<f32> = micro.iter().map(|&i| b.advantages[i] as f32).collect();
         let diff = (new - old).sum_dim(1).reshape([m]);

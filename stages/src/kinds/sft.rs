@@ -44,7 +44,7 @@ impl StageKind for Sft {
         }
         let (config, weights) = stage.trainable_lm(&model.dir, &p.train, device)?;
         let objective = SftObjective {
-            pad_id: model.tokenizer.pad_id().unwrap_or(0),
+            pad: stage.pad(model.tokenizer.pad_id().unwrap_or(0)),
         };
         let cfg = stage.train_config(p.learning_rate, &p.train);
         let (trained, report) = stage.fit(&objective, weights, &sequences, &cfg, device)?;
@@ -212,6 +212,7 @@ mod tests {
 
     use super::*;
     use crate::model::{ModelConfig, random_causal_lm};
+    use crate::padding::Pad;
     use crate::train::Objective;
 
     fn example(len: usize, first_target: usize, salt: u32) -> SftSequence {
@@ -254,7 +255,7 @@ mod tests {
             .collect();
         let packed = pack(&seqs, 16);
         assert!(packed.len() < seqs.len());
-        let objective = SftObjective { pad_id: 0 };
+        let objective = SftObjective { pad: Pad::exact(0) };
         let loss = |rows: &[SftSequence]| -> f64 {
             let refs: Vec<&SftSequence> = rows.iter().collect();
             let out = Objective::forward(&objective, &model, &refs, &device).unwrap();

@@ -89,14 +89,15 @@ impl Attention {
     /// # Shapes
     /// - x: `[batch, seq_q, d_model]`
     /// - rotary tables for the `seq_q` new positions
-    /// - mask: causal, or explicit `[batch, 1, seq_q, seq_k]` with `seq_k` = cached + `seq_q`
+    /// - mask: causal, or explicit `[batch, 1, seq_q, seq_k]` with `seq_k` the cache's capacity
+    ///   (cached + `seq_q`, and slots not written yet)
     /// - output: `[batch, seq_q, d_model]`
     pub fn forward(
         &self,
         x: Tensor<3>,
         rope: &Rotary,
         mask: &AttentionMask,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, (usize, usize))>,
     ) -> Tensor<3> {
         let [batch, seq_q, _] = x.dims();
         let heads =
@@ -105,7 +106,8 @@ impl Attention {
         let k = rope.apply(heads(self.k_proj.forward(x.clone()), self.n_kv_heads));
         let v = heads(self.v_proj.forward(x), self.n_kv_heads);
         let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
+            // Written at slot `start` of tensors of `capacity` slots.
+            Some((cache, (start, capacity))) => cache.append(k, v, start, capacity),
             None => (k, v),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();

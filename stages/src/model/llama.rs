@@ -34,7 +34,7 @@ impl DecoderLayer {
         x: Tensor<3>,
         rope: &super::rope::Rotary,
         mask: &AttentionMask,
-        cache: Option<&mut super::cache::LayerCache>,
+        cache: Option<(&mut super::cache::LayerCache, (usize, usize))>,
     ) -> Tensor<3> {
         let h = x.clone()
             + self
@@ -129,6 +129,8 @@ impl Llama {
         }
         match cache {
             Some(cache) => {
+                let start = cache.len();
+                let capacity = cache.reserve(seq_q);
                 if cache.padding.is_empty() {
                     cache.padding = vec![Vec::new(); batch];
                 }
@@ -140,9 +142,12 @@ impl Llama {
                     .map(|row| row[row.len() - seq_q..].to_vec())
                     .collect();
                 let rope = rotary.at_positions(positions_tensor(&positions, &device));
-                let mask = AttentionMask::new(&cache.padding, seq_q, window, &device);
+                // The slots past the new tokens are not written yet: masked as padding.
+                let key_padding = cache.key_padding(capacity);
+                let mask = AttentionMask::at(&key_padding, start, seq_q, window, &device);
                 for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                    x = layer.forward(x, &rope, &mask, Some(layer_cache));
+                    let slots = (start, capacity);
+                    x = layer.forward(x, &rope, &mask, Some((layer_cache, slots)));
                     if let Some(states) = trace.states.as_mut() {
                         states.push(x.clone());
                     }
@@ -163,9 +168,13 @@ impl Llama {
         self.norm.forward(x)
     }
 
-    /// An empty KV cache sized for this decoder.
+    /// An empty KV cache sized for this decoder, growing in the buckets of its device's
+    /// backend (exactly on `cpu`: see [`crate::backend::shape_bucket`]).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::with_bucket(
+            self.layers.len(),
+            crate::backend::shape_bucket(&self.device()),
+        )
     }
 }
 

@@ -60,9 +60,21 @@ pub fn attention_mask_data(
     seq_q: usize,
     sliding_window: Option<usize>,
 ) -> (Vec<bool>, [usize; 4]) {
+    let seq_k = key_padding.first().map_or(0, Vec::len);
+    attention_mask_data_at(key_padding, seq_k - seq_q, seq_q, sliding_window)
+}
+
+/// [`attention_mask_data`] for `seq_q` queries that are keys `query_start..query_start + seq_q`
+/// (keys after them are future ones: a cache's slots not written yet).
+pub fn attention_mask_data_at(
+    key_padding: &[Vec<u8>],
+    query_start: usize,
+    seq_q: usize,
+    sliding_window: Option<usize>,
+) -> (Vec<bool>, [usize; 4]) {
     let batch = key_padding.len();
     let seq_k = key_padding.first().map_or(0, Vec::len);
-    let offset = seq_k - seq_q;
+    let offset = query_start;
     let mut out = Vec::with_capacity(batch * seq_q * seq_k);
     for row in key_padding {
         for i in 0..seq_q {
@@ -89,12 +101,25 @@ impl AttentionMask {
         device: &Device,
     ) -> Self {
         let seq_k = key_padding.first().map_or(0, Vec::len);
+        Self::at(key_padding, seq_k - seq_q, seq_q, sliding_window, device)
+    }
+
+    /// [`AttentionMask::new`] for queries that are keys `query_start..query_start + seq_q`, as
+    /// in a cache whose later slots are not written yet.
+    pub fn at(
+        key_padding: &[Vec<u8>],
+        query_start: usize,
+        seq_q: usize,
+        sliding_window: Option<usize>,
+        device: &Device,
+    ) -> Self {
+        let seq_k = key_padding.first().map_or(0, Vec::len);
         let unpadded = key_padding.iter().all(|r| r.iter().all(|&m| m != 0));
         let window_inactive = sliding_window.is_none_or(|w| w >= seq_k);
         if unpadded && seq_k == seq_q && window_inactive {
             return AttentionMask::Causal;
         }
-        let (data, shape) = attention_mask_data(key_padding, seq_q, sliding_window);
+        let (data, shape) = attention_mask_data_at(key_padding, query_start, seq_q, sliding_window);
         AttentionMask::Explicit(Tensor::from_data(TensorData::new(data, shape), device))
     }
 }

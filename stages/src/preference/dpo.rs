@@ -23,6 +23,7 @@ use crate::logps::{
 };
 use crate::losses::{DpoLossConfig, PairLogps, dpo_loss, ld_logps, wpo_weights};
 use crate::model::CausalLm;
+use crate::padding::Pad;
 use crate::train::{Forward, MetricValue, Objective, TrainError};
 
 /// A tokenised pair with its reference's per-token log-probs.
@@ -35,7 +36,7 @@ pub struct DpoExample {
 
 /// The DPO objective.
 pub struct DpoObjective {
-    pub pad_id: u32,
+    pub pad: Pad,
     pub loss: DpoLossConfig,
     pub ld_alpha: Option<f64>,
     pub use_weighting: bool,
@@ -88,7 +89,7 @@ impl Objective for DpoObjective {
             .map(|e| &e.pair.chosen)
             .chain(examples.iter().map(|e| &e.pair.rejected))
             .collect();
-        let batch = CompletionBatch::new(&rows, self.pad_id, device);
+        let batch = CompletionBatch::new(&rows, self.pad, device);
         let out = completion_predictions(model, &batch, true);
         let values = out.values.as_ref().expect("the values were asked for");
         let [_, width] = out.token_logps.dims();
@@ -220,12 +221,7 @@ impl Objective for SyncedReferenceDpo {
             .map(|p| &p.chosen)
             .chain(pairs.iter().map(|p| &p.rejected))
             .collect();
-        let mut chosen = sequence_logps(
-            &self.reference.borrow(),
-            &rows,
-            self.base.pad_id,
-            rows.len(),
-        );
+        let mut chosen = sequence_logps(&self.reference.borrow(), &rows, self.base.pad, rows.len());
         let rejected = chosen.split_off(pairs.len());
         let examples: Vec<DpoExample> = pairs
             .iter()

@@ -17,6 +17,7 @@ use crate::error::StageError;
 use crate::kind::Stage;
 use crate::logps::{PromptCompletion, sequence_logps};
 use crate::model::{CausalLm, load_causal_lm};
+use crate::padding::Pad;
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainError;
 
@@ -182,7 +183,7 @@ impl RefLogps {
 pub fn compute(
     reference: &CausalLm,
     pairs: &[TokenizedPair],
-    pad_id: u32,
+    pad: Pad,
     _device: &Device,
     interrupted: &dyn Fn() -> bool,
     done: &mut dyn FnMut(usize),
@@ -197,7 +198,7 @@ pub fn compute(
             .map(|p| &p.chosen)
             .chain(chunk.iter().map(|p| &p.rejected))
             .collect();
-        let mut values = sequence_logps(reference, &rows, pad_id, rows.len());
+        let mut values = sequence_logps(reference, &rows, pad, rows.len());
         let rejected = values.split_off(chunk.len());
         for ((pair, chosen), rejected) in chunk.iter().zip(values).zip(rejected) {
             cache.rows.insert(pair.row, (chosen, rejected));
@@ -211,7 +212,7 @@ pub fn compute(
 /// tokenizer (`tokenize`: pairs, or KTO's rows with their KL rows in the two slots), run the
 /// reference over them, and write the cache with its summary (`pairs`, `dropped`, mean
 /// `logps/chosen` and `logps/rejected`).
-pub fn run_part<P>(
+pub fn run_part<P: rudder_schema::StageSpec>(
     stage: &Stage<'_, P>,
     tokens: &PreferenceTokens,
     tokenize: impl Fn(&Tokenizer, &Rows) -> Result<TokenizedPairs, TrainError>,
@@ -229,7 +230,7 @@ pub fn run_part<P>(
     let cache = compute(
         &model,
         &tokenized.pairs,
-        reference.tokenizer.pad_id().unwrap_or(0),
+        stage.pad(reference.tokenizer.pad_id().unwrap_or(0)),
         device,
         &interrupted,
         &mut |done| stage.progress().set_position(done as u64),

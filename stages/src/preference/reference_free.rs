@@ -20,6 +20,7 @@ use crate::losses::{
     CpoLossConfig, cpo_loss, cpo_uses_average_logps, orpo_loss, pair_metrics, token_mean_nll,
 };
 use crate::model::CausalLm;
+use crate::padding::Pad;
 use crate::train::{Forward, MetricValue, Objective, TrainError};
 
 /// Which reference-free loss.
@@ -33,7 +34,7 @@ pub enum ReferenceFreeLoss {
 
 /// The objective of `orpo` and `simpo` stages.
 pub struct ReferenceFreeObjective {
-    pub pad_id: u32,
+    pub pad: Pad,
     pub loss: ReferenceFreeLoss,
 }
 
@@ -83,7 +84,7 @@ impl Objective for ReferenceFreeObjective {
             .map(|p| &p.chosen)
             .chain(pairs.iter().map(|p| &p.rejected))
             .collect();
-        let batch = CompletionBatch::new(&rows, self.pad_id, device);
+        let batch = CompletionBatch::new(&rows, self.pad, device);
         let out = completion_logps(model, &batch);
         let sums = out.sums();
         let lengths = batch.length_tensor(device);
@@ -113,7 +114,7 @@ impl Objective for ReferenceFreeObjective {
             ReferenceFreeLoss::Orpo { beta } => {
                 let whole = whole_sequences(pairs);
                 let whole: Vec<&PromptCompletion> = whole.iter().collect();
-                let chosen_batch = CompletionBatch::new(&whole, self.pad_id, device);
+                let chosen_batch = CompletionBatch::new(&whole, self.pad, device);
                 let [_, seq, d_model] = out.hidden.dims();
                 let width = chosen_batch.padding[0].len().min(seq);
                 let hidden = out.hidden.clone().slice([0..n, 0..width, 0..d_model]);
@@ -158,7 +159,7 @@ impl Objective for ReferenceFreeObjective {
 }
 
 /// What `orpo` and `simpo` do: tokenise the pairs as for DPO, train with `loss`, save.
-pub fn train<P>(
+pub fn train<P: rudder_schema::StageSpec>(
     stage: &Stage<'_, P>,
     loss: ReferenceFreeLoss,
     learning_rate: f64,
@@ -178,7 +179,7 @@ pub fn train<P>(
         ));
     }
     let objective = ReferenceFreeObjective {
-        pad_id: policy.tokenizer.pad_id().unwrap_or(0),
+        pad: stage.pad(policy.tokenizer.pad_id().unwrap_or(0)),
         loss,
     };
     let cfg = stage.train_config(learning_rate, train_args);

@@ -54,7 +54,13 @@ where
         train.batch_size as usize,
         &device.clone().inner(),
     )?;
-    let settings = LoopSettings::new(rollout_args, train, ppo_epochs, data.pad_id, stage.seed());
+    let settings = LoopSettings::new(
+        rollout_args,
+        train,
+        ppo_epochs,
+        stage.pad(data.pad_id),
+        stage.seed(),
+    );
     let algorithm = Group(algorithm(settings.clone()));
     let run = RlRun {
         data: &data,
@@ -345,6 +351,7 @@ pub fn refs(values: &[Vec<f32>]) -> Vec<&[f32]> {
 pub(crate) mod fixtures {
     use super::*;
     use crate::logps::PromptCompletion;
+    use crate::padding::Pad;
 
     /// Two prompts with four responses each, of different lengths.
     pub fn samples() -> Samples {
@@ -371,7 +378,7 @@ pub(crate) mod fixtures {
             micro_batch: 3,
             temperature: 0.9,
             max_grad_norm: 1.0,
-            pad_id: 0,
+            pad: Pad::exact(0),
             seed: 5,
         }
     }

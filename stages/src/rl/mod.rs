@@ -35,6 +35,7 @@ use crate::artifacts::METRICS_FILE;
 use crate::judge::Scorer;
 use crate::kind::Stage;
 use crate::model::{CausalLm, RewardModel};
+use crate::padding::Pad;
 use crate::seeds;
 use crate::train::adamw::{self, AdamW, AdamWConfig};
 use crate::train::{MetricsWriter, Schedule, StepRecord, TrainError};
@@ -87,7 +88,8 @@ pub struct LoopSettings {
     /// Of the sampling distribution, by which the log-probs are computed too.
     pub temperature: f64,
     pub max_grad_norm: f64,
-    pub pad_id: u32,
+    /// How update and log-prob batches are padded.
+    pub pad: Pad,
     pub seed: u64,
 }
 
@@ -96,7 +98,7 @@ impl LoopSettings {
         rollout: &RolloutArgs,
         train: &TrainArgs,
         ppo_epochs: u32,
-        pad_id: u32,
+        pad: Pad,
         seed: u64,
     ) -> Self {
         Self {
@@ -105,7 +107,7 @@ impl LoopSettings {
             micro_batch: train.batch_size as usize,
             temperature: rollout.temperature,
             max_grad_norm: train.max_grad_norm,
-            pad_id,
+            pad,
             seed,
         }
     }

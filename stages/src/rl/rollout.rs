@@ -19,6 +19,7 @@ use crate::inputs::Inputs;
 use crate::judge::{Sample, Scorer};
 use crate::logps::{CompletionBatch, PromptCompletion, token_logps};
 use crate::model::CausalLm;
+use crate::padding::Pad;
 use crate::seeds::{mix, permutation};
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainError;
@@ -112,11 +113,15 @@ pub fn ragged(values: &[f32], width: usize, rows: &[&PromptCompletion]) -> Vec<V
         .collect()
 }
 
-/// Places each row's completion values into a zeroed `[rows, seq - 1]` tensor, the layout of
-/// [`CompletionBatch::mask`].
-pub fn dense(rows: &[&PromptCompletion], per_row: &[&[f32]], device: &Device) -> Tensor<2> {
+/// Places each row's completion values into a zeroed `[rows, width]` tensor, the layout of
+/// [`CompletionBatch::mask`] (`width` is its second dimension: the batch's padded length - 1).
+pub fn dense(
+    rows: &[&PromptCompletion],
+    per_row: &[&[f32]],
+    width: usize,
+    device: &Device,
+) -> Tensor<2> {
     let n = rows.len();
-    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2) - 1;
     let mut out = vec![0f32; n * width];
     for (i, (row, values)) in rows.iter().zip(per_row).enumerate() {
         let start = i * width + completion_span(row);
@@ -139,14 +144,14 @@ pub fn rollout_logps(
     model: &CausalLm,
     rows: &[PromptCompletion],
     partition: &[Vec<Vec<usize>>],
-    pad_id: u32,
+    pad: Pad,
     temperature: f64,
 ) -> Vec<Vec<f32>> {
     let device = &model.device();
     let mut out = vec![Vec::new(); rows.len()];
     for micro in partition.iter().flatten() {
         let batch_rows: Vec<&PromptCompletion> = micro.iter().map(|&i| &rows[i]).collect();
-        let batch = CompletionBatch::new(&batch_rows, pad_id, device);
+        let batch = CompletionBatch::new(&batch_rows, pad, device);
         let [_, width] = batch.mask.dims();
         let values = host(policy_token_logps(model, &batch, temperature));
         for (&i, v) in micro.iter().zip(ragged(&values, width, &batch_rows)) {
@@ -184,9 +189,9 @@ pub fn old_logps(
         iteration,
         0,
     );
-    let policy = rollout_logps(policy, rows, &partition, s.pad_id, s.temperature);
+    let policy = rollout_logps(policy, rows, &partition, s.pad, s.temperature);
     let reference = match reference {
-        Some(r) => rollout_logps(r, rows, &partition, s.pad_id, s.temperature),
+        Some(r) => rollout_logps(r, rows, &partition, s.pad, s.temperature),
         None => Vec::new(),
     };
     OldLogps {
@@ -459,7 +464,7 @@ mod tests {
             completion: vec![7],
         };
         let rows = [&a, &b];
-        let t = dense(&rows, &[&[0.5, 0.25], &[3.0]], &device);
+        let t = dense(&rows, &[&[0.5, 0.25], &[3.0]], 3, &device);
         assert_eq!(t.dims(), [2, 3]);
         let values = host(t);
         assert_eq!(values, vec![0.0, 0.5, 0.25, 3.0, 0.0, 0.0]);

@@ -12,6 +12,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::{Forward, MetricValue, Objective, TrainError};
 use crate::model::CausalLm;
+use crate::padding::Pad;
 
 /// A tokenised training sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +42,8 @@ impl SftSequence {
 
 /// The SFT objective over a causal LM.
 pub struct SftObjective {
-    /// Right-padding id (never trained on, never attended to).
-    pub pad_id: u32,
+    /// Right-padding (never trained on, never attended to).
+    pub pad: Pad,
 }
 
 impl Objective for SftObjective {
@@ -63,7 +64,7 @@ impl Objective for SftObjective {
         examples: &[&SftSequence],
         device: &Device,
     ) -> Result<Forward, TrainError> {
-        let batch = Batch::new(examples, self.pad_id, device);
+        let batch = Batch::new(examples, self.pad, device);
         let hidden = model
             .model
             .forward(batch.ids.clone(), Some(&batch.padding), None);
@@ -93,14 +94,12 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new(examples: &[&SftSequence], pad_id: u32, device: &Device) -> Self {
+    /// The batch of `examples`, as long as the longest rounded up to `pad`'s multiple.
+    pub fn new(examples: &[&SftSequence], pad: Pad, device: &Device) -> Self {
         let n = examples.len();
-        let seq = examples
-            .iter()
-            .map(|s| s.input_ids.len())
-            .max()
-            .unwrap_or(0)
-            .max(2);
+        let pad_id = pad.id;
+        let longest = examples.iter().map(|s| s.input_ids.len()).max();
+        let seq = pad.length(longest.unwrap_or(0), 2);
         let mut ids = Vec::with_capacity(n * seq);
         let mut padding = Vec::with_capacity(n);
         let mut mask = Vec::with_capacity(n * (seq - 1));
@@ -222,7 +221,7 @@ mod tests {
             target: vec![false, true, true],
             segments: None,
         };
-        let batch = Batch::new(&[&seq], 0, &device);
+        let batch = Batch::new(&[&seq], Pad::exact(0), &device);
         // Position 0 predicts token 0 with logits [ln 3, 0] -> p = [0.75, 0.25];
         // position 1 predicts token 1 with logits [0, 0] -> p = [0.5, 0.5].
         let logits = Tensor::<3>::from_data(
@@ -261,7 +260,7 @@ mod tests {
         };
         assert_eq!(a.num_targets() + b.num_targets(), 1);
         assert_eq!(b.labels(), vec![-100, -100, 1]);
-        let batch = Batch::new(&[&a, &b], 0, &device);
+        let batch = Batch::new(&[&a, &b], Pad::exact(0), &device);
         assert_eq!(batch.padding, vec![vec![1, 1, 0], vec![1, 1, 1]]);
         let mask: Vec<f32> = batch.target_mask.clone().into_data().try_to_vec().unwrap();
         assert_eq!(mask, vec![0.0, 0.0, 0.0, 1.0]);
