@@ -19,6 +19,26 @@ use crate::printer::Printer;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Tells mimalloc to keep freed memory for reuse rather than return it to the kernel after its
+/// purge delay: a training step frees and reallocates the same large buffers, and each return
+/// costs a page fault per page on the next use (a SmolLM2-135M SFT step took 4.2 s with
+/// mimalloc's default delay, 6-7 s with 10 ms, 3.5-3.8 s without purging, at a peak 10% higher
+/// than with it). A `MIMALLOC_PURGE_DELAY` in the environment wins.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // `mi_option_purge_delay` in mimalloc 3's `mimalloc.h`; other major versions number their
+    // options differently, so they keep their defaults.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: both are plain calls into the linked allocator, valid at any time.
+    unsafe {
+        if (30_000..40_000).contains(&libmimalloc_sys::mi_version()) {
+            libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
+        }
+    }
+}
+
 /// Exit codes: 0 success, 1 a stage failed (or the asked-for thing is absent), 2 a recipe or
 /// usage error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +59,7 @@ impl From<ExitStatus> for ExitCode {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

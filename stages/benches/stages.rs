@@ -211,7 +211,12 @@ fn main() {
     );
     let exe = std::env::current_exe().expect("the benchmark binary");
     for name in BENCHMARKS {
-        let out = std::process::Command::new(&exe)
+        let mut command = std::process::Command::new(&exe);
+        // Freed memory kept for reuse, as the `rudder` binary keeps it (src/main.rs).
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            command.env("MIMALLOC_PURGE_DELAY", "-1");
+        }
+        let out = command
             .args(["--one", name, "--backend", backend])
             .output()
             .expect("the benchmark runs");

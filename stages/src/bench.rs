@@ -198,7 +198,7 @@ pub fn step_durations<O: Objective>(
 struct Timing {
     /// The mean of the steps after [`WARMUP_STEPS`].
     step_seconds: f64,
-    /// The first step's duration less `step_seconds`.
+    /// The first step's duration less `step_seconds`, at least 0.
     warmup_seconds: f64,
 }
 
@@ -209,7 +209,10 @@ impl Timing {
         let step_seconds = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
         Self {
             step_seconds,
-            warmup_seconds: durations.first().map_or(0.0, |first| first - step_seconds),
+            // A first step faster than the mean (noise on `cpu`) has no extra time.
+            warmup_seconds: durations
+                .first()
+                .map_or(0.0, |first| (first - step_seconds).max(0.0)),
         }
     }
 }
