@@ -857,3 +857,90 @@ fn continued_reward_and_round_adapters_keep_their_settings() {
         + 1;
     assert!(err.contains(&format!("recipe.toml:{line}:")), "{err}");
 }
+
+/// A policy that continues a model node's adapter, with the bare base as its `reference`: the
+/// reference is that base, not the starting policy, although both read the same directory.
+const REFERENCE: &str = r#"
+[recipe]
+seed = 1
+
+[models.base]
+hf = "model"
+
+[datasets.instructions]
+path = "sft.jsonl"
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = "instructions"
+learning_rate = 1e-2
+batch_size = 16
+max_steps = 3
+shuffle = false
+lora = { r = 4, alpha = 8 }
+"#;
+
+const GRPO_AGAINST: &str = r#"
+[models.tuned]
+hf = "model"
+adapter = "trained_adapter"
+
+[stages.against_base]
+kind = "grpo"
+model = "tuned"
+reference = "base"
+reward = { rule = "length", target = 20 }
+data = "instructions"
+learning_rate = 1e-4
+beta = 0.04
+num_generations = 2
+num_iterations = 1
+rollout_batch_size = 2
+response_length = 8
+batch_size = 2
+lora = { r = 4, alpha = 8 }
+
+[stages.against_itself]
+kind = "grpo"
+model = "tuned"
+reward = { rule = "length", target = 20 }
+data = "instructions"
+learning_rate = 1e-4
+beta = 0.04
+num_generations = 2
+num_iterations = 1
+rollout_batch_size = 2
+response_length = 8
+batch_size = 2
+lora = { r = 4, alpha = 8 }
+"#;
+
+#[test]
+fn a_continued_policy_is_measured_against_the_reference_it_names() {
+    let s = scratch();
+    s.write("recipe.toml", REFERENCE);
+    s.ok(&["run", "recipe.toml"]);
+    let sft = s.ok(&["show", "recipe.toml", "sft", "--path"]);
+    std::fs::create_dir_all(s.path("trained_adapter")).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            Path::new(sft.trim()).join("adapter").join(file),
+            s.path(&format!("trained_adapter/{file}")),
+        )
+        .unwrap();
+    }
+    s.write("recipe.toml", &format!("{REFERENCE}{GRPO_AGAINST}"));
+    s.ok(&["run", "recipe.toml"]);
+    let kl = |node: &str| {
+        let out = s.ok(&["show", "recipe.toml", node, "--path"]);
+        first_step(Path::new(out.trim()))["objective/kl"]
+            .as_f64()
+            .unwrap()
+    };
+    // Before any update the policy is base + the trained adapter: as far from the bare base as
+    // SFT moved it, and exactly its own starting point.
+    let (against_base, against_itself) = (kl("against_base"), kl("against_itself"));
+    assert!(against_base.abs() > 1e-4, "{against_base}");
+    assert!(against_itself.abs() < 1e-6, "{against_itself}");
+}

@@ -66,7 +66,7 @@ impl StageKind for PpoKind {
         };
         let (policy_cfg, policy) = stage.trainable_lm(&data.policy_dir, &p.train, device)?;
         let inference = device.clone().inner();
-        let reference = if p.train.lora.is_some() && reference_dir == data.policy_dir {
+        let reference = if p.train.lora.is_some() && RlData::reference_is_policy(&stage.inputs)? {
             stage.lora_reference(&policy)
         } else {
             load_causal_lm(&reference_dir, &inference)?.1

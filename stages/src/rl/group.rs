@@ -42,7 +42,7 @@ where
     let (policy_cfg, model) = stage.trainable_lm(&data.policy_dir, train, device)?;
     let reference = if kl_coef <= 0.0 {
         None
-    } else if train.lora.is_some() && reference_dir == data.policy_dir {
+    } else if train.lora.is_some() && RlData::reference_is_policy(&stage.inputs)? {
         Some(stage.lora_reference(&model))
     } else {
         Some(load_causal_lm(&reference_dir, &device.clone().inner())?.1)

@@ -261,6 +261,14 @@ impl RlData {
         })
     }
 
+    /// Whether the `reference` role is the policy itself: unbound, or bound to the policy's own
+    /// input. A LoRA policy's reference is then its starting weights with the adapter frozen.
+    /// Decided by the inputs' keys, never by their directories: a model node with an adapter
+    /// reads its base's directory, which a `reference` naming the bare base shares.
+    pub fn reference_is_policy(inputs: &Inputs) -> Result<bool, TrainError> {
+        Ok(!inputs.has("reference") || inputs.key("reference")? == inputs.key("model")?)
+    }
+
     /// The directory of the role's model, or the policy's when the role is not bound.
     pub fn model_or_policy(&self, inputs: &Inputs, role: &str) -> Result<PathBuf, TrainError> {
         match inputs.has(role) {
