@@ -468,7 +468,7 @@ pub fn logits(hidden: Tensor<2>, weight: Tensor<2>, layout: WeightLayout) -> Opt
     let (vocab, wd) = match (layout, weight.dims()) {
         (WeightLayout::VocabMajor, [v, dm]) | (WeightLayout::ModelMajor, [dm, v]) => (v, dm),
     };
-    if wd != d_model || rows == 0 || vocab == 0 {
+    if wd != d_model || rows == 0 || d_model == 0 || vocab == 0 {
         return None;
     }
     let h = hidden.try_into_primitive::<Flex>().ok()?.to_contiguous();

@@ -34,7 +34,7 @@ pub fn linear<const D: usize>(
     let dims = x.dims();
     let [d_in, d_out] = weight.dims();
     let rows: usize = dims[..D - 1].iter().product();
-    if dims[D - 1] != d_in || rows == 0 || rows > MAX_ROWS || d_out == 0 {
+    if dims[D - 1] != d_in || rows == 0 || rows > MAX_ROWS || d_in == 0 || d_out == 0 {
         return None;
     }
     if bias
