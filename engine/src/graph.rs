@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use petgraph::Direction;
 use petgraph::graph::{DiGraph, NodeIndex};
 use rudder_schema::kinds::{
-    ADAPTER_BASE_ROLE, CONTINUES_ADAPTERS, LoraArgs, PREVIOUS_ROUND_ROLE, PartInput, PartSpec,
-    ROUND_PART, continues_adapter_of, part_kind,
+    ADAPTER_BASE_ROLE, LoraArgs, PREVIOUS_ROUND_ROLE, PartInput, PartSpec, ROUND_PART,
+    continues_adapter_of, continues_adapters, part_kind,
 };
 use rudder_schema::{Diagnostic, Node, NodeBody, Recipe, RecipeErrors, Target, ValuePath};
 
@@ -374,7 +374,7 @@ fn adapter_base(
     let (Some(lora), false) = (&train.lora, train.merge_adapter) else {
         return Ok(None);
     };
-    if depth == 0 || !CONTINUES_ADAPTERS.contains(&stage.spec.kind()) {
+    if depth == 0 || !continues_adapters(stage.spec.kind()) {
         return Ok(None);
     }
     let Some(model) = node.inputs().iter().find(|i| i.field.role == "model") else {

@@ -24,7 +24,7 @@ use rudder_engine::runner::{Progress, Runner, StageContext, StageOutcome, StageR
 use rudder_schema::StageSpec;
 use rudder_schema::kinds::{Kind as Schema, PartSpec, part_kind};
 
-use rudder_schema::kinds::{ADAPTER_BASE_ROLE, CONTINUES_ADAPTERS, PREVIOUS_ROUND_ROLE, TrainArgs};
+use rudder_schema::kinds::{ADAPTER_BASE_ROLE, PREVIOUS_ROUND_ROLE, TrainArgs, continues_adapters};
 
 use crate::artifacts::{ADAPTER_DIR, METRICS_FILE};
 use crate::backend::training_device;
@@ -318,7 +318,7 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
         // base; the others write no adapter.
         let adapter_dir = ctx.out_dir.join(ADAPTER_DIR);
         if train.is_some_and(|t| t.lora.is_some())
-            && CONTINUES_ADAPTERS.contains(&K::Params::NAME)
+            && continues_adapters(K::Params::NAME)
             && adapter_dir.join(lora::ADAPTER_CONFIG_FILE).is_file()
         {
             let base = match stage.continued {

@@ -513,29 +513,21 @@ pub const LANGUAGE_MODEL_ADAPTERS: &[&str] = &[
     "iterative_dpo",
 ];
 
-/// The kinds whose `lora` stage continues an incoming adapter (see [`continues_adapter_of`]):
-/// every kind that takes `lora`.
-pub const CONTINUES_ADAPTERS: &[&str] = &[
-    "sft",
-    "dpo",
-    "kto",
-    "orpo",
-    "simpo",
-    "ppo",
-    "rloo",
-    "grpo",
-    "iterative_dpo",
-    "reward",
-];
+/// Whether a `lora` stage of `kind` continues an incoming adapter (see
+/// [`continues_adapter_of`]): every kind that takes `lora`, the language-model kinds and
+/// `reward`.
+pub fn continues_adapters(kind: &str) -> bool {
+    LANGUAGE_MODEL_ADAPTERS.contains(&kind) || kind == "reward"
+}
 
 /// Whether a `lora` stage of `kind` continues the adapter a `lora` stage of `upstream` trained,
 /// when that stage's artifact is its `model`. A language model's adapter is continued by every
-/// kind of [`CONTINUES_ADAPTERS`]: a `reward` stage trains it further on the language model's
+/// kind that [`continues_adapters`]: a `reward` stage trains it further on the language model's
 /// backbone, under a fresh `score` head (PEFT's `SEQ_CLS` adapter over the same base). A reward
 /// model's adapter is continued only by `reward` (on more data); a language-model kind reading
 /// a reward model merges it first.
 pub fn continues_adapter_of(kind: &str, upstream: &str) -> bool {
-    CONTINUES_ADAPTERS.contains(&kind)
+    continues_adapters(kind)
         && (LANGUAGE_MODEL_ADAPTERS.contains(&upstream)
             || (kind == "reward" && upstream == "reward"))
 }

@@ -117,22 +117,30 @@ impl CausalLm {
         HeadPredictions { logps, values }
     }
 
+    /// The head's weight as the fused kernels read it; `None` for a head with a bias, which they
+    /// do not take.
+    #[cfg(feature = "flex")]
+    fn head_weight(&self) -> Option<(Tensor<2>, super::kernels::head::WeightLayout)> {
+        use super::kernels::head::WeightLayout;
+        match &self.lm_head {
+            Some(head) if head.bias.is_some() => None,
+            Some(head) => Some((head.weight.val(), WeightLayout::ModelMajor)),
+            None => Some((
+                self.model.embed_tokens.weight.val(),
+                WeightLayout::VocabMajor,
+            )),
+        }
+    }
+
     /// The logits of a few rows through `kernels::head::logits` on plain flex (generation's last
     /// positions; the logits fixtures); `None` where the generic head runs.
     #[cfg(feature = "flex")]
     pub(crate) fn fused_logits(&self, hidden: Tensor<3>) -> Option<Tensor<3>> {
-        use super::kernels::head::{WeightLayout, logits};
+        use super::kernels::head::logits;
         if hidden.device() != burn::tensor::Device::flex() {
             return None;
         }
-        let (weight, layout) = match &self.lm_head {
-            Some(head) if head.bias.is_some() => return None,
-            Some(head) => (head.weight.val(), WeightLayout::ModelMajor),
-            None => (
-                self.model.embed_tokens.weight.val(),
-                WeightLayout::VocabMajor,
-            ),
-        };
+        let (weight, layout) = self.head_weight()?;
         let [n, seq, d] = hidden.dims();
         let out = logits(hidden.reshape([n * seq, d]), weight, layout)?;
         let vocab = out.dims()[1];
@@ -147,19 +155,12 @@ impl CausalLm {
         mask: &Tensor<2>,
         temperature: f64,
     ) -> Option<HeadPredictions> {
-        use super::kernels::head::{Pick, WeightLayout, log_probs};
+        use super::kernels::head::{Pick, log_probs};
         // The host copies of targets and mask below are for the kernel only.
         if hidden.device().inner() != burn::tensor::Device::flex() {
             return None;
         }
-        let (weight, layout) = match &self.lm_head {
-            Some(head) if head.bias.is_some() => return None,
-            Some(head) => (head.weight.val(), WeightLayout::ModelMajor),
-            None => (
-                self.model.embed_tokens.weight.val(),
-                WeightLayout::VocabMajor,
-            ),
-        };
+        let (weight, layout) = self.head_weight()?;
         let [n, seq, d] = hidden.dims();
         let width = seq - 1;
         let target_ids: Vec<i64> = targets
