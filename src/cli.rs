@@ -253,6 +253,9 @@ pub struct RecipeArgs {
     /// Override a value: `--set stages.dpo.beta=0.2` (typed as TOML).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Run every stage in this precision (fp32, bf16), whatever the recipe says.
+    #[arg(long, value_name = "PRECISION")]
+    pub precision: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -322,6 +325,9 @@ pub struct BenchArgs {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
+    /// fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -33,6 +33,7 @@ fn check_resident(
             "kind",
             "params",
             "peak_rss_mib",
+            "precision",
             "step_seconds",
             "tokens_per_second",
             "warmup_seconds"
@@ -111,6 +112,28 @@ fn fresh_model_steps_report_tokens_per_second() {
         ],
     );
     check_sane(&r, "reward", BENCH4M_REWARD_PARAMS);
+    assert_eq!(r["precision"], "fp32");
+    // bf16: the same step on bf16 activations, its fp32 weights and AdamW moments resident.
+    let r = report(
+        &s,
+        &[
+            "bench",
+            "sft",
+            "--model",
+            "fresh:bench4m",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--precision",
+            "bf16",
+            "--json",
+        ],
+    );
+    check_sane(&r, "sft", lm_params);
+    assert_eq!(r["precision"], "bf16");
 }
 
 #[test]
@@ -214,6 +237,14 @@ fn bad_requests_are_usage_errors() {
             "fresh:bench4m",
             "--backend",
             "tpu",
+        ],
+        &[
+            "bench",
+            "sft",
+            "--model",
+            "fresh:bench4m",
+            "--precision",
+            "fp8",
         ],
     ] {
         let out = s.rudder(args);

@@ -3,11 +3,17 @@
 //! tensor library; it says nothing about what a backend actually allocates (that is measured).
 //!
 //! ```text
-//! weights      P x bytes(precision)            every parameter, trained or frozen
+//! weights      P x 4                           every parameter, trained or frozen (fp32)
+//!   bf16:      T x 4 + (P - T) x 2 + P x 2     trained weights in fp32 (their bf16 copies,
+//!                                              cast for the matmuls, kept for the backward
+//!                                              pass), frozen ones held in bf16 (LoRA's base)
+//!   reference  + P x 4 (bf16: P x 2)           a full frozen copy (TR-DPO, RL without LoRA)
 //! gradients    T x 4                           T trained parameters (all, or LoRA's A/B)
 //! optimizer    T x 8                           AdamW's two fp32 moments
 //! activations  B x S x (L x a + 2V) x 4        kept for the backward pass, per token:
-//!              a = 2H + H + (q + 2kv) + q + nH x S + H + 3I   per layer (see `per_token`)
+//!   bf16:      B x S x (L x a x 2 + 10V)       the layers' in bf16, the logits in bf16 and
+//!                                              fp32, the log-softmax in fp32
+//!              a = 2H + H + (q + 2kv) + q + nH x S + H + 3I   per layer (see `per_layer`)
 //!              with gradient checkpointing: a = H + (q + 2kv) + q + 2I (matmul outputs only)
 //!              2V: the logits and their log-softmax
 //! ```
@@ -122,12 +128,33 @@ impl ModelShape {
         self.num_hidden_layers * per_layer + saved
     }
 
-    /// Activation values kept per token for the backward pass, over all layers and the head.
-    fn per_token(&self, seq_len: u64, checkpointing: bool) -> u64 {
+    /// Activation bytes kept per token for the backward pass, over all layers and the head.
+    fn per_token_bytes(&self, seq_len: u64, checkpointing: bool, bf16: bool) -> u64 {
+        let layers = self.num_hidden_layers * self.per_layer(seq_len, checkpointing);
+        let head = self.head_values();
+        match bf16 {
+            // The head's outputs in bf16, then in fp32 with their log-softmax.
+            true => 2 * layers + 4 * head + 2 * (head / 2).max(1),
+            false => 4 * (layers + head),
+        }
+    }
+
+    /// Values kept by the head per token: the logits and their log-softmax (one score for a
+    /// reward head).
+    fn head_values(&self) -> u64 {
+        if self.reward_head {
+            1
+        } else {
+            2 * self.vocab_size
+        }
+    }
+
+    /// Activation values one decoder layer keeps per token for the backward pass.
+    fn per_layer(&self, seq_len: u64, checkpointing: bool) -> u64 {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let per_layer = if checkpointing {
+        if checkpointing {
             // Burn's balanced strategy keeps the outputs of compute-bound operations (the
             // matmuls) and recomputes the rest.
             h + (q + 2 * kv) + q + 2 * i
@@ -136,13 +163,7 @@ impl ModelShape {
             // output, the attention probabilities, the normed input of the MLP, gate/up and
             // their gated product.
             2 * h + h + (q + 2 * kv) + q + self.num_attention_heads * seq_len + h + 3 * i
-        };
-        let head = if self.reward_head {
-            1
-        } else {
-            2 * self.vocab_size
-        };
-        self.num_hidden_layers * per_layer + head
+        }
     }
 }
 
@@ -151,8 +172,8 @@ impl ModelShape {
 pub struct TrainingShape {
     pub batch_size: u64,
     pub seq_len: u64,
-    /// Bytes per weight of the model (4 for fp32).
-    pub weight_bytes: u64,
+    /// Mixed precision (`precision = "bf16"`).
+    pub bf16: bool,
     pub lora: Option<LoraArgs>,
     pub gradient_checkpointing: bool,
     /// A frozen reference model held besides the policy (TR-DPO, RL kinds without LoRA).
@@ -181,21 +202,33 @@ pub fn estimate(model: &ModelShape, training: &TrainingShape) -> MemoryEstimate 
         Some(lora) => model.lora_parameters(lora),
         None => params,
     };
-    let copies = if training.reference_copy { 2 } else { 1 };
-    // LoRA's factors are stored besides the frozen weights, in fp32.
-    let adapter_bytes = if training.lora.is_some() {
-        trained * 4
-    } else {
-        0
+    // LoRA's factors (and `modules_to_save`) are held beside the frozen model; full
+    // fine-tuning trains the model itself.
+    let (frozen, trainable) = match &training.lora {
+        Some(_) => (params, trained),
+        None => (0, params),
+    };
+    let weights = match training.bf16 {
+        // Trained weights in fp32 plus the bf16 copies their matmuls keep; frozen ones in bf16.
+        true => frozen * 2 + trainable * (4 + 2),
+        false => (frozen + trainable) * 4,
+    };
+    let reference = match (training.reference_copy, training.bf16) {
+        (false, _) => 0,
+        (true, true) => params * 2,
+        (true, false) => params * 4,
     };
     MemoryEstimate {
-        weights: copies * params * training.weight_bytes + adapter_bytes,
+        weights: weights + reference,
         gradients: trained * 4,
         optimizer: trained * 8,
         activations: training.batch_size
             * training.seq_len
-            * model.per_token(training.seq_len, training.gradient_checkpointing)
-            * 4,
+            * model.per_token_bytes(
+                training.seq_len,
+                training.gradient_checkpointing,
+                training.bf16,
+            ),
     }
 }
 
@@ -250,7 +283,7 @@ pub fn recipe_estimates(recipe: &rudder_schema::Recipe) -> Vec<(String, MemoryEs
         let training = TrainingShape {
             batch_size: u64::from(train.batch_size) * sequences,
             seq_len,
-            weight_bytes: 4,
+            bf16: stage.precision == rudder_schema::Precision::Bf16,
             lora,
             gradient_checkpointing: train.gradient_checkpointing,
             reference_copy,
@@ -339,6 +372,15 @@ mod tests {
         assert_eq!(llama2_7b().parameters(), 6_738_415_616);
     }
 
+    fn lora_args() -> LoraArgs {
+        LoraArgs {
+            r: 16,
+            alpha: 32.0,
+            target_modules: TargetModules::AllLinear(AllLinear::AllLinear),
+            ..LoraArgs::default()
+        }
+    }
+
     /// The README's worked example: Llama-2-7B, batch 1 x 512 tokens.
     #[test]
     fn seven_b_estimates_match_the_readme_arithmetic() {
@@ -346,7 +388,7 @@ mod tests {
         let full = TrainingShape {
             batch_size: 1,
             seq_len: 512,
-            weight_bytes: 4,
+            bf16: false,
             lora: None,
             gradient_checkpointing: false,
             reference_copy: false,
@@ -364,24 +406,40 @@ mod tests {
         within(e.activations, 5.14);
         within(e.total(), 105.5);
         // LoRA r = 16 on all linear layers: 40.0M trained parameters.
-        let lora = LoraArgs {
-            r: 16,
-            alpha: 32.0,
-            target_modules: TargetModules::AllLinear(AllLinear::AllLinear),
-            ..LoraArgs::default()
-        };
+        let lora = lora_args();
         assert_eq!(model.lora_parameters(&lora), 39_976_960);
         let e = estimate(
             &model,
             &TrainingShape {
                 lora: Some(lora),
                 gradient_checkpointing: true,
-                ..full
+                ..full.clone()
             },
         );
         within(e.weights, 25.3);
         within(e.gradients + e.optimizer, 0.45);
         within(e.activations, 2.72);
         within(e.total(), 28.4);
+        // bf16: full fine-tuning adds the bf16 copies of the weights (6 bytes per parameter)
+        // and halves the layers' activations; LoRA holds its base in bf16.
+        let bf16 = TrainingShape {
+            bf16: true,
+            ..full.clone()
+        };
+        let e = estimate(&model, &bf16);
+        within(e.weights, 37.7);
+        within(e.activations, 2.66);
+        within(e.total(), 115.6);
+        let e = estimate(
+            &model,
+            &TrainingShape {
+                lora: Some(lora_args()),
+                gradient_checkpointing: true,
+                ..bf16
+            },
+        );
+        within(e.weights, 12.8);
+        within(e.activations, 1.45);
+        within(e.total(), 14.7);
     }
 }

@@ -30,7 +30,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rudder_schema::{Backend, NodeBody, Resources};
+use rudder_schema::{Backend, NodeBody, Precision, Resources};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
@@ -58,8 +58,9 @@ pub struct SlurmExecutor {
     pub recipe: PathBuf,
     /// `--set` overrides, passed on so that every job plans the keys this run planned.
     pub overrides: Vec<String>,
-    /// `--backend`, passed on for the same reason.
+    /// `--backend` and `--precision`, passed on for the same reason.
     pub backend: Option<Backend>,
+    pub precision: Option<Precision>,
     /// `--verify`, passed on so that each job checks its inputs as this run checks artifacts.
     pub verify: VerifyMode,
     /// Time between two polls of `squeue`.
@@ -252,6 +253,10 @@ impl SlurmExecutor {
         if let Some(backend) = self.backend {
             exec.push("--backend".into());
             exec.push(backend.as_str().into());
+        }
+        if let Some(precision) = self.precision {
+            exec.push("--precision".into());
+            exec.push(precision.as_str().into());
         }
         if self.verify == VerifyMode::Full {
             exec.push("--verify".into());

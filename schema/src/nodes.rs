@@ -54,13 +54,29 @@ impl std::str::FromStr for Backend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
+    /// Everything in fp32.
     Fp32,
+    /// Matmuls and activations in bf16, trained weights and optimizer state in fp32, the
+    /// log-softmax and losses in fp32.
+    Bf16,
 }
 
 impl Precision {
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown precision `{other}` (fp32 or bf16)")),
         }
     }
 }

@@ -139,6 +139,19 @@ pub struct Recipe {
 }
 
 impl Recipe {
+    /// Runs every stage that computes in a precision in `precision`, whatever the recipe says
+    /// (the CLI's `--precision`).
+    pub fn force_precision(&mut self, precision: Precision) {
+        self.meta.precision = precision;
+        for node in &mut self.nodes {
+            if let NodeBody::Stage(stage) = &mut node.body
+                && crate::kinds::computes_in_a_precision(stage.spec.kind())
+            {
+                stage.precision = precision;
+            }
+        }
+    }
+
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
     }

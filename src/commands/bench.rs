@@ -19,15 +19,17 @@ pub fn run(args: &BenchArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
         new_tokens: args.new_tokens,
         steps: args.steps,
         backend,
+        precision: super::precision(Some(&args.precision))?.expect("a precision was named"),
     };
     if !args.json {
         printer.status(format!(
-            "timing {} steps of `{}` ({} x {} tokens) on {} ...",
+            "timing {} steps of `{}` ({} x {} tokens) on {} in {} ...",
             args.steps + rudder_stages::bench::WARMUP_STEPS,
             args.kind,
             args.batch,
             args.seq,
-            args.backend
+            args.backend,
+            args.precision
         ));
     }
     let report = match rudder_stages::bench::run(&opts) {
@@ -39,14 +41,15 @@ pub fn run(args: &BenchArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
         printer.data(serde_json::to_string_pretty(&report)?);
     } else {
         printer.data(format!(
-            "{}: {:.0} tokens/s, {:.3} s/step, first step {:+.3} s (compile and autotune on GPU backends), peak {:.0} MiB, {} parameters ({})",
+            "{}: {:.0} tokens/s, {:.3} s/step, first step {:+.3} s (compile and autotune on GPU backends), peak {:.0} MiB, {} parameters ({}, {})",
             report.kind,
             report.tokens_per_second,
             report.step_seconds,
             report.warmup_seconds,
             report.peak_rss_mib,
             report.params,
-            report.backend
+            report.backend,
+            report.precision
         ));
     }
     Ok(ExitStatus::Success)

@@ -22,7 +22,7 @@ use rudder_engine::lockfile::Lockfile;
 use rudder_engine::remote::cache::RemoteCache;
 use rudder_engine::remote::{Remote, RemoteTarget, Remotes};
 use rudder_engine::{EngineError, Project, Registry, Selection};
-use rudder_schema::{Backend, RemoteCache as RemoteCacheMode};
+use rudder_schema::{Backend, Precision, RemoteCache as RemoteCacheMode};
 
 use crate::cli::{RecipeArgs, SelectionArgs, StoreArgs};
 use crate::printer::Printer;
@@ -36,11 +36,23 @@ pub fn registry() -> Registry {
 }
 
 pub fn open(recipe: &RecipeArgs, store: Option<&StoreArgs>) -> anyhow::Result<Project> {
-    Ok(Project::open(
+    let mut project = Project::open(
         &recipe.recipe,
         &recipe.set,
         store.and_then(|s| s.store.clone()),
-    )?)
+    )?;
+    if let Some(precision) = precision(recipe.precision.as_deref())? {
+        project.recipe.force_precision(precision);
+    }
+    Ok(project)
+}
+
+pub fn precision(name: Option<&str>) -> anyhow::Result<Option<Precision>> {
+    name.map(|n| {
+        n.parse::<Precision>()
+            .map_err(|e| rudder_engine::EngineError::Usage(e).into())
+    })
+    .transpose()
 }
 
 pub fn selection(args: &SelectionArgs) -> Selection {

@@ -268,6 +268,7 @@ fn slurm_executor(project: &Project, args: &RunArgs) -> anyhow::Result<SlurmExec
         recipe: std::path::absolute(&project.recipe.file)?,
         overrides: args.recipe.set.clone(),
         backend: super::backend(args.backend.as_deref())?,
+        precision: super::precision(args.recipe.precision.as_deref())?,
         verify: args.verify.verify.into(),
         poll: Duration::from_secs_f64(spec.poll_seconds),
     })

@@ -20,7 +20,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rudder_schema::Backend;
+use rudder_schema::{Backend, Precision};
 use rudder_schema::kinds::{DpoParams, KtoParams, OrpoParams, PpoParams, SimpoParams};
 use serde::Serialize;
 
@@ -123,6 +123,7 @@ pub struct BenchOptions {
     /// Timed steps (after [`WARMUP_STEPS`]).
     pub steps: usize,
     pub backend: Backend,
+    pub precision: Precision,
 }
 
 /// The measurement; `--json` prints it as is.
@@ -130,6 +131,7 @@ pub struct BenchOptions {
 pub struct BenchReport {
     pub kind: String,
     pub backend: String,
+    pub precision: String,
     /// Tokens through the trained model per second (every row of every step, padding none);
     /// for `generate`, generated tokens per second.
     pub tokens_per_second: f64,
@@ -300,6 +302,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ));
     }
     let device = crate::backend::training_device(opts.backend)?;
+    crate::precision::check_supported(opts.precision, opts.backend, &device)?;
+    // Every model below computes in the precision asked for.
+    crate::precision::scoped(opts.precision, || time_kind(opts, &device))
+}
+
+/// [`run`] on `device`, its options checked.
+fn time_kind(opts: &BenchOptions, device: &Device) -> Result<BenchReport, BenchError> {
+    let device = device.clone();
     let cfg = opts.model.config()?;
     let vocab = cfg.vocab_size;
     let (batch, seq) = (opts.batch, opts.seq);
@@ -452,6 +462,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         kind: opts.kind.clone(),
         backend: opts.backend.as_str().to_string(),
+        precision: opts.precision.as_str().to_string(),
         tokens_per_second: tokens as f64 / timing.step_seconds,
         step_seconds: timing.step_seconds,
         warmup_seconds: timing.warmup_seconds,

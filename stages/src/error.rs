@@ -61,6 +61,14 @@ pub enum StageError {
     Lora(String),
     #[error("invalid PEFT adapter config {path}: {message}")]
     AdapterConfig { path: PathBuf, message: String },
+    #[error(
+        "precision `{precision}` needs {dtype} tensors, and backend `{backend}` has none on this device; use precision = \"fp32\""
+    )]
+    PrecisionUnsupported {
+        precision: &'static str,
+        backend: &'static str,
+        dtype: String,
+    },
     #[error("backend `{backend}` is unavailable: {message}")]
     BackendUnavailable {
         backend: &'static str,

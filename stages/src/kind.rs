@@ -306,6 +306,7 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
         if train.is_some_and(|t| t.gradient_checkpointing) {
             device = device.gradient_checkpointing();
         }
+        crate::precision::check_supported(ctx.precision, ctx.backend, &device)?;
         // The stage's share of the cores: the CPU backend's parallel kernels run on this pool.
         // No kernel's result depends on the pool's size (tests/threads.rs checks it).
         let pool = rayon::ThreadPoolBuilder::new()
@@ -313,7 +314,9 @@ impl<K: StageKind> Runner for DeviceRunner<K> {
             .thread_name(|i| format!("rudder-stage-{i}"))
             .build()
             .map_err(|e| TrainError::Input(format!("cannot start the stage's threads: {e}")))?;
-        let outcome = pool.install(|| K::run(&stage, &device))?;
+        // Every model the stage builds computes in its precision (`crate::precision`).
+        let outcome =
+            pool.install(|| crate::precision::scoped(ctx.precision, || K::run(&stage, &device)))?;
         // Every vertex that trains an adapter (the stage, an `iterative_dpo` round) names its
         // base; the others write no adapter.
         let adapter_dir = ctx.out_dir.join(ADAPTER_DIR);

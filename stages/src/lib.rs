@@ -9,6 +9,7 @@
 //!   inputs sampling preference rl train losses artifacts seeds   shared machinery
 //!     |  uses
 //!   model generate logps padding tokenizer data judge backend    the model layer
+//!   precision
 //! ```
 
 pub mod artifacts;
@@ -25,6 +26,7 @@ pub mod logps;
 pub mod losses;
 pub mod model;
 pub mod padding;
+pub mod precision;
 pub mod preference;
 pub mod rl;
 pub mod sampling;

@@ -513,6 +513,12 @@ pub const LANGUAGE_MODEL_ADAPTERS: &[&str] = &[
     "iterative_dpo",
 ];
 
+/// Whether a stage of `kind` computes in a precision (runs a model): every kind but the
+/// tokenizer, `export` (which merges in fp32) and shell commands.
+pub fn computes_in_a_precision(kind: &str) -> bool {
+    !matches!(kind, "tokenizer" | "export" | "command")
+}
+
 /// Whether a `lora` stage of `kind` continues an incoming adapter (see
 /// [`continues_adapter_of`]): every kind that takes `lora`, the language-model kinds and
 /// `reward`.

@@ -12,8 +12,8 @@ use super::{Input, Model, Node, NodeBody, Override, Recipe, Stage, Target, is_va
 use crate::diagnostic::{Diagnostic, did_you_mean};
 use crate::kinds::{Expect, FieldError, InputField, KINDS, Produces, kind_info};
 use crate::nodes::{
-    DatasetSpec, ExecutorSpec, ModelSpec, RecipeMeta, RemoteSpec, Resources, StageCommon,
-    check_remote_url,
+    DatasetSpec, ExecutorSpec, ModelSpec, Precision, RecipeMeta, RemoteSpec, Resources,
+    StageCommon, check_remote_url,
 };
 use crate::source::{SpanMap, ValuePath};
 use crate::validate::{SchemaError, validate};
@@ -562,13 +562,22 @@ impl<'a> Loader<'a> {
             .enumerate()
             .map(|(i, name)| (name.clone(), path.key("after").index(i)))
             .collect();
+        // The recipe's precision does not reach kinds that compute in none (so switching a
+        // recipe to bf16 does not rebuild its tokenizer); their own `precision` does.
+        let precision =
+            common
+                .precision
+                .unwrap_or(match crate::kinds::computes_in_a_precision(spec.kind()) {
+                    true => meta.precision,
+                    false => Precision::Fp32,
+                });
         Some(Stage {
             spec,
             inputs,
             after,
             seed: common.seed.unwrap_or(meta.seed),
             backend: common.backend.unwrap_or(meta.backend),
-            precision: common.precision.unwrap_or(meta.precision),
+            precision,
             description: common.description,
             resources,
         })

@@ -7,7 +7,7 @@ use burn::module::{Initializer, Module};
 use burn::nn::LinearConfig;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use super::cache::LayerCache;
 use super::lora::linear::LoraLinear;
@@ -111,6 +111,13 @@ impl Attention {
             None => (k, v),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // Scores and softmax in fp32 from bf16 inputs, the output rounded back, as flash
+        // attention computes them.
+        let dtype = q.dtype();
+        let (q, k, v) = match dtype {
+            DType::F32 => (q, k, v),
+            _ => (q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32)),
+        };
         #[cfg(feature = "flex")]
         if FUSED.load(std::sync::atomic::Ordering::Relaxed) {
             let key_mask = match mask {
@@ -120,10 +127,11 @@ impl Attention {
             let fused =
                 super::kernels::attention(q.clone(), k.clone(), v.clone(), &key_mask, scale);
             if let Some(out) = fused {
-                return self.project_out(out, batch, seq_q);
+                return self.project_out(crate::precision::cast(out, dtype), batch, seq_q);
             }
         }
-        self.project_out(self.attention_generic(q, k, v, mask, scale), batch, seq_q)
+        let out = self.attention_generic(q, k, v, mask, scale);
+        self.project_out(crate::precision::cast(out, dtype), batch, seq_q)
     }
 
     /// `[batch, heads, seq_q, head_dim]` -> `[batch, seq_q, d_model]` through `o_proj`.

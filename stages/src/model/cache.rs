@@ -59,11 +59,12 @@ fn grow(old: Option<Tensor<4>>, new: Tensor<4>, start: usize, capacity: usize) -
             false => old.slice([0..b, 0..h, 0..start, 0..d]),
         });
     }
-    let device = new.device();
+    let (device, dtype) = (new.device(), new.dtype());
     parts.push(new);
     let rest = capacity - start - seq_q;
     if rest > 0 {
-        parts.push(Tensor::zeros([b, h, rest, d], &device));
+        let zeros = Tensor::<4>::zeros([b, h, rest, d], &device);
+        parts.push(crate::precision::cast(zeros, dtype));
     }
     match parts.len() {
         1 => parts.pop().expect("one part"),

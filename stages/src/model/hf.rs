@@ -207,8 +207,16 @@ impl WeightSource for RandomSource {
     }
 }
 
+/// A weight on `device`: in fp32, or in bf16 for a model that only infers (not on an autodiff
+/// device) under `precision = "bf16"`, which casts every weight to bf16 where it is used anyway.
 fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
-    Tensor::from_data(TensorData::new(values, shape), device)
+    let t = Tensor::<D>::from_data(TensorData::new(values, shape), device);
+    match crate::precision::current() {
+        rudder_schema::Precision::Bf16 if !device.is_autodiff() => {
+            t.cast(burn::tensor::DType::BF16)
+        }
+        _ => t,
+    }
 }
 
 fn linear(
@@ -310,6 +318,7 @@ fn build_backbone(
         head_dim: cfg.head_dim,
         rope_theta: cfg.rope_theta,
         sliding_window: cfg.sliding_window.unwrap_or(0),
+        bf16: crate::precision::current() == rudder_schema::Precision::Bf16,
     })
 }
 

@@ -5,7 +5,7 @@
 
 use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::attention::{Attention, AttentionConfig};
 use super::cache::KvCache;
@@ -54,6 +54,8 @@ pub struct Llama {
     pub rope_theta: f64,
     /// Sliding-window span, 0 when attention is global.
     pub sliding_window: usize,
+    /// Activations and matmuls in bf16 (`precision = "bf16"`, see [`crate::precision`]).
+    pub bf16: bool,
 }
 
 /// Which intermediate results a forward pass returns.
@@ -123,7 +125,10 @@ impl Llama {
         let window = (self.sliding_window > 0).then_some(self.sliding_window);
         let rotary = RotaryConfig::new(self.head_dim).with_theta(self.rope_theta);
 
-        let mut x = self.embed_tokens.forward(input_ids);
+        let mut x = crate::precision::cast(
+            self.embed_tokens.forward(input_ids),
+            self.activation_dtype(),
+        );
         if let Some(states) = trace.states.as_mut() {
             states.push(x.clone());
         }
@@ -166,6 +171,14 @@ impl Llama {
             }
         }
         self.norm.forward(x)
+    }
+
+    /// The dtype of the decoder's activations and matmuls.
+    pub fn activation_dtype(&self) -> DType {
+        match self.bf16 {
+            true => DType::BF16,
+            false => DType::F32,
+        }
     }
 
     /// An empty KV cache sized for this decoder, growing in the buckets of its device's
@@ -211,19 +224,21 @@ impl CausalLm {
     ///
     /// # Shapes
     /// - hidden: `[batch, seq, d_model]`
-    /// - output: `[batch, seq, vocab]`
+    /// - output: `[batch, seq, vocab]`, in fp32 whatever the decoder computes in
     pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         #[cfg(feature = "flex")]
         if let Some(logits) = self.fused_logits(hidden.clone()) {
             return logits;
         }
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
+        let dtype = hidden.dtype();
+        let logits = match &self.lm_head {
+            Some(head) => linear_in(head, hidden),
             None => {
-                let w = self.model.embed_tokens.weight.val();
+                let w = crate::precision::cast(self.model.embed_tokens.weight.val(), dtype);
                 hidden.matmul(w.transpose().unsqueeze::<3>())
             }
-        }
+        };
+        crate::precision::cast(logits, DType::F32)
     }
 }
 
@@ -250,7 +265,7 @@ impl RewardModel {
     pub fn values(&self, input_ids: Tensor<2, Int>, padding_mask: Option<&[Vec<u8>]>) -> Tensor<2> {
         let [batch, seq] = input_ids.dims();
         let hidden = self.model.forward(input_ids, padding_mask, None);
-        self.score.forward(hidden).reshape([batch, seq])
+        crate::precision::cast(linear_in(&self.score, hidden), DType::F32).reshape([batch, seq])
     }
 
     /// The reward of each sequence: the scalar head at its last non-pad token.
@@ -277,6 +292,17 @@ impl RewardModel {
             .gather(1, index)
             .reshape([batch])
     }
+}
+
+/// `linear` applied in the dtype of `x`, its weight and bias cast to it.
+pub(crate) fn linear_in<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    let weight = crate::precision::cast(linear.weight.val(), dtype);
+    let bias = linear
+        .bias
+        .as_ref()
+        .map(|b| crate::precision::cast(b.val(), dtype));
+    burn::tensor::module::linear(x, weight, bias)
 }
 
 impl ModelConfig {
@@ -317,6 +343,7 @@ impl ModelConfig {
             head_dim: self.head_dim,
             rope_theta: self.rope_theta,
             sliding_window: self.sliding_window.unwrap_or(0),
+            bf16: crate::precision::current() == rudder_schema::Precision::Bf16,
         }
     }
 

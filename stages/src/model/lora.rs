@@ -15,11 +15,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::Linear;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rudder_schema::Precision;
 use rudder_schema::kinds::{LinearModule, LoraArgs, SavedModule, TargetModules};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value, json};
@@ -163,10 +164,33 @@ impl Adaptable for RewardModel {
     }
 }
 
+/// Trains `l` in full: in fp32 (a frozen layer may be held in bf16, see [`hold_frozen`]).
 fn unfreeze(l: &mut Linear) {
-    l.weight = l.weight.clone().set_require_grad(true);
+    let fp32 = |p: Param<Tensor<2>>| p.map(|t| crate::precision::cast(t, DType::F32));
+    l.weight = fp32(l.weight.clone()).set_require_grad(true);
     if let Some(b) = l.bias.take() {
+        let b = b.map(|t| crate::precision::cast(t, DType::F32));
         l.bias = Some(b.set_require_grad(true));
+    }
+}
+
+/// Under `precision = "bf16"`, every frozen parameter of `model` held in bf16, the dtype it
+/// computes in: a LoRA stage's base then takes 2 bytes per weight and is cast nowhere. Its
+/// adapters and `modules_to_save` stay fp32. The merged model of such a stage is this bf16
+/// base plus `scale * A B`: the model its adapter was trained with.
+fn hold_frozen<M: Module>(model: M) -> M {
+    struct Frozen;
+    impl ModuleMapper for Frozen {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            match param.val().is_require_grad() {
+                true => param,
+                false => param.map(|t| crate::precision::cast(t, DType::BF16)),
+            }
+        }
+    }
+    match crate::precision::current() {
+        Precision::Bf16 => model.map(&mut Frozen),
+        Precision::Fp32 => model,
     }
 }
 
@@ -192,7 +216,7 @@ pub fn attach<M: Adaptable>(model: M, args: &LoraArgs, seed: u64) -> Result<M, S
             }
         }
     }
-    unfreeze_modules(model, &args.modules_to_save)
+    Ok(hold_frozen(unfreeze_modules(model, &args.modules_to_save)?))
 }
 
 /// `model` with `modules` trained in full beside its adapters (a reward model continuing a
@@ -565,7 +589,7 @@ pub fn load_adapter<M: Adaptable>(model: M, dir: &Path) -> Result<(M, LoraArgs),
             l.bias = Some(Param::from_tensor(t).set_require_grad(true));
         }
     }
-    Ok((model, args))
+    Ok((hold_frozen(model), args))
 }
 
 #[cfg(test)]

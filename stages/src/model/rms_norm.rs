@@ -68,7 +68,7 @@ impl RmsNorm {
         } else {
             normed.cast(dtype)
         };
-        normed * self.weight.val().unsqueeze()
+        normed * crate::precision::cast(self.weight.val(), dtype).unsqueeze()
     }
 }
 

@@ -77,7 +77,10 @@ impl Rotary {
         let x1 = x.clone().slice([0..b, 0..h, 0..l, 0..half]);
         let x2 = x.clone().slice([0..b, 0..h, 0..l, half..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        // The tables in the activations' dtype, as transformers casts them.
+        let dtype = x.dtype();
+        let (cos, sin) = (self.cos.clone(), self.sin.clone());
+        x * crate::precision::cast(cos, dtype) + rotated * crate::precision::cast(sin, dtype)
     }
 }
 

@@ -35,12 +35,16 @@ impl LoraAdapter {
                 Distribution::Bernoulli(1.0 - self.dropout),
                 &x.device(),
             );
-            x * keep.div_scalar(1.0 - self.dropout)
+            let keep = crate::precision::cast(keep.div_scalar(1.0 - self.dropout), x.dtype());
+            x * keep
         } else {
             x
         };
-        let down = linear(x, self.lora_a.val(), None);
-        linear(down, self.lora_b.val(), None).mul_scalar(self.scale)
+        // In the input's dtype, as PEFT's fp32 factors compute under autocast.
+        let dtype = x.dtype();
+        let down = linear(x, crate::precision::cast(self.lora_a.val(), dtype), None);
+        let up = linear(down, crate::precision::cast(self.lora_b.val(), dtype), None);
+        up.mul_scalar(self.scale)
     }
 
     /// `scale * A B`, the update in Burn's `[in, out]` layout.
@@ -95,14 +99,15 @@ impl LoraLinear {
                 return out;
             }
         }
-        self.base.forward(x)
+        crate::model::llama::linear_in(&self.base, x)
     }
 
     /// The plain layer with the adapter merged into its weight: `W + scale * A B`.
     pub fn merged(&self) -> Linear {
         let mut base = self.base.clone();
         if let Some(adapter) = &self.lora {
-            let weight = (base.weight.val() + adapter.delta()).detach();
+            let weight = crate::precision::cast(base.weight.val(), burn::tensor::DType::F32);
+            let weight = (weight + adapter.delta()).detach();
             base.weight = Param::from_tensor(weight).set_require_grad(false);
         }
         base
