@@ -250,7 +250,8 @@ impl<P> Stage<'_, P> {
             MetricsWriter::create(&self.out_dir().join(METRICS_FILE), cfg.logging_steps)?
                 .report_to(&cfg.report_to)?;
         let interrupted = || self.is_interrupted();
-        let mut hooks = StageHooks::new(self.progress(), &interrupted);
+        let compiles_kernels = !crate::backend::is_cpu(device);
+        let mut hooks = StageHooks::new(self.progress(), &interrupted, compiles_kernels);
         train(
             objective,
             model,
