@@ -249,12 +249,13 @@ fn run_stage(
                 ])
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
+        let pad = stage.pad(sampler.tokenizer.pad_id().unwrap_or(0));
         let preferences = feedback(
             &sampler.model,
             &sampler.tokenizer,
             &questions,
             params.batch_size.max(1) as usize,
-            device,
+            pad,
         )?;
         let mut lines = Vec::new();
         let mut ties = 0;
@@ -326,13 +327,14 @@ fn question_text(prompt: &Turns) -> String {
 }
 
 /// The model's answer to each question pair (asked in both orders): `Some(true)` when the
-/// first response wins, `None` on an exact tie, with the log-prob margin of the first.
+/// first response wins, `None` on an exact tie, with the log-prob margin of the first. Batches
+/// are padded as `pad` says (the stage's, so GPU backends see a few shapes).
 fn feedback(
     model: &CausalLm,
     tokenizer: &Tokenizer,
     questions: &[[Turns; 2]],
     batch_size: usize,
-    _device: &Device,
+    pad: Pad,
 ) -> Result<Vec<(Option<bool>, f64)>, TrainError> {
     let answers = ANSWERS
         .iter()
@@ -352,7 +354,6 @@ fn feedback(
         }
     }
     let refs: Vec<&PromptCompletion> = rows.iter().collect();
-    let pad = Pad::exact(tokenizer.pad_id().unwrap_or(0));
     let logps = sequence_logps(model, &refs, pad, batch_size);
     let sum = |v: &Vec<f32>| v.iter().map(|&x| f64::from(x)).sum::<f64>();
     Ok(logps
