@@ -944,3 +944,85 @@ fn a_continued_policy_is_measured_against_the_reference_it_names() {
     assert!(against_base.abs() > 1e-4, "{against_base}");
     assert!(against_itself.abs() < 1e-6, "{against_itself}");
 }
+
+/// LoRA SFT, then DPO without a `lora` table: DPO continues SFT's adapter (TRL's behaviour for
+/// a `PeftModel` given no `peft_config`), keyed as the same table written out; with
+/// `merge_adapter = true` and no table it trains the merged model in full.
+const INHERITED: &str = r#"
+[recipe]
+seed = 1
+
+[models.base]
+hf = "model"
+
+[datasets.instructions]
+path = "sft.jsonl"
+
+[datasets.prefs]
+path = "prefs.jsonl"
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = "instructions"
+learning_rate = 1e-2
+batch_size = 16
+max_steps = 2
+shuffle = false
+lora = { r = 4, alpha = 8, target_modules = "all-linear" }
+
+[stages.dpo]
+kind = "dpo"
+model = "sft"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+
+[stages.full]
+kind = "dpo"
+model = "sft"
+merge_adapter = true
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 16
+max_steps = 1
+shuffle = false
+"#;
+
+#[test]
+fn a_stage_without_lora_continues_the_adapter_of_its_model() {
+    let s = scratch();
+    s.write("recipe.toml", INHERITED);
+    let inherited = s.key("recipe.toml", "dpo");
+    let written = INHERITED.replacen(
+        "max_steps = 1\nshuffle = false\n",
+        "max_steps = 1\nshuffle = false\nlora = { r = 4, alpha = 8, target_modules = \"all-linear\" }\n",
+        1,
+    );
+    s.write("explicit.toml", &written);
+    assert_eq!(s.key("explicit.toml", "dpo"), inherited);
+
+    s.ok(&["run", "recipe.toml"]);
+    let path = |node: &str| {
+        let out = s.ok(&["show", "recipe.toml", node, "--path"]);
+        Path::new(out.trim()).to_path_buf()
+    };
+    let (sft, dpo, full) = (path("sft"), path("dpo"), path("full"));
+    // DPO's first step starts from SFT's adapter: policy = reference, loss ln 2.
+    let first = first_step(&dpo);
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
+    let config = adapter_config(&dpo);
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["target_modules"], "all-linear");
+    let a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let moved = max_abs_diff(
+        &tensor(&dpo.join("adapter/adapter_model.safetensors"), a),
+        &tensor(&sft.join("adapter/adapter_model.safetensors"), a),
+    );
+    assert!(moved > 0.0 && moved < 1e-2, "{moved}");
+    // Merged first, then trained in full: no adapter.
+    assert!(!full.join("adapter").exists());
+    assert_eq!(tensor_names(&full.join("model.safetensors")).len(), 21);
+}

@@ -204,6 +204,12 @@ fn a_bf16_recipe_runs_reproduces_and_keys_apart_from_fp32() {
     // The estimate follows the precision: LoRA's base in bf16, activations in bf16.
     let (bf16_weights, bf16_activations) = total_memory(&s, &[]);
     let (fp32_weights, fp32_activations) = total_memory(&s, &["--precision", "fp32"]);
-    assert!(bf16_weights < fp32_weights * 6 / 10, "{bf16_weights} vs {fp32_weights}");
-    assert!(bf16_activations < fp32_activations, "{bf16_activations} vs {fp32_activations}");
+    assert!(
+        bf16_weights < fp32_weights * 6 / 10,
+        "{bf16_weights} vs {fp32_weights}"
+    );
+    assert!(
+        bf16_activations < fp32_activations,
+        "{bf16_activations} vs {fp32_activations}"
+    );
 }

@@ -302,8 +302,7 @@ fn adapter_bases(recipe: &Recipe, node: &Node) -> Result<AdapterBases, Diagnosti
         return Ok(AdapterBases::default());
     };
     let model = node.inputs().iter().find(|i| i.field.role == "model");
-    if train.lora.is_some()
-        && train.merge_adapter
+    if train.merge_adapter
         && let Some(model) = model
         && let Target::Node { name, .. } = &model.target
         && let Some(from) = recipe.nodes.iter().find(|n| &n.name == name)

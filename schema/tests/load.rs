@@ -463,7 +463,14 @@ fn lora_table_takes_peft_defaults_and_all_linear() {
     assert_eq!(lora["dropout"], 0.0);
     assert_eq!(lora["use_rslora"], false);
     assert_eq!(lora["target_modules"], "all-linear");
-    // Without a table the parameters (and so the keys) are what they were.
+    // Over a LoRA stage, a stage without a table continues that adapter: it takes the table.
+    let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
+        panic!()
+    };
+    assert_eq!(dpo.spec.params()["lora"], *lora);
+    // Without a table, and nothing to continue, the parameters (and so the keys) are what they
+    // were.
+    let recipe = load(BASE).unwrap();
     let NodeBody::Stage(dpo) = &recipe.node("dpo").unwrap().body else {
         panic!()
     };
@@ -551,4 +558,63 @@ fn pad_to_multiple_of_defaults_by_backend_and_rejects_zero() {
         errors[0].contains("recipe.toml:22:22: stage `dpo`: must be at least 1"),
         "{errors:?}"
     );
+}
+
+fn lora_of(recipe: &Recipe, node: &str) -> Option<serde_json::Value> {
+    let NodeBody::Stage(stage) = &recipe.node(node).unwrap().body else {
+        panic!("{node} is a stage")
+    };
+    stage.spec.params().get("lora").cloned()
+}
+
+#[test]
+fn a_stage_without_lora_continues_the_adapter_it_reads() {
+    let text = format!(
+        "{}{}",
+        BASE.replace(
+            "data = \"prefs\"\n\n[stages.dpo]",
+            "data = \"prefs\"\nlora = { r = 4, alpha = 8, dropout = 0.1 }\n\n[stages.dpo]",
+        ),
+        r#"
+[stages.kto]
+kind = "kto"
+model = "dpo"
+data = "prefs"
+
+[stages.rm]
+kind = "reward"
+model = "sft"
+data = "prefs"
+
+[stages.full]
+kind = "orpo"
+model = "sft"
+data = "prefs"
+merge_adapter = true
+
+[stages.from_rm]
+kind = "sft"
+model = "rm"
+data = "prefs"
+
+[stages.fresh]
+kind = "sft"
+model = "base"
+data = "prefs"
+"#
+    );
+    let recipe = load(&text).unwrap();
+    let sft = lora_of(&recipe, "sft").expect("written");
+    assert_eq!(sft["r"], 4);
+    assert_eq!(sft["dropout"], 0.1);
+    // dpo over sft, kto over dpo (a chain), a reward model over the language model's adapter.
+    for node in ["dpo", "kto", "rm"] {
+        assert_eq!(lora_of(&recipe, node).as_ref(), Some(&sft), "{node}");
+    }
+    // `merge_adapter = true` without `lora`: the merged model, trained in full. A language
+    // model over a reward model's adapter merges it (as with `lora`), and a stage over a plain
+    // model has nothing to continue.
+    for node in ["full", "from_rm", "fresh"] {
+        assert_eq!(lora_of(&recipe, node), None, "{node}");
+    }
 }

@@ -20,8 +20,8 @@ use burn::module::Module;
 use burn::tensor::Device;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rudder_schema::{Backend, Precision};
 use rudder_schema::kinds::{DpoParams, KtoParams, OrpoParams, PpoParams, SimpoParams};
+use rudder_schema::{Backend, Precision};
 use serde::Serialize;
 
 use crate::StageError;

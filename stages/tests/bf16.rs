@@ -260,7 +260,15 @@ fn lora_run(
         let metrics_path = dir.join("metrics.jsonl");
         let mut writer = rudder_stages::train::MetricsWriter::create(&metrics_path, 1).unwrap();
         let objective = SftObjective { pad: Pad::exact(0) };
-        let (model, _) = train(&objective, model, &seqs, &cfg, &device, Some(&mut writer), hooks)?;
+        let (model, _) = train(
+            &objective,
+            model,
+            &seqs,
+            &cfg,
+            &device,
+            Some(&mut writer),
+            hooks,
+        )?;
         // The merged model is fp32: the bf16 base plus the trained update.
         let merged = lora::merge(&model);
         let w = merged.model.layers[0].self_attn.q_proj.base.weight.val();

@@ -72,12 +72,13 @@ pub struct TrainArgs {
     /// `LoraConfig`). Absent: full fine-tuning.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraArgs>,
-    /// With `lora`, when the model is itself base + adapter (a LoRA stage's artifact or a
-    /// model with `adapter`): `false` (the default) trains that adapter further on the same
-    /// base; `true` merges it into the base first and trains a fresh adapter on the merged
-    /// weights (TRL's and LLaMA-Factory's name); over a model without an adapter it is a
-    /// recipe error. Part of the key; left out of the parameters when `false`, so keys made
-    /// before it existed stay the same.
+    /// When the model is itself base + adapter (a LoRA stage's artifact or a model with
+    /// `adapter`): `false` (the default) trains that adapter further on the same base (a stage
+    /// without `lora` over a LoRA stage takes that stage's table); `true` merges it into the
+    /// base first and trains a fresh adapter on the merged weights with the stage's `lora`, or,
+    /// without `lora`, the merged model in full (TRL's and LLaMA-Factory's name). Over a model
+    /// without an adapter it is a recipe error. Part of the key; left out of the parameters
+    /// when `false`, so keys made before it existed stay the same.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub merge_adapter: bool,
     /// The dtype the trained weights are saved in: `auto` keeps the input model's (a bf16
@@ -326,13 +327,7 @@ impl TrainArgs {
     /// models, `lm_head` only on language models.
     pub fn check_lora(&self, produces: super::Produces) -> Vec<super::FieldError> {
         let Some(lora) = &self.lora else {
-            return match self.merge_adapter {
-                true => vec![super::FieldError::new(
-                    crate::source::ValuePath::root().key("merge_adapter"),
-                    "`merge_adapter` chooses how a `lora` stage treats an incoming adapter; this stage has no `lora` (without it, the merged model is trained in full)",
-                )],
-                false => Vec::new(),
-            };
+            return Vec::new();
         };
         let reward = matches!(produces, super::Produces::RewardModel);
         lora.modules_to_save

@@ -332,6 +332,7 @@ impl<'a> Loader<'a> {
             overrides,
         };
         self.resolve(&mut recipe);
+        inherit_lora(&mut recipe);
         Some(recipe)
     }
 
@@ -721,4 +722,62 @@ fn looks_like_a_credential(key: &str) -> bool {
     ]
     .iter()
     .any(|word| key.contains(word))
+}
+
+/// A stage that continues adapters, without `lora` and without `merge_adapter`, whose `model`
+/// is a LoRA stage whose adapter its kind continues ([`continues_adapter_of`]), continues that
+/// adapter: it takes that stage's `lora` table, as TRL trains a `PeftModel` further when given
+/// no `peft_config`. The table becomes the stage's own parameter, so its key is the key of the
+/// same table written out. A chain (`sft` -> `dpo` -> `kto`, the later ones without `lora`)
+/// passes it on. A model node's `adapter` is read only when the stage runs, so a stage over one
+/// writes its `lora` (without it, it trains the merged model in full).
+fn inherit_lora(recipe: &mut Recipe) {
+    use crate::kinds::{continues_adapter_of, continues_adapters};
+    // One pass per link of the longest chain.
+    for _ in 0..recipe.nodes.len() {
+        let mut inherited: Vec<(usize, crate::kinds::LoraArgs)> = Vec::new();
+        for (i, node) in recipe.nodes.iter().enumerate() {
+            let NodeBody::Stage(stage) = &node.body else {
+                continue;
+            };
+            let Some(train) = stage.spec.train_args() else {
+                continue;
+            };
+            if train.lora.is_some() || train.merge_adapter || !continues_adapters(stage.spec.kind())
+            {
+                continue;
+            }
+            let upstream = stage
+                .inputs
+                .iter()
+                .find(|input| input.field.role == "model")
+                .and_then(|input| match &input.target {
+                    Target::Node { name, .. } => recipe.node(name),
+                    Target::Path(_) => None,
+                });
+            if let Some(Node {
+                body: NodeBody::Stage(upstream),
+                ..
+            }) = upstream
+                && continues_adapter_of(stage.spec.kind(), upstream.spec.kind())
+                && let Some(lora) = upstream.spec.train_args().and_then(|t| t.lora.clone())
+            {
+                inherited.push((i, lora));
+            }
+        }
+        if inherited.is_empty() {
+            return;
+        }
+        for (i, lora) in inherited {
+            let NodeBody::Stage(stage) = &mut recipe.nodes[i].body else {
+                continue;
+            };
+            let mut params = stage.spec.params();
+            params["lora"] = serde_json::to_value(&lora).expect("a lora table serialises");
+            let kind = kind_info(stage.spec.kind()).expect("a loaded stage has a known kind");
+            if let Ok(spec) = (kind.parse)(params) {
+                stage.spec = spec;
+            }
+        }
+    }
 }
