@@ -344,6 +344,15 @@ fn lora_stages_commit_peft_adapters_and_merged_models() {
         s.to_run("recipe.toml")
     );
 
+    // A stage without `lora` over a model node's adapter continues it with its settings.
+    let config = adapter_config(&path("from_adapter"));
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["use_rslora"], true);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+
     // The adapter of a model node is part of its key by content.
     let before = s.key("recipe.toml", "adapted");
     let mut bytes = std::fs::read(s.path("peft_adapter/adapter_model.safetensors")).unwrap();
@@ -366,10 +375,16 @@ fn generate_refuses_a_model_node_with_an_unmerged_adapter() {
 #[test]
 fn export_of_the_adapter_needs_a_lora_stage() {
     let s = scratch();
-    let text = RECIPE.replace(
-        "model = \"sft\"\nout = \"exported/adapter\"",
-        "model = \"from_adapter\"\nout = \"exported/adapter\"",
-    );
+    // `from_adapter` merges the model node's adapter and trains the merged model in full.
+    let text = RECIPE
+        .replace(
+            "model = \"sft\"\nout = \"exported/adapter\"",
+            "model = \"from_adapter\"\nout = \"exported/adapter\"",
+        )
+        .replace(
+            "model = \"adapted\"\ndata",
+            "model = \"adapted\"\nmerge_adapter = true\ndata",
+        );
     s.write("recipe.toml", &text);
     let out = s.rudder(&["run", "recipe.toml", "--until", "adapter_only"]);
     assert_eq!(out.status.code(), Some(1));

@@ -3,6 +3,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Learning-rate schedule, as the Hugging Face Trainer's `lr_scheduler_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -138,6 +139,90 @@ impl Default for LoraArgs {
 }
 
 impl LoraArgs {
+    /// The settings of a PEFT `adapter_config.json`. Settings rudder does not implement (bias
+    /// training, DoRA, other PEFT methods, other layers) are refused rather than ignored.
+    pub fn from_peft_config(value: &Value) -> Result<LoraArgs, String> {
+        let get = |k: &str| value.get(k).filter(|v| !v.is_null());
+        if get("peft_type").and_then(Value::as_str) != Some("LORA") {
+            return Err("only LoRA adapters (`peft_type = \"LORA\"`) are supported".into());
+        }
+        for (key, ok) in [
+            ("bias", serde_json::json!("none")),
+            ("use_dora", serde_json::json!(false)),
+            ("fan_in_fan_out", serde_json::json!(false)),
+        ] {
+            if let Some(v) = get(key)
+                && *v != ok
+            {
+                return Err(format!("`{key}` = {v} is not supported (only {ok})"));
+            }
+        }
+        let r = get("r")
+            .and_then(Value::as_u64)
+            .filter(|&r| r >= 1)
+            .ok_or_else(|| "`r` must be a positive integer".to_owned())?;
+        let alpha = get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| "`lora_alpha` must be a number".to_owned())?;
+        let target_modules = match get("target_modules") {
+            Some(Value::String(s)) if s == "all-linear" => {
+                TargetModules::AllLinear(AllLinear::AllLinear)
+            }
+            // PEFT matches a name against a module's path suffix, and saves `all-linear` resolved
+            // into full paths (`model.layers.0.self_attn.q_proj`): each entry's last segment is
+            // the layer it adapts.
+            Some(Value::Array(entries)) => {
+                let mut list = Vec::new();
+                for entry in entries {
+                    let name = entry.as_str().unwrap_or_default();
+                    let last = name.rsplit('.').next().unwrap_or(name);
+                    let module = LinearModule::ALL
+                    .into_iter()
+                    .find(|m| m.name() == last)
+                    .ok_or_else(|| {
+                        format!(
+                            "`target_modules` entry {entry} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                        )
+                    })?;
+                    if !list.contains(&module) {
+                        list.push(module);
+                    }
+                }
+                list.sort();
+                TargetModules::List(list)
+            }
+            Some(other) => {
+                return Err(format!(
+                    "`target_modules` must be a list or \"all-linear\", not {other}"
+                ));
+            }
+            None => LoraArgs::default().target_modules,
+        };
+        let modules_to_save = match get("modules_to_save") {
+            // PEFT adds `classifier` for sequence classification; Llama-family models have none.
+            Some(Value::Array(entries)) => serde_json::from_value(Value::Array(
+                entries
+                    .iter()
+                    .filter(|e| e.as_str() != Some("classifier"))
+                    .cloned()
+                    .collect(),
+            ))
+            .map_err(|e| format!("`modules_to_save`: {e}"))?,
+            Some(other) => {
+                return Err(format!("`modules_to_save` must be a list, not {other}"));
+            }
+            None => Vec::new(),
+        };
+        Ok(LoraArgs {
+            r: u32::try_from(r).map_err(|_| "`r` is too large".to_owned())?,
+            alpha,
+            dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            target_modules,
+            use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            modules_to_save,
+        })
+    }
+
     /// The first setting that makes an adapter trained under `self` a different adapter from
     /// one trained under `other` (`dropout` acts only while training, so it may differ):
     /// `(name, self's value, other's value)`.

@@ -725,12 +725,13 @@ fn looks_like_a_credential(key: &str) -> bool {
 }
 
 /// A stage that continues adapters, without `lora` and without `merge_adapter`, whose `model`
-/// is a LoRA stage whose adapter its kind continues ([`continues_adapter_of`]), continues that
-/// adapter: it takes that stage's `lora` table, as TRL trains a `PeftModel` further when given
-/// no `peft_config`. The table becomes the stage's own parameter, so its key is the key of the
-/// same table written out. A chain (`sft` -> `dpo` -> `kto`, the later ones without `lora`)
-/// passes it on. A model node's `adapter` is read only when the stage runs, so a stage over one
-/// writes its `lora` (without it, it trains the merged model in full).
+/// is base + an adapter its kind continues (a LoRA stage's, [`continues_adapter_of`], or a
+/// model node's `adapter`), continues that adapter: it takes that stage's `lora` table, or the
+/// settings of the adapter's `adapter_config.json`, as TRL trains a `PeftModel` further when
+/// given no `peft_config`. The table becomes the stage's own parameter, so its key is the key
+/// of the same table written out. A chain (`sft` -> `dpo` -> `kto`, the later ones without
+/// `lora`) passes it on. An adapter config that cannot be read leaves the stage as it is: the
+/// run reports the file when it reads the adapter.
 fn inherit_lora(recipe: &mut Recipe) {
     use crate::kinds::{continues_adapter_of, continues_adapters};
     // One pass per link of the longest chain.
@@ -755,13 +756,20 @@ fn inherit_lora(recipe: &mut Recipe) {
                     Target::Node { name, .. } => recipe.node(name),
                     Target::Path(_) => None,
                 });
-            if let Some(Node {
-                body: NodeBody::Stage(upstream),
-                ..
-            }) = upstream
-                && continues_adapter_of(stage.spec.kind(), upstream.spec.kind())
-                && let Some(lora) = upstream.spec.train_args().and_then(|t| t.lora.clone())
-            {
+            let lora = match upstream.map(|n| &n.body) {
+                Some(NodeBody::Stage(upstream))
+                    if continues_adapter_of(stage.spec.kind(), upstream.spec.kind()) =>
+                {
+                    upstream.spec.train_args().and_then(|t| t.lora.clone())
+                }
+                Some(NodeBody::Model(model)) => model
+                    .spec
+                    .adapter
+                    .as_ref()
+                    .and_then(|dir| peft_lora(&recipe.dir.join(dir), stage.spec.kind())),
+                _ => None,
+            };
+            if let Some(lora) = lora {
                 inherited.push((i, lora));
             }
         }
@@ -781,3 +789,17 @@ fn inherit_lora(recipe: &mut Recipe) {
         }
     }
 }
+
+/// The LoRA settings of the PEFT adapter in `dir`, when a stage of `kind` continues it: a
+/// causal-LM adapter by every kind that continues adapters, a sequence-classification one by
+/// `reward` only (a language-model kind merges a reward model's adapter).
+fn peft_lora(dir: &Path, kind: &str) -> Option<crate::kinds::LoraArgs> {
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).ok()?;
+    let config: Value = serde_json::from_str(&text).ok()?;
+    let reward_adapter = config.get("task_type").and_then(Value::as_str) == Some("SEQ_CLS");
+    if reward_adapter && kind != "reward" {
+        return None;
+    }
+    crate::kinds::LoraArgs::from_peft_config(&config).ok()
+}
+

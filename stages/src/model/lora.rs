@@ -403,8 +403,8 @@ pub fn save_adapter<M: Adaptable>(
     })
 }
 
-/// Reads `adapter_config.json` into rudder's LoRA settings. Settings rudder does not implement
-/// (bias training, DoRA, other PEFT methods, other layers) are refused rather than ignored.
+/// Reads `adapter_config.json` into rudder's LoRA settings ([`LoraArgs::from_peft_config`]:
+/// settings rudder does not implement are refused rather than ignored).
 pub fn read_adapter_config(dir: &Path) -> Result<LoraArgs, StageError> {
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| StageError::io(&path, e))?;
@@ -412,93 +412,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraArgs, StageError> {
         path: path.clone(),
         source,
     })?;
-    let bad = |message: String| StageError::AdapterConfig {
-        path: path.clone(),
-        message,
-    };
-    let get = |k: &str| value.get(k).filter(|v| !v.is_null());
-    if get("peft_type").and_then(Value::as_str) != Some("LORA") {
-        return Err(bad(
-            "only LoRA adapters (`peft_type = \"LORA\"`) are supported".into(),
-        ));
-    }
-    for (key, ok) in [
-        ("bias", json!("none")),
-        ("use_dora", json!(false)),
-        ("fan_in_fan_out", json!(false)),
-    ] {
-        if let Some(v) = get(key)
-            && *v != ok
-        {
-            return Err(bad(format!("`{key}` = {v} is not supported (only {ok})")));
-        }
-    }
-    let r = get("r")
-        .and_then(Value::as_u64)
-        .filter(|&r| r >= 1)
-        .ok_or_else(|| bad("`r` must be a positive integer".into()))?;
-    let alpha = get("lora_alpha")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
-    let target_modules = match get("target_modules") {
-        Some(Value::String(s)) if s == "all-linear" => {
-            TargetModules::AllLinear(rudder_schema::kinds::AllLinear::AllLinear)
-        }
-        // PEFT matches a name against a module's path suffix, and saves `all-linear` resolved
-        // into full paths (`model.layers.0.self_attn.q_proj`): each entry's last segment is
-        // the layer it adapts.
-        Some(Value::Array(entries)) => {
-            let mut list = Vec::new();
-            for entry in entries {
-                let name = entry.as_str().unwrap_or_default();
-                let last = name.rsplit('.').next().unwrap_or(name);
-                let module = LinearModule::ALL
-                    .into_iter()
-                    .find(|m| m.name() == last)
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "`target_modules` entry {entry} is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-                        ))
-                    })?;
-                if !list.contains(&module) {
-                    list.push(module);
-                }
-            }
-            list.sort();
-            TargetModules::List(list)
-        }
-        Some(other) => {
-            return Err(bad(format!(
-                "`target_modules` must be a list or \"all-linear\", not {other}"
-            )));
-        }
-        None => LoraArgs::default().target_modules,
-    };
-    let modules_to_save = match get("modules_to_save") {
-        // PEFT adds `classifier` for sequence classification; Llama-family models have none.
-        Some(Value::Array(entries)) => serde_json::from_value(Value::Array(
-            entries
-                .iter()
-                .filter(|e| e.as_str() != Some("classifier"))
-                .cloned()
-                .collect(),
-        ))
-        .map_err(|e| bad(format!("`modules_to_save`: {e}")))?,
-        Some(other) => {
-            return Err(bad(format!(
-                "`modules_to_save` must be a list, not {other}"
-            )));
-        }
-        None => Vec::new(),
-    };
-    Ok(LoraArgs {
-        r: u32::try_from(r).map_err(|_| bad("`r` is too large".into()))?,
-        alpha,
-        dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-        target_modules,
-        use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-        modules_to_save,
-    })
+    LoraArgs::from_peft_config(&value)
+        .map_err(|message| StageError::AdapterConfig { path, message })
 }
 
 /// Freezes `model` and attaches the adapters of the PEFT directory `dir` (settings and
