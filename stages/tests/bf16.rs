@@ -1,6 +1,7 @@
 //! `precision = "bf16"` against transformers' Llama computing in bf16 (`data/bf16/generate.py`
 //! wrote the goldens): the next-token log-probs of the logits fixtures' sequences, and 8 steps
-//! of the SFT fixture with fp32 master weights and AdamW state.
+//! of the SFT fixture with fp32 master weights and AdamW state (bit-identical with gradient
+//! checkpointing); and a LoRA run holding its base in bf16, resumed from a checkpoint.
 //!
 //! bf16 keeps 8 bits of mantissa, and two implementations round at slightly different points
 //! (silu as one op or two, attention scores in bf16 or fp32): transformers' own eager and sdpa
@@ -149,6 +150,25 @@ fn bf16_sft_follows_fp32_master_weights_in_torch() {
         let (_, model) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
         train(&objective, model, &seqs, &cfg, &device, None, &mut NoHooks).unwrap()
     });
+    // With gradient checkpointing the recomputed bf16 activations are the same bits.
+    let checkpointed = device.clone().gradient_checkpointing();
+    let (_, again) = scoped(Precision::Bf16, || {
+        let (_, model) = load_causal_lm(&fixtures().join("policy"), &checkpointed).unwrap();
+        train(
+            &objective,
+            model,
+            &seqs,
+            &cfg,
+            &checkpointed,
+            None,
+            &mut NoHooks,
+        )
+        .unwrap()
+    });
+    assert_eq!(
+        again.steps, report.steps,
+        "checkpointing changed a bf16 run"
+    );
     // Trained weights stay fp32 (the master copy AdamW updates).
     let mut dtypes = Vec::new();
     trained.visit(&mut DtypeOf(&mut dtypes));

@@ -802,4 +802,3 @@ fn peft_lora(dir: &Path, kind: &str) -> Option<crate::kinds::LoraArgs> {
     }
     crate::kinds::LoraArgs::from_peft_config(&config).ok()
 }
-
