@@ -11,10 +11,13 @@
 //! gradients    T x 4                           T trained parameters (all, or LoRA's A/B)
 //! optimizer    T x 8                           AdamW's two fp32 moments
 //! activations  B x S x (L x a + 2V) x 4        kept for the backward pass, per token:
-//!   bf16:      B x S x (L x a x 2 + 10V)       the layers' in bf16, the logits in bf16 and
-//!                                              fp32, the log-softmax in fp32
-//!              a = 2H + H + (q + 2kv) + q + nH x S + H + 3I   per layer (see `per_layer`)
-//!              with gradient checkpointing: a = H + (q + 2kv) + q + 2I (matmul outputs only)
+//!   bf16:      B x S x (L x (2a + 2c) + 10V)   the layers' in bf16 but the attention core's
+//!                                              c (fp32), the logits in bf16 and fp32, the
+//!                                              log-softmax in fp32
+//!              a = 2H + H + (q + 2kv) + q + nH x S + H + 3I   per layer (see `per_layer`),
+//!              of which c = (q + 2kv) + nH x S in the attention core
+//!              with gradient checkpointing: a = H + (q + 2kv) + q + 2I (matmul outputs only),
+//!              c = q
 //!              2V: the logits and their log-softmax
 //! ```
 
@@ -130,12 +133,17 @@ impl ModelShape {
 
     /// Activation bytes kept per token for the backward pass, over all layers and the head.
     fn per_token_bytes(&self, seq_len: u64, checkpointing: bool, bf16: bool) -> u64 {
-        let layers = self.num_hidden_layers * self.per_layer(seq_len, checkpointing);
+        let (values, attention) = self.per_layer(seq_len, checkpointing);
+        let (values, attention) = (
+            self.num_hidden_layers * values,
+            self.num_hidden_layers * attention,
+        );
         let head = self.head_values();
         match bf16 {
-            // The head's outputs in bf16, then in fp32 with their log-softmax.
-            true => 2 * layers + 4 * head + 2 * (head / 2).max(1),
-            false => 4 * (layers + head),
+            // The attention core in fp32; the head's outputs in bf16, then in fp32 with their
+            // log-softmax.
+            true => 2 * values + 4 * attention + 4 * head + 2 * (head / 2).max(1),
+            false => 4 * (values + attention + head),
         }
     }
 
@@ -149,20 +157,24 @@ impl ModelShape {
         }
     }
 
-    /// Activation values one decoder layer keeps per token for the backward pass.
-    fn per_layer(&self, seq_len: u64, checkpointing: bool) -> u64 {
+    /// Activation values one decoder layer keeps per token for the backward pass: those kept
+    /// in the activations' dtype, and those of the attention core, which computes in fp32.
+    fn per_layer(&self, seq_len: u64, checkpointing: bool) -> (u64, u64) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         if checkpointing {
             // Burn's balanced strategy keeps the outputs of compute-bound operations (the
-            // matmuls) and recomputes the rest.
-            h + (q + 2 * kv) + q + 2 * i
+            // matmuls: the projections, the attention core's, gate/up) and recomputes the rest.
+            (h + (q + 2 * kv) + 2 * i, q)
         } else {
-            // Two residual inputs of the norms, the normed input of q/k/v, q/k/v, the attention
-            // output, the attention probabilities, the normed input of the MLP, gate/up and
-            // their gated product.
-            2 * h + h + (q + 2 * kv) + q + self.num_attention_heads * seq_len + h + 3 * i
+            // Two residual inputs of the norms, the normed input of q/k/v, the input of o_proj,
+            // the normed input of the MLP, gate/up and their gated product; the attention
+            // core's q/k/v and probabilities.
+            (
+                2 * h + h + q + h + 3 * i,
+                (q + 2 * kv) + self.num_attention_heads * seq_len,
+            )
         }
     }
 }
@@ -428,8 +440,8 @@ mod tests {
         };
         let e = estimate(&model, &bf16);
         within(e.weights, 37.7);
-        within(e.activations, 2.66);
-        within(e.total(), 115.6);
+        within(e.activations, 3.54);
+        within(e.total(), 116.5);
         let e = estimate(
             &model,
             &TrainingShape {
@@ -439,7 +451,7 @@ mod tests {
             },
         );
         within(e.weights, 12.8);
-        within(e.activations, 1.45);
-        within(e.total(), 14.7);
+        within(e.activations, 1.57);
+        within(e.total(), 14.8);
     }
 }

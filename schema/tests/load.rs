@@ -618,3 +618,48 @@ data = "prefs"
         assert_eq!(lora_of(&recipe, node), None, "{node}");
     }
 }
+
+#[test]
+fn an_inherited_lora_table_is_checked_as_a_written_one() {
+    // TR-DPO over a LoRA stage: as with a written table, `sync_ref_model` and `lora` conflict.
+    let text = BASE
+        .replace(
+            "data = \"prefs\"\n\n[stages.dpo]",
+            "data = \"prefs\"\nlora = { r = 4, alpha = 8 }\n\n[stages.dpo]",
+        )
+        .replace("beta = 0.1", "beta = 0.1\nsync_ref_model = true");
+    let errors = errors_of(&text).join("\n");
+    assert!(
+        errors.contains("stage `dpo` continues the LoRA adapter of `sft` with its settings"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("cannot be combined with `lora`"),
+        "{errors}"
+    );
+    assert!(errors.contains("merge_adapter = true"), "{errors}");
+    assert_eq!(
+        errors.matches("continues the LoRA adapter").count(),
+        1,
+        "{errors}"
+    );
+    // With `merge_adapter = true` it trains the merged model in full.
+    let merged = text.replace(
+        "sync_ref_model = true",
+        "sync_ref_model = true\nmerge_adapter = true",
+    );
+    let recipe = load(&merged).unwrap();
+    assert_eq!(lora_of(&recipe, "dpo"), None);
+
+    // A reward model over a language model whose adapter trains `lm_head`.
+    let text = format!(
+        "{}\n[stages.rm]\nkind = \"reward\"\nmodel = \"sft\"\ndata = \"prefs\"\n",
+        BASE.replace(
+            "data = \"prefs\"\n\n[stages.dpo]",
+            "data = \"prefs\"\nlora = { r = 4, alpha = 8, modules_to_save = [\"lm_head\"] }\n\n[stages.dpo]",
+        )
+    );
+    let errors = errors_of(&text).join("\n");
+    assert!(errors.contains("stage `rm` continues"), "{errors}");
+    assert!(errors.contains("has no `lm_head` module"), "{errors}");
+}

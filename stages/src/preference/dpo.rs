@@ -297,8 +297,13 @@ pub fn mix_parameters<M: Module>(target: M, source: &M, alpha: f64) -> M {
                 .next()
                 .expect("modules of the same structure")
                 .reshape(tensor.shape());
-            let mixed = source.mul_scalar(self.alpha) + tensor.mul_scalar(1.0 - self.alpha);
-            Param::from_mapped_value(id, mixed, mapper)
+            // In fp32: under bf16 the reference (inference only) holds bf16 weights, the
+            // policy fp32 ones; the mix is rounded once, to the reference's dtype.
+            let dtype = tensor.dtype();
+            let fp32 = |t: Tensor<D>| crate::precision::cast(t, burn::tensor::DType::F32);
+            let mixed =
+                fp32(source).mul_scalar(self.alpha) + fp32(tensor).mul_scalar(1.0 - self.alpha);
+            Param::from_mapped_value(id, crate::precision::cast(mixed, dtype), mapper)
         }
     }
     let mut collect = Collect(Vec::new());
