@@ -1,5 +1,5 @@
 //! `precision = "bf16"` through the binary: a recipe of LoRA SFT, DPO continuing its adapter,
-//! a reward model, GRPO and generation runs in bf16 on `cpu`, records its precision in every
+//! TR-DPO, a reward model, GRPO and generation runs in bf16 on `cpu`, records its precision in every
 //! manifest, reproduces byte for byte in a second store, and keys apart from fp32 (a stage's
 //! own `precision` and `--precision` win over the recipe's; `export`, which computes nothing in
 //! a precision, keeps fp32).
@@ -53,6 +53,17 @@ batch_size = 16
 max_steps = 1
 shuffle = false
 precision = "fp32"
+
+[stages.tr_dpo]
+kind = "dpo"
+model = "base"
+data = "prefs"
+learning_rate = 1e-3
+batch_size = 8
+max_steps = 2
+shuffle = false
+sync_ref_model = true
+ref_model_sync_steps = 1
 
 [stages.rm]
 kind = "reward"
@@ -138,6 +149,7 @@ fn a_bf16_recipe_runs_reproduces_and_keys_apart_from_fp32() {
         ("dpo", "bf16"),
         ("dpo/ref_logps", "bf16"),
         ("full_dpo", "fp32"),
+        ("tr_dpo", "bf16"),
         ("rm", "bf16"),
         ("grpo", "bf16"),
         ("gen", "bf16"),
@@ -154,6 +166,7 @@ fn a_bf16_recipe_runs_reproduces_and_keys_apart_from_fp32() {
         ("sft", "adapter/adapter_model.safetensors"),
         ("dpo", "adapter/adapter_model.safetensors"),
         ("dpo", "model.safetensors"),
+        ("tr_dpo", "model.safetensors"),
         ("rm", "model.safetensors"),
         ("grpo", "model.safetensors"),
         ("gen", "completions.jsonl"),
@@ -193,10 +206,32 @@ fn a_bf16_recipe_runs_reproduces_and_keys_apart_from_fp32() {
             .unwrap()
             .to_owned()
     };
-    for node in ["sft", "dpo", "rm", "grpo", "gen", "out"] {
+    for node in ["sft", "dpo", "tr_dpo", "rm", "grpo", "gen", "out"] {
         assert_eq!(state(node), "run", "{node} under --precision fp32");
     }
     assert_eq!(state("full_dpo"), "cached");
+    // `rudder generate` computes in the recipe's precision; under `--precision fp32` the stage
+    // is another artifact, not built yet.
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "recipe.toml",
+            "dpo",
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "4",
+            "--store",
+            "first",
+        ];
+        args.extend_from_slice(extra);
+        s.rudder(&args)
+    };
+    let out = generate(&[]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Hello"));
+    let out = generate(&["--precision", "fp32"]);
+    assert!(common::stderr(&out).contains("`dpo` is not in the store"));
     let bad = s.rudder(&["plan", "recipe.toml", "--precision", "fp16"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown precision `fp16`"));

@@ -663,3 +663,28 @@ fn an_inherited_lora_table_is_checked_as_a_written_one() {
     assert!(errors.contains("stage `rm` continues"), "{errors}");
     assert!(errors.contains("has no `lm_head` module"), "{errors}");
 }
+
+#[test]
+fn precision_reaches_only_the_kinds_that_compute_in_one() {
+    let text = format!(
+        "{}\n[stages.out]\nkind = \"export\"\nmodel = \"dpo\"\nout = \"exported\"\n",
+        BASE.replace("seed = 7", "seed = 7\nprecision = \"bf16\"")
+    );
+    let recipe = load(&text).unwrap();
+    let precision = |node: &str| match &recipe.node(node).unwrap().body {
+        NodeBody::Stage(stage) => stage.precision.as_str(),
+        _ => panic!("{node} is a stage"),
+    };
+    assert_eq!(precision("dpo"), "bf16");
+    assert_eq!(precision("out"), "fp32");
+    let errors = errors_of(&text.replace(
+        "out = \"exported\"",
+        "out = \"exported\"\nprecision = \"bf16\"",
+    ));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`export` stages compute in no precision")),
+        "{errors:?}"
+    );
+}

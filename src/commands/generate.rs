@@ -84,7 +84,13 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
         seed: args.seed,
         ..GenerateOptions::default()
     };
-    let completions = generate(&model_dir, &prompts, &options, backend)?;
+    // The recipe's precision (or `--precision`), as its stages run.
+    let precision = project.recipe.meta.precision;
+    let device = rudder_stages::backend::device(backend)?;
+    rudder_stages::precision::check_supported(precision, backend, &device)?;
+    let completions = rudder_stages::precision::scoped(precision, || {
+        generate(&model_dir, &prompts, &options, backend)
+    })?;
     if args.json {
         printer.data(serde_json::to_string_pretty(
             &serde_json::json!({ "completions": completions }),

@@ -250,8 +250,8 @@ impl<P> Stage<'_, P> {
             MetricsWriter::create(&self.out_dir().join(METRICS_FILE), cfg.logging_steps)?
                 .report_to(&cfg.report_to)?;
         let interrupted = || self.is_interrupted();
-        let compiles_kernels = !crate::backend::is_cpu(device);
-        let mut hooks = StageHooks::new(self.progress(), &interrupted, compiles_kernels);
+        let compile_time = crate::train::hooks::CompileTime::on(device);
+        let mut hooks = StageHooks::new(self.progress(), &interrupted, compile_time);
         train(
             objective,
             model,

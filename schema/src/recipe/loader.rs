@@ -564,14 +564,22 @@ impl<'a> Loader<'a> {
             .map(|(i, name)| (name.clone(), path.key("after").index(i)))
             .collect();
         // The recipe's precision does not reach kinds that compute in none (so switching a
-        // recipe to bf16 does not rebuild its tokenizer); their own `precision` does.
-        let precision =
-            common
-                .precision
-                .unwrap_or(match crate::kinds::computes_in_a_precision(spec.kind()) {
-                    true => meta.precision,
-                    false => Precision::Fp32,
-                });
+        // recipe to bf16 does not rebuild its tokenizer), and their own would mean nothing.
+        let computes = crate::kinds::computes_in_a_precision(spec.kind());
+        if !computes && common.precision.is_some_and(|p| p != Precision::Fp32) {
+            self.error(
+                &path.key("precision"),
+                format!(
+                    "{context}: `{}` stages compute in no precision; remove `precision`",
+                    spec.kind()
+                ),
+                "here",
+            );
+        }
+        let precision = match computes {
+            true => common.precision.unwrap_or(meta.precision),
+            false => Precision::Fp32,
+        };
         Some(Stage {
             spec,
             inputs,

@@ -378,6 +378,7 @@ pub fn train<A: Algorithm, P>(
     stage.progress().set_position(steps.len() as u64);
     let batch_size = run.rollout.rollout_batch_size as usize;
     let mut throughput = Throughput::default();
+    let mut compile_time = crate::train::hooks::CompileTime::on(device);
     let save = |t: &Trainees, steps: &[StepRecord], kl_coef: f64, rollouts: &[String]| {
         checkpoint.save::<CausalLm, RewardModel>(
             (&t.policy, &t.policy_optim),
@@ -448,6 +449,11 @@ pub fn train<A: Algorithm, P>(
         writer.record(&record, iteration + 1 == total)?;
         stage.progress().set_position(iteration + 1);
         stage.progress().set_message(algorithm.progress(&record));
+        if let Some(c) = &mut compile_time
+            && c.step_done(stage.progress())
+        {
+            compile_time = None;
+        }
         steps.push(record);
         let done = iteration + 1;
         if checkpoint.every > 0 && done.is_multiple_of(checkpoint.every) && done < total {

@@ -14,48 +14,66 @@ pub struct StageHooks<'a> {
     /// When the first step finished, and the tokens counted by then: throughput excludes
     /// start-up (loading, tokenisation, the first step's compilation of kernels).
     first: Option<(Instant, f64)>,
-    /// When the loop started and how long its first step took, while the compile time is
-    /// still to be reported (GPU backends only).
-    compile_report: Option<(Instant, Option<f64>)>,
+    /// The first step's compile time, while it is still to be reported (GPU backends only).
+    compile_time: Option<CompileTime>,
+}
+
+/// Reports, once `STEADY_STEPS` steps have followed the first one a run takes (a resumed run
+/// counts from its own first), the first step's time beyond theirs: kernel compilation and
+/// autotuning on GPU backends, with anything else the first step does once.
+pub struct CompileTime {
+    started: Instant,
+    steps: u64,
+    first: f64,
 }
 
 /// Steps after the first whose mean time the first is compared with.
 const STEADY_STEPS: u64 = 2;
 
+impl CompileTime {
+    /// From now, where the loop starts, on a backend that compiles kernels (`None` on `cpu`).
+    pub fn on(device: &burn::tensor::Device) -> Option<Self> {
+        (!crate::backend::is_cpu(device)).then(|| Self {
+            started: Instant::now(),
+            steps: 0,
+            first: 0.0,
+        })
+    }
+
+    /// After each step: `true` once the line is printed (the report is then done).
+    pub fn step_done(&mut self, progress: &dyn Progress) -> bool {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        self.steps += 1;
+        if self.steps == 1 {
+            self.first = elapsed;
+            return false;
+        }
+        if self.steps < 1 + STEADY_STEPS {
+            return false;
+        }
+        let per_step = (elapsed - self.first) / STEADY_STEPS as f64;
+        progress.println(&format!(
+            "first step {:.2} s, then {per_step:.3} s/step: {:.2} s of kernel compilation and autotuning",
+            self.first,
+            (self.first - per_step).max(0.0)
+        ));
+        true
+    }
+}
+
 impl<'a> StageHooks<'a> {
-    /// `compiles_kernels`: the backend compiles and tunes kernels for new shapes (the GPU
-    /// backends), so the first step's time is reported apart.
+    /// `compile_time`: where the backend compiles and tunes kernels for new shapes (the GPU
+    /// backends, [`CompileTime::on`]), the first step's time is reported apart.
     pub fn new(
         progress: &'a dyn Progress,
         interrupted: &'a dyn Fn() -> bool,
-        compiles_kernels: bool,
+        compile_time: Option<CompileTime>,
     ) -> Self {
         Self {
             progress,
             interrupted,
             first: None,
-            compile_report: compiles_kernels.then(|| (Instant::now(), None)),
-        }
-    }
-
-    /// Once `STEADY_STEPS` steps have followed the first: prints the first step's time beyond
-    /// theirs (kernel compilation and autotuning, with anything else the first step does once).
-    fn report_compile_time(&mut self, step: u64) {
-        let Some((started, first)) = self.compile_report else {
-            return;
-        };
-        let elapsed = started.elapsed().as_secs_f64();
-        match first {
-            None => self.compile_report = Some((started, Some(elapsed))),
-            Some(first) if step == 1 + STEADY_STEPS => {
-                let per_step = (elapsed - first) / STEADY_STEPS as f64;
-                self.progress.println(&format!(
-                    "first step {first:.2} s, then {per_step:.3} s/step: {:.2} s of kernel compilation and autotuning",
-                    (first - per_step).max(0.0)
-                ));
-                self.compile_report = None;
-            }
-            Some(_) => {}
+            compile_time,
         }
     }
 }
@@ -65,7 +83,11 @@ impl Hooks for StageHooks<'_> {
         if record.step == 1 {
             self.progress.set_length(total_steps);
         }
-        self.report_compile_time(record.step);
+        if let Some(compile_time) = &mut self.compile_time
+            && compile_time.step_done(self.progress)
+        {
+            self.compile_time = None;
+        }
         self.progress.set_position(record.step);
         let tokens = record.metrics.get("num_tokens").copied();
         let mut message = format!("loss {:.4}", record.loss);
@@ -105,11 +127,17 @@ mod tests {
         }
     }
 
-    fn steps(compiles_kernels: bool, n: u64) -> Vec<String> {
+    /// Steps `from..from + n` through the hooks; the lines printed.
+    fn steps(compiles_kernels: bool, from: u64, n: u64) -> Vec<String> {
         let lines = Lines::default();
         let never = || false;
-        let mut hooks = StageHooks::new(&lines, &never, compiles_kernels);
-        for step in 1..=n {
+        let compile_time = compiles_kernels.then(|| CompileTime {
+            started: Instant::now(),
+            steps: 0,
+            first: 0.0,
+        });
+        let mut hooks = StageHooks::new(&lines, &never, compile_time);
+        for step in from..from + n {
             let record = StepRecord {
                 step,
                 epoch: 0.0,
@@ -126,13 +154,15 @@ mod tests {
 
     #[test]
     fn the_first_steps_compile_time_is_printed_once_on_gpu_backends() {
-        let lines = steps(true, 6);
+        let lines = steps(true, 1, 6);
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].starts_with("first step "), "{lines:?}");
         assert!(lines[0].contains("kernel compilation"), "{lines:?}");
+        // A resumed run counts from its own first step.
+        assert_eq!(steps(true, 5, 3).len(), 1);
         // Too few steps to compare with: nothing.
-        assert!(steps(true, 2).is_empty());
+        assert!(steps(true, 1, 2).is_empty());
         // `cpu` compiles nothing.
-        assert!(steps(false, 6).is_empty());
+        assert!(steps(false, 1, 6).is_empty());
     }
 }
