@@ -4,9 +4,11 @@
 //!
 //! ```text
 //! weights      P x 4                           every parameter, trained or frozen (fp32)
-//!   bf16:      T x 4 + (P - T) x 2 + P x 2     trained weights in fp32 (their bf16 copies,
-//!                                              cast for the matmuls, kept for the backward
-//!                                              pass), frozen ones held in bf16 (LoRA's base)
+//!   bf16:      T x 6 + F x f                   trained weights in fp32 and their bf16 copies
+//!                                              (cast for the matmuls, kept for the backward
+//!                                              pass); LoRA's frozen base F = P held in its
+//!                                              disk dtype: f = 2 (bf16), 4 (f16 + bf16 copy),
+//!                                              6 (fp32 + bf16 copy)
 //!   reference  + P x 4 (bf16: P x 2)           a full frozen copy (TR-DPO, RL without LoRA)
 //! gradients    T x 4                           T trained parameters (all, or LoRA's A/B)
 //! optimizer    T x 8                           AdamW's two fp32 moments
@@ -37,6 +39,29 @@ pub struct ModelShape {
     pub tie_word_embeddings: bool,
     /// A scalar `score` head instead of the LM head (reward and value models).
     pub reward_head: bool,
+    /// The dtype of the weights on disk (config.json's `dtype` or `torch_dtype`), in which a
+    /// bf16 LoRA stage holds its frozen base when that is exact.
+    pub disk_dtype: DiskDtype,
+}
+
+/// The dtype a model's weights are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DiskDtype {
+    /// Bytes per frozen weight of a bf16 stage: held in this dtype (fp32 for fp32 weights,
+    /// which bf16 would round), plus a bf16 copy kept for the backward pass unless it is bf16.
+    fn frozen_bytes_in_bf16(self) -> u64 {
+        match self {
+            DiskDtype::Bf16 => 2,
+            DiskDtype::F16 => 2 + 2,
+            DiskDtype::F32 => 4 + 2,
+        }
+    }
 }
 
 impl ModelShape {
@@ -67,6 +92,14 @@ impl ModelShape {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             reward_head,
+            disk_dtype: match ["dtype", "torch_dtype"]
+                .iter()
+                .find_map(|k| config.get(*k).and_then(Value::as_str))
+            {
+                Some("bfloat16") => DiskDtype::Bf16,
+                Some("float16") => DiskDtype::F16,
+                _ => DiskDtype::F32,
+            },
         })
     }
 
@@ -221,8 +254,9 @@ pub fn estimate(model: &ModelShape, training: &TrainingShape) -> MemoryEstimate 
         None => (0, params),
     };
     let weights = match training.bf16 {
-        // Trained weights in fp32 plus the bf16 copies their matmuls keep; frozen ones in bf16.
-        true => frozen * 2 + trainable * (4 + 2),
+        // Trained weights in fp32 plus the bf16 copies their matmuls keep; frozen ones as
+        // `DiskDtype::frozen_bytes_in_bf16` says.
+        true => frozen * model.disk_dtype.frozen_bytes_in_bf16() + trainable * (4 + 2),
         false => (frozen + trainable) * 4,
     };
     let reference = match (training.reference_copy, training.bf16) {
@@ -373,7 +407,7 @@ mod tests {
             "architectures": ["LlamaForCausalLM"],
             "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-            "tie_word_embeddings": false
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16"
         }))
         .unwrap()
     }

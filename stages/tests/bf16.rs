@@ -234,8 +234,21 @@ impl rudder_stages::train::Hooks for StopAfterThree {
     }
 }
 
-/// LoRA SFT in bf16 with checkpoints in `dir`: the saved adapter's bytes and metrics.jsonl.
+/// The fixture policy saved in `dtype` (bf16 or f16, as Hugging Face checkpoints are) into
+/// `dir`.
+fn half_policy(dir: &Path, dtype: rudder_stages::model::WeightDtype) -> PathBuf {
+    let device = rudder_stages::test_device();
+    let (mut config, model) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
+    config.dtype = dtype;
+    let out = dir.join(format!("policy-{}", dtype.torch_name()));
+    rudder_stages::model::save_causal_lm(&model, &config, &out).unwrap();
+    out
+}
+
+/// LoRA SFT in bf16 over the model in `base`, with checkpoints in `dir`: the saved adapter's
+/// bytes and metrics.jsonl.
 fn lora_run(
+    base: &Path,
     dir: &Path,
     hooks: &mut dyn rudder_stages::train::Hooks,
 ) -> Result<(Vec<u8>, String), rudder_stages::train::TrainError> {
@@ -269,9 +282,9 @@ fn lora_run(
     };
     let device = rudder_stages::test_device().autodiff();
     scoped(Precision::Bf16, || {
-        let (_, base) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
-        let model = lora::attach(base, &args, 5).unwrap();
-        // The frozen base is held in bf16, the adapters in fp32.
+        let (_, loaded) = load_causal_lm(base, &device).unwrap();
+        let model = lora::attach(loaded, &args, 5).unwrap();
+        // The frozen bf16 base is held in bf16, the adapters in fp32.
         let q = &model.model.layers[0].self_attn.q_proj;
         assert_eq!(q.base.weight.val().dtype(), DType::BF16);
         assert_eq!(model.model.embed_tokens.weight.val().dtype(), DType::BF16);
@@ -293,6 +306,10 @@ fn lora_run(
         let merged = lora::merge(&model);
         let w = merged.model.layers[0].self_attn.q_proj.base.weight.val();
         assert_eq!(w.dtype(), DType::F32);
+        // The merged model's untouched weights are the base's to the bit.
+        let (_, fp32_base) = load_causal_lm(base, &device.clone().inner()).unwrap();
+        let norm = |m: &CausalLm| m.model.norm.weight.val().cast(DType::F32).into_data();
+        assert_eq!(norm(&merged), norm(&fp32_base));
         lora::save_adapter(&model, &args, &dir.join("adapter")).unwrap();
         Ok((
             std::fs::read(dir.join("adapter").join(lora::ADAPTER_WEIGHTS_FILE)).unwrap(),
@@ -302,15 +319,42 @@ fn lora_run(
 }
 
 #[test]
+fn bf16_lora_holds_frozen_weights_in_the_half_dtype_that_is_exact() {
+    use rudder_schema::kinds::LoraArgs;
+    use rudder_stages::model::lora;
+    // The fixture's fp32 weights are not bf16 values: held in fp32, so nothing is rounded.
+    let device = rudder_stages::test_device().autodiff();
+    let model = scoped(Precision::Bf16, || {
+        let (_, base) = load_causal_lm(&fixtures().join("policy"), &device).unwrap();
+        lora::attach(base, &LoraArgs::default(), 5).unwrap()
+    });
+    let q = &model.model.layers[0].self_attn.q_proj;
+    assert_eq!(q.base.weight.val().dtype(), DType::F32);
+    // An f16 checkpoint's weights are held in f16, and computed with in bf16.
+    let tmp = tempfile::tempdir().unwrap();
+    let f16 = half_policy(tmp.path(), rudder_stages::model::WeightDtype::F16);
+    let model = scoped(Precision::Bf16, || {
+        let (_, base) = load_causal_lm(&f16, &device).unwrap();
+        lora::attach(base, &LoraArgs::default(), 5).unwrap()
+    });
+    let q = &model.model.layers[0].self_attn.q_proj;
+    assert_eq!(q.base.weight.val().dtype(), DType::F16);
+    let ids = [1i64, 298, 30, 458, 269, 83];
+    let logps = scoped(Precision::Bf16, || next_token_logps(&model.valid(), &ids));
+    assert!(logps.iter().all(|l| l.is_finite() && *l < 0.0), "{logps:?}");
+}
+
+#[test]
 fn bf16_lora_holds_its_base_in_bf16_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let (whole, parts) = (tmp.path().join("whole"), tmp.path().join("parts"));
     std::fs::create_dir_all(&whole).unwrap();
     std::fs::create_dir_all(&parts).unwrap();
-    let (adapter, metrics) = lora_run(&whole, &mut NoHooks).unwrap();
+    let base = half_policy(tmp.path(), rudder_stages::model::WeightDtype::Bf16);
+    let (adapter, metrics) = lora_run(&base, &whole, &mut NoHooks).unwrap();
     assert_eq!(metrics.lines().count(), 8);
-    assert!(lora_run(&parts, &mut StopAfterThree(0)).is_err());
-    let (resumed, resumed_metrics) = lora_run(&parts, &mut NoHooks).unwrap();
+    assert!(lora_run(&base, &parts, &mut StopAfterThree(0)).is_err());
+    let (resumed, resumed_metrics) = lora_run(&base, &parts, &mut NoHooks).unwrap();
     assert_eq!(resumed_metrics, metrics);
     assert!(resumed == adapter, "the resumed adapter differs");
 }

@@ -174,18 +174,28 @@ fn unfreeze(l: &mut Linear) {
     }
 }
 
-/// Under `precision = "bf16"`, every frozen parameter of `model` held in bf16, the dtype it
-/// computes in: a LoRA stage's base then takes 2 bytes per weight and is cast nowhere. Its
-/// adapters and `modules_to_save` stay fp32. The merged model of such a stage is this bf16
-/// base plus `scale * A B`: the model its adapter was trained with.
+/// Under `precision = "bf16"`, every frozen parameter of `model` held in the narrowest of
+/// bf16 and f16 that holds its values exactly: the base of a LoRA stage over a bf16 or f16
+/// checkpoint (as Hugging Face checkpoints are) then takes 2 bytes per weight (bf16's are cast
+/// nowhere, f16's to bf16 where used), and its merged model is that base plus `scale * A B` to
+/// the bit. A frozen tensor neither holds exactly (an fp32 checkpoint's) stays fp32 and is cast
+/// where it is used. Adapters and `modules_to_save` stay fp32.
 fn hold_frozen<M: Module>(model: M) -> M {
     struct Frozen;
     impl ModuleMapper for Frozen {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            match param.val().is_require_grad() {
-                true => param,
-                false => param.map(|t| crate::precision::cast(t, DType::BF16)),
+            let value = param.val();
+            if value.is_require_grad() || value.dtype() != DType::F32 {
+                return param;
             }
+            for dtype in [DType::BF16, DType::F16] {
+                let held = value.clone().cast(dtype);
+                let exact = held.clone().cast(DType::F32).equal(value.clone()).all();
+                if exact.into_scalar() {
+                    return param.map(|_| held);
+                }
+            }
+            param
         }
     }
     match crate::precision::current() {
