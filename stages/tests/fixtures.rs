@@ -557,8 +557,14 @@ fn greedy_with_bucket(
 fn a_cache_grown_in_buckets_of_64_decodes_as_one_grown_token_by_token() {
     let golden = greedy_golden();
     let tok = tokenizer();
-    for name in ["policy", "policy_tied"] {
-        let (_, model) = load_causal_lm(&fixtures().join(name), &device()).unwrap();
+    use rudder_schema::Precision;
+    let cases = ["policy", "policy_tied"]
+        .into_iter()
+        .flat_map(|name| [(name, Precision::Fp32), (name, Precision::Bf16)]);
+    for (name, precision) in cases {
+        let (_, model) = rudder_stages::precision::scoped(precision, || {
+            load_causal_lm(&fixtures().join(name), &device()).unwrap()
+        });
         let prompts: Vec<Vec<u32>> = golden["models"][name]
             .as_array()
             .unwrap()
@@ -569,6 +575,7 @@ fn a_cache_grown_in_buckets_of_64_decodes_as_one_grown_token_by_token() {
         // 80 new tokens after a 64-wide prompt batch cross two bucket boundaries (64, 128).
         let (exact_tokens, exact_logits) = greedy_with_bucket(&model, &prompts, longest, 1, 80);
         let (tokens, logits) = greedy_with_bucket(&model, &prompts, 64, 64, 80);
+        let name = format!("{name} in {}", precision.as_str());
         assert_eq!(tokens, exact_tokens, "{name}: greedy tokens");
         let diff = exact_logits
             .iter()
