@@ -46,7 +46,8 @@ pub fn run(args: &PlanArgs, printer: &Printer) -> anyhow::Result<ExitStatus> {
 }
 
 /// Each training stage's estimated peak memory (engine::memory), with a warning when it exceeds
-/// the memory of a CPU stage's machine. A GPU's memory is not known before the stage runs.
+/// the memory of the stage's device: this machine's for `cpu`, the first GPU's for `cuda` (where
+/// the driver can say; `wgpu`'s is not known before the stage runs).
 fn print_memory(recipe: &rudder_schema::Recipe, printer: &Printer) {
     use rudder_engine::memory::{gib, recipe_estimates};
     let estimates = recipe_estimates(recipe);
@@ -65,20 +66,35 @@ fn print_memory(recipe: &rudder_schema::Recipe, printer: &Printer) {
             gib(e.optimizer),
             gib(e.activations),
         ));
-        let cpu = matches!(
-            recipe.node(name).map(|n| &n.body),
-            Some(rudder_schema::NodeBody::Stage(s)) if s.backend == rudder_schema::Backend::Cpu
-        );
-        if let (true, Some(ram)) = (cpu, ram)
-            && e.total() > ram
+        let backend = match recipe.node(name).map(|n| &n.body) {
+            Some(rudder_schema::NodeBody::Stage(s)) => s.backend,
+            _ => continue,
+        };
+        let (device, memory) = match backend {
+            rudder_schema::Backend::Cpu => ("this machine", ram),
+            other => ("its GPU", gpu_memory(other)),
+        };
+        if let Some(memory) = memory
+            && e.total() > memory
         {
             printer.status(format!(
-                "warning: stage `{name}` may need {} but this machine has {}; consider `lora`, \
+                "warning: stage `{name}` may need {} but {device} has {}; consider `lora`, \
                  `gradient_checkpointing = true` or a smaller `batch_size`",
                 gib(e.total()),
-                gib(ram)
+                gib(memory)
             ));
         }
+    }
+}
+
+/// The memory of a GPU backend's device, read once.
+fn gpu_memory(backend: rudder_schema::Backend) -> Option<u64> {
+    static CUDA: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    match backend {
+        rudder_schema::Backend::Cuda => {
+            *CUDA.get_or_init(|| rudder_stages::backend::device_memory(backend))
+        }
+        other => rudder_stages::backend::device_memory(other),
     }
 }
 

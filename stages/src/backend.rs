@@ -180,6 +180,40 @@ pub fn check_cuda() -> Result<(), StageError> {
     Ok(())
 }
 
+/// The memory of the device a stage on `backend` runs on, where it can be read without
+/// starting Burn: the first CUDA device's (`cuDeviceTotalMem`), when the driver is there; `None`
+/// for `cpu` (the machine's memory is the caller's business), for `wgpu`, and without a driver.
+pub fn device_memory(backend: Backend) -> Option<u64> {
+    match backend {
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => cuda_memory(),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_memory() -> Option<u64> {
+    // SAFETY: as in `check_cuda`: the driver's own initialisers, and the driver API's
+    // signatures (CUresult and CUdevice are C ints, the size a size_t).
+    unsafe {
+        let lib = ["libcuda.so.1", "libcuda.so"]
+            .iter()
+            .find_map(|name| libloading::Library::new(*name).ok())?;
+        type CuInit = unsafe extern "C" fn(u32) -> i32;
+        type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
+        type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, i32) -> i32;
+        let init: libloading::Symbol<CuInit> = lib.get(b"cuInit\0").ok()?;
+        let get: libloading::Symbol<CuDeviceGet> = lib.get(b"cuDeviceGet\0").ok()?;
+        let total: libloading::Symbol<CuDeviceTotalMem> = lib.get(b"cuDeviceTotalMem_v2\0").ok()?;
+        let mut device = 0i32;
+        let mut bytes = 0usize;
+        let ok = init(0) == 0 && get(&mut device, 0) == 0 && total(&mut bytes, device) == 0;
+        let memory = ok.then_some(bytes as u64);
+        std::mem::forget(lib);
+        memory
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
