@@ -68,6 +68,15 @@ pub fn compute_dtype(precision: Precision) -> DType {
     }
 }
 
+/// `linear` applied in the dtype of `x`, its weight and bias cast to it (a frozen weight may be
+/// held in another half dtype, a trained one is fp32).
+pub fn linear_in<const D: usize>(linear: &burn::nn::Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    let weight = cast(linear.weight.val(), dtype);
+    let bias = linear.bias.as_ref().map(|b| cast(b.val(), dtype));
+    burn::tensor::module::linear(x, weight, bias)
+}
+
 /// `t` in `dtype` (itself when it already is).
 pub fn cast<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
     match t.dtype() == dtype {

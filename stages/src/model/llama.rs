@@ -232,7 +232,7 @@ impl CausalLm {
         }
         let dtype = hidden.dtype();
         let logits = match &self.lm_head {
-            Some(head) => linear_in(head, hidden),
+            Some(head) => crate::precision::linear_in(head, hidden),
             None => {
                 let w = crate::precision::cast(self.model.embed_tokens.weight.val(), dtype);
                 hidden.matmul(w.transpose().unsqueeze::<3>())
@@ -265,7 +265,8 @@ impl RewardModel {
     pub fn values(&self, input_ids: Tensor<2, Int>, padding_mask: Option<&[Vec<u8>]>) -> Tensor<2> {
         let [batch, seq] = input_ids.dims();
         let hidden = self.model.forward(input_ids, padding_mask, None);
-        crate::precision::cast(linear_in(&self.score, hidden), DType::F32).reshape([batch, seq])
+        crate::precision::cast(crate::precision::linear_in(&self.score, hidden), DType::F32)
+            .reshape([batch, seq])
     }
 
     /// The reward of each sequence: the scalar head at its last non-pad token.
@@ -292,17 +293,6 @@ impl RewardModel {
             .gather(1, index)
             .reshape([batch])
     }
-}
-
-/// `linear` applied in the dtype of `x`, its weight and bias cast to it.
-pub(crate) fn linear_in<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let dtype = x.dtype();
-    let weight = crate::precision::cast(linear.weight.val(), dtype);
-    let bias = linear
-        .bias
-        .as_ref()
-        .map(|b| crate::precision::cast(b.val(), dtype));
-    burn::tensor::module::linear(x, weight, bias)
 }
 
 impl ModelConfig {

@@ -99,7 +99,7 @@ impl LoraLinear {
                 return out;
             }
         }
-        crate::model::llama::linear_in(&self.base, x)
+        crate::precision::linear_in(&self.base, x)
     }
 
     /// The plain layer with the adapter merged into its weight: `W + scale * A B`.
