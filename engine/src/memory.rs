@@ -381,7 +381,21 @@ fn model_shape(recipe: &rudder_schema::Recipe, name: &str, depth: usize) -> Opti
             let Target::Node { name, .. } = &input.target else {
                 return None;
             };
-            model_shape(recipe, name, depth + 1)
+            let mut shape = model_shape(recipe, name, depth + 1)?;
+            // An upstream stage saves in its input's dtype unless told otherwise (depth 0 is the
+            // stage being estimated, which trains on its input).
+            if depth > 0
+                && let Some(train) = stage.spec.train_args()
+            {
+                use rudder_schema::kinds::SaveDtype;
+                match train.save_dtype {
+                    SaveDtype::Auto => {}
+                    SaveDtype::Fp32 => shape.disk_dtype = DiskDtype::F32,
+                    SaveDtype::Bf16 => shape.disk_dtype = DiskDtype::Bf16,
+                    SaveDtype::F16 => shape.disk_dtype = DiskDtype::F16,
+                }
+            }
+            Some(shape)
         }
         NodeBody::Dataset(_) => None,
     }
@@ -416,6 +430,36 @@ mod tests {
     fn llama2_7b_has_its_parameter_count() {
         // Llama-2-7B has 6,738,415,616 parameters.
         assert_eq!(llama2_7b().parameters(), 6_738_415_616);
+    }
+
+    /// A bf16 LoRA stage over a bf16 checkpoint holds its base in bf16; over a stage that
+    /// saved that checkpoint in fp32, in fp32.
+    #[test]
+    fn a_frozen_base_is_held_in_the_dtype_its_input_was_saved_in() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("base")).unwrap();
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+            "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "torch_dtype": "bfloat16"
+        });
+        std::fs::write(dir.path().join("base/config.json"), config.to_string()).unwrap();
+        let recipe = |save_dtype: &str| {
+            let text = format!(
+                "[recipe]\nprecision = \"bf16\"\n[models.base]\nhf = \"base\"\n\
+                 [datasets.d]\npath = \"d.jsonl\"\n\
+                 [stages.sft]\nkind = \"sft\"\nmodel = \"base\"\ndata = \"d\"\n{save_dtype}\n\
+                 [stages.dpo]\nkind = \"dpo\"\nmodel = \"sft\"\ndata = \"d\"\nlora = {{}}\n"
+            );
+            let path = dir.path().join("recipe.toml");
+            std::fs::write(&path, text).unwrap();
+            let recipe = rudder_schema::Recipe::load(&path, &[]).unwrap();
+            let estimates = recipe_estimates(&recipe);
+            estimates.into_iter().find(|(n, _)| n == "dpo").unwrap().1
+        };
+        let (bf16, fp32) = (recipe(""), recipe("save_dtype = \"fp32\""));
+        // 2 bytes per frozen weight against 4 + 2 (fp32 and the bf16 copies).
+        assert!(fp32.weights > 2 * bf16.weights, "{fp32:?} vs {bf16:?}");
     }
 
     fn lora_args() -> LoraArgs {

@@ -643,6 +643,24 @@ fn an_inherited_lora_table_is_checked_as_a_written_one() {
         1,
         "{errors}"
     );
+    // The stage's own errors are reported once, not again with the inherited table.
+    let own = text.replace(
+        "sync_ref_model = true",
+        "sync_ref_model = true\nmax_length = 8\nmax_prompt_length = 8",
+    );
+    let own_errors = errors_of(&own).join("\n");
+    assert_eq!(
+        own_errors
+            .matches("max_prompt_length must be smaller")
+            .count(),
+        1,
+        "{own_errors}"
+    );
+    assert_eq!(
+        own_errors.matches("continues the LoRA adapter").count(),
+        1,
+        "{own_errors}"
+    );
     // With `merge_adapter = true` it trains the merged model in full.
     let merged = text.replace(
         "sync_ref_model = true",

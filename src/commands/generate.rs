@@ -84,8 +84,12 @@ pub fn run(args: &GenerateArgs, printer: &Printer) -> anyhow::Result<ExitStatus>
         seed: args.seed,
         ..GenerateOptions::default()
     };
-    // The recipe's precision (or `--precision`), as its stages run.
-    let precision = project.recipe.meta.precision;
+    // The node's precision when it is a stage (a model node's is the recipe's), as the
+    // stages that read it run; `--precision` has set both.
+    let precision = match project.recipe.node(&args.node).map(|n| &n.body) {
+        Some(rudder_schema::NodeBody::Stage(stage)) => stage.precision,
+        _ => project.recipe.meta.precision,
+    };
     let device = rudder_stages::backend::device(backend)?;
     rudder_stages::precision::check_supported(precision, backend, &device)?;
     let completions = rudder_stages::precision::scoped(precision, || {

@@ -818,7 +818,18 @@ impl Loader<'_> {
                         continue;
                     }
                 };
-                let errors = spec.check();
+                // Only what the table adds: the stage's own errors are reported already.
+                let before: Vec<(ValuePath, String)> = stage
+                    .spec
+                    .check()
+                    .into_iter()
+                    .map(|e| (e.path, e.message))
+                    .collect();
+                let errors: Vec<_> = spec
+                    .check()
+                    .into_iter()
+                    .filter(|e| !before.iter().any(|(p, m)| *p == e.path && *m == e.message))
+                    .collect();
                 if !errors.is_empty() {
                     for e in errors {
                         let mut at = node.path.clone();

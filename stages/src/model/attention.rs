@@ -112,13 +112,10 @@ impl Attention {
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // Scores and softmax in fp32 from bf16 inputs, the output rounded back, as flash
-        // attention computes them. Without autodiff the backends' attention already computes
-        // bf16 that way, so the cache is not cast at every decoding step; Burn's autodiff
-        // attention is made of tensor ops, which would round at each one.
+        // attention computes them. Burn's attention takes the inputs' dtype for every op on the
+        // GPU backends (an explicit scale selects its op-by-op fallback) and under autodiff, so
+        // the inputs are cast, the KV cache included at each decoding step.
         let dtype = q.dtype();
-        if dtype != DType::F32 && !q.device().is_autodiff() {
-            return self.project_out(self.attention_generic(q, k, v, mask, scale), batch, seq_q);
-        }
         let (q, k, v) = match dtype {
             DType::F32 => (q, k, v),
             _ => (q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32)),

@@ -164,7 +164,8 @@ impl Adaptable for RewardModel {
     }
 }
 
-/// Trains `l` in full: in fp32 (a frozen layer may be held in bf16, see [`hold_frozen`]).
+/// Trains `l` in full: in fp32 (a frozen layer may be held in a half dtype, see
+/// [`hold_frozen`]).
 fn unfreeze(l: &mut Linear) {
     let fp32 = |p: Param<Tensor<2>>| p.map(|t| crate::precision::cast(t, DType::F32));
     l.weight = fp32(l.weight.clone()).set_require_grad(true);
@@ -174,8 +175,8 @@ fn unfreeze(l: &mut Linear) {
     }
 }
 
-/// Under `precision = "bf16"`, every frozen parameter of `model` held in the narrowest of
-/// bf16 and f16 that holds its values exactly: the base of a LoRA stage over a bf16 or f16
+/// Under `precision = "bf16"`, every frozen parameter of `model` (on an autodiff device: a
+/// stage's trainable model) held in the first of bf16 and f16 that holds its values exactly: the base of a LoRA stage over a bf16 or f16
 /// checkpoint (as Hugging Face checkpoints are) then takes 2 bytes per weight (bf16's are cast
 /// nowhere, f16's to bf16 where used), and its merged model is that base plus `scale * A B` to
 /// the bit. A frozen tensor neither holds exactly (an fp32 checkpoint's) stays fp32 and is cast
@@ -185,7 +186,7 @@ fn hold_frozen<M: Module>(model: M) -> M {
     impl ModuleMapper for Frozen {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let value = param.val();
-            if value.is_require_grad() || value.dtype() != DType::F32 {
+            if !value.is_autodiff() || value.is_require_grad() || value.dtype() != DType::F32 {
                 return param;
             }
             for dtype in [DType::BF16, DType::F16] {

@@ -31,13 +31,19 @@ pub struct CompileTime {
 const STEADY_STEPS: u64 = 2;
 
 impl CompileTime {
-    /// From now, where the loop starts, on a backend that compiles kernels (`None` on `cpu`).
+    /// From now (or from [`CompileTime::restart`], where the loop starts), on a backend that
+    /// compiles kernels (`None` on `cpu`).
     pub fn on(device: &burn::tensor::Device) -> Option<Self> {
         (!crate::backend::is_cpu(device)).then(|| Self {
             started: Instant::now(),
             steps: 0,
             first: 0.0,
         })
+    }
+
+    /// Starts the clock again: the loop starts now (after loading and resuming).
+    pub fn restart(&mut self) {
+        self.started = Instant::now();
     }
 
     /// After each step: `true` once the line is printed (the report is then done).
@@ -79,6 +85,12 @@ impl<'a> StageHooks<'a> {
 }
 
 impl Hooks for StageHooks<'_> {
+    fn on_start(&mut self) {
+        if let Some(compile_time) = &mut self.compile_time {
+            compile_time.restart();
+        }
+    }
+
     fn on_step(&mut self, record: &StepRecord, total_steps: u64) {
         if record.step == 1 {
             self.progress.set_length(total_steps);

@@ -176,6 +176,8 @@ pub trait Objective {
 
 /// Observes the loop: progress display and interruption.
 pub trait Hooks {
+    /// Called once before the first update this run takes (after resuming, if it resumes).
+    fn on_start(&mut self) {}
     /// Called after every update with that step's record.
     fn on_step(&mut self, _record: &StepRecord, _total_steps: u64) {}
     /// Checked before every update; `true` stops training with [`TrainError::Interrupted`].
@@ -336,6 +338,7 @@ where
         }
     }
     let done = report.steps.len();
+    hooks.on_start();
     for (k, (window, epoch)) in plan.updates.iter().enumerate().skip(done) {
         let step = k as u64 + 1;
         if hooks.interrupted() {
