@@ -8,23 +8,10 @@ use std::path::Path;
 
 use common::Scratch;
 
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
-}
-
 /// A scratch project with the fixture policy (and its tokenizer), four prompts and `stages`.
 fn scratch(stages: &str) -> Scratch {
     let s = Scratch::new();
-    std::fs::create_dir_all(s.path("policy")).unwrap();
-    for file in [
-        "policy/config.json",
-        "policy/model.safetensors",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json",
-    ] {
-        let name = Path::new(file).file_name().unwrap().to_str().unwrap();
-        std::fs::copy(fixtures().join(file), s.path(&format!("policy/{name}"))).unwrap();
-    }
+    s.fixture_model("policy");
     s.write(
         "prompts.jsonl",
         "{\"prompt\": \"Question: What color is the sky?\\nAnswer:\"}\n\

@@ -175,19 +175,10 @@ merge = false
 
 fn scratch() -> Scratch {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let fixtures = root.join("../shared/fixtures");
+    let fixtures = common::fixtures();
     let s = Scratch::new();
-    std::fs::create_dir_all(s.path("model")).unwrap();
+    s.fixture_model("model");
     std::fs::create_dir_all(s.path("peft_adapter")).unwrap();
-    for file in [
-        "policy/config.json",
-        "policy/model.safetensors",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json",
-    ] {
-        let name = Path::new(file).file_name().unwrap().to_str().unwrap();
-        std::fs::copy(fixtures.join(file), s.path(&format!("model/{name}"))).unwrap();
-    }
     for file in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(
             root.join("stages/tests/data/lora/dpo_init").join(file),

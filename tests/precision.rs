@@ -102,18 +102,9 @@ out = "exported"
 "#;
 
 fn scratch() -> Scratch {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let fixtures = common::fixtures();
     let s = Scratch::new();
-    std::fs::create_dir_all(s.path("model")).unwrap();
-    for file in [
-        "policy/config.json",
-        "policy/model.safetensors",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json",
-    ] {
-        let name = Path::new(file).file_name().unwrap().to_str().unwrap();
-        std::fs::copy(fixtures.join(file), s.path(&format!("model/{name}"))).unwrap();
-    }
+    s.fixture_model("model");
     std::fs::copy(fixtures.join("sft.jsonl"), s.path("sft.jsonl")).unwrap();
     std::fs::copy(fixtures.join("prefs.jsonl"), s.path("prefs.jsonl")).unwrap();
     s.write("recipe.toml", RECIPE);

@@ -42,6 +42,19 @@ fn golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The SFT fixture's 16 examples, tokenised as TRL does (completion-only).
+fn sft_sequences() -> Vec<rudder_stages::train::SftSequence> {
+    let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
+    let rows = read_rows(
+        &fixtures().join("sft.jsonl"),
+        Format::Jsonl,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let examples = rows.sft_examples("text").unwrap();
+    sft::tokenize(&tokenizer, &examples, &SftTokenization::default()).unwrap()
+}
+
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap()
@@ -125,15 +138,7 @@ fn bf16_forward_follows_transformers_in_bf16() {
 #[test]
 fn bf16_sft_follows_fp32_master_weights_in_torch() {
     let golden = golden();
-    let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
-    let rows = read_rows(
-        &fixtures().join("sft.jsonl"),
-        Format::Jsonl,
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    let examples = rows.sft_examples("text").unwrap();
-    let seqs = sft::tokenize(&tokenizer, &examples, &SftTokenization::default()).unwrap();
+    let seqs = sft_sequences();
     let steps = golden["sft"]["bf16"].as_array().unwrap().len();
     let cfg = TrainConfig {
         learning_rate: 1e-3,
@@ -254,15 +259,7 @@ fn lora_run(
 ) -> Result<(Vec<u8>, String), rudder_stages::train::TrainError> {
     use rudder_schema::kinds::{AllLinear, LoraArgs, TargetModules};
     use rudder_stages::model::lora;
-    let tokenizer = Tokenizer::from_dir(&fixtures().join("tokenizer")).unwrap();
-    let rows = read_rows(
-        &fixtures().join("sft.jsonl"),
-        Format::Jsonl,
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    let examples = rows.sft_examples("text").unwrap();
-    let seqs = sft::tokenize(&tokenizer, &examples, &SftTokenization::default()).unwrap();
+    let seqs = sft_sequences();
     let args = LoraArgs {
         r: 4,
         alpha: 8.0,

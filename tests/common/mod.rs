@@ -99,6 +99,27 @@ impl Scratch {
     }
 }
 
+/// The shared reference fixtures (`../shared/fixtures`).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+impl Scratch {
+    /// The fixture policy as a Hugging Face directory `dir` (config, weights, tokenizer files).
+    pub fn fixture_model(&self, dir: &str) {
+        std::fs::create_dir_all(self.path(dir)).unwrap();
+        for file in [
+            "policy/config.json",
+            "policy/model.safetensors",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json",
+        ] {
+            let name = Path::new(file).file_name().unwrap().to_str().unwrap();
+            std::fs::copy(fixtures().join(file), self.path(&format!("{dir}/{name}"))).unwrap();
+        }
+    }
+}
+
 pub fn rudder_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rudder"))
         .args(args)
