@@ -72,7 +72,7 @@ fn print_memory(recipe: &rudder_schema::Recipe, printer: &Printer) {
         };
         let (device, memory) = match backend {
             rudder_schema::Backend::Cpu => ("this machine", ram),
-            other => ("its GPU", gpu_memory(other)),
+            other => ("its GPU", rudder_stages::backend::device_memory(other)),
         };
         if let Some(memory) = memory
             && e.total() > memory
@@ -84,17 +84,6 @@ fn print_memory(recipe: &rudder_schema::Recipe, printer: &Printer) {
                 gib(memory)
             ));
         }
-    }
-}
-
-/// The memory of a GPU backend's device, read once.
-fn gpu_memory(backend: rudder_schema::Backend) -> Option<u64> {
-    static CUDA: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    match backend {
-        rudder_schema::Backend::Cuda => {
-            *CUDA.get_or_init(|| rudder_stages::backend::device_memory(backend))
-        }
-        other => rudder_stages::backend::device_memory(other),
     }
 }
 

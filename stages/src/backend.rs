@@ -141,29 +141,10 @@ pub fn check_cuda() -> Result<(), StageError> {
         backend: "cuda",
         message,
     };
-    // SAFETY: loading the driver library runs its initialisers, which is what cudarc would do.
-    let lib = ["libcuda.so.1", "libcuda.so"]
-        .iter()
-        .find_map(|name| unsafe { libloading::Library::new(*name) }.ok())
-        .ok_or_else(|| {
-            unavailable(
-                "cannot load libcuda.so.1; is the NVIDIA driver installed (add its folder to LD_LIBRARY_PATH)?"
-                    .into(),
-            )
-        })?;
-    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    let lib = cuda_driver().map_err(unavailable)?;
     type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
-    // SAFETY: the signatures are those of the CUDA driver API (CUresult is a C int).
+    // SAFETY: the signature is the CUDA driver API's (CUresult is a C int).
     unsafe {
-        let init: libloading::Symbol<CuInit> = lib
-            .get(b"cuInit\0")
-            .map_err(|e| unavailable(format!("libcuda has no cuInit: {e}")))?;
-        let code = init(0);
-        if code != 0 {
-            return Err(unavailable(format!(
-                "cuInit failed with CUDA error {code} (no usable GPU or driver mismatch)"
-            )));
-        }
         let count: libloading::Symbol<CuDeviceGetCount> = lib
             .get(b"cuDeviceGetCount\0")
             .map_err(|e| unavailable(format!("libcuda has no cuDeviceGetCount: {e}")))?;
@@ -175,9 +156,45 @@ pub fn check_cuda() -> Result<(), StageError> {
             )));
         }
     }
-    // Keep the library loaded: unloading the driver under cudarc's feet helps nobody.
-    std::mem::forget(lib);
     Ok(())
+}
+
+/// The CUDA driver library, loaded and initialised (`cuInit`) once per process, or why not. It
+/// stays loaded: unloading the driver under cudarc's feet helps nobody.
+#[cfg(feature = "cuda")]
+fn cuda_driver() -> Result<&'static libloading::Library, String> {
+    static DRIVER: std::sync::OnceLock<Result<libloading::Library, String>> =
+        std::sync::OnceLock::new();
+    DRIVER
+        .get_or_init(load_cuda_driver)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+#[cfg(feature = "cuda")]
+fn load_cuda_driver() -> Result<libloading::Library, String> {
+    // SAFETY: loading the driver library runs its initialisers, which is what cudarc would do.
+    let lib = ["libcuda.so.1", "libcuda.so"]
+        .iter()
+        .find_map(|name| unsafe { libloading::Library::new(*name) }.ok())
+        .ok_or_else(|| {
+            "cannot load libcuda.so.1; is the NVIDIA driver installed (add its folder to LD_LIBRARY_PATH)?"
+                .to_owned()
+        })?;
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    // SAFETY: the signature is the CUDA driver API's (CUresult is a C int).
+    unsafe {
+        let init: libloading::Symbol<CuInit> = lib
+            .get(b"cuInit\0")
+            .map_err(|e| format!("libcuda has no cuInit: {e}"))?;
+        let code = init(0);
+        if code != 0 {
+            return Err(format!(
+                "cuInit failed with CUDA error {code} (no usable GPU or driver mismatch)"
+            ));
+        }
+    }
+    Ok(lib)
 }
 
 /// The memory of the device a stage on `backend` runs on, where it can be read without
@@ -193,24 +210,15 @@ pub fn device_memory(backend: Backend) -> Option<u64> {
 
 #[cfg(feature = "cuda")]
 fn cuda_memory() -> Option<u64> {
-    // SAFETY: as in `check_cuda`: the driver's own initialisers, and the driver API's
-    // signatures (CUresult and CUdevice are C ints, the size a size_t).
+    let lib = cuda_driver().ok()?;
+    type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, i32) -> i32;
+    // SAFETY: the driver API's signatures (CUresult and CUdevice are C ints, the size a size_t).
     unsafe {
-        let lib = ["libcuda.so.1", "libcuda.so"]
-            .iter()
-            .find_map(|name| libloading::Library::new(*name).ok())?;
-        type CuInit = unsafe extern "C" fn(u32) -> i32;
-        type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
-        type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, i32) -> i32;
-        let init: libloading::Symbol<CuInit> = lib.get(b"cuInit\0").ok()?;
         let get: libloading::Symbol<CuDeviceGet> = lib.get(b"cuDeviceGet\0").ok()?;
         let total: libloading::Symbol<CuDeviceTotalMem> = lib.get(b"cuDeviceTotalMem_v2\0").ok()?;
-        let mut device = 0i32;
-        let mut bytes = 0usize;
-        let ok = init(0) == 0 && get(&mut device, 0) == 0 && total(&mut bytes, device) == 0;
-        let memory = ok.then_some(bytes as u64);
-        std::mem::forget(lib);
-        memory
+        let (mut device, mut bytes) = (0i32, 0usize);
+        (get(&mut device, 0) == 0 && total(&mut bytes, device) == 0).then_some(bytes as u64)
     }
 }
 
